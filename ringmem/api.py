@@ -1,0 +1,195 @@
+"""Public entry points: ring_attention, shard, unshard."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .agree import agree, float_bits
+from .backends import BACKENDS, check_backend_name, get_backend
+from .comm import Group, RingComm, group_rank_world
+from .layouts import LAYOUTS, check_layout, global_permutation, local_len_error, positions
+from .layouts import split_len
+from .ring import RingSpec, ring_backward, ring_forward
+
+SCHEDULES = ("auto", "kv")
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = tuple(str(d) for d in _DTYPES) + ("other",)
+_DEVICE_TYPES = ("cpu", "cuda", "other")
+
+
+def _dtype_code(x: object) -> int:
+    return _DTYPES.index(x.dtype) if isinstance(x, Tensor) and x.dtype in _DTYPES else len(_DTYPES)
+
+
+def _shape(x: object) -> tuple[int, ...]:
+    return tuple(x.shape) if isinstance(x, Tensor) else (-1,)
+
+
+def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world):
+    """Local checks; returns (spec, error). Errors name the argument and the value."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            return None, TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(causal, bool):
+        return None, TypeError(f"causal must be a bool, got {causal!r}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool)
+                                      or not isinstance(softmax_scale, (int, float))):
+        return None, TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    try:
+        check_layout(layout)
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        check_backend_name(backend)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be 4-D [B, S_local, H, D], got shape "
+                                 f"{tuple(t.shape)}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if not (q.device == k.device == v.device):
+            raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, "
+                             f"{v.device}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                             f"{tuple(v.shape)}")
+        (bq, sq, hq, dq), (bk, sk, hkv, dk) = q.shape, k.shape
+        if (bq, sq, dq) != (bk, sk, dk):
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, "
+                             f"local sequence length and head dim ([B, S_local, H, D])")
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"the number of query heads (q.shape[2]={hq}) must be a multiple "
+                             f"of the number of key/value heads (k.shape[2]={hkv})")
+        err = local_len_error(layout, sq, world)
+        if err:
+            raise ValueError(f"q.shape[1]={sq}: {err}")
+        scale = 1.0 / math.sqrt(dq) if softmax_scale is None else float(softmax_scale)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"softmax_scale must be a positive finite number, got "
+                             f"{softmax_scale!r}")
+        impl = get_backend(backend, q.device, q.dtype, dq)
+    except ValueError as e:
+        return None, e
+    return RingSpec(layout=layout, causal=causal, scale=scale, backend=impl), None
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, spec: RingSpec, group: Group):
+        comm = RingComm(group)
+        out, lse = ring_forward(q, k, v, spec, comm)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.group = spec, group
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlse: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.spec,
+                                   RingComm(ctx.group))
+        return dq, dk, dv, None, None
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                   group: Group = None, layout: str = "zigzag", schedule: str = "auto",
+                   backend: str = "auto", softmax_scale: float | None = None,
+                   return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention over a sequence sharded across the ranks of `group`.
+
+    Args:
+        q: [B, S_local, Hq, D], this rank's shard of the queries (see `shard`).
+        k, v: [B, S_local, Hkv, D], Hq a multiple of Hkv (GQA/MQA; K/V are never expanded
+            before communication).
+        causal: causal mask over *global* positions, as the layout assigns them.
+        group: the sequence-parallel process group; None = default group (world size 1
+            when torch.distributed is not initialised).
+        layout: "zigzag" (balanced causal work), "contiguous" or "stripe".
+        schedule: "kv" (K/V travel, Q stays) or "auto".
+        backend: "sdpa" (PyTorch fused flash ops), "torch" (plain PyTorch, any dtype), "auto".
+        softmax_scale: defaults to 1/sqrt(D).
+        return_lse: also return lse [B, Hq, S_local] (fp32; fp64 for fp64 inputs).
+
+    Returns out [B, S_local, Hq, D] in q's dtype (and lse). Differentiable in q, k, v.
+    Every rank must call with the same shapes, dtype and options: a difference raises the
+    same ValueError on every rank.
+
+    Example::
+
+        q, k, v = (ringmem.shard(t, layout="zigzag") for t in (q_full, k_full, v_full))
+        out = ringmem.ring_attention(q, k, v, causal=True)
+    """
+    rank, world = group_rank_world(group)
+    spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world)
+    if world > 1:
+        grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                               for t in (q, k, v))
+        fields = {
+            "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),
+            "dtype": (_dtype_code(q),),
+            "device type": (_DEVICE_TYPES.index(q.device.type) if isinstance(q, Tensor)
+                            and q.device.type in _DEVICE_TYPES else 2,),
+            "causal": (int(bool(causal)),),
+            "layout": (LAYOUTS.index(layout) if layout in LAYOUTS else len(LAYOUTS),),
+            "schedule": (SCHEDULES.index(schedule) if schedule in SCHEDULES else -1,),
+            "backend": (BACKENDS.index(backend) if backend in BACKENDS else -1,),
+            "softmax_scale": (float_bits(spec.scale) if spec else 0,),
+            "requires grad": (int(grad),),
+        }
+        labels = {"dtype": _DTYPE_NAMES, "device type": _DEVICE_TYPES, "layout": LAYOUTS,
+                  "schedule": SCHEDULES, "backend": BACKENDS}
+        dev = q.device if isinstance(q, Tensor) else torch.device("cpu")
+        agree("ring_attention", fields, error, group, world, dev, labels)
+    elif error is not None:
+        raise error
+    out, lse = _RingAttention.apply(q, k, v, spec, group)
+    return (out, lse) if return_lse else out
+
+
+def _check_dim(x: Tensor, dim: int) -> int:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim={dim!r} is out of range for a {x.dim()}-D tensor")
+    return dim % x.dim()
+
+
+def shard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag") -> Tensor:
+    """This rank's shard of the full tensor `x` along `dim` (global positions per `layout`).
+
+    x: [..., S, ...] with S divisible by the layout's chunk count (world, or 2*world for
+    zigzag). Returns [..., S / world, ...]. Differentiable.
+    """
+    dim = _check_dim(x, dim)
+    check_layout(layout)
+    rank, world = group_rank_world(group)
+    local = split_len(layout, x.shape[dim], world)
+    idx = positions(layout, rank, world, local).to(x.device)
+    return x.index_select(dim, idx)
+
+
+def unshard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag") -> Tensor:
+    """The full tensor, on every rank, from each rank's shard `x` along `dim` (inverse of
+    `shard`). Shards must have the same shape and dtype on every rank. Not differentiable.
+    """
+    dim = _check_dim(x, dim)
+    check_layout(layout)
+    rank, world = group_rank_world(group)
+    err = local_len_error(layout, x.shape[dim], world)
+    error = ValueError(f"x.shape[{dim}]={x.shape[dim]}: {err}") if err else None
+    agree("unshard", {"x.shape": tuple(x.shape), "dtype": (_dtype_code(x),),
+                      "dim": (dim,), "layout": (LAYOUTS.index(layout),)},
+          error, group, world, x.device, {"dtype": _DTYPE_NAMES, "layout": LAYOUTS})
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    gathered = torch.cat(parts, dim=dim)
+    perm = global_permutation(layout, world, x.shape[dim]).to(x.device)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return gathered.index_select(dim, inverse)

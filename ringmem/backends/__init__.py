@@ -1,0 +1,38 @@
+"""Block-attention backends behind one protocol, chosen by name or by `"auto"`."""
+from __future__ import annotations
+
+import torch
+
+from .base import Backend
+from .sdpa import SdpaBackend
+from .torch_ref import TorchBackend
+
+_REGISTRY: dict[str, Backend] = {"sdpa": SdpaBackend(), "torch": TorchBackend()}
+# "auto" takes the first that supports the inputs; fused ops before the reference
+_AUTO_ORDER = ("sdpa", "torch")
+BACKENDS = ("auto",) + tuple(_REGISTRY)
+
+
+def check_backend_name(name: object) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
+    """The backend `name` (or the fastest available for `"auto"`), checked against the inputs."""
+    check_backend_name(name)
+    if name == "auto":
+        for cand in _AUTO_ORDER:
+            if _REGISTRY[cand].unsupported(device, dtype, head_dim) is None:
+                return _REGISTRY[cand]
+        raise ValueError(f"no backend supports device={device}, dtype={dtype}, "
+                         f"head_dim={head_dim}")
+    backend = _REGISTRY[name]
+    why = backend.unsupported(device, dtype, head_dim)
+    if why:
+        raise ValueError(f"backend {name!r} cannot run these inputs: {why}")
+    return backend
+
+
+__all__ = ["Backend", "BACKENDS", "check_backend_name", "get_backend"]

@@ -1,0 +1,76 @@
+"""Plain-PyTorch block backend: any device, any float dtype (float64 included).
+
+Readable reference for every fast backend. Half-precision inputs are computed in fp32.
+GQA is handled by grouping query heads, never by copying K/V.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(q: Tensor, k: Tensor, v: Tensor):
+    """q -> [B, Hkv, G, Sq, D]; k, v -> [B, Hkv, 1, Sk, D] in the compute dtype."""
+    b, sq, hq, d = q.shape
+    hkv = k.shape[2]
+    ct = _compute_dtype(q.dtype)
+    qg = q.to(ct).reshape(b, sq, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)
+    kg = k.to(ct).permute(0, 2, 1, 3).unsqueeze(2)
+    vg = v.to(ct).permute(0, 2, 1, 3).unsqueeze(2)
+    return qg, kg, vg
+
+
+def _scores(qg: Tensor, kg: Tensor, scale: float, causal: bool) -> Tensor:
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * scale
+    if causal:
+        sq, sk = s.shape[-2:]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _probs(s: Tensor, lse: Tensor) -> Tensor:
+    # rows with lse = -inf saw no key: their probabilities are 0, not nan
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    return torch.exp(s - safe.unsqueeze(-1))
+
+
+class TorchBackend:
+    name = "torch"
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        return None
+
+    def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
+            causal: bool) -> tuple[Tensor, Tensor]:
+        b, sq, hq, d = q.shape
+        qg, kg, vg = _grouped(q, k, v)
+        s = _scores(qg, kg, scale, causal)
+        lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Sq]
+        out = torch.matmul(_probs(s, lse), vg)  # [B, Hkv, G, Sq, D]
+        out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d).to(q.dtype)
+        return out, lse.reshape(b, hq, sq)
+
+    def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+            scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+        b, sq, hq, d = q.shape
+        hkv = k.shape[2]
+        g = hq // hkv
+        qg, kg, vg = _grouped(q, k, v)
+        ct = qg.dtype
+        dog = dout.to(ct).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)
+        og = out.to(ct).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)
+        lse_g = lse.to(ct).reshape(b, hkv, g, sq)
+        p = _probs(_scores(qg, kg, scale, causal), lse_g)          # [B, Hkv, G, Sq, Sk]
+        dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)          # [B, Hkv, Sk, D]
+        dp = torch.matmul(dog, vg.transpose(-1, -2))
+        delta = (dog * og).sum(-1, keepdim=True)                    # rowsum(dO * O), global O
+        ds = p * (dp - delta)
+        dq = torch.matmul(ds, kg) * scale                           # [B, Hkv, G, Sq, D]
+        dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale  # [B, Hkv, Sk, D]
+        dq = dq.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d)
+        return dq, dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)

@@ -1,0 +1,96 @@
+"""TOML configs (stdlib tomllib) read into frozen, kw-only dataclasses.
+
+Unknown keys and values of the wrong type are errors that name the file, key and value,
+raised before any heavy work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build the dataclass `cls` from `data`, rejecting unknown keys and mistyped values."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        want = hints[key]
+        ok_types = typing.get_args(want) or (want,)
+        ok_types = tuple(float if t is float else t for t in ok_types if t is not type(None))
+        if value is None and type(None) in (typing.get_args(want) or ()):
+            continue
+        # TOML ints are fine where floats are expected; bools are not ints here
+        good = (isinstance(value, bool) if bool in ok_types else
+                not isinstance(value, bool) and (isinstance(value, ok_types) or
+                                                 (float in ok_types and isinstance(value, int))))
+        if not good:
+            raise ValueError(f"{source}: key {key!r} must be {want}, got {value!r}")
+    try:
+        return cls(**data)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def load_config(cls: type[T], path: str | Path, **overrides: Any) -> T:
+    """Read a TOML file into `cls`; `overrides` (e.g. from the command line) win."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    with path.open("rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, data, str(path))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrefillConfig:
+    """A sharded attention prefill / training step on synthetic data (launch/prefill.py)."""
+    seq_len: int = 8192
+    """Global sequence length, split over the ranks by `layout`."""
+    batch: int = 1
+    heads: int = 8
+    """Query heads."""
+    kv_heads: int = 8
+    """Key/value heads (GQA when fewer than `heads`)."""
+    head_dim: int = 64
+    dtype: str = "float32"
+    """float32, bfloat16, float16 or float64."""
+    causal: bool = True
+    layout: str = "zigzag"
+    schedule: str = "auto"
+    backend: str = "auto"
+    steps: int = 3
+    """Timed steps after one warm-up step."""
+    backward: bool = True
+    """Also run the backward pass (a training step) rather than forward only (prefill)."""
+    world_size: int | None = None
+    """If set, the job refuses to start on any other number of ranks."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from . import BACKENDS, LAYOUTS, SCHEDULES
+        for name in ("seq_len", "batch", "heads", "kv_heads", "head_dim", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name, allowed in (("layout", LAYOUTS), ("schedule", SCHEDULES),
+                              ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+DTYPES = {"float32", "bfloat16", "float16", "float64"}

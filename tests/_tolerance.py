@@ -1,0 +1,25 @@
+"""Tolerances derived from a same-dtype baseline (flash-attention's rule).
+
+A fast path passes when its error against a float64 reference is at most `factor` times the
+error of a plain PyTorch computation in the same dtype, plus the dtype's rounding error at
+the reference's magnitude.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rounding(ref: Tensor, dtype: torch.dtype) -> float:
+    return 2 * torch.finfo(dtype).eps * ref.abs().max().item()
+
+
+def check_close(name: str, got: Tensor, ref: Tensor, base: Tensor, dtype: torch.dtype,
+                factor: float = 2.0) -> str | None:
+    """None if |got - ref| <= factor * |base - ref| + rounding, else a message."""
+    err = (got.double() - ref.double()).abs().max().item()
+    base_err = (base.double() - ref.double()).abs().max().item()
+    bound = factor * base_err + rounding(ref, dtype)
+    if not err <= bound:  # also catches nan
+        return f"{name}: err {err:.3e} > bound {bound:.3e} (baseline err {base_err:.3e})"
+    return None

@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     for flag, typ, default in (("--seq", int, 8192), ("--heads", int, 8), ("--dim", int, 64),
                                ("--batch", int, 1), ("--backend", str, "auto"),
-                               ("--repeats", int, 3),
+                               ("--repeats", int, 5),
                                ("--out", str, "benchmarks/results/ring_cpu.md")):
         p.add_argument(flag, type=typ, default=default)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")

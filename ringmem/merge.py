@@ -22,7 +22,7 @@ def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> None:
     ref = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
     a = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
     b = torch.exp(blk_lse.to(lse.dtype) - ref).transpose(1, 2).unsqueeze(-1)
-    out.mul_(a).add_(blk_out.to(out.dtype) * b)
+    out.mul_(a).addcmul_(blk_out.to(out.dtype), b)
     lse.copy_(new)
 
 

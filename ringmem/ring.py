@@ -42,18 +42,25 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, spec: RingSpec,
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] (local shards) -> out (q.dtype), lse [B, Hq, S]."""
     b, s, hq, d = q.shape
     acc = acc_dtype(q.dtype)
-    out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
-    lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
+    out = lse = None
     kv = torch.stack([k, v])  # one message per step, and a buffer we may overwrite
     spare = torch.empty_like(kv) if comm.world > 1 else None
     for step in range(comm.world):
         works = comm.exchange(kv, spare) if step + 1 < comm.world else None
         for p in _pieces(spec, comm, step, s):
             o, l = spec.backend.fwd(q[:, p.q], kv[0, :, p.k], kv[1, :, p.k], spec.scale, p.causal)
+            if out is None and p.q == slice(0, s):  # first partial over every row: adopt it
+                out = o.to(acc).contiguous()
+                lse = l.to(acc).contiguous()
+                continue
+            if out is None:
+                out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
+                lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
             merge_(out[:, p.q], lse[:, :, p.q], o, l)
         if works is not None:
             comm.wait(works)
             kv, spare = spare, kv
+    assert out is not None, "causal self-attention: every rank sees at least its own block"
     return out.to(q.dtype), lse
 
 

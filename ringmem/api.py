@@ -9,12 +9,13 @@ from torch import Tensor
 
 from .agree import agree, float_bits
 from .backends import BACKENDS, check_backend_name, get_backend
-from .comm import Group, RingComm, group_rank_world
+from .comm import CommStats, Group, RingComm, group_rank_world
 from .layouts import LAYOUTS, check_layout, global_permutation, local_len_error, positions
 from .layouts import split_len
+from .plan import Interconnect, plan, resolve_interconnect
 from .ring import RingSpec, ring_backward, ring_forward
 
-SCHEDULES = ("auto", "kv")
+SCHEDULES = ("auto", "kv", "q")
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = tuple(str(d) for d in _DTYPES) + ("other",)
 _DEVICE_TYPES = ("cpu", "cuda", "other")
@@ -28,7 +29,8 @@ def _shape(x: object) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, Tensor) else (-1,)
 
 
-def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world):
+def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, interconnect,
+              grad):
     """Local checks; returns (spec, error). Errors name the argument and the value."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -58,13 +60,14 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world):
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                              f"{tuple(v.shape)}")
         (bq, sq, hq, dq), (bk, sk, hkv, dk) = q.shape, k.shape
-        if (bq, sq, dq) != (bk, sk, dk):
+        if (bq, dq) != (bk, dk) or (causal and sq != sk):
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, "
-                             f"local sequence length and head dim ([B, S_local, H, D])")
+                             f"head dim and (when causal) local sequence length "
+                             f"([B, S_local, H, D])")
         if hkv == 0 or hq % hkv:
             raise ValueError(f"the number of query heads (q.shape[2]={hq}) must be a multiple "
                              f"of the number of key/value heads (k.shape[2]={hkv})")
-        err = local_len_error(layout, sq, world)
+        err = local_len_error(layout, sq, world) if causal else None  # positions matter
         if err:
             raise ValueError(f"q.shape[1]={sq}: {err}")
         scale = 1.0 / math.sqrt(dq) if softmax_scale is None else float(softmax_scale)
@@ -72,18 +75,25 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world):
             raise ValueError(f"softmax_scale must be a positive finite number, got "
                              f"{softmax_scale!r}")
         impl = get_backend(backend, q.device, q.dtype, dq)
+        ic = resolve_interconnect(interconnect, q.device.type)
     except ValueError as e:
         return None, e
-    return RingSpec(layout=layout, causal=causal, scale=scale, backend=impl), None
+    resolved = schedule
+    if schedule == "auto":  # deterministic in the (rank-agreed) shapes and options
+        resolved = plan(tuple(q.shape), tuple(k.shape), world=world, dtype=q.dtype,
+                        causal=causal, layout=layout, interconnect=ic,
+                        device_type=q.device.type, backward=grad).choice
+    return RingSpec(layout=layout, causal=causal, scale=scale, backend=impl,
+                    schedule=resolved), None
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, spec: RingSpec, group: Group):
-        comm = RingComm(group)
-        out, lse = ring_forward(q, k, v, spec, comm)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, spec: RingSpec, group: Group,
+                stats: CommStats | None):
+        out, lse = ring_forward(q, k, v, spec, RingComm(group, "fwd", stats, q.device))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.group = spec, group
+        ctx.spec, ctx.group, ctx.stats = spec, group, stats
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -91,14 +101,16 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor, _dlse: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.spec,
-                                   RingComm(ctx.group))
-        return dq, dk, dv, None, None
+                                   RingComm(ctx.group, "bwd", ctx.stats, q.device))
+        return dq, dk, dv, None, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                    group: Group = None, layout: str = "zigzag", schedule: str = "auto",
                    backend: str = "auto", softmax_scale: float | None = None,
-                   return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                   return_lse: bool = False, stats: CommStats | None = None,
+                   interconnect: str | Interconnect | None = None
+                   ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention over a sequence sharded across the ranks of `group`.
 
     Args:
@@ -109,10 +121,15 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         group: the sequence-parallel process group; None = default group (world size 1
             when torch.distributed is not initialised).
         layout: "zigzag" (balanced causal work), "contiguous" or "stripe".
-        schedule: "kv" (K/V travel, Q stays) or "auto".
+        schedule: "kv" (K/V travel, Q stays), "q" (TokenRing: Q travels, partial outputs
+            return to their owner at the same time) or "auto" (cost model, `ringmem.plan`).
         backend: "sdpa" (PyTorch fused flash ops), "torch" (plain PyTorch, any dtype), "auto".
         softmax_scale: defaults to 1/sqrt(D).
         return_lse: also return lse [B, Hq, S_local] (fp32; fp64 for fp64 inputs).
+        stats: a `CommStats` that records the bytes this rank sends and receives per step
+            (forward, and backward when it runs).
+        interconnect: link model for schedule="auto": "nvlink", "pcie", "loopback" or an
+            `Interconnect`; default by device (CUDA: nvlink, CPU: loopback).
 
     Returns out [B, S_local, Hq, D] in q's dtype (and lse). Differentiable in q, k, v.
     Every rank must call with the same shapes, dtype and options: a difference raises the
@@ -124,10 +141,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         out = ringmem.ring_attention(q, k, v, causal=True)
     """
     rank, world = group_rank_world(group)
-    spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world)
+    grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                           for t in (q, k, v))
+    spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world,
+                            interconnect, grad)
     if world > 1:
-        grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                               for t in (q, k, v))
         fields = {
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),
             "dtype": (_dtype_code(q),),
@@ -136,17 +154,20 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             "causal": (int(bool(causal)),),
             "layout": (LAYOUTS.index(layout) if layout in LAYOUTS else len(LAYOUTS),),
             "schedule": (SCHEDULES.index(schedule) if schedule in SCHEDULES else -1,),
+            "resolved schedule": (SCHEDULES.index(spec.schedule) if spec else -1,),
             "backend": (BACKENDS.index(backend) if backend in BACKENDS else -1,),
             "softmax_scale": (float_bits(spec.scale) if spec else 0,),
             "requires grad": (int(grad),),
         }
         labels = {"dtype": _DTYPE_NAMES, "device type": _DEVICE_TYPES, "layout": LAYOUTS,
-                  "schedule": SCHEDULES, "backend": BACKENDS}
+                  "schedule": SCHEDULES, "resolved schedule": SCHEDULES, "backend": BACKENDS}
         dev = q.device if isinstance(q, Tensor) else torch.device("cpu")
         agree("ring_attention", fields, error, group, world, dev, labels)
     elif error is not None:
         raise error
-    out, lse = _RingAttention.apply(q, k, v, spec, group)
+    if stats is not None and not isinstance(stats, CommStats):
+        raise TypeError(f"stats must be a ringmem.CommStats or None, got {type(stats).__name__}")
+    out, lse = _RingAttention.apply(q, k, v, spec, group, stats)
     return (out, lse) if return_lse else out
 
 

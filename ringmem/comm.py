@@ -1,6 +1,12 @@
-"""Ring communication: one small object, asynchronous P2P, the same code on gloo and NCCL."""
+"""Ring communication: one small object, asynchronous P2P, the same code on gloo and NCCL.
+
+Two channels: `move` passes the travelling half of the attention problem one hop backward
+(rank r -> r-1), `ret` returns results straight to their owner on a second process group, so
+both directions of every link carry data at once and neither queues behind the other.
+"""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -8,6 +14,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 Group = dist.ProcessGroup | None
+
+_RETURN_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def group_rank_world(group: Group) -> tuple[int, int]:
@@ -25,33 +33,86 @@ def group_rank_world(group: Group) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def _return_group(group: dist.ProcessGroup, device: torch.device) -> dist.ProcessGroup:
+    """A second group over the same ranks (created once, by its members only)."""
+    rg = _RETURN_GROUPS.get(group)
+    if rg is None:
+        rg = dist.new_group(dist.get_process_group_ranks(group), use_local_synchronization=True)
+        # NCCL needs every rank in a communicator's first operation; a return exchange may
+        # be empty on some ranks, so open it with a collective all members take part in
+        dist.all_reduce(torch.zeros(1, device=device), group=rg)
+        _RETURN_GROUPS[group] = rg
+    return rg
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent and received, per call phase, step and channel.
+
+    Pass one to `ring_attention(..., stats=...)`; records are dicts with keys
+    phase ("fwd"/"bwd"), step, channel ("move"/"ret"), sent, recv.
+    """
+    records: list[dict] = field(default_factory=list)
+
+    def total(self, phase: str | None = None, channel: str | None = None) -> tuple[int, int]:
+        rs = [r for r in self.records if phase in (None, r["phase"])
+              and channel in (None, r["channel"])]
+        return sum(r["sent"] for r in rs), sum(r["recv"] for r in rs)
+
+    def per_step(self, phase: str) -> dict[int, tuple[int, int]]:
+        """{step: (sent, recv)} summed over channels."""
+        out: dict[int, tuple[int, int]] = {}
+        for r in self.records:
+            if r["phase"] == phase:
+                s, v = out.get(r["step"], (0, 0))
+                out[r["step"]] = (s + r["sent"], v + r["recv"])
+        return out
+
+
+def _nbytes(ts: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
 @dataclass
 class RingComm:
-    """Sends to the next rank and receives from the previous one, without blocking.
+    """Posts transfers without blocking; `wait` blocks only on the buffers about to be used.
 
-    The caller owns the buffers and double-buffers them: `exchange` posts the transfer and
-    returns at once, `wait` blocks only on the transfer whose buffer is about to be used.
-    `traffic` records (bytes sent, bytes received) per exchange.
+    `move(send, recv)`: send to rank-1, receive from rank+1. `ret(send, to, recv, frm)`:
+    send to / receive from arbitrary ranks (offsets within the group) on the return group.
     """
     group: Group
+    phase: str = "fwd"
+    stats: CommStats | None = None
+    device: torch.device = torch.device("cpu")  # where the tensors live (NCCL: the GPU)
     rank: int = 0
     world: int = 1
-    traffic: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.rank, self.world = group_rank_world(self.group)
-        if self.world > 1:
-            g = self.group if self.group is not None else dist.group.WORLD
-            self._next = dist.get_global_rank(g, (self.rank + 1) % self.world)
-            self._prev = dist.get_global_rank(g, (self.rank - 1) % self.world)
+        self._g = self.group if self.group is not None else (
+            dist.group.WORLD if self.world > 1 else None)
+        self._ret_g: dist.ProcessGroup | None = None
 
-    def exchange(self, send: Tensor, recv: Tensor) -> list[dist.Work]:
-        """Post send(next) and recv(prev); both ranks of a pair post in the same order."""
-        ops = [dist.P2POp(dist.isend, send, self._next, self.group),
-               dist.P2POp(dist.irecv, recv, self._prev, self.group)]
-        self.traffic.append((send.numel() * send.element_size(),
-                             recv.numel() * recv.element_size()))
-        return dist.batch_isend_irecv(ops)
+    def _peer(self, offset: int) -> int:
+        return dist.get_global_rank(self._g, (self.rank + offset) % self.world)
+
+    def _post(self, step: int, channel: str, group: dist.ProcessGroup, send: list[Tensor],
+              to: int, recv: list[Tensor], frm: int) -> list[dist.Work]:
+        ops = [dist.P2POp(dist.isend, t, self._peer(to), group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self._peer(frm), group) for t in recv]
+        if self.stats is not None:
+            self.stats.records.append({"phase": self.phase, "step": step, "channel": channel,
+                                       "sent": _nbytes(send), "recv": _nbytes(recv)})
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def move(self, step: int, send: list[Tensor], recv: list[Tensor]) -> list[dist.Work]:
+        return self._post(step, "move", self._g, send, -1, recv, +1)
+
+    def ret(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
+            frm: int) -> list[dist.Work]:
+        if self._ret_g is None:
+            self._ret_g = _return_group(self._g, self.device)
+        return self._post(step, "ret", self._ret_g, send, to, recv, frm)
 
     @staticmethod
     def wait(works: list[dist.Work] | None) -> None:

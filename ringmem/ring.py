@@ -1,12 +1,14 @@
 """The ring loop: forward and backward of exact attention over a sequence-parallel group.
 
-One loop, parametrised by layout (which global positions each rank owns, turned into block
-pieces by `masking`) and backend (which computes one block). Schedule `kv`: K and V travel
-one hop per step while Q stays; the next block's transfer is posted before the current
-block is computed, and the only wait is for the buffer about to be used.
+One loop, parametrised by layout (block pieces from global positions), schedule (which
+side travels, see `routing`) and backend (computes one block). Per step: post the transfer
+of the next moving buffer, compute the current block, post the return of its moving-side
+results to their owner, then wait only for the buffers about to be used. The own block is
+computed half first and half last, so the final return is overlapped with work too.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +16,11 @@ from torch import Tensor
 
 from .backends import Backend
 from .comm import RingComm
-from .masking import block_pieces
 from .merge import merge_
+from .routing import Geometry, held, split_rows, step_block, used
+
+Side = list[tuple[Tensor, int]]  # tensors of one side with their sequence dims
+Template = list[tuple[tuple[int, ...], int, torch.dtype]]  # shape, seq dim, wire dtype
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,10 @@ class RingSpec:
     causal: bool
     scale: float
     backend: Backend
+    schedule: str  # "kv" or "q" (resolved)
+
+    def geometry(self, world: int, q_local: int, kv_local: int) -> Geometry:
+        return Geometry(self.layout, world, q_local, kv_local, self.causal, self.schedule)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,9 +41,133 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _pieces(spec: RingSpec, comm: RingComm, step: int, s_local: int):
-    src = (comm.rank - step) % comm.world  # owner of the K/V block held at this step
-    return block_pieces(spec.layout, comm.world, comm.rank, s_local, src, s_local, spec.causal)
+class _Acc:
+    """Results over `n` rows/keys: 'sum' adds (gradients), 'lse' merges (out, lse)."""
+
+    def __init__(self, kind: str, template: Template, n: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.kind, self.template, self.n = kind, template, n
+        self.dtype, self.device = dtype, device
+        self.tensors: list[Tensor] | None = None
+
+    def _alloc(self) -> list[Tensor]:
+        ts = []
+        for i, (shape, d, _) in enumerate(self.template):
+            shape = list(shape)
+            shape[d] = self.n
+            fill = float("-inf") if self.kind == "lse" and i == 1 else 0.0
+            ts.append(torch.full(shape, fill, dtype=self.dtype, device=self.device))
+        return ts
+
+    def add(self, start: int, parts: list[Tensor]) -> None:
+        d0 = self.template[0][1]
+        if self.tensors is None and start == 0 and parts[0].shape[d0] == self.n:
+            # the first result over every row is the accumulator (saves a zero fill + merge)
+            self.tensors = [p.to(self.dtype).contiguous() for p in parts]
+            return
+        if self.tensors is None:
+            self.tensors = self._alloc()
+        views = [t.narrow(d, start, p.shape[d])
+                 for t, (_, d, _), p in zip(self.tensors, self.template, parts)]
+        if self.kind == "lse":
+            merge_(views[0], views[1], parts[0], parts[1])
+        else:
+            for v, p in zip(views, parts):
+                v.add_(p)
+
+    def result(self) -> list[Tensor]:
+        return self.tensors if self.tensors is not None else self._alloc()
+
+    def wire(self) -> list[Tensor]:
+        """Tensors to send: outputs in their wire dtype, gradients as accumulated."""
+        return [t.to(w).contiguous() for t, (_, _, w) in zip(self.result(), self.template)]
+
+    def empty_wire(self, n: int) -> list[Tensor]:
+        bufs = []
+        for shape, d, w in self.template:
+            shape = list(shape)
+            shape[d] = n
+            bufs.append(torch.empty(shape, dtype=w, device=self.device))
+        return bufs
+
+
+def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
+          block: Callable[[list[Tensor], list[Tensor], bool], dict[str, list[Tensor] | None]],
+          kinds: dict[str, str | None], templates: dict[str, Template],
+          dtype: torch.dtype) -> dict[str, list[Tensor]]:
+    """The one ring loop. sides/kinds/templates are keyed by "q" and "kv"."""
+    mv = geo.moving
+    rank, world = comm.rank, comm.world
+    lengths = {"q": geo.q_local, "kv": geo.kv_local}
+    device = sides["q"][0][0].device
+    accs = {s: _Acc(kinds[s], templates[s], lengths[s], dtype, device)
+            for s in kinds if kinds[s]}
+    returns = kinds[mv] is not None and world > 1
+    held_ts, held_lo = [t for t, _ in sides[mv]], 0
+    pending = None  # (works, buffers kept alive, received span) of the last return
+
+    def compute(pieces, in_off: int, target: dict[str, _Acc], out_off: int = 0) -> None:
+        """Run `pieces`; the moving side's inputs start at row/key `in_off` of the held
+        buffer, its results land at `out_off` of target[mv]."""
+        for p in pieces:
+            spans = {"q": p.q, "kv": p.k}
+            ins = {}
+            for side, sl in spans.items():
+                ts = held_ts if side == mv else [t for t, _ in sides[side]]
+                off = in_off if side == mv else 0
+                ins[side] = [t.narrow(d, sl.start - off, sl.stop - sl.start)
+                             for t, (_, d) in zip(ts, sides[side])]
+            res = block(ins["q"], ins["kv"], p.causal)
+            for side, sl in spans.items():
+                if res.get(side) is not None:
+                    target[side].add(sl.start - (out_off if side == mv else 0), res[side])
+
+    def finish(pend) -> None:
+        if pend is not None:
+            comm.wait(pend[0])
+            if pend[2] is not None:
+                accs[mv].add(pend[2][0], pend[1])
+
+    own_first, own_last = step_block(geo, rank, 0)[2], ()
+    if returns:
+        own_first, own_last = split_rows(own_first, geo.q_local // 2)
+    for step in range(world):
+        move_works, recv_bufs, recv_span = None, [], None
+        if step + 1 < world:
+            send_span = held(geo, (rank + step) % world, step + 1)
+            recv_span = held(geo, (rank + step + 1) % world, step + 1)
+            send = [] if send_span is None else [
+                t.narrow(d, send_span[0] - held_lo, send_span[1] - send_span[0]).contiguous()
+                for t, (_, d) in zip(held_ts, sides[mv])]
+            if recv_span is not None:
+                for t, d in sides[mv]:
+                    shape = list(t.shape)
+                    shape[d] = recv_span[1] - recv_span[0]
+                    recv_bufs.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+            move_works = comm.move(step, send, recv_bufs)
+        if step == 0:
+            compute(own_first, 0, accs)
+        else:
+            span = used(geo, rank, step)
+            target = dict(accs)
+            if kinds[mv] is not None and span is not None:  # a partial for the owner
+                target[mv] = _Acc(kinds[mv], templates[mv], span[1] - span[0], dtype, device)
+            compute(step_block(geo, rank, step)[2], held_lo, target, span[0] if span else 0)
+            if returns:
+                in_span = used(geo, (rank - step) % world, step)
+                out = target[mv].wire() if span is not None else []
+                bufs = [] if in_span is None else accs[mv].empty_wire(in_span[1] - in_span[0])
+                works = comm.ret(step, out, +step, bufs, -step)
+                finish(pending)
+                pending = (works, bufs, in_span, out)
+        if move_works is not None:
+            comm.wait(move_works)
+            held_ts, held_lo = recv_bufs, (recv_span[0] if recv_span else 0)
+    if returns:
+        held_ts = [t for t, _ in sides[mv]]
+        compute(own_last, 0, accs)  # overlaps the last return
+        finish(pending)
+    return {s: a.result() for s, a in accs.items()}
 
 
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, spec: RingSpec,
@@ -42,64 +175,33 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, spec: RingSpec,
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] (local shards) -> out (q.dtype), lse [B, Hq, S]."""
     b, s, hq, d = q.shape
     acc = acc_dtype(q.dtype)
-    out = lse = None
-    kv = torch.stack([k, v])  # one message per step, and a buffer we may overwrite
-    spare = torch.empty_like(kv) if comm.world > 1 else None
-    for step in range(comm.world):
-        works = comm.exchange(kv, spare) if step + 1 < comm.world else None
-        for p in _pieces(spec, comm, step, s):
-            o, l = spec.backend.fwd(q[:, p.q], kv[0, :, p.k], kv[1, :, p.k], spec.scale, p.causal)
-            if out is None and p.q == slice(0, s):  # first partial over every row: adopt it
-                out = o.to(acc).contiguous()
-                lse = l.to(acc).contiguous()
-                continue
-            if out is None:
-                out = torch.zeros(b, s, hq, d, dtype=acc, device=q.device)
-                lse = torch.full((b, hq, s), float("-inf"), dtype=acc, device=q.device)
-            merge_(out[:, p.q], lse[:, :, p.q], o, l)
-        if works is not None:
-            comm.wait(works)
-            kv, spare = spare, kv
-    assert out is not None, "causal self-attention: every rank sees at least its own block"
+
+    def block(qs, kvs, causal):
+        return {"q": list(spec.backend.fwd(qs[0], kvs[0], kvs[1], spec.scale, causal))}
+
+    res = _ring(comm, spec.geometry(comm.world, s, k.shape[1]), {"q": [(q, 1)], "kv": [(k, 1), (v, 1)]},
+                block, {"q": "lse", "kv": None},
+                {"q": [((b, s, hq, d), 1, q.dtype), ((b, hq, s), 2, acc)]}, acc)
+    out, lse = res["q"]
     return out.to(q.dtype), lse
 
 
 def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   spec: RingSpec, comm: RingComm) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the local shards, given the global out/lse of the local queries.
-
-    K/V travel as in the forward; their gradient accumulators (fp32) travel one step behind
-    and, after the last step, arrive at the rank that owns the K/V.
-    """
-    s = q.shape[1]
+    Accumulated in fp32 (fp64 for fp64), returned in the input dtype."""
+    b, s, hq, d = q.shape
     acc = acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack([k, v])
-    kv_spare = torch.empty_like(kv) if comm.world > 1 else None
-    parts = [torch.empty(kv.shape, dtype=acc, device=q.device) for _ in range(2)]
-    incoming = torch.empty_like(parts[0]) if comm.world > 1 else None
-    grad_works = None
-    for step in range(comm.world):
-        kv_works = comm.exchange(kv, kv_spare) if step + 1 < comm.world else None
-        part = parts[step % 2]  # the other one may still be in flight
-        part.zero_()
-        for p in _pieces(spec, comm, step, s):
-            g = spec.backend.bwd(dout[:, p.q], q[:, p.q], kv[0, :, p.k], kv[1, :, p.k],
-                                 out[:, p.q], lse[:, :, p.q], spec.scale, p.causal)
-            dq[:, p.q] += g[0]
-            part[0, :, p.k] += g[1]
-            part[1, :, p.k] += g[2]
-        if comm.world > 1:
-            if step > 0:  # accumulator of this K/V block from the ranks that held it before
-                comm.wait(grad_works)
-                part += incoming
-            grad_works = comm.exchange(part, incoming)
-        if kv_works is not None:
-            comm.wait(kv_works)
-            kv, kv_spare = kv_spare, kv
-    if comm.world > 1:
-        comm.wait(grad_works)
-        dkv = incoming  # our own K/V's gradient, summed over every rank's queries
-    else:
-        dkv = parts[0]
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+    def block(qs, kvs, causal):
+        dq, dk, dv = spec.backend.bwd(qs[1], qs[0], kvs[0], kvs[1], qs[2], qs[3], spec.scale,
+                                      causal)
+        return {"q": [dq], "kv": [dk, dv]}
+
+    kv_t = [(tuple(k.shape), 1, acc)] * 2
+    res = _ring(comm, spec.geometry(comm.world, s, k.shape[1]),
+                {"q": [(q, 1), (dout, 1), (out, 1), (lse, 2)], "kv": [(k, 1), (v, 1)]},
+                block, {"q": "sum", "kv": "sum"},
+                {"q": [((b, s, hq, d), 1, acc)], "kv": kv_t}, acc)
+    (dq,), (dk, dv) = res["q"], res["kv"]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

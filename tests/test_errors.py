@@ -33,7 +33,7 @@ BAD_CALLS = {
     "k/v shapes": (lambda q, k, v: ringmem.ring_attention(q, k, v[:, :, :1]),
                    ValueError, "k and v must have the same shape"),
     "seq mismatch": (lambda q, k, v: ringmem.ring_attention(q[:, :6], k, v),
-                     ValueError, "must agree on batch, local sequence length and head dim"),
+                     ValueError, "must agree on batch, head dim and \\(when causal\\) local sequence length"),
     "heads": (lambda q, k, v: ringmem.ring_attention(q[:, :, :3], k, v),
               ValueError, r"q.shape\[2\]=3\) must be a multiple .* \(k.shape\[2\]=2\)"),
     "layout": (lambda q, k, v: ringmem.ring_attention(q, k, v, layout="ring"),

@@ -30,7 +30,8 @@ def _factor(name: str, dtype: torch.dtype) -> float:
 
 
 def _case(rank: int, world: int, layout: str, causal: bool, hq: int, hkv: int,
-          dtype: torch.dtype, backend: str, d: int = 80, local: int = 10) -> list[str]:
+          dtype: torch.dtype, backend: str, schedule: str = "kv", d: int = 80,
+          local: int = 10) -> list[str]:
     g = torch.Generator().manual_seed(1234)
     b, s = 2, world * local
     q, dout = (torch.randn(b, s, hq, d, generator=g, dtype=torch.float64) for _ in range(2))
@@ -50,8 +51,10 @@ def _case(rank: int, world: int, layout: str, causal: bool, hq: int, hkv: int,
     sh = lambda t, dim=1: ringmem.shard(t, dim=dim, layout=layout)
     got = grads(sh(q), sh(k), sh(v),
                 lambda *t: ringmem.ring_attention(*t, causal=causal, layout=layout,
-                                                  backend=backend, return_lse=True))
-    tag = f"world={world} rank={rank} {layout} causal={causal} Hq={hq} Hkv={hkv} {dtype}"
+                                                  backend=backend, schedule=schedule,
+                                                  return_lse=True))
+    tag = (f"world={world} rank={rank} {schedule} {layout} causal={causal} Hq={hq} Hkv={hkv} "
+           f"{dtype}")
     fails = []
     if got[0].dtype != dtype or got[2][0].dtype != dtype or got[1].dtype != torch.float32:
         fails.append(f"{tag}: dtypes out={got[0].dtype} dq={got[2][0].dtype} lse={got[1].dtype}")
@@ -66,19 +69,20 @@ def _case(rank: int, world: int, layout: str, causal: bool, hq: int, hkv: int,
     return fails
 
 
-def _all_cases(rank: int, world: int, backend: str) -> None:
+def _all_cases(rank: int, world: int, backend: str, schedule: str) -> None:
     torch.manual_seed(0)
     fails = []
     for layout, causal, (hq, hkv), dtype in itertools.product(
             ringmem.LAYOUTS, (True, False), HEADS.values(), DTYPES.values()):
-        fails += _case(rank, world, layout, causal, hq, hkv, dtype, backend)
+        fails += _case(rank, world, layout, causal, hq, hkv, dtype, backend, schedule)
     assert not fails, "\n".join(fails)
 
 
+@pytest.mark.parametrize("schedule", ["kv", "q"])
 @pytest.mark.parametrize("backend", ["torch", "sdpa"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_ring_matches_reference(world: int, backend: str) -> None:
-    spawn(_all_cases, world, backend)
+def test_ring_matches_reference(world: int, backend: str, schedule: str) -> None:
+    spawn(_all_cases, world, backend, schedule)
 
 
 def _float64_exact(rank: int, world: int) -> None:
@@ -88,11 +92,11 @@ def _float64_exact(rank: int, world: int) -> None:
         q, k, v = (torch.randn(1, world * 8, 2, 24, generator=g, dtype=torch.float64)
                    for _ in range(3))
         ref, _ = reference_attention(q, k, v, causal=True)
-        for backend in ("torch", "sdpa", "auto"):
+        for backend, schedule in itertools.product(("torch", "sdpa", "auto"), ringmem.SCHEDULES):
             out = ringmem.ring_attention(*(ringmem.shard(t, layout=layout) for t in (q, k, v)),
-                                         layout=layout, backend=backend)
+                                         layout=layout, backend=backend, schedule=schedule)
             err = (ringmem.unshard(out, layout=layout) - ref).abs().max().item()
-            assert err < 1e-12, f"{layout} {backend}: float64 error {err:.2e}"
+            assert err < 1e-12, f"{layout} {backend} {schedule}: float64 error {err:.2e}"
 
 
 def test_float64_exact_world3() -> None:

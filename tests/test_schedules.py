@@ -1,0 +1,170 @@
+"""TokenRing (`q`) vs pass-KV (`kv`) schedules: byte accounting, cost model, special shapes.
+
+Exactness of both schedules over every layout/dtype/head config is in test_ring.py.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringmem
+from ringmem.reference import reference_attention
+from ringmem.routing import Geometry, held, split_rows, step_block
+from ringmem.masking import pieces_mask
+from ringmem.testing import spawn
+
+
+def _bytes_match_plan(rank: int, world: int) -> None:
+    fails = []
+    for layout, schedule, causal, (hq, hkv), dtype in itertools.product(
+            ringmem.LAYOUTS, ("kv", "q"), (True, False), ((4, 4), (4, 1)),
+            (torch.float32, torch.bfloat16)):
+        g = torch.Generator().manual_seed(5)
+        s = 4 * world
+        q = torch.randn(2, s, hq, 8, generator=g).to(dtype)
+        k, v = (torch.randn(2, s, hkv, 8, generator=g).to(dtype) for _ in range(2))
+        leaves = [ringmem.shard(t, layout=layout).requires_grad_() for t in (q, k, v)]
+        stats = ringmem.CommStats()
+        out = ringmem.ring_attention(*leaves, causal=causal, layout=layout, schedule=schedule,
+                                     stats=stats)
+        out.sum().backward()
+        est = ringmem.plan(tuple(leaves[0].shape), tuple(leaves[1].shape), world=world,
+                           dtype=dtype, causal=causal, layout=layout, device_type="cpu",
+                           backward=True).schedules[schedule]
+        for phase in ("fwd", "bwd"):
+            got = stats.per_step(phase)
+            want = {i: sr for i, sr in enumerate(est.steps[phase][rank]) if sr != (0, 0)}
+            got = {i: sr for i, sr in got.items() if sr != (0, 0)}
+            if got != want:
+                fails.append(f"{layout} {schedule} causal={causal} Hq={hq} Hkv={hkv} {dtype} "
+                             f"{phase} rank {rank}: measured {got} != plan {want}")
+    assert not fails, "\n".join(fails)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_measured_bytes_equal_the_cost_model(world: int) -> None:
+    spawn(_bytes_match_plan, world)
+
+
+def test_zigzag_trims_what_travels() -> None:
+    # 4 ranks, zigzag, causal: after the ring wraps only half a shard is still needed
+    for moving in ("q", "kv"):
+        geo = Geometry("zigzag", 4, 8, 8, True, moving)
+        spans = [held(geo, owner, step) for owner in range(4) for step in range(1, 4)]
+        assert (0, 8) in spans and any(s in spans for s in ((0, 4), (4, 8))), spans
+        assert all(s is None or s[1] - s[0] in (4, 8) for s in spans)
+
+
+def test_contiguous_q_stops_travelling_when_nobody_needs_it() -> None:
+    geo = Geometry("contiguous", 4, 8, 8, True, "q")
+    # Q of rank 0 is needed by nobody else (every other rank's keys come later)
+    assert [held(geo, 0, s) for s in (1, 2, 3)] == [None, None, None]
+    assert held(geo, 3, 1) == (0, 8)
+
+
+def test_split_rows_preserves_the_mask() -> None:
+    for layout, world in itertools.product(ringmem.LAYOUTS, (1, 2, 4)):
+        for rank in range(world):
+            pieces = step_block(Geometry(layout, world, 10, 10, True, "q"), rank, 0)[2]
+            for at in (0, 3, 5, 10):
+                a, b = split_rows(pieces, at)
+                assert torch.equal(pieces_mask(a, 10, 10) | pieces_mask(b, 10, 10),
+                                   pieces_mask(pieces, 10, 10))
+                assert not (pieces_mask(a, 10, 10) & pieces_mask(b, 10, 10)).any()
+                assert all(p.q.stop <= at for p in a) and all(p.q.start >= at for p in b)
+
+
+@pytest.mark.parametrize("interconnect", ["nvlink"])
+def test_model_prefers_q_for_mha_on_a_full_mesh(interconnect: str) -> None:
+    for world, s in ((4, 4096), (8, 2048)):
+        p = ringmem.plan((1, s, 32, 128), (1, s, 32, 128), world=world,
+                         interconnect=interconnect)
+        assert p.choice == "q", str(p)
+
+
+def test_model_prefers_q_for_decode_shaped_calls() -> None:
+    for ic in ringmem.INTERCONNECTS:
+        p = ringmem.plan((1, 1, 32, 128), (1, 65536, 8, 128), world=8, causal=False,
+                         interconnect=ic)
+        assert p.choice == "q", str(p)
+        assert p.schedules["q"].bytes() * 100 < p.schedules["kv"].bytes()
+
+
+def test_model_prefers_kv_for_gqa_8_to_1_prefill() -> None:
+    for ic, backward in itertools.product(ringmem.INTERCONNECTS, (False, True)):
+        p = ringmem.plan((1, 8192, 32, 128), (1, 8192, 4, 128), world=8, interconnect=ic,
+                         backward=backward)
+        assert p.choice == "kv", str(p)
+
+
+def test_plan_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="interconnect must be one of"):
+        ringmem.plan((1, 8, 2, 4), (1, 8, 2, 4), world=2, interconnect="infiniband")
+    with pytest.raises(ValueError, match="must be \\[B, S, H, D\\]"):
+        ringmem.plan((8, 2, 4), (1, 8, 2, 4), world=2)
+    with pytest.raises(ValueError, match="causal blocks need equal local lengths"):
+        ringmem.plan((1, 1, 2, 4), (1, 8, 2, 4), world=2, causal=True)
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        ringmem.Interconnect(name="x", topology="mesh", bandwidth=0, latency=0)
+    with pytest.raises(ValueError, match="interconnect must be one of"):
+        ringmem.ring_attention(*(torch.randn(1, 4, 2, 8) for _ in range(3)),
+                               interconnect="infiniband")
+
+
+def _decode_shaped(rank: int, world: int) -> None:
+    # one query token per rank against a sharded K/V (non-causal): both schedules exact
+    g = torch.Generator().manual_seed(11)
+    q_all = torch.randn(2, world, 4, 16, generator=g, dtype=torch.float64)  # token r -> rank r
+    k, v = (torch.randn(2, 6 * world, 2, 16, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    ref, ref_lse = reference_attention(q_all, k, v, causal=False)
+    for schedule in ringmem.SCHEDULES:
+        ql = q_all[:, rank:rank + 1].clone().requires_grad_()
+        kl, vl = (ringmem.shard(t, layout="contiguous").requires_grad_() for t in (k, v))
+        out, lse = ringmem.ring_attention(ql, kl, vl, causal=False, layout="contiguous",
+                                          schedule=schedule, return_lse=True)
+        assert (out - ref[:, rank:rank + 1]).abs().max() < 1e-12, schedule
+        assert (lse - ref_lse[:, :, rank:rank + 1]).abs().max() < 1e-12, schedule
+        out.sum().backward()  # gradients exist and are finite (values checked in test_ring)
+        assert all(torch.isfinite(t.grad).all() for t in (ql, kl, vl))
+
+
+def test_decode_shaped_calls_are_exact() -> None:
+    spawn(_decode_shaped, 3)
+
+
+def _subgroups(rank: int, world: int) -> None:
+    # two independent sequence-parallel groups: the q schedule's return group is created
+    # by each group's members alone (no hang), and results stay exact
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    g = torch.Generator().manual_seed(100 + rank // 2)
+    q, k, v = (torch.randn(1, 12, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ref, _ = reference_attention(q, k, v, causal=True)
+    for _ in range(2):  # second call reuses the cached return group
+        out = ringmem.ring_attention(*(ringmem.shard(t, group=mine) for t in (q, k, v)),
+                                     group=mine, schedule="q")
+        full = ringmem.unshard(out.detach(), group=mine)
+        assert (full - ref).abs().max() < 1e-12
+
+
+def test_q_schedule_on_subgroups() -> None:
+    spawn(_subgroups, 4)
+
+
+def _auto_agrees(rank: int, world: int) -> None:
+    q, k, v = (torch.randn(1, 16, 4, 8) for _ in range(3))
+    stats = ringmem.CommStats()
+    with torch.no_grad():
+        ringmem.ring_attention(q, k, v, schedule="auto", stats=stats)
+    want = ringmem.plan(tuple(q.shape), tuple(k.shape), world=world, dtype=q.dtype,
+                        device_type="cpu").choice
+    channels = {r["channel"] for r in stats.records}
+    assert ("ret" in channels) == (want == "q"), (want, stats.records)
+
+
+def test_auto_follows_the_plan() -> None:
+    spawn(_auto_agrees, 2)

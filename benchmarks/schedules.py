@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,15 +39,10 @@ class Config:
     dim: int = 64
     decode: bool = False  # q: 1 token per rank, generated per rank, not sharded; non-causal
 
-    @property
-    def causal(self) -> bool:
-        return not self.decode
-
 
 CONFIGS = (Config("MHA prefill", 8192, 8, 8), Config("GQA 4:1 prefill", 8192, 8, 2),
-           Config("GQA 8:1 prefill, wide", 2048, 32, 4),
-           Config("MHA prefill, short wide", 2048, 32, 32),
-           Config("decode-shaped", 65536, 8, 8, decode=True))
+           Config("GQA 8:1 prefill, wide", 2048, 32, 4), Config("MHA prefill, short wide",
+           2048, 32, 32), Config("decode-shaped", 65536, 8, 8, decode=True))
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,8 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results/schedules.md")
     p.add_argument("--quick", action="store_true", help="sequence lengths / 8, repeats=1")
     a = p.parse_args()
-    if a.quick:
-        a.repeats = 1
+    a.repeats = 1 if a.quick else a.repeats
     return a
 
 
@@ -78,10 +72,10 @@ def runner(cfg: Config, x: tuple[Tensor, ...], schedule: str,
            phase: str) -> Callable[[ringmem.CommStats | None], tuple[Tensor, list[Tensor]]]:
     """A call of one phase: returns (out, grads of q, k, v; empty for fwd)."""
     q, k, v, dout = x
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    leaves = [] if phase == "fwd" else [t.detach().clone().requires_grad_() for t in (q, k, v)]
 
     def run(stats: ringmem.CommStats | None = None) -> tuple[Tensor, list[Tensor]]:
-        kw = dict(causal=cfg.causal, layout=LAYOUT, schedule=schedule, stats=stats)
+        kw = dict(causal=not cfg.decode, layout=LAYOUT, schedule=schedule, stats=stats)
         if phase == "fwd":
             with torch.no_grad():
                 return ringmem.ring_attention(q, k, v, **kw), []
@@ -143,7 +137,7 @@ def check_bytes(stats: ringmem.CommStats, plan: ringmem.Plan, s: str, rank: int,
 def bench_config(cfg: Config, repeats: int, rank: int, world: int) -> dict[str, Any]:
     x = make_inputs(cfg, rank)
     shapes = (tuple(x[0].shape), tuple(x[1].shape))
-    plans = {ph: ringmem.plan(*shapes, world=world, dtype=DTYPE, causal=cfg.causal,
+    plans = {ph: ringmem.plan(*shapes, world=world, dtype=DTYPE, causal=not cfg.decode,
                               layout=LAYOUT, device_type="cpu", backward=ph == "fwd+bwd")
              for ph in PHASES}
     res: dict[str, Any] = {
@@ -202,7 +196,10 @@ def build_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "auto_ran": r["auto_ran"][ph],
                          "bytes_rank0": {s: [st for st, _ in r["steps_rank0"][s][part]]
                                          for s in SCHEDS},
-                         "match": {s: r["match"][s][part] for s in SCHEDS}})
+                         "match": {s: r["match"][s][part] for s in SCHEDS},
+                         "bytes_total": {s: r["totals"][s]["fwd sent"] + (
+                             r["totals"][s]["bwd sent"] if ph == "fwd+bwd" else 0)
+                             for s in SCHEDS}})
     return rows
 
 
@@ -232,12 +229,13 @@ def render_tables(rows: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
+    """'When each schedule wins', from the numbers."""
     parts = []
     for ph in PHASES:
         ph_rows = [w for w in rows if w["phase"] == ph]
-        for s in SCHEDS:
-            other = "q" if s == "kv" else "kv"
-            won = [f"{w['config']} ({w['t'][other] / w['t'][s]:.2f}x)"
+        for s, o in (("kv", "q"), ("q", "kv")):
+            won = [f"{w['config']} ({w['t'][o] / w['t'][s]:.2f}x faster, sending "
+                   f"{w['bytes_total'][s] / max(w['bytes_total'][o], 1):.3g}x {o}'s bytes)"
                    for w in ph_rows if w["faster"] == s]
             parts.append(f"{ph}: {s} was faster in {len(won)}/{len(ph_rows)} configs"
                          + (f": {', '.join(won)}" if won else "") + ".")
@@ -247,18 +245,19 @@ def summary(rows: list[dict[str, Any]]) -> str:
     parts.append(f"The plan chose the measured-faster schedule in {agree}/{len(rows)} rows; "
                  f"its choice was within 5% of the best in {len(rows) - len(fails)}/{len(rows)}"
                  + (f" (FAIL: {', '.join(fails)})" if fails else "") + f". schedule=\"auto\" "
-                 f"ran the plan's choice in {same}/{len(rows)} rows. (Ratios are T(slower) / "
-                 f"T(faster).)")
+                 f"ran the plan's choice in {same}/{len(rows)} rows. (Bytes: sent by all ranks "
+                 f"in the phase.)")
     return " ".join(parts)
 
 
-def cpu_model() -> str:
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                    if ln.startswith("model name")), cpu)
     except OSError:
-        lines = []
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                platform.processor() or "unknown")
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count()}
 
 
 def git_commit() -> str:
@@ -270,46 +269,48 @@ def git_commit() -> str:
         return "unknown"
 
 
+def describe(c: Config) -> str:
+    if c.decode:
+        return (f"{c.name}: q 1 token per rank (not sharded), Hq={c.hq}; K/V {c.seq} keys "
+                f"global, sharded, Hkv={c.hkv}; D={c.dim}; non-causal")
+    return f"{c.name}: S={c.seq}, Hq={c.hq}, Hkv={c.hkv}, D={c.dim}, causal"
+
+
 def report(a: argparse.Namespace, configs: list[Config], results: list[dict[str, Any]],
            problems: list[str]) -> None:
-    """Rank 0: print the table, write the markdown report and the JSON next to it."""
+    """Rank 0: print the tables, write the markdown report and the JSON next to it."""
     rows = build_rows(results)
     (table, auto), text = render_tables(rows), summary(rows)
-    checks = [f"- {r['config']['name']}: q local {list(r['config']['q_local'])}, kv local "
-              f"{list(r['config']['kv_local'])}, causal {not r['config']['decode']}; "
-              f"max |out kv - out q| {r['out_diff']:.2e}, max |grad kv - grad q| "
-              f"{r['grad_diff']:.2e}; bytes sent, all ranks (fwd / bwd): " + "; ".join(
-                  f"{s} {fmt_bytes(r['totals'][s]['fwd sent'])} / "
-                  f"{fmt_bytes(r['totals'][s]['bwd sent'])}" for s in SCHEDS)
-              for r in results]
+    checks = "\n".join(
+        f"- {r['config']['name']} (q local {list(r['config']['q_local'])}, kv local "
+        f"{list(r['config']['kv_local'])}): max |out kv - out q| {r['out_diff']:.2e}, max "
+        f"|grad kv - grad q| {r['grad_diff']:.2e}; bytes sent by all ranks, fwd / bwd: "
+        + "; ".join(f"{s} {fmt_bytes(r['totals'][s]['fwd sent'])} / "
+                    f"{fmt_bytes(r['totals'][s]['bwd sent'])}" for s in SCHEDS)
+        for r in results) + f"\n\nProblems: {'; '.join(problems) or 'none'}"
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "cpu": cpu_model(),
-                        "cpu_count": os.cpu_count()},
+            "machine": machine(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ringmem": ringmem.__version__, "git commit": git_commit()},
-            "config": {"repeats": a.repeats, "quick": a.quick, "world size": dist.get_world_size(),
-                       "threads per rank": 1, "backend (process group)": "gloo",
+            "config": {"repeats": a.repeats, "quick": a.quick, "world size":
+                       dist.get_world_size(), "threads per rank": 1, "process group": "gloo",
                        "dtype": "fp32", "layout": LAYOUT, "batch": 1,
-                       "configs": [asdict(c) for c in configs]}}
-    print(f"{table}\n\n{auto}\n\n{text}\n" + "\n".join(checks)
-          + ("\n\nPROBLEMS:\n" + "\n".join(problems) if problems else ""), flush=True)
-    cfg = "\n".join(f"- {k}: {v}" for k, v in meta["config"].items() if k != "configs")
-    cfg += "\n" + "\n".join(
-        f"- {c.name}: " + (f"q 1 token per rank x {c.hq} heads, K/V {c.seq} keys global x "
-                           f"{c.hkv} heads, non-causal" if c.decode else
-                           f"S={c.seq}, Hq={c.hq}, Hkv={c.hkv}, causal") + f", D={c.dim}"
-        for c in configs)
-    ver = "\n".join(f"- {k}: {v}" for k, v in meta["versions"].items())
+                       "configs": [describe(c) for c in configs]}}
+    print(f"{table}\n\n{auto}\n\n{checks}\n\n{text}", flush=True)
+    cfg = "\n".join(f"- {v}" if k == "configs" else f"- {k}: {v}"
+                     for k, vs in meta["config"].items()
+                     for v in (vs if k == "configs" else [vs]))
+    m = meta["machine"]
     md = (f"# ringmem ring schedules: kv vs q (TokenRing) vs auto, CPU\n\n"
-          f"- date: {meta['date']}\n- machine: {meta['machine']['platform']}, CPU: "
-          f"{meta['machine']['cpu']}, cpu_count: {meta['machine']['cpu_count']}\n\n"
-          f"## Versions\n\n{ver}\n\n## Config\n\n{cfg}\n\n## Results\n\n{table}\n\n"
+          f"- date: {meta['date']}\n- machine: {m['platform']}, CPU: {m['cpu']}, "
+          f"cpu_count: {m['cpu_count']}\n\n## Versions\n\n"
+          + "\n".join(f"- {k}: {v}" for k, v in meta["versions"].items())
+          + f"\n\n## Config\n\n{cfg}\n\n## Results\n\n{table}\n\n"
           f"T: median over {a.repeats} runs of the slowest rank's wall time. within 5%: "
           f"T(plan's choice) <= {SLACK} x min(T kv, T q). Plan: ringmem.plan on the local "
           f"shapes, device_type=cpu (loopback interconnect), backward as the phase. "
-          f"bytes/step: per ring step, rank 0; fwd+bwd rows show the backward's steps.\n\n"
-          f"## schedule=\"auto\"\n\n{auto}\n\n## Correctness and bytes\n\n"
-          + "\n".join(checks) + f"\n\nProblems: {'; '.join(problems) or 'none'}\n\n"
+          f"bytes/step: rank 0 per ring step; fwd+bwd rows show the backward's steps.\n\n"
+          f"## schedule=\"auto\"\n\n{auto}\n\n## Correctness and bytes\n\n{checks}\n\n"
           f"## When each schedule wins\n\n{text}\n")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +330,21 @@ def problems_of(results: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def progress(configs: list[Config], rank: int) -> Iterator[Config]:
+    """A tqdm bar over the configurations on rank 0 (printed lines without tqdm)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    bar = tqdm(configs, file=sys.stderr) if tqdm is not None and rank == 0 else None
+    for i, cfg in enumerate(bar if bar is not None else configs):
+        if bar is not None:
+            bar.set_description(cfg.name)
+        elif rank == 0:
+            print(f"[{i + 1}/{len(configs)}] {cfg.name}", flush=True)
+        yield cfg
+
+
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(1)
@@ -336,24 +352,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     div = 8 if a.quick else 1
     configs = [Config(c.name, c.seq // div, c.hq, c.hkv, c.dim, c.decode) for c in CONFIGS]
-    bar: Any = None
-    if rank == 0:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=len(configs), file=sys.stderr)
-        except ImportError:
-            pass
-    results = []
-    for i, cfg in enumerate(configs):
-        if rank == 0 and bar is None:
-            print(f"[{i + 1}/{len(configs)}] {cfg.name}", flush=True)
-        elif bar is not None:
-            bar.set_description(cfg.name)
-        results.append(bench_config(cfg, a.repeats, rank, world))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+    results = [bench_config(cfg, a.repeats, rank, world) for cfg in progress(configs, rank)]
     problems = problems_of(results)
     if rank == 0:
         report(a, configs, results, problems)

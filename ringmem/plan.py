@@ -2,8 +2,10 @@
 
 The byte counts come from the same routing rules the ring loop follows (`routing`), so they
 are exact, not estimates: `CommStats` of a real call equals `plan(...).schedules[s].steps`.
-Time is modelled per step as max(compute, communication) over ranks, where communication
-time is the most loaded link's bytes / bandwidth + latency on the given interconnect:
+Time is modelled per step as max(compute, communication) over ranks when the interconnect
+moves data beside the compute (GPU copy engines / NCCL), and as their sum when it does not
+(gloo on the CPU cores that also compute). Communication time is the most loaded link's
+bytes / bandwidth + latency:
 
 * `mesh`: every ordered pair of ranks has its own full-duplex link (NVLink / NVSwitch node):
   sending to two different peers costs the larger of the two, not the sum.
@@ -26,11 +28,13 @@ SCHEDULE_NAMES = ("kv", "q")
 
 @dataclass(frozen=True, kw_only=True)
 class Interconnect:
-    """A link model. bandwidth: bytes/s per link and direction; latency: s per message."""
+    """A link model. bandwidth: bytes/s per link and direction; latency: s per message;
+    overlap: transfers proceed while the ranks compute (False when the same cores copy)."""
     name: str
     topology: str  # "mesh", "ring" or "bus"
     bandwidth: float
     latency: float
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.topology not in ("mesh", "ring", "bus"):
@@ -46,7 +50,8 @@ INTERCONNECTS = {
     # PCIe Gen4 x16 between neighbours: ~25 GB/s per direction
     "pcie": Interconnect(name="pcie", topology="ring", bandwidth=25e9, latency=20e-6),
     # gloo between processes on one CPU host (measured: 256 MiB in ~0.16 s)
-    "loopback": Interconnect(name="loopback", topology="bus", bandwidth=1.6e9, latency=50e-6),
+    "loopback": Interconnect(name="loopback", topology="bus", bandwidth=1.6e9, latency=50e-6,
+                             overlap=False),
 }
 
 # block-attention throughput by device type (FLOP/s), used when none is given
@@ -166,7 +171,7 @@ def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: 
             t_comm = _link_time(ic, world, msgs)
             t_comp = max(_piece_pairs(step_block(geo, r, step)[2]) for r in range(world)) * work
             # the next transfer and this step's return overlap this step's compute
-            time_s += max(t_comm, t_comp)
+            time_s += max(t_comm, t_comp) if ic.overlap else t_comm + t_comp
             comm_s += t_comm
             compute_s += t_comp
         steps[phase] = per_rank

@@ -33,6 +33,14 @@ def group_rank_world(group: Group) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def gather_rows(x: Tensor, group: Group, world: int) -> Tensor:
+    """All-gather a 1-D tensor from every rank into [world, n] (one collective)."""
+    out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous(), group=group)
+    return out.reshape(world, -1)
+
+
 def _return_group(group: dist.ProcessGroup, device: torch.device) -> dist.ProcessGroup:
     """A second group over the same ranks (created once, by its members only)."""
     rg = _RETURN_GROUPS.get(group)

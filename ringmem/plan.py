@@ -135,7 +135,7 @@ def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: 
               flops: float) -> Estimate:
     b, sq, hq, d = q_shape
     skv, hkv = kv_shape[1], kv_shape[2]
-    geo = Geometry(layout, world, sq, skv, causal, schedule)
+    geo = Geometry.uniform(layout, world, sq, skv, causal, schedule)
     # bytes per row (Q side) or key (K/V side) of what moves and what returns
     q_row = {"fwd": b * hq * d * itemsize,
              "bwd": b * hq * (3 * d * itemsize + acc_size)}  # q, dout, out, lse

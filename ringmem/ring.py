@@ -32,8 +32,12 @@ class RingSpec:
     backend: Backend
     schedule: str  # "kv" or "q" (resolved)
 
-    def geometry(self, world: int, q_local: int, kv_local: int) -> Geometry:
-        return Geometry(self.layout, world, q_local, kv_local, self.causal, self.schedule)
+    def geometry(self, world: int, q_local: int, kv_local: int,
+                 kv_lens: tuple[int, ...] | None = None) -> Geometry:
+        """Equal local lengths on every rank, unless per-rank `kv_lens` are given."""
+        return Geometry(self.layout, world, (q_local,) * world,
+                        kv_lens if kv_lens is not None else (kv_local,) * world,
+                        self.causal, self.schedule)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,7 +102,7 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
     """The one ring loop. sides/kinds/templates are keyed by "q" and "kv"."""
     mv = geo.moving
     rank, world = comm.rank, comm.world
-    lengths = {"q": geo.q_local, "kv": geo.kv_local}
+    lengths = {"q": geo.q_lens[rank], "kv": geo.kv_lens[rank]}
     device = sides["q"][0][0].device
     accs = {s: _Acc(kinds[s], templates[s], lengths[s], dtype, device)
             for s in kinds if kinds[s]}
@@ -130,7 +134,7 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
 
     own_first, own_last = step_block(geo, rank, 0)[2], ()
     if returns:
-        own_first, own_last = split_rows(own_first, geo.q_local // 2)
+        own_first, own_last = split_rows(own_first, geo.q_lens[rank] // 2)
     for step in range(world):
         move_works, recv_bufs, recv_span = None, [], None
         if step + 1 < world:
@@ -170,16 +174,19 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
     return {s: a.result() for s, a in accs.items()}
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, spec: RingSpec,
-                 comm: RingComm) -> tuple[Tensor, Tensor]:
-    """q [B, S, Hq, D], k/v [B, S, Hkv, D] (local shards) -> out (q.dtype), lse [B, Hq, S]."""
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, spec: RingSpec, comm: RingComm,
+                 kv_lens: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """q [B, S, Hq, D], k/v [B, S, Hkv, D] (local shards) -> out (q.dtype), lse [B, Hq, S].
+
+    kv_lens: every rank's local key length when they differ (non-causal only)."""
     b, s, hq, d = q.shape
     acc = acc_dtype(q.dtype)
 
     def block(qs, kvs, causal):
         return {"q": list(spec.backend.fwd(qs[0], kvs[0], kvs[1], spec.scale, causal))}
 
-    res = _ring(comm, spec.geometry(comm.world, s, k.shape[1]), {"q": [(q, 1)], "kv": [(k, 1), (v, 1)]},
+    res = _ring(comm, spec.geometry(comm.world, s, k.shape[1], kv_lens),
+                {"q": [(q, 1)], "kv": [(k, 1), (v, 1)]},
                 block, {"q": "lse", "kv": None},
                 {"q": [((b, s, hq, d), 1, q.dtype), ((b, hq, s), 2, acc)]}, acc)
     out, lse = res["q"]

@@ -21,17 +21,25 @@ Span = tuple[int, int]  # [lo, hi) of rows or keys
 class Geometry:
     layout: str
     world: int
-    q_local: int
-    kv_local: int
+    q_lens: tuple[int, ...]   # local query length of each rank
+    kv_lens: tuple[int, ...]  # local key length of each rank
     causal: bool
     moving: str  # "q" or "kv": which side travels
 
     def __post_init__(self) -> None:
         if self.moving not in ("q", "kv"):
             raise ValueError(f"moving must be 'q' or 'kv', got {self.moving!r}")
-        if self.causal and self.q_local != self.kv_local:
-            raise ValueError(f"causal blocks need equal local lengths, got q {self.q_local} "
-                             f"and kv {self.kv_local}")
+        if len(self.q_lens) != self.world or len(self.kv_lens) != self.world:
+            raise ValueError(f"need one q and kv length per rank, got {self.q_lens}, "
+                             f"{self.kv_lens} for world {self.world}")
+        if self.causal and (len(set(self.q_lens + self.kv_lens)) != 1):
+            raise ValueError(f"causal blocks need equal local lengths on every rank, got q "
+                             f"{self.q_lens} and kv {self.kv_lens}")
+
+    @classmethod
+    def uniform(cls, layout: str, world: int, q_len: int, kv_len: int, causal: bool,
+                moving: str) -> Geometry:
+        return cls(layout, world, (q_len,) * world, (kv_len,) * world, causal, moving)
 
 
 def _side(p: Piece, side: str) -> slice:
@@ -50,8 +58,8 @@ def step_block(geo: Geometry, rank: int, step: int) -> tuple[int, int, tuple[Pie
     """(query owner, key owner, pieces) of the block `rank` computes at `step`."""
     m = (rank + step) % geo.world
     qo, ko = (rank, m) if geo.moving == "kv" else (m, rank)
-    return qo, ko, block_pieces(geo.layout, geo.world, qo, geo.q_local, ko, geo.kv_local,
-                                geo.causal)
+    return qo, ko, block_pieces(geo.layout, geo.world, qo, geo.q_lens[qo], ko,
+                                geo.kv_lens[ko], geo.causal)
 
 
 @lru_cache(maxsize=8192)
@@ -65,7 +73,7 @@ def held(geo: Geometry, owner: int, step: int) -> Span | None:
     """Span of `owner`'s moving side that its holder at `step` receives: what that holder
     and every later holder need (None: nothing travels)."""
     if step == 0:
-        return 0, geo.q_local if geo.moving == "q" else geo.kv_local
+        return 0, (geo.q_lens if geo.moving == "q" else geo.kv_lens)[owner]
     spans = [used(geo, (owner - s) % geo.world, s) for s in range(step, geo.world)]
     spans = [s for s in spans if s is not None]
     if not spans:

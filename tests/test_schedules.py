@@ -52,14 +52,14 @@ def test_measured_bytes_equal_the_cost_model(world: int) -> None:
 def test_zigzag_trims_what_travels() -> None:
     # 4 ranks, zigzag, causal: after the ring wraps only half a shard is still needed
     for moving in ("q", "kv"):
-        geo = Geometry("zigzag", 4, 8, 8, True, moving)
+        geo = Geometry.uniform("zigzag", 4, 8, 8, True, moving)
         spans = [held(geo, owner, step) for owner in range(4) for step in range(1, 4)]
         assert (0, 8) in spans and any(s in spans for s in ((0, 4), (4, 8))), spans
         assert all(s is None or s[1] - s[0] in (4, 8) for s in spans)
 
 
 def test_contiguous_q_stops_travelling_when_nobody_needs_it() -> None:
-    geo = Geometry("contiguous", 4, 8, 8, True, "q")
+    geo = Geometry.uniform("contiguous", 4, 8, 8, True, "q")
     # Q of rank 0 is needed by nobody else (every other rank's keys come later)
     assert [held(geo, 0, s) for s in (1, 2, 3)] == [None, None, None]
     assert held(geo, 3, 1) == (0, 8)
@@ -68,7 +68,7 @@ def test_contiguous_q_stops_travelling_when_nobody_needs_it() -> None:
 def test_split_rows_preserves_the_mask() -> None:
     for layout, world in itertools.product(ringmem.LAYOUTS, (1, 2, 4)):
         for rank in range(world):
-            pieces = step_block(Geometry(layout, world, 10, 10, True, "q"), rank, 0)[2]
+            pieces = step_block(Geometry.uniform(layout, world, 10, 10, True, "q"), rank, 0)[2]
             for at in (0, 3, 5, 10):
                 a, b = split_rows(pieces, at)
                 assert torch.equal(pieces_mask(a, 10, 10) | pieces_mask(b, 10, 10),

@@ -1,0 +1,79 @@
+"""Decode attention over a sharded cache: a per-rank partial, then an exact cross-rank merge.
+
+The per-rank partial reads the paged pool in place (one batched matmul per token chunk,
+online softmax in fp32). The merge is exact: the global result is the lse-weighted
+combination of every rank's (out, lse); ranks with no tokens contribute lse = -inf.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..comm import Group, gather_rows
+from ..merge import merge_partials
+
+MERGES = ("allgather", "allreduce")
+
+
+def paged_partial(q: Tensor, k: Tensor, v: Tensor, runs: list[tuple[int, int]], scale: float,
+                  chunk: int = 8192) -> tuple[Tensor, Tensor]:
+    """q [Hq, D]; k, v pools [Hkv, slots, D]; runs of slots -> (out [Hq, D], lse [Hq]) fp32."""
+    hq, d = q.shape
+    hkv = k.shape[0]
+    ad = torch.float64 if k.dtype == torch.float64 else torch.float32
+    qg = (q.to(ad) * scale).to(k.dtype).reshape(hkv, hq // hkv, d)  # scale folded into q
+    m = torch.full((hkv, hq // hkv), float("-inf"), dtype=ad, device=q.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(hkv, hq // hkv, d, dtype=ad, device=q.device)
+    for lo, hi in runs:
+        for c in range(lo, hi, chunk):
+            kc, vc = k[:, c:min(hi, c + chunk)], v[:, c:min(hi, c + chunk)]
+            s = torch.matmul(qg, kc.transpose(-1, -2)).to(ad)  # [Hkv, G, n]
+            m_new = torch.maximum(m, s.amax(-1))
+            alpha = torch.exp(m - m_new)  # m = -inf at first: exp(-inf) = 0
+            p = torch.exp(s - m_new.unsqueeze(-1))
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p.to(v.dtype), vc).to(ad)
+            m = m_new
+    seen = l > 0
+    out = torch.where(seen.unsqueeze(-1), acc / l.clamp_min(1e-30).unsqueeze(-1), acc)
+    lse = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), m)
+    return out.reshape(hq, d), lse.reshape(hq)
+
+
+def merge_across_ranks(out: Tensor, lse: Tensor, meta: Tensor, group: Group, world: int,
+                       how: str = "allgather") -> tuple[Tensor, Tensor, Tensor]:
+    """Exact merge of per-rank partials out [B, Hq, D], lse [B, Hq] (fp32).
+
+    `meta` (float64 vector, e.g. step counters) rides along and comes back as [world, m] so
+    callers can check that the ranks agree without another collective.
+    """
+    if how not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
+    if world == 1:
+        return out, lse, meta.unsqueeze(0)
+    b, h, d = out.shape
+    if how == "allgather":
+        packed = torch.cat([out.flatten().double(), lse.flatten().double(), meta])
+        rows = gather_rows(packed, group, world)
+        outs = rows[:, :b * h * d].to(out.dtype).reshape(world, b, h, d)
+        lses = rows[:, b * h * d:b * h * (d + 1)].to(lse.dtype).reshape(world, b, h)
+        # merge_partials works on [B, S, H, D] / [B, H, S]: treat the batch as one sequence
+        o, l = merge_partials([x.unsqueeze(0) for x in outs],
+                              [x.t().unsqueeze(0) for x in lses])
+        return o[0], l[0].t(), rows[:, b * h * (d + 1):]
+    # allreduce: max of lse (meta and -meta ride along to detect disagreement), then sums
+    head = torch.cat([lse.flatten().double(), meta, -meta])
+    dist.all_reduce(head, op=dist.ReduceOp.MAX, group=group)
+    m = head[:b * h].to(lse.dtype).reshape(b, h)
+    nm = meta.numel()
+    hi, lo = head[b * h:b * h + nm], -head[b * h + nm:]
+    safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - safe)  # this rank's weight, 0 where it saw nothing
+    body = torch.cat([(out * w.unsqueeze(-1)).flatten(), w.flatten()])
+    dist.all_reduce(body, group=group)
+    tot = body[b * h * d:].reshape(b, h)
+    o = body[:b * h * d].reshape(b, h, d) / tot.clamp_min(1e-30).unsqueeze(-1)
+    l = torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m)
+    return o, l, torch.stack([hi, lo])  # rows differ iff some rank disagreed

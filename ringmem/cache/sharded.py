@@ -1,0 +1,334 @@
+"""ShardedKVCache: each rank keeps the K/V of the tokens it owns; prefill and decode are exact.
+
+* Prefill (`prefill_chunk`): a chunk of a prompt, sharded over the ranks by the layout,
+  attends to the whole cached prefix (wherever it lives: schedule `q`, the chunk's queries
+  travel) and causally to itself (ring attention), merged by lse; its K/V are then stored
+  where the tokens live. Activation memory is bounded by the chunk, not the prompt.
+* Decode (`decode`): the new token's q/k/v are the same on every rank. Each rank attends to
+  its shard, the partials merge exactly across ranks, the new token's own term is added
+  locally (every rank has it), and only then does the least-loaded rank store it.
+
+Every rank keeps the same table of per-rank token counts, so placement and capacity checks
+agree without communication; step counters ride along with the decode merge, so ranks that
+disagree fail together instead of corrupting the cache.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..agree import agree
+from ..backends import get_backend
+from ..comm import Group, RingComm, gather_rows, group_rank_world
+from ..layouts import LAYOUTS, check_layout, positions
+from ..merge import merge_partials
+from ..ring import RingSpec, ring_forward
+from .decode import MERGES, merge_across_ranks, paged_partial
+from .paged import PagedStore
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    num_layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    capacity: int
+    """Tokens per rank per layer (rounded up to whole pages)."""
+    page_size: int = 256
+    max_seqs: int = 1
+    """Sequences decoded together (batch rows)."""
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cpu"
+    layout: str = "stripe"
+    """How prefill chunks are split over ranks; stripe keeps counts equal to within a token."""
+    merge: str = "allgather"
+    """Cross-rank decode merge: one all-gather, or two all-reduces."""
+    decode_backend: str = "paged"
+    """"paged" reads the pages in place; a ring backend name ("torch", "sdpa") gathers them."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "q_heads", "kv_heads", "head_dim", "capacity", "page_size",
+                     "max_seqs"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"q_heads={self.q_heads} must be a multiple of "
+                             f"kv_heads={self.kv_heads}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        check_layout(self.layout)
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        if self.decode_backend != "paged":
+            get_backend(self.decode_backend, torch.device(self.device), self.dtype,
+                        self.head_dim)
+
+
+class ShardedKVCache:
+    """Per-layer paged K/V shards of up to `max_seqs` sequences across a process group."""
+
+    def __init__(self, config: CacheConfig, *, group: Group = None) -> None:
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+        self.config, self.group = config, group
+        self.rank, self.world = group_rank_world(group)
+        self.device = torch.device(config.device)
+        num_pages = -(-config.capacity // config.page_size)
+        self.stores = [PagedStore(num_pages=num_pages, page_size=config.page_size,
+                                  kv_heads=config.kv_heads, head_dim=config.head_dim,
+                                  max_seqs=config.max_seqs, dtype=config.dtype,
+                                  device=self.device) for _ in range(config.num_layers)]
+        # counts[layer][seq][rank]: tokens of seq held by each rank (same on every rank)
+        self.counts = [[[0] * self.world for _ in range(config.max_seqs)]
+                       for _ in range(config.num_layers)]
+        c = config
+        agree("ShardedKVCache", {
+            "layers, heads, dim": (c.num_layers, c.q_heads, c.kv_heads, c.head_dim),
+            "capacity, page, seqs": (c.capacity, c.page_size, c.max_seqs),
+            "dtype": (_DTYPES.index(c.dtype) if c.dtype in _DTYPES else -1,),
+            "layout, merge": (LAYOUTS.index(c.layout), MERGES.index(c.merge)),
+        }, None, group, self.world, self.device)
+
+    # ---------------------------------------------------------------- bookkeeping
+    def seq_len(self, seq: int = 0, layer: int = 0) -> int:
+        """Global number of cached tokens of `seq` in `layer`."""
+        return sum(self.counts[self._layer(layer)][self._seq(seq)])
+
+    def rank_counts(self, seq: int = 0, layer: int = 0) -> list[int]:
+        return list(self.counts[self._layer(layer)][self._seq(seq)])
+
+    def _pages_used(self, layer: int, rank: int, counts=None) -> int:
+        ps = self.config.page_size
+        return sum(-(-c[rank] // ps) for c in (counts or self.counts[layer]))
+
+    def _check_room(self, layer: int, seq: int, adds: list[int]) -> None:
+        """Raise (on every rank alike) if adding adds[r] tokens of `seq` overflows a rank."""
+        ps, total = self.config.page_size, self.stores[layer].num_pages
+        for r, n in enumerate(adds):
+            room = -self.counts[layer][seq][r] % ps
+            need = -(-max(0, n - room) // ps)
+            if self._pages_used(layer, r) + need > total:
+                raise ValueError(f"KV cache capacity exceeded: layer {layer}, sequence {seq} "
+                                 f"needs {need} more page(s) on rank {r}, which has "
+                                 f"{total - self._pages_used(layer, r)} of {total} free "
+                                 f"(capacity {self.config.capacity} tokens per rank)")
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return torch.float64 if self.config.dtype == torch.float64 else torch.float32
+
+    def _layer(self, layer: int) -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.config.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.config.num_layers}), "
+                             f"got {layer!r}")
+        return layer
+
+    def _seq(self, seq: int) -> int:
+        if not isinstance(seq, int) or not 0 <= seq < self.config.max_seqs:
+            raise ValueError(f"seq must be an int in [0, {self.config.max_seqs}), got {seq!r}")
+        return seq
+
+    def _check(self, name: str, x: Tensor, heads: int, length: int | None = None) -> None:
+        c = self.config
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != c.dtype:
+            raise ValueError(f"{name}.dtype is {x.dtype}, the cache holds {c.dtype}")
+        if x.device.type != self.device.type:
+            raise ValueError(f"{name} is on {x.device}, the cache is on {self.device}")
+        if x.dim() != 4 or x.shape[2] != heads or x.shape[3] != c.head_dim:
+            raise ValueError(f"{name} must be [B, S, {heads}, {c.head_dim}] for this cache, got "
+                             f"{tuple(x.shape)}")
+        if length is not None and x.shape[1] != length:
+            raise ValueError(f"{name}.shape[1] must be {length}, got {x.shape[1]}")
+
+    def _scale(self, softmax_scale: float | None) -> float:
+        return 1 / math.sqrt(self.config.head_dim) if softmax_scale is None else softmax_scale
+
+    # ---------------------------------------------------------------- prefill
+    def prefill_chunk(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *, seq: int = 0,
+                      n_valid: int | None = None, softmax_scale: float | None = None,
+                      backend: str = "auto") -> Tensor:
+        """Attend this rank's shard of the next prompt chunk, then cache its K/V.
+
+        q [1, C/P, Hq, D], k/v [1, C/P, Hkv, D]: this rank's part of a chunk of C tokens, split
+        by `config.layout` (use `shard_chunk`). The chunk follows the `seq_len` tokens already
+        cached. `n_valid`: real tokens in the chunk (the rest is padding at its end: not
+        cached, and no real token attends to it). Returns out [1, C/P, Hq, D].
+        """
+        c, layer, seq = self.config, self._layer(layer), self._seq(seq)
+        n_loc = q.shape[1] if isinstance(q, Tensor) and q.dim() == 4 else -1
+        self._check("q", q, c.q_heads)
+        self._check("k", k, c.kv_heads, n_loc)
+        self._check("v", v, c.kv_heads, n_loc)
+        if q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
+            raise ValueError(f"prefill takes one sequence at a time (batch 1), got q.shape "
+                             f"{tuple(q.shape)}")
+        chunk = n_loc * self.world
+        n_valid = chunk if n_valid is None else n_valid
+        if not isinstance(n_valid, int) or not 0 < n_valid <= chunk:
+            raise ValueError(f"n_valid must be an int in [1, {chunk}], got {n_valid!r}")
+        start = self.seq_len(seq, layer)
+        agree("prefill_chunk", {"layer, seq, start": (layer, seq, start),
+                                "q.shape": tuple(q.shape), "n_valid": (n_valid,)},
+              None, self.group, self.world, q.device)
+        scale = self._scale(softmax_scale)
+        impl = get_backend(backend, q.device, q.dtype, c.head_dim)
+        kept = [int((start + positions(c.layout, r, self.world, n_loc) < start + n_valid).sum())
+                for r in range(self.world)]
+        self._check_room(layer, seq, kept)  # before any work, identically on every rank
+        outs, lses = [], []
+        if start > 0:  # the cached prefix, spread over the ranks: the chunk's Q travels
+            kp, vp, _ = self.stores[layer].view(seq)
+            spec = RingSpec(c.layout, False, scale, impl, "q")
+            o, l = ring_forward(q, kp, vp, spec, RingComm(self.group, "fwd", None, q.device),
+                                kv_lens=tuple(self.counts[layer][seq]))
+            outs.append(o)
+            lses.append(l)
+        spec = RingSpec(c.layout, True, scale, impl, "kv")
+        o, l = ring_forward(q, k, v, spec, RingComm(self.group, "fwd", None, q.device))
+        outs.append(o)
+        lses.append(l)
+        out, _ = merge_partials(outs, lses) if len(outs) > 1 else (outs[0], lses[0])
+        # cache the real tokens of my part; every rank counts every rank's
+        pos = start + positions(c.layout, self.rank, self.world, n_loc)
+        keep = pos < start + n_valid
+        idx = keep.nonzero().flatten().to(k.device)
+        self.stores[layer].append(seq, k[0, idx], v[0, idx], pos[keep].to(k.device))
+        for r in range(self.world):
+            self.counts[layer][seq][r] += kept[r]
+        return out.to(q.dtype)
+
+    def shard_chunk(self, x: Tensor, dim: int = 1) -> Tensor:
+        """This rank's part of a full chunk tensor, split as `prefill_chunk` expects."""
+        n = x.shape[dim]
+        if n % self.world:
+            raise ValueError(f"chunk length {n} must be a multiple of the world size "
+                             f"{self.world} (pad it and pass n_valid)")
+        idx = positions(self.config.layout, self.rank, self.world, n // self.world)
+        return x.index_select(dim, idx.to(x.device))
+
+    # ---------------------------------------------------------------- decode
+    def decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *,
+               softmax_scale: float | None = None) -> Tensor:
+        """One decode step for every sequence: q [B, 1, Hq, D], k/v [B, 1, Hkv, D], the same
+        on every rank (B = max_seqs). Returns out [B, 1, Hq, D]: exact attention of each new
+        query over its sequence's cached tokens plus the new token, which is then cached on
+        the least-loaded rank.
+
+        Errors (bad input, full cache, ranks disagreeing on the step) are raised on every
+        rank after the one collective of the step, so no rank is left waiting in it.
+        """
+        c, b, acc = self.config, self.config.max_seqs, self.acc_dtype
+        try:
+            layer = self._layer(layer)
+            self._check("q", q, c.q_heads, 1)
+            self._check("k", k, c.kv_heads, 1)
+            self._check("v", v, c.kv_heads, 1)
+            if q.shape[0] != b or k.shape[0] != b or v.shape[0] != b:
+                raise ValueError(f"decode takes all {b} sequences (batch {b}), got q.shape "
+                                 f"{tuple(q.shape)}, k.shape {tuple(k.shape)}")
+            error = None
+        except (TypeError, ValueError) as e:
+            error = e
+        dev = q.device if error is None else self.device
+        outs = torch.zeros(b, c.q_heads, c.head_dim, dtype=acc, device=dev)
+        lses = torch.full((b, c.q_heads), float("-inf"), dtype=acc, device=dev)
+        owners, full = [], None
+        if error is None:
+            scale = self._scale(softmax_scale)
+            store, counts = self.stores[layer], self.counts[layer]
+            after = [list(x) for x in counts]
+            for s in range(b):  # placement and capacity, decided identically on every rank
+                owner = min(range(self.world), key=lambda r: (after[s][r], r))
+                after[s][owner] += 1
+                owners.append(owner)
+                if full is None and self._pages_used(layer, owner, after) > store.num_pages:
+                    full = (f"KV cache capacity exceeded: layer {layer}, sequence {s} needs a "
+                            f"new page on rank {owner}, which has all {store.num_pages} pages "
+                            f"in use (capacity {c.capacity} tokens per rank)")
+            for s in range(b):
+                outs[s], lses[s] = self._partial(layer, s, q[s, 0], scale)
+            lengths = [sum(x) for x in counts]
+        else:
+            lengths = [-1] * b
+        meta = torch.tensor([layer if error is None else -1, *lengths, full is not None,
+                             error is not None], dtype=torch.float64, device=dev)
+        out, lse, seen = merge_across_ranks(outs, lses, meta, self.group, self.world, c.merge)
+        rows = seen.tolist()
+        if any(r[-1] for r in rows):
+            if error is not None:
+                raise error
+            bad = [i for i, r in enumerate(rows) if r[-1]]
+            raise ValueError(f"decode: rank(s) {bad} rejected their inputs (see the error "
+                             f"raised there); every rank stops")
+        if not torch.equal(seen.min(0).values, seen.max(0).values):
+            raise ValueError(f"ranks disagree on the decode step (layer, each sequence's "
+                             f"cached length, per rank): {[r[:-2] for r in rows]}")
+        if full is not None:
+            raise ValueError(full)
+        # the new token's own term, identical on every rank, then the exact merge
+        qs = q[:, 0].to(acc) * scale
+        groups = c.q_heads // c.kv_heads
+        kn = k[:, 0].to(acc).repeat_interleave(groups, 1)
+        vn = v[:, 0].to(acc).repeat_interleave(groups, 1)
+        l_new = (qs * kn).sum(-1)  # [B, Hq]
+        out, _ = merge_partials([out.unsqueeze(0), vn.unsqueeze(0)],
+                                [lse.t().unsqueeze(0), l_new.t().unsqueeze(0)])
+        for s, owner in enumerate(owners):
+            if owner == self.rank:
+                store.append(s, k[s], v[s], torch.tensor([sum(counts[s])], device=k.device))
+            counts[s][owner] += 1
+        return out[0].unsqueeze(1).to(q.dtype)
+
+    def _partial(self, layer: int, seq: int, q: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        store = self.stores[layer]
+        if self.config.decode_backend == "paged":
+            return paged_partial(q, store.k, store.v, store.runs(seq), scale)
+        kk, vv, _ = store.view(seq)
+        acc = self.acc_dtype
+        if kk.shape[1] == 0:
+            return (torch.zeros(q.shape, dtype=acc, device=q.device),
+                    torch.full(q.shape[:1], float("-inf"), dtype=acc, device=q.device))
+        impl = get_backend(self.config.decode_backend, q.device, q.dtype, q.shape[-1])
+        o, l = impl.fwd(q[None, None], kk, vv, scale, False)
+        return o[0, 0].to(acc), l[0, :, 0].to(acc)
+
+    # ---------------------------------------------------------------- low level
+    def extend_local(self, layer: int, seq: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Append tokens to *this rank's* shard only (k, v [n, Hkv, D], pos [n]); every rank
+        must then call `sync()` so all ranks see the new counts."""
+        layer, seq = self._layer(layer), self._seq(seq)
+        self.stores[layer].append(seq, k, v, pos)
+
+    def sync(self) -> None:
+        """Refresh every rank's table of per-rank token counts (collective)."""
+        mine = torch.tensor([s.lens for s in self.stores], dtype=torch.int64).flatten()
+        if self.world == 1:
+            rows = mine.unsqueeze(0)
+        else:
+            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+            rows = gather_rows(mine.to(dev), self.group, self.world).cpu()
+        table = rows.reshape(self.world, self.config.num_layers, self.config.max_seqs)
+        self.counts = [[[int(table[r, lay, s]) for r in range(self.world)]
+                        for s in range(self.config.max_seqs)]
+                       for lay in range(self.config.num_layers)]
+
+    def reset(self, seq: int) -> None:
+        seq = self._seq(seq)
+        for layer, store in enumerate(self.stores):
+            store.reset(seq)
+            self.counts[layer][seq] = [0] * self.world
+
+    def memory_bytes(self) -> int:
+        """Bytes this rank's cache pools take (K, V and metadata)."""
+        return sum(t.numel() * t.element_size() for s in self.stores
+                   for t in (s.k, s.v, s.pos, s.score))
+
+
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

@@ -28,13 +28,21 @@ def paged_partial(q: Tensor, k: Tensor, v: Tensor, runs: list[tuple[int, int]], 
     acc = torch.zeros(hkv, hq // hkv, d, dtype=ad, device=q.device)
     for lo, hi in runs:
         for c in range(lo, hi, chunk):
-            kc, vc = k[:, c:min(hi, c + chunk)], v[:, c:min(hi, c + chunk)]
-            s = torch.matmul(qg, kc.transpose(-1, -2)).to(ad)  # [Hkv, G, n]
+            n = min(hi, c + chunk) - c
+            # one 2-D matmul per head: each head's token range is contiguous, while a batched
+            # matmul over the strided head dim copies its operands (measured 4x slower)
+            s = torch.empty(hkv, hq // hkv, n, dtype=k.dtype, device=q.device)
+            for h in range(hkv):
+                torch.matmul(qg[h], k[h, c:c + n].T, out=s[h])
+            s = s.to(ad)  # [Hkv, G, n]
             m_new = torch.maximum(m, s.amax(-1))
             alpha = torch.exp(m - m_new)  # m = -inf at first: exp(-inf) = 0
-            p = torch.exp(s - m_new.unsqueeze(-1))
-            l = l * alpha + p.sum(-1)
-            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p.to(v.dtype), vc).to(ad)
+            p = torch.exp(s - m_new.unsqueeze(-1)).to(v.dtype)
+            l = l * alpha + p.to(ad).sum(-1)
+            pv = torch.empty(hkv, hq // hkv, d, dtype=v.dtype, device=q.device)
+            for h in range(hkv):
+                torch.matmul(p[h], v[h, c:c + n], out=pv[h])
+            acc = acc * alpha.unsqueeze(-1) + pv.to(ad)
             m = m_new
     seen = l > 0
     out = torch.where(seen.unsqueeze(-1), acc / l.clamp_min(1e-30).unsqueeze(-1), acc)

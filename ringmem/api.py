@@ -30,8 +30,11 @@ def _shape(x: object) -> tuple[int, ...]:
 
 
 def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, interconnect,
-              grad):
+              grad, stats):
     """Local checks; returns (spec, error). Errors name the argument and the value."""
+    if stats is not None and not isinstance(stats, CommStats):
+        return None, TypeError(f"stats must be a ringmem.CommStats or None, "
+                               f"got {type(stats).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             return None, TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -60,6 +63,8 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                              f"{tuple(v.shape)}")
         (bq, sq, hq, dq), (bk, sk, hkv, dk) = q.shape, k.shape
+        if sq == 0:
+            raise ValueError(f"q has no tokens (q.shape {tuple(q.shape)})")
         if (bq, dq) != (bk, dk) or (causal and sq != sk):
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, "
                              f"head dim and (when causal) local sequence length "
@@ -98,6 +103,7 @@ class _RingAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the ring backward is not itself traced
     def backward(ctx, dout: Tensor, _dlse: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.spec,
@@ -144,7 +150,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in (q, k, v))
     spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world,
-                            interconnect, grad)
+                            interconnect, grad, stats)
     if world > 1:
         fields = {
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),
@@ -165,8 +171,6 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         agree("ring_attention", fields, error, group, world, dev, labels)
     elif error is not None:
         raise error
-    if stats is not None and not isinstance(stats, CommStats):
-        raise TypeError(f"stats must be a ringmem.CommStats or None, got {type(stats).__name__}")
     out, lse = _RingAttention.apply(q, k, v, spec, group, stats)
     return (out, lse) if return_lse else out
 
@@ -197,14 +201,22 @@ def unshard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigz
     """The full tensor, on every rank, from each rank's shard `x` along `dim` (inverse of
     `shard`). Shards must have the same shape and dtype on every rank. Not differentiable.
     """
-    dim = _check_dim(x, dim)
-    check_layout(layout)
     rank, world = group_rank_world(group)
-    err = local_len_error(layout, x.shape[dim], world)
-    error = ValueError(f"x.shape[{dim}]={x.shape[dim]}: {err}") if err else None
-    agree("unshard", {"x.shape": tuple(x.shape), "dtype": (_dtype_code(x),),
-                      "dim": (dim,), "layout": (LAYOUTS.index(layout),)},
-          error, group, world, x.device, {"dtype": _DTYPE_NAMES, "layout": LAYOUTS})
+    error = None
+    try:  # collected, not raised: a bad call on one rank must not strand the others
+        dim = _check_dim(x, dim)
+        check_layout(layout)
+        err = local_len_error(layout, x.shape[dim], world)
+        if err:
+            raise ValueError(f"x.shape[{dim}]={x.shape[dim]}: {err}")
+    except (TypeError, ValueError) as e:
+        error = e
+    ok = error is None
+    agree("unshard", {"x.shape": tuple(x.shape) if ok else (-1,),
+                      "dtype": (_dtype_code(x),), "dim": (dim if ok else -1,),
+                      "layout": (LAYOUTS.index(layout) if ok else -1,)},
+          error, group, world, x.device if isinstance(x, Tensor) else torch.device("cpu"),
+          {"dtype": _DTYPE_NAMES, "layout": LAYOUTS})
     if world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world)]

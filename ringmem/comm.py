@@ -41,11 +41,23 @@ def gather_rows(x: Tensor, group: Group, world: int) -> Tensor:
     return out.reshape(world, -1)
 
 
+RET_TAG = 1  # returns use their own tag when they share the ring's group
+
+
 def _return_group(group: dist.ProcessGroup, device: torch.device) -> dist.ProcessGroup:
-    """A second group over the same ranks (created once, by its members only)."""
+    """The group that carries returns: a second group over every rank for the default
+    group (created once, by all ranks: they are all in this call), else `group` itself.
+
+    A second group for a sub-group would have to be created by every process in the world
+    (torch names groups from a per-process counter, so local creation can disagree and
+    hang); there the returns share the ring's group under their own tag, which is exact on
+    gloo and NCCL alike and only gives up NCCL's concurrency of the two directions.
+    """
+    if group is not dist.group.WORLD:
+        return group
     rg = _RETURN_GROUPS.get(group)
     if rg is None:
-        rg = dist.new_group(dist.get_process_group_ranks(group), use_local_synchronization=True)
+        rg = dist.new_group(dist.get_process_group_ranks(group))
         # NCCL needs every rank in a communicator's first operation; a return exchange may
         # be empty on some ranks, so open it with a collective all members take part in
         dist.all_reduce(torch.zeros(1, device=device), group=rg)
@@ -105,9 +117,9 @@ class RingComm:
         return dist.get_global_rank(self._g, (self.rank + offset) % self.world)
 
     def _post(self, step: int, channel: str, group: dist.ProcessGroup, send: list[Tensor],
-              to: int, recv: list[Tensor], frm: int) -> list[dist.Work]:
-        ops = [dist.P2POp(dist.isend, t, self._peer(to), group) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, self._peer(frm), group) for t in recv]
+              to: int, recv: list[Tensor], frm: int, tag: int = 0) -> list[dist.Work]:
+        ops = [dist.P2POp(dist.isend, t, self._peer(to), group, tag) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self._peer(frm), group, tag) for t in recv]
         if self.stats is not None:
             self.stats.records.append({"phase": self.phase, "step": step, "channel": channel,
                                        "sent": _nbytes(send), "recv": _nbytes(recv)})
@@ -116,11 +128,16 @@ class RingComm:
     def move(self, step: int, send: list[Tensor], recv: list[Tensor]) -> list[dist.Work]:
         return self._post(step, "move", self._g, send, -1, recv, +1)
 
+    def prepare_returns(self) -> None:
+        """Set up the return channel before the loop (it may create a group: collective)."""
+        if self._ret_g is None and self.world > 1:
+            self._ret_g = _return_group(self._g, self.device)
+
     def ret(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
             frm: int) -> list[dist.Work]:
-        if self._ret_g is None:
-            self._ret_g = _return_group(self._g, self.device)
-        return self._post(step, "ret", self._ret_g, send, to, recv, frm)
+        self.prepare_returns()
+        tag = RET_TAG if self._ret_g is self._g else 0
+        return self._post(step, "ret", self._ret_g, send, to, recv, frm, tag)
 
     @staticmethod
     def wait(works: list[dist.Work] | None) -> None:

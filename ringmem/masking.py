@@ -64,6 +64,8 @@ def staircase_pieces(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[Piece, .
 def block_pieces(layout: str, world: int, q_rank: int, q_len: int, kv_rank: int,
                  kv_len: int, causal: bool) -> tuple[Piece, ...]:
     """Pieces for the query block of `q_rank` against the key block of `kv_rank`."""
+    if q_len == 0 or kv_len == 0:  # e.g. a rank that holds no cached prefix yet
+        return ()
     if not causal:
         return (Piece(slice(0, q_len), slice(0, kv_len), False),)
     return staircase_pieces(positions(layout, q_rank, world, q_len),

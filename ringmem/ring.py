@@ -107,6 +107,8 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
     accs = {s: _Acc(kinds[s], templates[s], lengths[s], dtype, device)
             for s in kinds if kinds[s]}
     returns = kinds[mv] is not None and world > 1
+    if returns:
+        comm.prepare_returns()  # before any traffic: it may create a group
     held_ts, held_lo = [t for t, _ in sides[mv]], 0
     pending = None  # (works, buffers kept alive, received span) of the last return
 

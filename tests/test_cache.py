@@ -187,3 +187,46 @@ def test_config_errors() -> None:
         _cfg(layout="ring")
     with pytest.raises(TypeError, match="config must be a CacheConfig"):
         ShardedKVCache({"num_layers": 1})
+
+
+def _short_first_chunk(rank: int, world: int) -> None:
+    # a first chunk of one real token leaves the other ranks with no cached prefix; the
+    # next chunk's prefix pass must skip them (not crash the CPU flash op) and stay exact
+    cache = ShardedKVCache(_cfg(num_layers=1, max_seqs=1))
+    g = torch.Generator().manual_seed(8)
+    n = 1 + 2 * world
+    q = torch.randn(1, n, HQ, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, n, HKV, D, generator=g, dtype=torch.float64) for _ in range(2))
+    fails = _prefill(cache, 0, 0, q, k, v, chunk=1) if world == 1 else []
+    if world > 1:
+        fails += _prefill_pieces(cache, q, k, v, [1, n - 1])
+    assert not fails, fails
+    # a bad input on one rank only: every rank raises, none waits in the collective
+    bad = q[:, :world].float() if rank == 0 else q[:, :world]
+    want = "q.dtype is torch.float32" if rank == 0 else "rank\\(s\\) \\[0\\] rejected"
+    with pytest.raises(ValueError, match=want):
+        cache.prefill_chunk(0, cache.shard_chunk(bad), cache.shard_chunk(k[:, :world]),
+                            cache.shard_chunk(v[:, :world]))
+
+
+def _prefill_pieces(cache, q, k, v, sizes: list[int]) -> list[str]:
+    """Prefill chunks of the given real sizes (padded to the world size); check outputs."""
+    world, rank = cache.world, cache.rank
+    ref, _ = reference_attention(q, k, v, causal=True)
+    fails, c0 = [], 0
+    for n in sizes:
+        padded = -(-n // world) * world
+        parts = [cache.shard_chunk(torch.cat([t[:, c0:c0 + n], torch.zeros(
+            1, padded - n, *t.shape[2:], dtype=t.dtype)], 1)) for t in (q, k, v)]
+        out = cache.prefill_chunk(0, *parts, n_valid=n)
+        pos = c0 + positions(cache.config.layout, rank, world, padded // world)
+        keep = pos < c0 + n
+        if keep.any() and (out[0, keep] - ref[0, pos[keep]]).abs().max() > 1e-12:
+            fails.append(f"chunk@{c0} rank {rank}")
+        c0 += n
+    return fails
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_prefill_after_a_prefix_some_ranks_lack(world: int) -> None:
+    spawn(_short_first_chunk, world, timeout=60)

@@ -137,22 +137,40 @@ def test_decode_shaped_calls_are_exact() -> None:
 
 
 def _subgroups(rank: int, world: int) -> None:
-    # two independent sequence-parallel groups: the q schedule's return group is created
-    # by each group's members alone (no hang), and results stay exact
+    # a data-parallel x sequence-parallel layout: two SP groups and a DP group, all created
+    # by every rank. Returns (q forward, every backward) must not need a group of their own
+    # that only some ranks create (torch's group names would disagree: a hang).
     groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dist.new_group([0, 2])
+    dist.new_group([1, 3])
     mine = groups[rank // 2]
     g = torch.Generator().manual_seed(100 + rank // 2)
     q, k, v = (torch.randn(1, 12, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    ref, _ = reference_attention(q, k, v, causal=True)
-    for _ in range(2):  # second call reuses the cached return group
-        out = ringmem.ring_attention(*(ringmem.shard(t, group=mine) for t in (q, k, v)),
-                                     group=mine, schedule="q")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref, _ = reference_attention(*leaves, causal=True)
+    ref.sum().backward()
+    for schedule in ("q", "kv", "q"):  # the second q call reuses whatever the first set up
+        ql, kl, vl = (ringmem.shard(t, group=mine).requires_grad_() for t in (q, k, v))
+        out = ringmem.ring_attention(ql, kl, vl, group=mine, schedule=schedule)
+        out.sum().backward()
         full = ringmem.unshard(out.detach(), group=mine)
-        assert (full - ref).abs().max() < 1e-12
+        assert (full - ref).abs().max() < 1e-12, schedule
+        for got, want in zip((ql, kl, vl), leaves):
+            grad = ringmem.unshard(got.grad, group=mine)
+            assert (grad - want.grad).abs().max() < 1e-12, schedule
 
 
-def test_q_schedule_on_subgroups() -> None:
-    spawn(_subgroups, 4)
+def test_both_schedules_on_subgroups_beside_a_dp_group() -> None:
+    spawn(_subgroups, 4, timeout=120)
+
+
+def test_empty_key_block_is_skipped() -> None:
+    # a rank with no keys at all (non-causal): no backend call (the CPU flash op crashes on
+    # empty keys), the partial stays empty, the result comes from the other keys
+    q = torch.randn(1, 4, 2, 8, dtype=torch.float64)
+    e = torch.randn(1, 0, 2, 8, dtype=torch.float64)
+    out, lse = ringmem.ring_attention(q, e, e, causal=False, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
 def _auto_agrees(rank: int, world: int) -> None:

@@ -17,6 +17,10 @@ def _t(x: Tensor) -> Tensor:
     return x.transpose(1, 2)  # [B, S, H, D] <-> [B, H, S, D], a view
 
 
+def _unit_last(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()  # the CUDA kernels need stride(-1) == 1
+
+
 def _expand_kv(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
@@ -25,7 +29,7 @@ def _reduce_kv(dx: Tensor, groups: int) -> Tensor:
     if groups == 1:
         return dx
     b, s, h, d = dx.shape
-    return dx.reshape(b, s, h // groups, groups, d).sum(3)
+    return dx.reshape(b, s, h // groups, groups, d).sum(3, dtype=torch.float32)
 
 
 class SdpaBackend:
@@ -49,6 +53,7 @@ class SdpaBackend:
                 _t(q), _t(k), _t(v), 0.0, causal, scale=scale)
             return _t(out), lse
         g = q.shape[2] // k.shape[2]
+        q, k, v = (_unit_last(x) for x in (q, k, v))
         res = _aten._scaled_dot_product_flash_attention(
             _t(q), _t(_expand_kv(k, g)), _t(_expand_kv(v, g)), 0.0, causal, False, scale=scale)
         return _t(res[0]), res[1][..., : q.shape[1]]
@@ -62,6 +67,7 @@ class SdpaBackend:
             return _t(dq), _t(dk), _t(dv)
         g = q.shape[2] // k.shape[2]
         sq, sk = q.shape[1], k.shape[1]
+        dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))
         # dense (non-varlen) call without dropout: cum_seq and philox tensors are unused
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
             _t(dout), _t(q), _t(_expand_kv(k, g)), _t(_expand_kv(v, g)), _t(out), lse,

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..agree import agree
-from ..backends import get_backend
+from ..agree import agree, float_bits
+from ..backends import BACKENDS, get_backend
 from ..comm import Group, RingComm, gather_rows, group_rank_world
 from ..layouts import LAYOUTS, check_layout, positions
 from ..merge import merge_partials
@@ -148,7 +148,13 @@ class ShardedKVCache:
             raise ValueError(f"{name}.shape[1] must be {length}, got {x.shape[1]}")
 
     def _scale(self, softmax_scale: float | None) -> float:
-        return 1 / math.sqrt(self.config.head_dim) if softmax_scale is None else softmax_scale
+        if softmax_scale is None:
+            return 1 / math.sqrt(self.config.head_dim)
+        if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+            raise ValueError(f"softmax_scale must be a positive finite number, got "
+                             f"{softmax_scale!r}")
+        return float(softmax_scale)
 
     # ---------------------------------------------------------------- prefill
     def prefill_chunk(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *, seq: int = 0,
@@ -161,24 +167,31 @@ class ShardedKVCache:
         cached. `n_valid`: real tokens in the chunk (the rest is padding at its end: not
         cached, and no real token attends to it). Returns out [1, C/P, Hq, D].
         """
-        c, layer, seq = self.config, self._layer(layer), self._seq(seq)
+        c, error = self.config, None
         n_loc = q.shape[1] if isinstance(q, Tensor) and q.dim() == 4 else -1
-        self._check("q", q, c.q_heads)
-        self._check("k", k, c.kv_heads, n_loc)
-        self._check("v", v, c.kv_heads, n_loc)
-        if q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
-            raise ValueError(f"prefill takes one sequence at a time (batch 1), got q.shape "
-                             f"{tuple(q.shape)}")
-        chunk = n_loc * self.world
-        n_valid = chunk if n_valid is None else n_valid
-        if not isinstance(n_valid, int) or not 0 < n_valid <= chunk:
-            raise ValueError(f"n_valid must be an int in [1, {chunk}], got {n_valid!r}")
-        start = self.seq_len(seq, layer)
+        try:  # collected, then raised on every rank together by `agree`
+            layer, seq = self._layer(layer), self._seq(seq)
+            self._check("q", q, c.q_heads)
+            self._check("k", k, c.kv_heads, n_loc)
+            self._check("v", v, c.kv_heads, n_loc)
+            if q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
+                raise ValueError(f"prefill takes one sequence at a time (batch 1), got "
+                                 f"q.shape {tuple(q.shape)}")
+            chunk = n_loc * self.world
+            n_valid = chunk if n_valid is None else n_valid
+            if not isinstance(n_valid, int) or not 0 < n_valid <= chunk:
+                raise ValueError(f"n_valid must be an int in [1, {chunk}], got {n_valid!r}")
+            scale = self._scale(softmax_scale)
+            impl = get_backend(backend, q.device, q.dtype, c.head_dim)
+            start = self.seq_len(seq, layer)
+        except (TypeError, ValueError) as e:
+            error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
         agree("prefill_chunk", {"layer, seq, start": (layer, seq, start),
-                                "q.shape": tuple(q.shape), "n_valid": (n_valid,)},
-              None, self.group, self.world, q.device)
-        scale = self._scale(softmax_scale)
-        impl = get_backend(backend, q.device, q.dtype, c.head_dim)
+                                "q.shape": tuple(q.shape) if error is None else (-1,),
+                                "n_valid": (n_valid,), "softmax_scale": (float_bits(scale),),
+                                "backend": (BACKENDS.index(backend) if backend in BACKENDS
+                                            else -1,)},
+              error, self.group, self.world, self.device)
         kept = [int((start + positions(c.layout, r, self.world, n_loc) < start + n_valid).sum())
                 for r in range(self.world)]
         self._check_room(layer, seq, kept)  # before any work, identically on every rank
@@ -233,6 +246,7 @@ class ShardedKVCache:
             if q.shape[0] != b or k.shape[0] != b or v.shape[0] != b:
                 raise ValueError(f"decode takes all {b} sequences (batch {b}), got q.shape "
                                  f"{tuple(q.shape)}, k.shape {tuple(k.shape)}")
+            scale = self._scale(softmax_scale)
             error = None
         except (TypeError, ValueError) as e:
             error = e
@@ -241,7 +255,6 @@ class ShardedKVCache:
         lses = torch.full((b, c.q_heads), float("-inf"), dtype=acc, device=dev)
         owners, full = [], None
         if error is None:
-            scale = self._scale(softmax_scale)
             store, counts = self.stores[layer], self.counts[layer]
             after = [list(x) for x in counts]
             for s in range(b):  # placement and capacity, decided identically on every rank

@@ -4,12 +4,16 @@ from __future__ import annotations
 import torch
 
 from .base import Backend
+from .flash_attn_backend import FlashAttnBackend
 from .sdpa import SdpaBackend
 from .torch_ref import TorchBackend
+from .triton_backend import TritonBackend
 
-_REGISTRY: dict[str, Backend] = {"sdpa": SdpaBackend(), "torch": TorchBackend()}
-# "auto" takes the first that supports the inputs; fused ops before the reference
-_AUTO_ORDER = ("sdpa", "torch")
+_REGISTRY: dict[str, Backend] = {"sdpa": SdpaBackend(), "torch": TorchBackend(),
+                                 "triton": TritonBackend(), "flash_attn": FlashAttnBackend()}
+# "auto" takes the first that supports the inputs: fused GPU kernels first; on CPU the
+# fused op before the reference (the Triton interpreter is for tests, never chosen)
+_AUTO_ORDER = {"cuda": ("flash_attn", "triton", "sdpa", "torch"), "cpu": ("sdpa", "torch")}
 BACKENDS = ("auto",) + tuple(_REGISTRY)
 
 
@@ -23,7 +27,7 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
     """The backend `name` (or the fastest available for `"auto"`), checked against the inputs."""
     check_backend_name(name)
     if name == "auto":
-        for cand in _AUTO_ORDER:
+        for cand in _AUTO_ORDER.get(device.type, ("torch",)):
             if _REGISTRY[cand].unsupported(device, dtype, head_dim) is None:
                 return _REGISTRY[cand]
         raise ValueError(f"no backend supports device={device}, dtype={dtype}, "

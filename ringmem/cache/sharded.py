@@ -309,7 +309,9 @@ class ShardedKVCache:
             return (torch.zeros(q.shape, dtype=acc, device=q.device),
                     torch.full(q.shape[:1], float("-inf"), dtype=acc, device=q.device))
         impl = get_backend(self.config.decode_backend, q.device, q.dtype, q.shape[-1])
-        o, l = impl.fwd(q[None, None], kk, vv, scale, False)
+        decode = getattr(impl, "decode", None)  # a split-KV kernel when the backend has one
+        o, l = (decode(q[None, None], kk, vv, scale) if decode is not None
+                else impl.fwd(q[None, None], kk, vv, scale, False))
         return o[0, 0].to(acc), l[0, :, 0].to(acc)
 
     # ---------------------------------------------------------------- low level

@@ -1,0 +1,62 @@
+"""Fused log-sum-exp merge of partial attention results (Triton).
+
+`merge_partials(outs, lses)` combines N partials stacked on a leading dim in one pass:
+out = sum_i exp(lse_i - lse) out_i, lse = log sum_i exp(lse_i); partials with lse = -inf
+(no keys seen) contribute nothing, and a row no partial saw stays out = 0, lse = -inf.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _merge_kernel(OUTS, LSES, O, L, N, R, D, s_on, s_or, s_ln, s_o, BLOCK_R: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = rows < R
+    ok = r_ok[:, None] & (offs_d < D)[None, :]
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    for i in range(0, N):
+        m = tl.maximum(m, tl.load(LSES + i * s_ln + rows, mask=r_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    tot = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for i in range(0, N):
+        w = tl.exp(tl.load(LSES + i * s_ln + rows, mask=r_ok, other=float("-inf")) - m_safe)
+        o = tl.load(OUTS + i * s_on + rows[:, None] * s_or + offs_d[None, :], mask=ok,
+                    other=0.0).to(tl.float32)
+        tot += w
+        acc += w[:, None] * o
+    seen = tot > 0
+    tl.store(O + rows[:, None] * s_o + offs_d[None, :],
+             acc / tl.where(seen, tot, 1.0)[:, None], mask=ok)
+    tl.store(L + rows, tl.where(seen, m_safe + tl.log(tl.where(seen, tot, 1.0)),
+                                float("-inf")), mask=r_ok)
+
+
+def merge_rows(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """outs [N, R, D], lses [N, R] (fp32 or half) -> out [R, D] fp32, lse [R] fp32."""
+    n, r, d = outs.shape
+    outs = outs.contiguous()
+    lses = lses.float().contiguous()
+    out = torch.empty(r, d, dtype=torch.float32, device=outs.device)
+    lse = torch.empty(r, dtype=torch.float32, device=outs.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = 32
+    _merge_kernel[(triton.cdiv(r, block_r),)](outs, lses, out, lse, n, r, d,
+                                              outs.stride(0), outs.stride(1), lses.stride(0),
+                                              out.stride(0), BLOCK_R=block_r, BLOCK_D=block_d)
+    return out, lse
+
+
+def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """outs [N, B, S, H, D], lses [N, B, H, S] -> (out [B, S, H, D] fp32, lse [B, H, S] fp32)."""
+    n, b, s, h, d = outs.shape
+    rows_o = outs.reshape(n, b * s * h, d)
+    rows_l = lses.transpose(2, 3).reshape(n, b * s * h)  # (b, s, h) row order, like outs
+    out, lse = merge_rows(rows_o, rows_l)
+    return out.reshape(b, s, h, d), lse.reshape(b, s, h).transpose(1, 2)

@@ -1,0 +1,47 @@
+"""Block backend on ringmem's own Triton kernels (`ringmem.kernels`), imported lazily.
+
+On CUDA the kernels compile; on CPU they run only under TRITON_INTERPRET=1 (tests), where
+bfloat16 is computed wrongly by the interpreter and is therefore refused.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+
+class TritonBackend:
+    name = "triton"
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'ringmem[triton]')"
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the Triton kernels take float32/float16/bfloat16, got {dtype}"
+        if head_dim > 256:
+            return f"head_dim must be <= 256, got {head_dim}"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            if dtype == torch.bfloat16:
+                return "bfloat16 is computed wrongly by the Triton interpreter"
+            return None
+        return (f"Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU), got device "
+                f"{device.type!r}")
+
+    def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
+            causal: bool) -> tuple[Tensor, Tensor]:
+        from ..kernels.attention import attention_fwd
+        return attention_fwd(q, k, v, scale, causal)
+
+    def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+            scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+        from ..kernels.attention import attention_bwd
+        return attention_bwd(dout, q, k, v, out, lse, scale, causal)
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """Split-KV partial for a few queries against a long K/V (non-causal)."""
+        from ..kernels.decode import decode_partial
+        return decode_partial(q, k, v, scale)

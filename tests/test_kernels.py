@@ -1,0 +1,138 @@
+"""Triton kernels (forward, backward, split-KV decode, fused merge) against float64.
+
+On CPU they run under TRITON_INTERPRET=1 (set in conftest) at small sizes, in fp32 and fp16
+(the interpreter computes bf16 wrongly). Tolerances come from a same-dtype baseline.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from ringmem.kernels.attention import attention_bwd, attention_fwd  # noqa: E402
+from ringmem.kernels.decode import decode_partial  # noqa: E402
+from ringmem.kernels.merge import merge_partials  # noqa: E402
+from ringmem.merge import merge_partials as merge_reference  # noqa: E402
+from ringmem.testing import spawn  # noqa: E402
+
+from _tolerance import check_close  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+# (B, Sq, Sk, Hq, Hkv, D, causal, q_offset, k_offset): every mask relation, odd lengths
+CASES = {
+    "full": (2, 37, 45, 4, 2, 40, False, 0, 0),
+    "diagonal": (1, 33, 33, 4, 4, 32, True, 0, 0),
+    "shifted below": (2, 20, 50, 6, 2, 24, True, 30, 0),
+    "shifted above": (1, 19, 23, 3, 1, 16, True, 0, 5),
+    "empty": (1, 16, 16, 2, 2, 16, True, 0, 20),
+    "mqa odd": (1, 70, 65, 4, 1, 16, True, 0, 0),
+}
+
+
+def masked_attention(q, k, v, scale, causal, q_off, k_off):
+    """Plain PyTorch attention with the position-offset mask, in q's dtype."""
+    g = q.shape[2] // k.shape[2]
+    kx, vx = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kx) * scale
+    if causal:
+        keep = ((k_off + torch.arange(k.shape[1]))[None, :]
+                <= (q_off + torch.arange(q.shape[1]))[:, None])
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s.float(), -1)
+    p = torch.exp(s.float() - torch.where(torch.isneginf(lse), 0, lse)[..., None]).to(q.dtype)
+    return torch.einsum("bhij,bjhd->bihd", p, vx), lse
+
+
+def _grads(fn, q, k, v, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), lse.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward(case: str, dtype: torch.dtype) -> None:
+    b, sq, sk, hq, hkv, d, causal, qo, ko = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, sq, hq, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, sk, hkv, d, generator=g).to(dtype) for _ in range(2))
+    dout = torch.randn(b, sq, hq, d, generator=g).to(dtype)
+    fn = lambda *t: masked_attention(*t, 0.3, causal, qo, ko)
+    ref = _grads(fn, q.double(), k.double(), v.double(), dout.double())
+    base = _grads(fn, q, k, v, dout)
+    out, lse = attention_fwd(q, k, v, 0.3, causal, qo, ko)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref[1])), "empty rows differ"
+    fin = ~torch.isneginf(ref[1])
+    grads = attention_bwd(dout, q, k, v, out, lse, 0.3, causal, qo, ko)
+    fails = [check_close("out", out, ref[0], base[0], dtype)]
+    if fin.any():
+        fails.append(check_close("lse", lse[fin], ref[1][fin], base[1][fin], dtype))
+    # fp32 gradients: the flash backward rounds differently from autograd (see test_ring)
+    factor = 4.0 if dtype == torch.float32 else 2.0
+    fails += [check_close(n, gr, r, bs, dtype, factor)
+              for n, gr, r, bs in zip(("dq", "dk", "dv"), grads, ref[2], base[2])]
+    fails = [f for f in fails if f]
+    assert not fails, "\n".join(fails)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 300, 8, 2, 64, 4), (1, 3, 257, 4, 1, 40, 3),
+                                   (1, 1, 1000, 4, 4, 16, None), (1, 2, 10, 2, 2, 16, 8)])
+def test_decode_partial(shape) -> None:
+    b, sq, sk, hq, hkv, d, splits = shape
+    q = torch.randn(b, sq, hq, d)
+    k, v = torch.randn(b, sk, hkv, d), torch.randn(b, sk, hkv, d)
+    out, lse = decode_partial(q, k, v, 0.2, splits)
+    ref, ref_lse = masked_attention(q.double(), k.double(), v.double(), 0.2, False, 0, 0)
+    base, base_lse = masked_attention(q, k, v, 0.2, False, 0, 0)
+    fails = [check_close("out", out, ref, base, torch.float32),
+             check_close("lse", lse, ref_lse, base_lse, torch.float32)]
+    assert not [f for f in fails if f], fails
+
+
+def test_fused_merge_matches_reference() -> None:
+    outs, lses = torch.randn(3, 2, 5, 3, 8), torch.randn(3, 2, 3, 5)
+    lses[1, 0, 1, 2] = float("-inf")  # one partial saw nothing for this row
+    lses[:, 1, 2, 4] = float("-inf")  # no partial saw this row
+    out, lse = merge_partials(outs, lses)
+    ref, ref_lse = merge_reference([o.double() for o in outs], [l.double() for l in lses])
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    fin = ~torch.isneginf(ref_lse)
+    assert (out - ref).abs().max() < 1e-6 and (lse[fin] - ref_lse[fin]).abs().max() < 1e-6
+    assert torch.equal(out[1, 4, 2], torch.zeros(8))
+
+
+def _ring_with_triton(rank: int, world: int) -> None:
+    import itertools
+    import ringmem
+    from test_ring import _case
+    fails = []
+    for layout, causal, (hq, hkv), dtype, schedule in itertools.product(
+            ringmem.LAYOUTS, (True, False), ((4, 4), (4, 1)), (torch.float32, torch.float16),
+            ("kv", "q")):
+        fails += _case(rank, world, layout, causal, hq, hkv, dtype, "triton", schedule,
+                       d=16, local=6)
+    assert not fails, "\n".join(fails)
+
+
+def test_ring_with_triton_backend() -> None:
+    spawn(_ring_with_triton, 2, timeout=600)
+
+
+def test_cache_decode_with_triton_kernel() -> None:
+    from ringmem.cache import CacheConfig, ShardedKVCache
+    outs = {}
+    for backend in ("torch", "triton"):
+        cache = ShardedKVCache(CacheConfig(num_layers=1, q_heads=4, kv_heads=2, head_dim=16,
+                                           capacity=600, page_size=16, dtype=torch.float32,
+                                           decode_backend=backend))
+        g = torch.Generator().manual_seed(2)
+        cache.extend_local(0, 0, torch.randn(500, 2, 16, generator=g),
+                           torch.randn(500, 2, 16, generator=g), torch.arange(500))
+        cache.sync()
+        q, k, v = (torch.randn(1, 1, h, 16, generator=g) for h in (4, 2, 2))
+        outs[backend] = cache.decode(0, q, k, v)
+    assert (outs["torch"] - outs["triton"]).abs().max() < 1e-5

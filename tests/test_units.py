@@ -127,10 +127,17 @@ def test_backend_fwd_bwd_float64(name: str, causal: bool, hq: int, hkv: int) -> 
 
 
 def test_auto_backend_choice() -> None:
-    cpu = torch.device("cpu")
+    import importlib.util
+    has_triton = importlib.util.find_spec("triton") is not None
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # on CPU never the Triton interpreter, whatever the environment says
     assert get_backend("auto", cpu, torch.float32, 64).name == "sdpa"
-    # the CUDA flash op takes only half types: fp32 on CUDA falls back to the reference
-    assert get_backend("auto", torch.device("cuda"), torch.float32, 64).name == "torch"
-    assert get_backend("auto", torch.device("cuda"), torch.bfloat16, 64).name == "sdpa"
+    # CUDA: flash_attn, then triton, then sdpa (half types only), then the reference
+    assert get_backend("auto", cuda, torch.float32, 64).name == ("triton" if has_triton
+                                                                 else "torch")
+    assert get_backend("auto", cuda, torch.bfloat16, 64).name == (
+        "flash_attn" if has_fa else "triton" if has_triton else "sdpa")
+    assert get_backend("auto", cuda, torch.float64, 64).name == "torch"
     with pytest.raises(ValueError, match="backend 'sdpa' cannot run"):
         get_backend("sdpa", torch.device("cuda"), torch.float32, 64)

@@ -3,14 +3,18 @@
 Every flash-attn version difference lives in this file. The private ops it calls changed shape
 across 2.x releases (checked against the tags of Dao-AILab/flash-attention):
 
-| versions      | `_flash_attn_forward` after (q, k, v, dropout_p, softmax_scale, causal) | returns |
-|---------------|------------------------------------------------------------|--------------------------|
-| 2.0.0 - 2.0.1 | return_softmax                                             | out, q, k, v, out_padded, lse, S_dmask (7) |
-| 2.0.2 - 2.2.x | return_softmax                                             | ... + rng_state (8)      |
-| 2.3.x         | window_size, return_softmax                                | 8                        |
-| 2.4.x - 2.5.x | window_size, alibi_slopes, return_softmax                  | 8                        |
-| 2.6.x         | window_size, softcap, alibi_slopes, return_softmax         | 8                        |
-| 2.7.0 - 2.8.x | window_size_left, window_size_right, softcap, alibi_slopes, return_softmax | out, lse, S_dmask, rng_state (4) |
+`_flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, <tail>)` by release:
+
+    2.0.0 - 2.0.1  return_softmax                                    -> 7 values
+    2.0.2 - 2.2.x  return_softmax                                    -> 8 values
+    2.3.x          window_size, return_softmax                       -> 8 values
+    2.4.x - 2.5.x  window_size, alibi_slopes, return_softmax         -> 8 values
+    2.6.x          window_size, softcap, alibi_slopes, return_softmax -> 8 values
+    2.7.0 - 2.8.x  window_size_left, window_size_right, softcap, alibi_slopes,
+                   return_softmax                                    -> 4 values
+
+7/8 values: (out, q, k, v, out_padded, softmax_lse, S_dmask[, rng_state]);
+4 values: (out, softmax_lse, S_dmask, rng_state).
 
 `_flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale,
 causal, ...)` gained the same window/softcap/alibi parameters plus `deterministic` (2.4.1) and

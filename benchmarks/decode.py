@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 import ringmem
 from ringmem.cache import CacheConfig, ShardedKVCache
+from _common import cpu_model, git_commit
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -131,22 +131,8 @@ def prefill_throughput(a: argparse.Namespace, chunk: int) -> float:
     return n / slowest(run)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def plot(rows: list[dict], prefill: list[dict], path: Path) -> None:

@@ -15,13 +15,13 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from _common import git_commit
 
 TARGETS = {"fwd": 0.9, "bwd": 0.8, "decode": 0.7}
 CHECK_REL = 2e-2  # max |err| / max |ref| allowed between two bf16 kernels
@@ -166,12 +166,6 @@ def bench_decode(sk: int, copy_bw: float, a: argparse.Namespace) -> dict[str, An
             "checks": checks, "correct": all(x["rel"] <= CHECK_REL for x in checks.values())}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def verdict(ok: bool) -> str:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import ringmem
+from _common import git_commit, machine
 
 SCHEDS = ("kv", "q")
 PHASES = ("fwd", "fwd+bwd")
@@ -250,23 +249,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                    if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count()}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).resolve().parent
-                              ).stdout.strip() or "unknown"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def describe(c: Config) -> str:

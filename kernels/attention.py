@@ -145,6 +145,33 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, sos, soh, sdb, sds, sdh, H, Sq, D,
 
 
 @triton.jit
+def _load_rows(Q, DO, LSE, DELTA, b, hk, rows, offs_d, d_ok, sqb, sqs, sqh, sdb, sds, sdh,
+               slb, slh, Sq, G, H):
+    """q, dO, lse, delta of packed query rows (row r = token r // G, head hk * G + r % G)."""
+    tok, head = rows // G, hk * G + rows % G
+    row_ok = rows < Sq * G
+    ok = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + tok[:, None] * sqs + head[:, None] * sqh + offs_d[None, :],
+                mask=ok, other=0.0)
+    do = tl.load(DO + b * sdb + tok[:, None] * sds + head[:, None] * sdh + offs_d[None, :],
+                 mask=ok, other=0.0)
+    lse = tl.load(LSE + b * slb + head * slh + tok, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + (b * H + head) * Sq + tok, mask=row_ok, other=0.0)
+    return q, do, lse, delta, tok, row_ok
+
+
+@triton.jit
+def _probs(q, k, lse, tok, cols, row_ok, col_ok, q_off, k_off, qk_scale,
+           CAUSAL: tl.constexpr):
+    """Softmax probabilities of a tile, recomputed from the global lse (0 where masked)."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
+    ok = row_ok[:, None] & col_ok[None, :] & (lse != float("-inf"))[:, None]
+    if CAUSAL:
+        ok = ok & ((k_off + cols)[None, :] <= (q_off + tok)[:, None])
+    return tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
                      slb, slh, sgb, sgs, sgh,
@@ -171,20 +198,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         lo = (first_tok * G) // BLOCK_M * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     for start in range(lo, Sq * G, BLOCK_M):
-        rows = start + offs_m
-        tok, head = rows // G, hk * G + rows % G
-        row_ok = rows < Sq * G
-        q = tl.load(Q + b * sqb + tok[:, None] * sqs + head[:, None] * sqh + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + b * sdb + tok[:, None] * sds + head[:, None] * sdh
-                     + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(LSE + b * slb + head * slh + tok, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + (b * H + head) * Sq + tok, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [M, N], log2 units
-        ok = row_ok[:, None] & col_ok[None, :] & (lse != float("-inf"))[:, None]
-        if CAUSAL:
-            ok = ok & ((k_off + cols)[None, :] <= (q_off + tok)[:, None])
-        p = tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+        q, do, lse, delta, tok, row_ok = _load_rows(
+            Q, DO, LSE, DELTA, b, hk, start + offs_m, offs_d, d_ok, sqb, sqs, sqh,
+            sdb, sds, sdh, slb, slh, Sq, G, H)
+        p = _probs(q, k, lse, tok, cols, row_ok, col_ok, q_off, k_off, qk_scale, CAUSAL)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -206,16 +223,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     b, hk = pid_bh // Hkv, pid_bh % Hkv
     H = Hkv * G
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tok, head = rows // G, hk * G + rows % G
-    row_ok = rows < Sq * G
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + tok[:, None] * sqs + head[:, None] * sqh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b * sdb + tok[:, None] * sds + head[:, None] * sdh + offs_d[None, :],
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    lse = tl.load(LSE + b * slb + head * slh + tok, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + (b * H + head) * Sq + tok, mask=row_ok, other=0.0)
+    q, do, lse, delta, tok, row_ok = _load_rows(Q, DO, LSE, DELTA, b, hk, rows, offs_d, d_ok,
+                                                sqb, sqs, sqh, sdb, sds, sdh, slb, slh,
+                                                Sq, G, H)
+    head = hk * G + rows % G
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = Sk
     if CAUSAL:
@@ -229,11 +242,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + cols[:, None] * svs + hk * svh + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        ok = row_ok[:, None] & col_ok[None, :] & (lse != float("-inf"))[:, None]
-        if CAUSAL:
-            ok = ok & ((k_off + cols)[None, :] <= (q_off + tok)[:, None])
-        p = tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+        p = _probs(q, k, lse, tok, cols, row_ok, col_ok, q_off, k_off, qk_scale, CAUSAL)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)

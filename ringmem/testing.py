@@ -25,6 +25,9 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, init_file: str, thread
                             world_size=world)
     try:
         fn(rank, world, *args)
+        # nobody tears down while a peer may still be finishing its last exchange: gloo
+        # aborts the process (std::terminate) if a connection closes under an active read
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -8,6 +8,7 @@ through a fresh file (no ports to collide under parallel pytest), calls fn(rank,
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,11 +26,17 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, init_file: str, thread
                             world_size=world)
     try:
         fn(rank, world, *args)
-        # nobody tears down while a peer may still be finishing its last exchange: gloo
-        # aborts the process (std::terminate) if a connection closes under an active read
+        # nobody tears down while a peer may still be finishing its last exchange
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter finalization: with some libraries loaded (transformers),
+    # native static destructors at exit intermittently hit std::terminate (SIGABRT) after
+    # the work has finished and been checked. Errors still propagate: this line is only
+    # reached when fn returned.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,

@@ -11,9 +11,8 @@ import struct
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
-from .comm import Group
+from .comm import Group, gather_rows
 
 _WIDTH = 6  # ints per field: tuples are padded/truncated to this
 
@@ -44,9 +43,7 @@ def agree(op: str, fields: dict[str, Sequence[int]], error: BaseException | None
             raise error
         return
     mine = torch.tensor(_row(fields, error), dtype=torch.int64, device=device)
-    rows = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(rows, mine, group=group)
-    table = torch.stack(rows).cpu().tolist()
+    table = gather_rows(mine, group, world).cpu().tolist()
     bad = [r for r, row in enumerate(table) if row[0]]
     if bad:
         if error is not None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .agree import agree, float_bits
 from .backends import BACKENDS, check_backend_name, get_backend
-from .comm import CommStats, Group, RingComm, group_rank_world
+from .comm import CommStats, Group, RingComm, gather_rows, group_rank_world
 from .layouts import LAYOUTS, check_layout, global_permutation, local_len_error, positions
 from .layouts import split_len
 from .plan import Interconnect, plan, resolve_interconnect
@@ -219,9 +218,8 @@ def unshard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigz
           {"dtype": _DTYPE_NAMES, "layout": LAYOUTS})
     if world == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    gathered = torch.cat(parts, dim=dim)
+    rows = gather_rows(x.reshape(-1), group, world)  # [world, numel]
+    gathered = torch.cat(rows.reshape(world, *x.shape).unbind(0), dim=dim)
     perm = global_permutation(layout, world, x.shape[dim]).to(x.device)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)

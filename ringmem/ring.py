@@ -40,6 +40,13 @@ class RingSpec:
                         self.causal, self.schedule)
 
 
+def _resized(shape: tuple[int, ...], dim: int, n: int) -> list[int]:
+    """`shape` with its sequence dim `dim` set to n."""
+    out = list(shape)
+    out[dim] = n
+    return out
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -57,10 +64,9 @@ class _Acc:
     def _alloc(self) -> list[Tensor]:
         ts = []
         for i, (shape, d, _) in enumerate(self.template):
-            shape = list(shape)
-            shape[d] = self.n
             fill = float("-inf") if self.kind == "lse" and i == 1 else 0.0
-            ts.append(torch.full(shape, fill, dtype=self.dtype, device=self.device))
+            ts.append(torch.full(_resized(shape, d, self.n), fill, dtype=self.dtype,
+                                 device=self.device))
         return ts
 
     def add(self, start: int, parts: list[Tensor]) -> None:
@@ -87,12 +93,8 @@ class _Acc:
         return [t.to(w).contiguous() for t, (_, _, w) in zip(self.result(), self.template)]
 
     def empty_wire(self, n: int) -> list[Tensor]:
-        bufs = []
-        for shape, d, w in self.template:
-            shape = list(shape)
-            shape[d] = n
-            bufs.append(torch.empty(shape, dtype=w, device=self.device))
-        return bufs
+        return [torch.empty(_resized(shape, d, n), dtype=w, device=self.device)
+                for shape, d, w in self.template]
 
 
 def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
@@ -146,10 +148,8 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
                 t.narrow(d, send_span[0] - held_lo, send_span[1] - send_span[0]).contiguous()
                 for t, (_, d) in zip(held_ts, sides[mv])]
             if recv_span is not None:
-                for t, d in sides[mv]:
-                    shape = list(t.shape)
-                    shape[d] = recv_span[1] - recv_span[0]
-                    recv_bufs.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+                recv_bufs = [torch.empty(_resized(t.shape, d, recv_span[1] - recv_span[0]),
+                                         dtype=t.dtype, device=t.device) for t, d in sides[mv]]
             move_works = comm.move(step, send, recv_bufs)
         if step == 0:
             compute(own_first, 0, accs)

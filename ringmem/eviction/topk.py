@@ -78,9 +78,9 @@ def global_topk_mask(scores: Tensor, positions: Tensor, k: int, *,
     t = radix_select(keys, k, 32, True, group, world)  # the k-th largest key
     above = keys > t
     ties = keys == t
-    n_above = int(_all_reduce(torch.tensor([int(above.sum())]), group, world))
+    counts = _all_reduce(torch.tensor([int(above.sum()), int(ties.sum())]), group, world)
+    n_above, n_ties = int(counts[0]), int(counts[1])
     want = k - n_above  # how many of the tied items to keep (>= 1)
-    n_ties = int(_all_reduce(torch.tensor([int(ties.sum())]), group, world))
     keep = above
     if want == n_ties:
         keep = keep | ties

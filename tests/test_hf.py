@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import ringmem  # noqa: E402
-from ringmem.integrations import hf  # noqa: E402
+from ringmem.integrations import hf, hf_cache  # noqa: E402
 from ringmem.testing import spawn  # noqa: E402
 
 from _tolerance import check_close  # noqa: E402
@@ -54,16 +54,93 @@ def test_distributed_prefill_logits_equal_single_process(kind: str, world: int,
     spawn(_distributed, world, kind, layout, timeout=300)
 
 
-def test_padding_is_refused_not_ignored() -> None:
+def test_ring_path_right_padding_exact_left_padding_refused() -> None:
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding: causality already hides the pads from real tokens
+    with torch.no_grad():
+        ref = _model("llama", torch.float64).model(input_ids=ids, attention_mask=mask)
+        base = _model("llama", torch.float32).model(input_ids=ids, attention_mask=mask)
+        model = _model("llama", torch.float32)
+        model.set_attn_implementation(hf.register())
+        got = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    real = mask.bool()
+    msg = check_close("right-padded hidden states", got.last_hidden_state[real],
+                      ref.last_hidden_state[real], base.last_hidden_state[real], torch.float32)
+    assert msg is None, msg
+    left = mask.flip(1)
+    with pytest.raises(ValueError, match="right padding only"):
+        model(input_ids=ids, attention_mask=left, use_cache=False)
+    with pytest.raises(ValueError, match="a transformers cache is in use"):
+        out = model(input_ids=ids[:, :4], use_cache=True)
+        model(input_ids=ids[:, 4:], past_key_values=out.past_key_values)
+
+
+def _generate(rank: int, world: int, kind: str) -> None:
+    gen = dict(do_sample=False, output_logits=True, return_dict_in_generate=True,
+               pad_token_id=0)
+    models = {}
+    for name, dtype in (("ref", torch.float64), ("base", torch.float32)):
+        models[name] = _model(kind, dtype)
+        models[name].set_attn_implementation("eager")
+    model = _model(kind, torch.float32)
+    model.set_attn_implementation(hf.register())
+
+    def check(what, got, ids, row=0):
+        n = ids.shape[1]  # references run unpadded: a padded row must equal its own sequence
+        ref, base = (models[k].generate(ids, max_new_tokens=len(got.logits), **gen)
+                     for k in ("ref", "base"))
+        assert torch.equal(got.sequences[row, -len(got.logits):], ref.sequences[0, n:]), \
+            f"{what}: greedy tokens differ"
+        for step, (g, r, b) in enumerate(zip(got.logits, ref.logits, base.logits)):
+            msg = check_close(f"{what} step {step} logits", g[row], r[0], b[0], torch.float32)
+            assert msg is None, msg
+
+    ids = torch.randint(0, 128, (1, 8 * world + 5), generator=torch.Generator().manual_seed(1))
+    # sharded chunked prefill (chunks of 2*world tokens, the last one partial), then decode
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4)
+    check("prefill+generate", hf_cache.generate(model, ids, cache, chunk_size=4 * world,
+                                                max_new_tokens=6, **gen), ids)
+    counts = cache.kv.rank_counts()
+    assert sum(counts) == ids.shape[1] + 5 and max(counts) - min(counts) <= 1, counts
+    # plain generate on every rank: the replicated prompt is split by the cache itself
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4)
+    check("plain generate", model.generate(ids, past_key_values=cache, max_new_tokens=6, **gen),
+          ids)
+    # a left-padded batch: pads are never cached, real tokens never see them
+    ids2 = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids2)
+    mask[1, :5] = 0
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4, max_seqs=2)
+    got = model.generate(ids2, attention_mask=mask, past_key_values=cache, max_new_tokens=5,
+                         **gen)
+    for row in range(2):
+        check(f"padded batch row {row}", got, ids2[row, mask[row].bool()][None], row)
+    assert [cache.kv.seq_len(s) for s in range(2)] == [12 + 4, 7 + 4]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_generate_equals_single_process(kind: str, world: int) -> None:
+    spawn(_generate, world, kind, timeout=300)
+
+
+def test_cache_refuses_what_it_cannot_do() -> None:
     model = _model("llama", torch.float32)
     model.set_attn_implementation(hf.register())
-    ids = torch.randint(0, 128, (2, 8))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, :3] = 0
-    with pytest.raises(ValueError, match="does not take padding masks"):
-        model(input_ids=ids, attention_mask=mask)
-    with torch.no_grad():  # an all-ones mask is fine
-        model(input_ids=ids, attention_mask=torch.ones_like(mask))
+    ids = torch.randint(0, 128, (1, 9))
+    cache = hf_cache.RingmemCache.for_model(model, capacity=32, page_size=4)
+    with pytest.raises(ValueError, match="batch of 2 rows but the cache holds max_seqs=1"):
+        model.generate(ids, past_key_values=cache, num_beams=2, max_new_tokens=2)
+    cache = hf_cache.RingmemCache.for_model(model, capacity=32, page_size=4)
+    with pytest.raises(ValueError, match="chunk_size must be a positive multiple"):
+        hf_cache.prefill(model, ids, cache, chunk_size=0)
+    with pytest.raises(ValueError, match=r"input_ids must be \[max_seqs=1, S\]"):
+        hf_cache.generate(model, ids.expand(2, -1), cache)
+    with pytest.raises(ValueError, match="capacity exceeded"):
+        hf_cache.prefill(model, torch.randint(0, 128, (1, 40)), cache)
+    with pytest.raises(TypeError, match="kv must be a ShardedKVCache"):
+        hf_cache.RingmemCache(object())
 
 
 def test_shard_tokens_validates() -> None:

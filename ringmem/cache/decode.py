@@ -17,8 +17,22 @@ MERGES = ("allgather", "allreduce")
 
 
 def paged_partial(q: Tensor, k: Tensor, v: Tensor, runs: list[tuple[int, int]], scale: float,
-                  chunk: int = 8192) -> tuple[Tensor, Tensor]:
-    """q [Hq, D]; k, v pools [Hkv, slots, D]; runs of slots -> (out [Hq, D], lse [Hq]) fp32."""
+                  chunk: int = 8192, *, head_runs: list[list[tuple[int, int]]] | None = None,
+                  logits: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """q [Hq, D]; k, v pools [Hkv, slots, D]; runs of slots -> (out [Hq, D], lse [Hq]) fp32.
+
+    head_runs: per-head runs instead (heads that hold different tokens after a per-head
+    eviction); `runs` is then ignored. logits: pass an empty list to receive, per KV head,
+    the scaled scores [G, n_h] (fp32, fp64 for fp64 pools) of its tokens in run order, kept
+    from this very pass (no second read of K): with the global lse after the cross-rank
+    merge they give each key's exact attention probability, exp(s - lse).
+    """
+    if head_runs is not None:  # one pass per head, each over its own tokens
+        hq, hkv = q.shape[0], k.shape[0]
+        g = hq // hkv
+        parts = [paged_partial(q[h * g:(h + 1) * g], k[h:h + 1], v[h:h + 1], r, scale, chunk,
+                               logits=logits) for h, r in enumerate(head_runs)]
+        return torch.cat([o for o, _ in parts]), torch.cat([l for _, l in parts])
     hq, d = q.shape
     hkv = k.shape[0]
     ad = torch.float64 if k.dtype == torch.float64 else torch.float32
@@ -26,6 +40,7 @@ def paged_partial(q: Tensor, k: Tensor, v: Tensor, runs: list[tuple[int, int]], 
     m = torch.full((hkv, hq // hkv), float("-inf"), dtype=ad, device=q.device)
     l = torch.zeros_like(m)
     acc = torch.zeros(hkv, hq // hkv, d, dtype=ad, device=q.device)
+    kept: list[Tensor] = []
     for lo, hi in runs:
         for c in range(lo, hi, chunk):
             n = min(hi, c + chunk) - c
@@ -35,6 +50,8 @@ def paged_partial(q: Tensor, k: Tensor, v: Tensor, runs: list[tuple[int, int]], 
             for h in range(hkv):
                 torch.matmul(qg[h], k[h, c:c + n].T, out=s[h])
             s = s.to(ad)  # [Hkv, G, n]
+            if logits is not None:
+                kept.append(s)
             m_new = torch.maximum(m, s.amax(-1))
             alpha = torch.exp(m - m_new)  # m = -inf at first: exp(-inf) = 0
             p = torch.exp(s - m_new.unsqueeze(-1)).to(v.dtype)
@@ -44,6 +61,10 @@ def paged_partial(q: Tensor, k: Tensor, v: Tensor, runs: list[tuple[int, int]], 
                 torch.matmul(p[h], v[h, c:c + n], out=pv[h])
             acc = acc * alpha.unsqueeze(-1) + pv.to(ad)
             m = m_new
+    if logits is not None:
+        full = (torch.cat(kept, -1) if kept
+                else torch.zeros(hkv, hq // hkv, 0, dtype=ad, device=q.device))
+        logits.extend(full.unbind(0))
     seen = l > 0
     out = torch.where(seen.unsqueeze(-1), acc / l.clamp_min(1e-30).unsqueeze(-1), acc)
     lse = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), m)

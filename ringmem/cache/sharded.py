@@ -11,11 +11,18 @@
 Every rank keeps the same table of per-rank token counts, so placement and capacity checks
 agree without communication; step counters ride along with the decode merge, so ranks that
 disagree fail together instead of corrupting the cache.
+
+Eviction (`eviction=EvictionPolicy(...)`, see `ringmem.eviction`): a coordinator keeps the
+globally most important tokens under one budget per (layer, KV head). After a per-head
+eviction, heads hold different tokens (`PagedStore` packs each head separately); decode
+then attends per head, and prefill's prefix pass runs the ring once per KV head. Positions
+keep counting from `next_position`, which `seq_len` (tokens held) no longer equals.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -28,6 +35,10 @@ from ..merge import merge_partials
 from ..ring import RingSpec, ring_forward
 from .decode import MERGES, merge_across_ranks, paged_partial
 from .paged import PagedStore
+
+if TYPE_CHECKING:
+    from ..eviction.budget import EvictionPolicy
+    from ..eviction.coordinator import EvictionRecord
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,9 +83,15 @@ class CacheConfig:
 class ShardedKVCache:
     """Per-layer paged K/V shards of up to `max_seqs` sequences across a process group."""
 
-    def __init__(self, config: CacheConfig, *, group: Group = None) -> None:
+    def __init__(self, config: CacheConfig, *, group: Group = None,
+                 eviction: "EvictionPolicy | None" = None) -> None:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+        from ..eviction.budget import EvictionPolicy  # lazy: eviction imports nothing here
+        from ..eviction.coordinator import Coordinator
+        if eviction is not None and not isinstance(eviction, EvictionPolicy):
+            raise TypeError(f"eviction must be an EvictionPolicy or None, got "
+                            f"{type(eviction).__name__}")
         self.config, self.group = config, group
         self.rank, self.world = group_rank_world(group)
         self.device = torch.device(config.device)
@@ -86,18 +103,57 @@ class ShardedKVCache:
         # counts[layer][seq][rank]: tokens of seq held by each rank (same on every rank)
         self.counts = [[[0] * self.world for _ in range(config.max_seqs)]
                        for _ in range(config.num_layers)]
+        # head_counts[layer][seq][rank][h]: tokens of KV head h (differ after per-head
+        # eviction; counts = their max); split: some rank's heads hold different tokens;
+        # seen: tokens ever added (the next position). All replicated on every rank.
+        self.head_counts = [[[[0] * config.kv_heads for _ in range(self.world)]
+                             for _ in range(config.max_seqs)] for _ in range(config.num_layers)]
+        self.split = [[False] * config.max_seqs for _ in range(config.num_layers)]
+        self.seen = [[0] * config.max_seqs for _ in range(config.num_layers)]
+        self.eviction = None if eviction is None else Coordinator(self, eviction)
         c = config
+        sig = (0,) if eviction is None else eviction.signature()
         agree("ShardedKVCache", {
             "layers, heads, dim": (c.num_layers, c.q_heads, c.kv_heads, c.head_dim),
             "capacity, page, seqs": (c.capacity, c.page_size, c.max_seqs),
             "dtype": (_DTYPES.index(c.dtype) if c.dtype in _DTYPES else -1,),
             "layout, merge": (LAYOUTS.index(c.layout), MERGES.index(c.merge)),
+            **{f"eviction policy [{i}:{i + 5}]": sig[i:i + 5] for i in range(0, 15, 5)},
         }, None, group, self.world, self.device)
 
     # ---------------------------------------------------------------- bookkeeping
     def seq_len(self, seq: int = 0, layer: int = 0) -> int:
-        """Global number of cached tokens of `seq` in `layer`."""
+        """Global number of cached tokens of `seq` in `layer` (per rank, slots in use: the
+        most any KV head holds there)."""
         return sum(self.counts[self._layer(layer)][self._seq(seq)])
+
+    def next_position(self, seq: int = 0, layer: int = 0) -> int:
+        """Global position of the next token of `seq` (tokens ever added, evicted included)."""
+        return self.seen[self._layer(layer)][self._seq(seq)]
+
+    def head_counts_of(self, seq: int = 0, layer: int = 0) -> list[list[int]]:
+        """[rank][KV head] tokens held (they differ across heads after per-head eviction)."""
+        return [list(r) for r in self.head_counts[self._layer(layer)][self._seq(seq)]]
+
+    def _add(self, layer: int, seq: int, rank: int, n: int) -> None:
+        self.counts[layer][seq][rank] += n
+        row = self.head_counts[layer][seq][rank]
+        row[:] = [x + n for x in row]
+
+    def refresh_counts(self, layer: int, seq: int) -> Tensor:
+        """Re-read every rank's per-head counts of (layer, seq) (collective: one gather)."""
+        st = self.stores[layer]
+        mine = torch.tensor([*st.hlens[seq], int(st.split[seq])], dtype=torch.int64)
+        rows = (gather_rows(mine.to(self._wire()), self.group, self.world).cpu()
+                if self.world > 1 else mine[None])
+        hkv = self.config.kv_heads
+        self.head_counts[layer][seq] = [[int(x) for x in r[:hkv]] for r in rows]
+        self.counts[layer][seq] = [max(r) for r in self.head_counts[layer][seq]]
+        self.split[layer][seq] = bool(rows[:, hkv].any())
+        return rows
+
+    def _wire(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def rank_counts(self, seq: int = 0, layer: int = 0) -> list[int]:
         return list(self.counts[self._layer(layer)][self._seq(seq)])
@@ -183,7 +239,7 @@ class ShardedKVCache:
                 raise ValueError(f"n_valid must be an int in [1, {chunk}], got {n_valid!r}")
             scale = self._scale(softmax_scale)
             impl = get_backend(backend, q.device, q.dtype, c.head_dim)
-            start = self.seq_len(seq, layer)
+            start = self.seen[layer][seq]
         except (TypeError, ValueError) as e:
             error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
         agree("prefill_chunk", {"layer, seq, start": (layer, seq, start),
@@ -197,25 +253,46 @@ class ShardedKVCache:
         self._check_room(layer, seq, kept)  # before any work, identically on every rank
         outs, lses = [], []
         if start > 0:  # the cached prefix, spread over the ranks: the chunk's Q travels
-            kp, vp, _ = self.stores[layer].view(seq)
-            spec = RingSpec(c.layout, False, scale, impl, "q")
-            o, l = ring_forward(q, kp, vp, spec, RingComm(self.group, "fwd", None, q.device),
-                                kv_lens=tuple(self.counts[layer][seq]))
+            o, l = self._prefix_pass(layer, seq, q, RingSpec(c.layout, False, scale, impl, "q"))
             outs.append(o)
             lses.append(l)
         spec = RingSpec(c.layout, True, scale, impl, "kv")
         o, l = ring_forward(q, k, v, spec, RingComm(self.group, "fwd", None, q.device))
         outs.append(o)
         lses.append(l)
-        out, _ = merge_partials(outs, lses) if len(outs) > 1 else (outs[0], lses[0])
+        out, lse = merge_partials(outs, lses) if len(outs) > 1 else (outs[0], lses[0])
         # cache the real tokens of my part; every rank counts every rank's
         pos = start + positions(c.layout, self.rank, self.world, n_loc)
         keep = pos < start + n_valid
         idx = keep.nonzero().flatten().to(k.device)
         self.stores[layer].append(seq, k[0, idx], v[0, idx], pos[keep].to(k.device))
         for r in range(self.world):
-            self.counts[layer][seq][r] += kept[r]
+            self._add(layer, seq, r, kept[r])
+        self.seen[layer][seq] += n_valid
+        if self.eviction is not None:  # the observation window, then maybe a compression
+            self.eviction.observe(layer, seq, q[0, idx], lse[0][:, idx].t(), pos[keep], scale)
+            if self.eviction.policy.prefill == "chunk":
+                self.eviction.compress(layer, seq)
         return out.to(q.dtype)
+
+    def _prefix_pass(self, layer: int, seq: int, q: Tensor, spec: RingSpec
+                     ) -> tuple[Tensor, Tensor]:
+        """The chunk's queries against the cached prefix on every rank (ring, Q travels);
+        once per KV head when heads hold different tokens (per-head eviction)."""
+        store, c = self.stores[layer], self.config
+        comm = RingComm(self.group, "fwd", None, q.device)
+        if not self.split[layer][seq]:
+            kp, vp, _ = store.view(seq)
+            return ring_forward(q, kp, vp, spec, comm, kv_lens=tuple(self.counts[layer][seq]))
+        g, outs, lses = c.q_heads // c.kv_heads, [], []
+        for h in range(c.kv_heads):
+            kp, vp, _ = store.view(seq, h)
+            lens = tuple(r[h] for r in self.head_counts[layer][seq])
+            o, l = ring_forward(q[:, :, h * g:(h + 1) * g].contiguous(), kp, vp, spec, comm,
+                                kv_lens=lens)
+            outs.append(o)
+            lses.append(l)
+        return torch.cat(outs, 2), torch.cat(lses, 1)
 
     def shard_chunk(self, x: Tensor, dim: int = 1) -> Tensor:
         """This rank's part of a full chunk tensor, split as `prefill_chunk` expects."""
@@ -265,11 +342,14 @@ class ShardedKVCache:
                     full = (f"KV cache capacity exceeded: layer {layer}, sequence {s} needs a "
                             f"new page on rank {owner}, which has all {store.num_pages} pages "
                             f"in use (capacity {c.capacity} tokens per rank)")
+            want_logits = (self.eviction is not None
+                           and self.eviction.policy.scorer.decay is not None)
+            logits: list[list[Tensor] | None] = [[] if want_logits else None for _ in range(b)]
             for s in range(b):
-                outs[s], lses[s] = self._partial(layer, s, q[s, 0], scale)
-            lengths = [sum(x) for x in counts]
+                outs[s], lses[s] = self._partial(layer, s, q[s, 0], scale, logits[s])
+            lengths = [*self.seen[layer], *(sum(x) for x in counts)]
         else:
-            lengths = [-1] * b
+            lengths = [-1] * 2 * b
         meta = torch.tensor([layer if error is None else -1, *lengths, full is not None,
                              error is not None], dtype=torch.float64, device=dev)
         out, lse, seen = merge_across_ranks(outs, lses, meta, self.group, self.world, c.merge)
@@ -282,7 +362,8 @@ class ShardedKVCache:
                              f"raised there); every rank stops")
         if not torch.equal(seen.min(0).values, seen.max(0).values):
             raise ValueError(f"ranks disagree on the decode step (layer, each sequence's "
-                             f"cached length, per rank): {[r[:-2] for r in rows]}")
+                             f"next position, then cached length, per rank): "
+                             f"{[r[:-2] for r in rows]}")
         if full is not None:
             raise ValueError(full)
         # the new token's own term, identical on every rank, then the exact merge
@@ -291,18 +372,32 @@ class ShardedKVCache:
         kn = k[:, 0].to(acc).repeat_interleave(groups, 1)
         vn = v[:, 0].to(acc).repeat_interleave(groups, 1)
         l_new = (qs * kn).sum(-1)  # [B, Hq]
-        out, _ = merge_partials([out.unsqueeze(0), vn.unsqueeze(0)],
-                                [lse.t().unsqueeze(0), l_new.t().unsqueeze(0)])
+        out, lse_all = merge_partials([out.unsqueeze(0), vn.unsqueeze(0)],
+                                      [lse.t().unsqueeze(0), l_new.t().unsqueeze(0)])
         for s, owner in enumerate(owners):
+            pos = self.seen[layer][s]
+            init = None
+            if self.eviction is not None:  # fold this query's exact mass into the scores
+                self.eviction.before_decode(layer, s)  # the prompt's window first (older)
+                init = self.eviction.after_decode(layer, s, logits[s], lse_all[0, :, s],
+                                                  l_new[s], q[s, 0], pos, owner, scale)
             if owner == self.rank:
-                store.append(s, k[s], v[s], torch.tensor([sum(counts[s])], device=k.device))
-            counts[s][owner] += 1
+                store.append(s, k[s], v[s], torch.tensor([pos], device=k.device), init)
+            self._add(layer, s, owner, 1)
+            self.seen[layer][s] += 1
+        if self.eviction is not None:
+            self.eviction.decode_step_done(layer)
         return out[0].unsqueeze(1).to(q.dtype)
 
-    def _partial(self, layer: int, seq: int, q: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    def _partial(self, layer: int, seq: int, q: Tensor, scale: float,
+                 logits: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         store = self.stores[layer]
-        if self.config.decode_backend == "paged":
-            return paged_partial(q, store.k, store.v, store.runs(seq), scale)
+        # per-key scores (eviction) and per-head token sets come from the paged pass
+        if self.config.decode_backend == "paged" or logits is not None or \
+                not store.uniform(seq):
+            hr = None if store.uniform(seq) else store.head_runs(seq)
+            return paged_partial(q, store.k, store.v, store.runs(seq), scale, head_runs=hr,
+                                 logits=logits)
         kk, vv, _ = store.view(seq)
         acc = self.acc_dtype
         if kk.shape[1] == 0:
@@ -322,23 +417,62 @@ class ShardedKVCache:
         self.stores[layer].append(seq, k, v, pos)
 
     def sync(self) -> None:
-        """Refresh every rank's table of per-rank token counts (collective)."""
-        mine = torch.tensor([s.lens for s in self.stores], dtype=torch.int64).flatten()
-        if self.world == 1:
-            rows = mine.unsqueeze(0)
-        else:
-            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
-            rows = gather_rows(mine.to(dev), self.group, self.world).cpu()
-        table = rows.reshape(self.world, self.config.num_layers, self.config.max_seqs)
-        self.counts = [[[int(table[r, lay, s]) for r in range(self.world)]
-                        for s in range(self.config.max_seqs)]
-                       for lay in range(self.config.num_layers)]
+        """Refresh every rank's tables of per-rank (per-head) token counts and each
+        sequence's next position (past every position held anywhere) (collective)."""
+        c = self.config
+        mine = []
+        for st in self.stores:
+            for s in range(c.max_seqs):
+                top = max((int(st.pos[h, st.head_slots(s, h)].max()) + 1
+                           for h in range(c.kv_heads) if st.hlens[s][h]), default=0)
+                mine += [*st.hlens[s], int(st.split[s]), top]
+        mine_t = torch.tensor(mine, dtype=torch.int64)
+        rows = (gather_rows(mine_t.to(self._wire()), self.group, self.world).cpu()
+                if self.world > 1 else mine_t.unsqueeze(0))
+        table = rows.reshape(self.world, c.num_layers, c.max_seqs, c.kv_heads + 2)
+        for lay in range(c.num_layers):
+            for s in range(c.max_seqs):
+                t = table[:, lay, s]
+                self.head_counts[lay][s] = [[int(x) for x in r[:c.kv_heads]] for r in t]
+                self.counts[lay][s] = [max(r) for r in self.head_counts[lay][s]]
+                self.split[lay][s] = bool(t[:, c.kv_heads].any())
+                self.seen[lay][s] = max(self.seen[lay][s], int(t[:, -1].max()))
 
     def reset(self, seq: int) -> None:
         seq = self._seq(seq)
         for layer, store in enumerate(self.stores):
             store.reset(seq)
             self.counts[layer][seq] = [0] * self.world
+            self.head_counts[layer][seq] = [[0] * self.config.kv_heads
+                                            for _ in range(self.world)]
+            self.split[layer][seq] = False
+            self.seen[layer][seq] = 0
+        if self.eviction is not None:
+            self.eviction.reset(seq)
+
+    def compress(self, layer: int | None = None, seq: int | None = None
+                 ) -> "list[EvictionRecord]":
+        """Enforce the eviction budget now on `layer` (default: every layer) and `seq`
+        (default: every sequence), e.g. after a chunked prefill. Collective: every rank
+        calls it with the same arguments (a mismatch raises on every rank). Returns what
+        each compression did (layers and sequences within budget are skipped)."""
+        error = None
+        try:
+            if self.eviction is None:
+                raise ValueError("this cache has no eviction policy (pass eviction=... to "
+                                 "ShardedKVCache)")
+            layers = range(self.config.num_layers) if layer is None else [self._layer(layer)]
+            seqs = range(self.config.max_seqs) if seq is None else [self._seq(seq)]
+        except (TypeError, ValueError) as e:
+            error, layers, seqs = e, [], []
+        agree("compress", {"layer, seq": (-2 if layer is None else layer if
+                                          isinstance(layer, int) else -3,
+                                          -2 if seq is None else seq if
+                                          isinstance(seq, int) else -3)},
+              error, self.group, self.world, self.device)
+        assert self.eviction is not None
+        return [r for lay in layers for s in seqs
+                if (r := self.eviction.compress(lay, s)) is not None]
 
     def memory_bytes(self) -> int:
         """Bytes this rank's cache pools take (K, V and metadata)."""

@@ -1,4 +1,17 @@
-"""Global importance-based eviction across ranks (coordinator first; scorers to follow)."""
-from .topk import global_topk_mask
+"""Global importance-based eviction across ranks: scorers, budgets, the coordinator.
 
-__all__ = ["global_topk_mask"]
+Attach a policy to a cache: `ShardedKVCache(config, eviction=EvictionPolicy(scorer=SnapKV(),
+budget=0.05))`; compress after prefill with `cache.compress()` (or per prefill chunk /
+every N decode steps, see `EvictionPolicy`).
+"""
+from .actions import EvictionAction, HardDrop
+from .budget import EvictionPolicy
+from .coordinator import Coordinator, EvictionRecord
+from .scorers import (A2SF, H2O, SCORERS, TOVA, ExpectedAttention, KeyNorm, ScoreContext,
+                      Scorer, SnapKV, StreamingLLM, Window, make_scorer)
+from .topk import global_topk_mask, grouped_topk_mask
+
+__all__ = ["A2SF", "Coordinator", "EvictionAction", "EvictionPolicy", "EvictionRecord",
+           "ExpectedAttention", "H2O", "HardDrop", "KeyNorm", "SCORERS", "ScoreContext",
+           "Scorer", "SnapKV", "StreamingLLM", "TOVA", "Window", "global_topk_mask",
+           "grouped_topk_mask", "make_scorer"]

@@ -1,0 +1,215 @@
+"""How pages move: the host tier's slot pool, and asynchronous transfers.
+
+`HostPool`: host memory for pages, allocated in fixed segments of page slots (pinned when
+CUDA is present, so GPU copies are asynchronous DMA), never one huge buffer; pages that sit
+in consecutive slots move in one strided copy.
+
+`TransferEngine`: start a recall (or demotion) now, use its pages later. One background
+worker thread runs the store's moves in submission order, so a prefetch issued after a
+demotion sees it. On CUDA the worker issues its copies on a side stream:
+the caller's stream keeps computing, the worker waits for its own copies before reporting
+done (so staging memory is never reused under an in-flight copy), and `wait` orders the
+caller's stream after the copies and tells the allocator the tensors are used there.
+On CPU the worker's file reads, checksums and copies release the GIL and overlap the
+caller's compute (matmuls) on the other cores.
+"""
+from __future__ import annotations
+
+import heapq
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .summaries import PageKey
+
+if TYPE_CHECKING:
+    from .tiers import TierStore
+
+
+class Page(NamedTuple):
+    k: Tensor
+    """[Hkv, n, D]"""
+    v: Tensor
+    """[Hkv, n, D]"""
+    pos: Tensor
+    """[Hkv, n] int64 global positions per head and slot (-1: empty slot)"""
+    score: Tensor
+    """[Hkv, n] float32 importance scores"""
+
+
+class HostPool:
+    """Page slots on the host: segments of `segment_pages` slots, each a Page of
+    [S, Hkv, page_size, ...] tensors, allocated whole and only when needed, up to
+    `capacity` slots."""
+
+    def __init__(self, *, capacity: int, segment_pages: int, kv_heads: int, page_size: int,
+                 head_dim: int, dtype: torch.dtype, pin: bool) -> None:
+        self.spec = dict(capacity=capacity, segment_pages=segment_pages, kv_heads=kv_heads,
+                         page_size=page_size, head_dim=head_dim, dtype=dtype, pin=pin)
+        self.capacity, self.seg_n, self.ps = capacity, segment_pages, page_size
+        self.segments: list[Page] = []
+        self._free: list[int] = []  # a min-heap: low slots first, so runs stay consecutive
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for seg in self.segments for t in seg)
+
+    def take(self, m: int) -> list[int]:
+        """The m smallest free slots, ascending (segments allocated as needed)."""
+        while len(self._free) < m:
+            self._grow()
+        return [heapq.heappop(self._free) for _ in range(m)]
+
+    def give(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    def slot(self, slot: int) -> Page:
+        """Views [Hkv, page_size, ...] of one slot."""
+        return Page(*(t[slot % self.seg_n] for t in self.segments[slot // self.seg_n]))
+
+    def copy_runs(self, slots: list[int], sizes: list[int], tokens: Page, at: int, *,
+                  into_slots: bool) -> None:
+        """Copy pages between slots and a token-axis Page (pages back to back from `at`);
+        full pages in consecutive slots of one segment move in one strided copy each."""
+        i, ps = 0, self.ps
+        while i < len(slots):
+            j = i + 1
+            while (j < len(slots) and sizes[i] == sizes[j] == ps
+                   and slots[j] == slots[j - 1] + 1 and slots[j] % self.seg_n):
+                j += 1
+            seg, a, m = self.segments[slots[i] // self.seg_n], slots[i] % self.seg_n, j - i
+            for x, t in zip(seg, tokens):
+                if m == 1:
+                    held, tok = x[a, :, :sizes[i]], t[:, at:at + sizes[i]]
+                else:  # slots [m, Hkv, ps, ...] <-> tokens [Hkv, m * ps, ...]
+                    held, tok = x[a:a + m].transpose(0, 1), t[:, at:at + m * ps].unflatten(
+                        1, (m, ps))
+                if into_slots:
+                    held.copy_(tok)
+                else:
+                    tok.copy_(held)
+            at += sum(sizes[i:j])
+            i = j
+
+    def _grow(self) -> None:
+        sp, s = self.spec, self.seg_n
+        base = len(self.segments) * s
+        assert base < self.capacity, "host capacity exceeded"
+        shape = (s, sp["kv_heads"], self.ps)
+        self.segments.append(Page(*(
+            torch.empty(shape + tail, dtype=dt, pin_memory=sp["pin"]) for dt, tail in
+            ((sp["dtype"], (sp["head_dim"],)), (sp["dtype"], (sp["head_dim"],)),
+             (torch.int64, ()), (torch.float32, ())))))
+        # slots past the capacity are never handed out: a partial last segment never overfills
+        for slot in range(base, min(base + s, self.capacity)):
+            heapq.heappush(self._free, slot)
+
+
+@dataclass
+class Transfer:
+    """Handle of a transfer in flight; pass it to `TransferEngine.wait`."""
+    future: Future
+    kind: str
+    keys: list[PageKey]
+
+
+class TransferEngine:
+    """Runs a TierStore's recalls and demotions in the background.
+
+    `device`: the hot device pages are recalled to. Use one engine per store; methods are
+    called from one thread (the model's). Until a demotion's handle is waited on, its
+    k/v must not be modified (they are still being read)."""
+
+    def __init__(self, store: TierStore, device: str | torch.device | None = None) -> None:
+        from .tiers import TierStore  # tiers imports this module
+        if not isinstance(store, TierStore):
+            raise TypeError(f"store must be a TierStore, got {type(store).__name__}")
+        self.store = store
+        self.device = torch.device(store.config.hot_device if device is None else device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device} requested but CUDA is not available")
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ringmem-tiers")
+
+    def prefetch(self, keys: list[PageKey], out: Page | None = None) -> Transfer:
+        """Start recalling `keys` (copies; the store keeps them) to the hot device: into
+        new tensors, or with `out` into those preallocated buffers (`recall_into`; leave
+        them alone until `wait`, and double-buffer to overlap consecutive layers)."""
+        keys = list(keys)
+        if out is not None:
+            if self.cuda:  # written on the side stream: not to be recycled before that
+                for t in out:
+                    t.record_stream(self._stream)
+            return self._submit("recall_into", keys,
+                                lambda: self.store.recall_into(keys, out))
+        return self._submit("recall", keys, lambda: self.store.recall(keys, self.device))
+
+    def demote(self, key: PageKey, k: Tensor, v: Tensor, pos: Tensor,
+               score: Tensor | None = None) -> Transfer:
+        """Start demoting one page (as `TierStore.demote`, tensors on the hot device). Its
+        summary is taken now, on the caller's stream, so page selection sees it at once."""
+        self.store.add_summary(key, k, pos)
+        try:
+            if self.cuda:  # the side stream reads these: keep them from being recycled early
+                for t in (k, v, pos, score):
+                    if t is not None:
+                        t.record_stream(self._stream)
+            return self._submit("demote", [key], lambda: self._demote(key, k, v, pos, score))
+        except BaseException:
+            self.store.summaries.remove(key)
+            raise
+
+    def _demote(self, key: PageKey, k: Tensor, v: Tensor, pos: Tensor,
+                score: Tensor | None) -> None:
+        try:
+            self.store.demote(key, k, v, pos, score, summarize=False)
+        except BaseException:  # not stored (store full, bad input): drop its summary too
+            if key in self.store.summaries and self.store.tier_of(key) is None:
+                self.store.summaries.remove(key)
+            raise
+
+    def wait(self, handle: Transfer) -> list[Page] | list[int] | None:
+        """Block until `handle` is done; the recalled pages (their lengths for a prefetch
+        into `out`, None for a demotion), ready on the caller's current stream. Re-raises
+        the transfer's error (e.g. PageCorruptError)."""
+        if not isinstance(handle, Transfer):
+            raise TypeError(f"handle must be a Transfer, got {type(handle).__name__}")
+        out, done = handle.future.result()
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(done)
+            for page in out if handle.kind == "recall" else ():
+                for t in page:
+                    t.record_stream(cur)  # allocated on the side stream, used on this one
+        return out
+
+    def close(self) -> None:
+        """Finish queued transfers and stop the worker."""
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> TransferEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _submit(self, kind: str, keys: list[PageKey], fn: Callable[[], Any]) -> Transfer:
+        ready = None
+        if self.cuda:  # the side stream must see everything queued so far on the caller's
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return Transfer(self._pool.submit(self._run, fn, ready), kind, keys)
+
+    def _run(self, fn: Callable[[], Any], ready: Any) -> tuple[Any, Any]:
+        if not self.cuda:
+            return fn(), None
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            out = fn()
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        done.synchronize()  # this worker waits, not the caller: buffers are free once done
+        return out, done

@@ -33,6 +33,8 @@ def parse(argv: list[str] | None = None) -> InferConfig:
     p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
     p.add_argument("--chunk-size", type=int, dest="chunk_size")
     p.add_argument("--seed", type=int)
+    p.add_argument("--eviction", help="compress the cache with this scorer after prefill")
+    p.add_argument("--budget", type=float, help="with --eviction: share of the prompt kept")
     args = vars(p.parse_args(argv))
     path = args.pop("config")
     if path is None:
@@ -117,8 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     t_load = time.perf_counter() - t_load
     n = ids.shape[1]
     capacity = -(-(n + cfg.max_new_tokens) // world) + 2 * cfg.page_size
+    policy = None
+    if cfg.eviction is not None:
+        from ringmem.eviction import EvictionPolicy, make_scorer
+        policy = EvictionPolicy(scorer=make_scorer(cfg.eviction), budget=float(cfg.budget),
+                                decode_every=cfg.decode_every)
     cache = hf_cache.RingmemCache.for_model(model, capacity=capacity, page_size=cfg.page_size,
-                                            layout=cfg.layout)
+                                            layout=cfg.layout, eviction=policy)
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -156,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cache: tokens per rank {stats['tokens_per_rank'][0]}, "
               f"{stats['cached_tokens'][0]} cached, page size {stats['page_size']}, "
               f"{stats['layers']} layers")
+        if policy is not None:
+            rec = cache.kv.eviction.records
+            print(f"eviction: {cfg.eviction} at {cfg.budget:.0%} of the prompt per layer x KV "
+                  f"head, {len(rec)} compressions, {sum(r.evicted for r in rec):,} (layer, "
+                  f"head, token) entries evicted")
         print(f"answer: {reply}")
         if key is not None:
             print(f"pass key {key}: {'correct' if haystack.answered(reply, key) else 'WRONG'}",

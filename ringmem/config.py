@@ -126,9 +126,23 @@ class InferConfig:
     backend: str = "auto"
     world_size: int | None = None
     """If set, the job refuses to start on any other number of ranks."""
+    eviction: str | None = None
+    """A scorer ("snapkv", "h2o", "tova", ...) to compress the cache after prefill; unset: none."""
+    budget: float = 0.25
+    """With `eviction`: tokens kept per layer x KV head, as a share of the prompt."""
+    decode_every: int = 0
+    """With `eviction`: also compress every N decode steps (0: never)."""
 
     def __post_init__(self) -> None:
         from . import BACKENDS, LAYOUTS
+        from .eviction.scorers import BY_NAME
+        if self.eviction is not None and self.eviction not in BY_NAME:
+            raise ValueError(f"eviction must be one of {sorted(BY_NAME)}, got "
+                             f"{self.eviction!r}")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.decode_every < 0:
+            raise ValueError(f"decode_every must be >= 0, got {self.decode_every}")
         for name in ("haystack_tokens", "max_context", "max_new_tokens", "chunk_size",
                      "page_size"):
             if getattr(self, name) < 1:

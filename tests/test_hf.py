@@ -125,6 +125,35 @@ def test_generate_equals_single_process(kind: str, world: int) -> None:
     spawn(_generate, world, kind, timeout=300)
 
 
+def _generate_evicting(rank: int, world: int) -> None:
+    from ringmem.eviction import EvictionPolicy, SnapKV
+    gen = dict(do_sample=False, max_new_tokens=6, pad_token_id=0)
+    model = _model("llama", torch.float32)
+    model.set_attn_implementation(hf.register())
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    plain = hf_cache.generate(model, ids, hf_cache.RingmemCache.for_model(
+        model, capacity=64, page_size=4), **gen)
+    # a budget that covers the prompt evicts nothing: the same tokens
+    keep_all = EvictionPolicy(scorer=SnapKV(), budget=64, sinks=2, recent=4, observe=4)
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4, eviction=keep_all)
+    assert torch.equal(hf_cache.generate(model, ids, cache, **gen), plain)
+    # a real budget: every layer x head holds at most 12 of the 39 prompt tokens after the
+    # compression, plus the tokens fed since (the prompt's last one and 5 generated)
+    small = EvictionPolicy(scorer=SnapKV(), budget=12, sinks=2, recent=4, observe=4)
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4, eviction=small)
+    out = hf_cache.generate(model, ids, cache, **gen)
+    assert out.shape == plain.shape
+    for rec in cache.kv.eviction.records:
+        assert max(rec.kept_per_head) <= 12 and rec.evicted == 2 * (39 - 12), rec
+    for layer in range(2):
+        held = cache.kv.head_counts_of(0, layer)  # [rank][head]
+        assert all(sum(h) == 12 + 6 for h in zip(*held)), held
+
+
+def test_generate_with_eviction() -> None:
+    spawn(_generate_evicting, 2, timeout=300)
+
+
 def test_cache_refuses_what_it_cannot_do() -> None:
     model = _model("llama", torch.float32)
     model.set_attn_implementation(hf.register())

@@ -107,6 +107,8 @@ def test_bad_config(data: dict, pattern: str) -> None:
     ({"chunk_size": 0}, "chunk_size must be >= 1, got 0"),
     ({"model": ""}, "model must be"),
     ({"world_size": 0}, "world_size must be >= 1, got 0"),
+    ({"eviction": "lru"}, "eviction must be one of"),
+    ({"eviction": "snapkv", "budget": 1.5}, r"budget must be in \(0, 1\], got 1.5"),
 ])
 def test_bad_infer_config(data: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):

@@ -109,8 +109,10 @@ class RingmemCache(Cache):
 
     @classmethod
     def for_model(cls, model: Any, *, capacity: int, group: Group = None, max_seqs: int = 1,
-                  page_size: int = 256, layout: str = "stripe", **options: Any) -> "RingmemCache":
-        """A cache shaped for `model` (layers, heads, head_dim, dtype, device from it)."""
+                  page_size: int = 256, layout: str = "stripe", eviction: Any = None,
+                  **options: Any) -> "RingmemCache":
+        """A cache shaped for `model` (layers, heads, head_dim, dtype, device from it);
+        `eviction`: an optional `ringmem.eviction.EvictionPolicy`."""
         c = model.config
         if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
             raise ValueError(f"the model uses sliding-window attention "
@@ -124,7 +126,7 @@ class RingmemCache(Cache):
                           head_dim=head_dim, capacity=capacity, page_size=page_size,
                           max_seqs=max_seqs, dtype=p.dtype, device=str(p.device),
                           layout=layout, **options)
-        return cls(ShardedKVCache(cfg, group=group))
+        return cls(ShardedKVCache(cfg, group=group, eviction=eviction))
 
     def reset(self) -> None:
         super().reset()
@@ -235,7 +237,8 @@ def generate(model: Any, input_ids: Tensor, cache: RingmemCache, *,
              chunk_size: int | None = None, progress: Callable[[int], None] | None = None,
              **generate_kwargs: Any) -> Any:
     """`model.generate` with the prompt prefilled sharded across the ranks (all but its last
-    token, which `generate` feeds itself). Call it on every rank with the same arguments."""
+    token, which `generate` feeds itself), compressed to the eviction budget when the
+    cache has a policy. Call it on every rank with the same arguments."""
     if (not isinstance(input_ids, Tensor) or input_ids.dim() != 2
             or input_ids.shape[0] != cache.kv.config.max_seqs):
         raise ValueError(f"input_ids must be [max_seqs={cache.kv.config.max_seqs}, S], got "
@@ -252,6 +255,8 @@ def generate(model: Any, input_ids: Tensor, cache: RingmemCache, *,
                 layer.seen = 0
             prefill(model, input_ids[b:b + 1, :-1], cache, seq=b, chunk_size=chunk_size,
                     progress=progress)
+        if cache.kv.eviction is not None:  # prefill-time compression, one global budget
+            cache.kv.compress()
     return model.generate(input_ids, past_key_values=cache, **generate_kwargs)
 
 

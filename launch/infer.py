@@ -101,10 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, device = dist.get_rank(), "cuda" if cuda else "cpu"
-    try:
-        path = models.model_path(cfg.model)  # builds the bundled model's cache once
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path)
+    try:  # the prompt is checked with the tokenizer alone, before any weights exist
+        tok = models.load_tokenizer(cfg.model)
         ids, key = build_prompt(cfg, tok)
         if ids.shape[1] > cfg.max_context:
             raise ValueError(f"the prompt is {ids.shape[1]} tokens, longer than "
@@ -112,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         dist.destroy_process_group()
         sys.exit(f"infer: {e}")
+    from transformers import AutoModelForCausalLM
+    if rank == 0:
+        models.model_path(cfg.model)  # the bundled model's de-quantized copy, built once
+    dist.barrier()
+    path = models.model_path(cfg.model)
     t_load = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.dtype))
     model = model.to(device).eval()
@@ -124,8 +127,14 @@ def main(argv: list[str] | None = None) -> None:
         from ringmem.eviction import EvictionPolicy, make_scorer
         policy = EvictionPolicy(scorer=make_scorer(cfg.eviction), budget=float(cfg.budget),
                                 decode_every=cfg.decode_every)
+    options = {}
+    if cfg.backend in ("torch", "sdpa", "triton"):  # decode through that backend too
+        options["decode_backend"] = cfg.backend
     cache = hf_cache.RingmemCache.for_model(model, capacity=capacity, page_size=cfg.page_size,
-                                            layout=cfg.layout, eviction=policy)
+                                            layout=cfg.layout, eviction=policy, **options)
+    cache.backend = cfg.backend
+    gran = 2 * world if cfg.layout == "zigzag" and world > 1 else world
+    chunk = -(-cfg.chunk_size // gran) * gran  # the layout splits chunks evenly
     bar = None
     if rank == 0:
         from tqdm import tqdm
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = ids.to(device)
     dist.barrier()
     t0 = time.perf_counter()
-    out = hf_cache.generate(model, ids, cache, chunk_size=cfg.chunk_size,
+    out = hf_cache.generate(model, ids, cache, chunk_size=chunk,
                             progress=(lambda done: bar.update(done - bar.n)) if bar else None,
                             max_new_tokens=cfg.max_new_tokens, do_sample=False,
                             streamer=clock, pad_token_id=tok.eos_token_id)
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.all_gather_object(lines, line)
     if rank == 0:
         print(f"infer: model {cfg.model} ({t_load:.1f} s to load), prompt {n} tokens, "
-              f"{world} ranks, layout {cfg.layout}, chunk {cfg.chunk_size}", flush=True)
+              f"{world} ranks, layout {cfg.layout}, chunk {chunk}", flush=True)
         print(*lines, sep="\n")
         print(f"time to first token {ttft:.2f} s ({(n - 1) / ttft:,.0f} prompt tokens/s), "
               f"decode {rate:.1f} tokens/s over {len(new)} tokens")

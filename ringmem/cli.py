@@ -25,6 +25,8 @@ def command(job: str, nproc: int, rest: list[str]) -> list[str]:
     """The torchrun command line that `ringmem <job>` runs."""
     if job not in JOBS:
         raise ValueError(f"job must be one of {sorted(JOBS)}, got {job!r}")
+    if rest[:1] in (["-h"], ["--help"]):
+        nproc = 1  # help needs no ranks
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -32,9 +34,15 @@ def command(job: str, nproc: int, rest: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ringmem", description=__doc__.splitlines()[0])
+    # no -h of its own: `ringmem infer --help` must reach the launcher and list its options
+    p = argparse.ArgumentParser(prog="ringmem", description=__doc__.splitlines()[0],
+                                add_help=False)
     p.add_argument("job", choices=sorted(JOBS))
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: GPUs, or 2 on CPU)")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     args, rest = p.parse_known_args(argv)
     try:
         cmd = command(args.job, args.nproc if args.nproc is not None else default_nproc(), rest)

@@ -88,7 +88,8 @@ def _generate(rank: int, world: int, kind: str) -> None:
 
     def check(what, got, ids, row=0):
         n = ids.shape[1]  # references run unpadded: a padded row must equal its own sequence
-        ref, base = (models[k].generate(ids, max_new_tokens=len(got.logits), **gen)
+        ref, base = (models[k].generate(ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=len(got.logits), **gen)
                      for k in ("ref", "base"))
         assert torch.equal(got.sequences[row, -len(got.logits):], ref.sequences[0, n:]), \
             f"{what}: greedy tokens differ"
@@ -97,6 +98,7 @@ def _generate(rank: int, world: int, kind: str) -> None:
             assert msg is None, msg
 
     ids = torch.randint(0, 128, (1, 8 * world + 5), generator=torch.Generator().manual_seed(1))
+    ids[0, 3] = 0  # the pad token inside a prompt is a real token, not padding
     # sharded chunked prefill (chunks of 2*world tokens, the last one partial), then decode
     cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4)
     check("prefill+generate", hf_cache.generate(model, ids, cache, chunk_size=4 * world,
@@ -105,8 +107,8 @@ def _generate(rank: int, world: int, kind: str) -> None:
     assert sum(counts) == ids.shape[1] + 5 and max(counts) - min(counts) <= 1, counts
     # plain generate on every rank: the replicated prompt is split by the cache itself
     cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4)
-    check("plain generate", model.generate(ids, past_key_values=cache, max_new_tokens=6, **gen),
-          ids)
+    check("plain generate", model.generate(ids, attention_mask=torch.ones_like(ids),
+                                           past_key_values=cache, max_new_tokens=6, **gen), ids)
     # a left-padded batch: pads are never cached, real tokens never see them
     ids2 = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids2)
@@ -170,6 +172,14 @@ def test_cache_refuses_what_it_cannot_do() -> None:
         hf_cache.prefill(model, torch.randint(0, 128, (1, 40)), cache)
     with pytest.raises(TypeError, match="kv must be a ShardedKVCache"):
         hf_cache.RingmemCache(object())
+    eager = _model("llama", torch.float32)
+    eager.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="RingmemCache needs ringmem's"):
+        hf_cache.RingmemCache.for_model(eager, capacity=32)
+    cache.reset()
+    eager.set_attn_implementation("sdpa")  # switched after the cache was made
+    with pytest.raises(ValueError, match="RingmemCache needs ringmem's attention"):
+        eager.generate(ids, past_key_values=cache, max_new_tokens=2)
 
 
 def test_shard_tokens_validates() -> None:

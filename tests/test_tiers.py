@@ -546,35 +546,10 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     assert len(list((tmp_path / "rank00001").iterdir())) == 1
 
 
-# ------------------------------------------------------- resume a cache (integration sketch)
-def cache_state(cache, model_id):
-    """What a ShardedKVCache shard needs saved: pools, page bookkeeping, replicated counts.
-    (The sketch of ShardedKVCache.save for the integration; reads its current attributes.)"""
-    c, st = cache.config, cache.stores
-    meta = {"model_id": model_id, "layout": c.layout, "world_size": cache.world,
-            "rank": cache.rank, "dtype": c.dtype, "num_layers": c.num_layers,
-            "kv_heads": c.kv_heads, "head_dim": c.head_dim, "page_size": c.page_size,
-            "tables": [s.tables for s in st], "hlens": [s.hlens for s in st],
-            "seen": cache.seen,
-            "state": {"free": [s._free for s in st], "lens": [s.lens for s in st],
-                      "store_split": [s.split for s in st], "counts": cache.counts,
-                      "head_counts": cache.head_counts, "split": cache.split}}
-    layers = [{"k": s.k, "v": s.v, "pos": s.pos, "score": s.score} for s in st]
-    return meta, layers
-
-
-def restore(cache, shard):
-    m, x = shard.meta, shard.meta["state"]
-    for i, (s, layer) in enumerate(zip(cache.stores, shard.layers)):
-        for name in ("k", "v", "pos", "score"):
-            getattr(s, name).copy_(layer[name])
-        s.tables, s.hlens, s._free = m["tables"][i], m["hlens"][i], x["free"][i]
-        s.lens, s.split = x["lens"][i], x["store_split"][i]
-    cache.seen, cache.counts = m["seen"], x["counts"]
-    cache.head_counts, cache.split = x["head_counts"], x["split"]
-
-
+# ------------------------------------------------------- resume a cache (world 1)
 def test_save_load_decode_equals_uninterrupted_decode(tmp_path):
+    """ShardedKVCache.save / load over these records (more, with tiers and several ranks,
+    in test_tiered_cache.py)."""
     from ringmem.cache import CacheConfig, ShardedKVCache
     cfg = CacheConfig(num_layers=2, q_heads=4, kv_heads=2, head_dim=8, capacity=64,
                       page_size=4, dtype=torch.bfloat16)
@@ -591,11 +566,9 @@ def test_save_load_decode_equals_uninterrupted_decode(tmp_path):
     for step in steps[:2]:
         for layer, qkv in enumerate(step):
             a.decode(layer, *qkv)
-    save_shard(tmp_path, *cache_state(a, "test/model"))
+    a.save(tmp_path, model_id="test/model")
     want = [[a.decode(layer, *qkv) for layer, qkv in enumerate(step)] for step in steps[2:]]
-    b = ShardedKVCache(cfg)
-    expect = {"model_id": "test/model", "layout": cfg.layout, "world_size": 1, "rank": 0,
-              "dtype": cfg.dtype, "next_positions": [15]}
-    restore(b, load_shard(tmp_path, expect))
+    b = ShardedKVCache.load(tmp_path, cfg, model_id="test/model")
+    assert b.next_position() == 15
     got = [[b.decode(layer, *qkv) for layer, qkv in enumerate(step)] for step in steps[2:]]
     assert all(torch.equal(x, y) for gs, ws in zip(got, want) for x, y in zip(gs, ws))

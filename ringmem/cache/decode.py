@@ -106,3 +106,27 @@ def merge_across_ranks(out: Tensor, lse: Tensor, meta: Tensor, group: Group, wor
     o = body[:b * h * d].reshape(b, h, d) / tot.clamp_min(1e-30).unsqueeze(-1)
     l = torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m)
     return o, l, torch.stack([hi, lo])  # rows differ iff some rank disagreed
+
+
+def masked_partial(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float
+                   ) -> tuple[Tensor, Tensor]:
+    """Partial attention over gathered per-head entries with holes (recalled tier pages).
+
+    q [Hq, D]; k, v [Hkv, n, D]; valid [Hkv, n] bool (False: an empty slot, pos = -1).
+    Returns (out [Hq, D], lse [Hq]) in fp32 (fp64 for fp64 k); a head with no valid entry
+    gets out = 0, lse = -inf.
+    """
+    hq, d = q.shape
+    hkv, n = k.shape[:2]
+    ad = torch.float64 if k.dtype == torch.float64 else torch.float32
+    qg = (q.to(ad) * scale).reshape(hkv, hq // hkv, d)
+    s = torch.bmm(qg, k.to(ad).transpose(1, 2))  # [Hkv, G, n]
+    s = s.masked_fill(~valid.to(s.device).unsqueeze(1), float("-inf"))
+    m = s.amax(-1, keepdim=True) if n else torch.full_like(s[..., :1], float("-inf"))
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # empty heads: no inf - inf
+    p = torch.exp(s - m)
+    l = p.sum(-1)
+    out = torch.bmm(p, v.to(ad)) / l.clamp_min(1e-30).unsqueeze(-1)
+    lse = torch.where(l > 0, m.squeeze(-1) + torch.log(l.clamp_min(1e-30)),
+                      torch.full_like(l, float("-inf")))
+    return out.reshape(hq, d), lse.reshape(hq)

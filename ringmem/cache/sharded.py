@@ -17,11 +17,18 @@ globally most important tokens under one budget per (layer, KV head). After a pe
 eviction, heads hold different tokens (`PagedStore` packs each head separately); decode
 then attends per head, and prefill's prefix pass runs the ring once per KV head. Positions
 keep counting from `next_position`, which `seq_len` (tokens held) no longer equals.
+
+Memory tiers (`tiers=TierPolicy(...)`, see `tiered.py`): evicted entries are demoted to host
+and disk instead of dropped, and each decode step recalls, per rank, the demoted pages
+whose Quest bound is highest for the query; attention is exact over hot + recalled
+(+ pending) entries, merged by lse before the one cross-rank merge. `save` / `load`
+checkpoint the whole cache, tiers included (`checkpoint.py`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,68 +37,40 @@ from torch import Tensor
 from ..agree import agree, float_bits
 from ..backends import BACKENDS, get_backend
 from ..comm import Group, RingComm, gather_rows, group_rank_world
-from ..layouts import LAYOUTS, check_layout, positions
+from ..layouts import LAYOUTS, positions
 from ..merge import merge_partials
 from ..ring import RingSpec, ring_forward
+from .config import CacheConfig
 from .decode import MERGES, merge_across_ranks, paged_partial
 from .paged import PagedStore
+from .tiered import Demote, TieredPages, TierPolicy
 
 if TYPE_CHECKING:
     from ..eviction.budget import EvictionPolicy
     from ..eviction.coordinator import EvictionRecord
 
 
-@dataclass(frozen=True, kw_only=True)
-class CacheConfig:
-    num_layers: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    capacity: int
-    """Tokens per rank per layer (rounded up to whole pages)."""
-    page_size: int = 256
-    max_seqs: int = 1
-    """Sequences decoded together (batch rows)."""
-    dtype: torch.dtype = torch.bfloat16
-    device: str = "cpu"
-    layout: str = "stripe"
-    """How prefill chunks are split over ranks; stripe keeps counts equal to within a token."""
-    merge: str = "allgather"
-    """Cross-rank decode merge: one all-gather, or two all-reduces."""
-    decode_backend: str = "paged"
-    """"paged" reads the pages in place; a ring backend name ("torch", "sdpa") gathers them."""
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "q_heads", "kv_heads", "head_dim", "capacity", "page_size",
-                     "max_seqs"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if self.q_heads % self.kv_heads:
-            raise ValueError(f"q_heads={self.q_heads} must be a multiple of "
-                             f"kv_heads={self.kv_heads}")
-        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
-        check_layout(self.layout)
-        if self.merge not in MERGES:
-            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
-        if self.decode_backend != "paged":
-            get_backend(self.decode_backend, torch.device(self.device), self.dtype,
-                        self.head_dim)
-
-
 class ShardedKVCache:
     """Per-layer paged K/V shards of up to `max_seqs` sequences across a process group."""
 
     def __init__(self, config: CacheConfig, *, group: Group = None,
-                 eviction: "EvictionPolicy | None" = None) -> None:
+                 eviction: "EvictionPolicy | None" = None,
+                 tiers: TierPolicy | None = None) -> None:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+        from ..eviction.actions import HardDrop
         from ..eviction.budget import EvictionPolicy  # lazy: eviction imports nothing here
         from ..eviction.coordinator import Coordinator
         if eviction is not None and not isinstance(eviction, EvictionPolicy):
             raise TypeError(f"eviction must be an EvictionPolicy or None, got "
                             f"{type(eviction).__name__}")
+        if tiers is not None and not isinstance(tiers, TierPolicy):
+            raise TypeError(f"tiers must be a TierPolicy or None, got {type(tiers).__name__}")
+        if tiers is not None and eviction is not None and \
+                not isinstance(eviction.action, HardDrop):
+            raise ValueError(f"with tiers= the cache demotes evicted entries itself; "
+                             f"eviction.action must be the default HardDrop, got "
+                             f"{type(eviction.action).__name__}")
         self.config, self.group = config, group
         self.rank, self.world = group_rank_world(group)
         self.device = torch.device(config.device)
@@ -110,6 +89,15 @@ class ShardedKVCache:
                              for _ in range(config.max_seqs)] for _ in range(config.num_layers)]
         self.split = [[False] * config.max_seqs for _ in range(config.num_layers)]
         self.seen = [[0] * config.max_seqs for _ in range(config.num_layers)]
+        self.tiers: TieredPages | None = None
+        error = None
+        try:  # directories and threads: may fail on one rank only
+            if tiers is not None:
+                self.tiers = TieredPages(tiers, config, self.rank, self.device)
+                if eviction is not None:
+                    eviction = dataclasses.replace(eviction, action=Demote(self.tiers))
+        except (OSError, ValueError, TypeError) as e:
+            error = e
         self.eviction = None if eviction is None else Coordinator(self, eviction)
         c = config
         sig = (0,) if eviction is None else eviction.signature()
@@ -119,7 +107,8 @@ class ShardedKVCache:
             "dtype": (_DTYPES.index(c.dtype) if c.dtype in _DTYPES else -1,),
             "layout, merge": (LAYOUTS.index(c.layout), MERGES.index(c.merge)),
             **{f"eviction policy [{i}:{i + 5}]": sig[i:i + 5] for i in range(0, 15, 5)},
-        }, None, group, self.world, self.device)
+            "tiers (on, recall)": (0, 0) if tiers is None else tiers.signature(),
+        }, error, group, self.world, self.device)
 
     # ---------------------------------------------------------------- bookkeeping
     def seq_len(self, seq: int = 0, layer: int = 0) -> int:
@@ -240,7 +229,9 @@ class ShardedKVCache:
             scale = self._scale(softmax_scale)
             impl = get_backend(backend, q.device, q.dtype, c.head_dim)
             start = self.seen[layer][seq]
-        except (TypeError, ValueError) as e:
+            if self.tiers is not None:  # a full tier store fails here, on every rank
+                self.tiers.flush(layer, seq)
+        except (TypeError, ValueError, OSError) as e:
             error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
         agree("prefill_chunk", {"layer, seq, start": (layer, seq, start),
                                 "q.shape": tuple(q.shape) if error is None else (-1,),
@@ -311,8 +302,10 @@ class ShardedKVCache:
         query over its sequence's cached tokens plus the new token, which is then cached on
         the least-loaded rank.
 
-        Errors (bad input, full cache, ranks disagreeing on the step) are raised on every
-        rank after the one collective of the step, so no rank is left waiting in it.
+        Errors (bad input, full cache, ranks disagreeing on the step, a full or damaged
+        tier store) are raised on every rank after the one collective of the step, so no
+        rank is left waiting in it. With tiers, each rank also attends its pending and
+        recalled demoted entries (see `tiered.py`) before that merge.
         """
         c, b, acc = self.config, self.config.max_seqs, self.acc_dtype
         try:
@@ -324,8 +317,10 @@ class ShardedKVCache:
                 raise ValueError(f"decode takes all {b} sequences (batch {b}), got q.shape "
                                  f"{tuple(q.shape)}, k.shape {tuple(k.shape)}")
             scale = self._scale(softmax_scale)
+            # demoted pages: flush, rank by bound, fetch (errors ride the merge below)
+            recalled = None if self.tiers is None else self.tiers.prepare(layer, q, scale)
             error = None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError, OSError) as e:
             error = e
         dev = q.device if error is None else self.device
         outs = torch.zeros(b, c.q_heads, c.head_dim, dtype=acc, device=dev)
@@ -347,6 +342,9 @@ class ShardedKVCache:
             logits: list[list[Tensor] | None] = [[] if want_logits else None for _ in range(b)]
             for s in range(b):
                 outs[s], lses[s] = self._partial(layer, s, q[s, 0], scale, logits[s])
+                if recalled is not None and recalled[s] is not None:
+                    outs[s], lses[s] = self.tiers.attend(recalled[s], q[s, 0], scale,
+                                                         outs[s], lses[s])
             lengths = [*self.seen[layer], *(sum(x) for x in counts)]
         else:
             lengths = [-1] * 2 * b
@@ -449,6 +447,8 @@ class ShardedKVCache:
             self.seen[layer][seq] = 0
         if self.eviction is not None:
             self.eviction.reset(seq)
+        if self.tiers is not None:  # the only way demoted pages are deleted
+            self.tiers.reset(seq)
 
     def compress(self, layer: int | None = None, seq: int | None = None
                  ) -> "list[EvictionRecord]":
@@ -471,8 +471,50 @@ class ShardedKVCache:
                                           isinstance(seq, int) else -3)},
               error, self.group, self.world, self.device)
         assert self.eviction is not None
-        return [r for lay in layers for s in seqs
-                if (r := self.eviction.compress(lay, s)) is not None]
+        out = [r for lay in layers for s in seqs
+               if (r := self.eviction.compress(lay, s)) is not None]
+        if self.tiers is not None:  # demote now; a full tier store raises on every rank
+            try:
+                for lay in layers:
+                    for s in seqs:
+                        self.tiers.flush(lay, s)
+            except (ValueError, OSError) as e:
+                error = e
+            agree("compress (demotion)", {}, error, self.group, self.world, self.device)
+        return out
+
+    def tier_stats(self) -> dict:
+        """This rank's tier usage (`TieredPages.stats`): pages and bytes per tier, pending
+        entries, summary bytes, recall counters. Empty without tiers."""
+        return {} if self.tiers is None else self.tiers.stats()
+
+    def close(self) -> None:
+        """Stop the tiers' transfer worker and delete their pages and files."""
+        if self.tiers is not None:
+            self.tiers.close()
+
+    def save(self, root: str | Path, *, model_id: str, fsync: bool = True) -> Path:
+        """Checkpoint every rank's shard under `root` (collective; see `checkpoint.py`):
+        hot pages, demoted pages, bookkeeping, eviction state. Returns this rank's
+        manifest path."""
+        from .checkpoint import save_cache
+        return save_cache(self, root, model_id=model_id, fsync=fsync)
+
+    @classmethod
+    def load(cls, root: str | Path, config: CacheConfig, *, model_id: str,
+             group: Group = None, eviction: "EvictionPolicy | None" = None,
+             tiers: TierPolicy | None = None) -> "ShardedKVCache":
+        """A cache resumed from `save` (collective). model id, layout, world size, dtype,
+        dims, page size, capacity, eviction policy and the files are all checked; any
+        mismatch or damage raises on every rank."""
+        from .checkpoint import load_cache
+        cache = cls(config, group=group, eviction=eviction, tiers=tiers)
+        try:
+            load_cache(cache, root, model_id=model_id)
+        except BaseException:
+            cache.close()  # its tier worker and scratch directory
+            raise
+        return cache
 
     def memory_bytes(self) -> int:
         """Bytes this rank's cache pools take (K, V and metadata)."""

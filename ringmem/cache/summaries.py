@@ -131,6 +131,11 @@ class PageSummaries:
     def __len__(self) -> int:
         return len(self._row)
 
+    def nbytes(self) -> int:
+        """Bytes the summary tables take on the hot device (allocated rows)."""
+        return sum(t.numel() * t.element_size() for _, *ts in self._tables.values()
+                   for t in ts)
+
     def __contains__(self, key: object) -> bool:
         return key in self._row
 

@@ -1,9 +1,10 @@
 """What happens to evicted entries: a pluggable action.
 
 The coordinator hands every evicted (KV head, token) entry of a compression to the action
-*before* the cache compacts it away. `HardDrop` discards them (the only action implemented
-now). A memory-tier store (host RAM, disk) implements the same `demote` method to keep them
-recallable; nothing in the cache depends on which action runs.
+*before* the cache compacts it away. `HardDrop` (the default) discards them. With
+`ShardedKVCache(..., tiers=TierPolicy(...))` the cache installs `ringmem.cache.Demote`
+instead, which keeps them recallable on host and disk tiers; nothing else in the cache
+depends on which action runs.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ whole sequence through the ring:
 A matching `AttentionMaskInterface` entry is registered too: a name registered only as an
 attention function would receive no mask, and padding would be silently ignored.
 
-Padding. With a `RingmemCache` (generation, `hf_cache`), padded tokens are never cached and
-any padding works. In the cache-less ring path (prefill/training on shards), causality
+Padding. With a `RingmemCache` (generation, `hf_cache`), padded tokens are never cached:
+left-padded batches (what `generate` expects) are exact. In the cache-less ring path (prefill/training on shards), causality
 already hides every pad that comes *after* a sequence's real tokens, so right padding is
 exact for the real tokens; left padding would let real tokens see pads, and is refused with
 a clear error (every rank checks the same global condition).
@@ -40,6 +40,8 @@ def register(*, name: str = "ringmem", group: Group = None, layout: str = "zigza
                   attention_mask: Tensor | None, scaling: float | None = None,
                   dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
         # query [B, Hq, S, D], key/value [B, Hkv, S_kv, D] (GQA not expanded)
+        from .hf_cache import take_pending  # only importable with transformers present
+        cache = take_pending(getattr(module, "layer_idx", -1), key)  # first: always cleared
         if dropout:
             raise ValueError(f"ringmem attention has no dropout, got dropout={dropout}")
         if getattr(module, "sliding_window", None):
@@ -48,8 +50,9 @@ def register(*, name: str = "ringmem", group: Group = None, layout: str = "zigza
                              f"attention only")
         if not getattr(module, "is_causal", True):
             raise ValueError("ringmem's transformers attention is for causal decoders")
-        from .hf_cache import take_pending  # only importable with transformers present
-        cache = take_pending(getattr(module, "layer_idx", -1), key)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"ringmem takes a 2-D padding mask [B, S], got shape "
+                             f"{tuple(attention_mask.shape)}")
         if cache is not None:  # generation: the sharded cache attends and stores
             return cache.attention(module.layer_idx, query, key, value, attention_mask,
                                    scaling), None
@@ -79,7 +82,12 @@ def register(*, name: str = "ringmem", group: Group = None, layout: str = "zigza
 
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, mask)
+    REGISTERED.add(name)
     return name
+
+
+REGISTERED: set[str] = set()
+"""Attention implementation names `register` has set up (RingmemCache checks for one)."""
 
 
 def shard_tokens(input_ids: Tensor, *, group: Group = None,
@@ -94,12 +102,12 @@ def shard_tokens(input_ids: Tensor, *, group: Group = None,
             shard(pos, 1, group=group, layout=layout))
 
 
-_checked: list[Tensor] = []  # the last mask verified (one check per forward, not per layer)
+_checked: list = []  # the last mask verified and its version (one check per forward)
 
 
 def _check_right_padding(mask: Tensor, position_ids: Tensor | None, group: Group) -> None:
     """Raise unless, in every row, every pad's global position follows every real token's."""
-    if _checked and _checked[0] is mask:
+    if _checked and _checked[0] is mask and _checked[1] == mask._version:
         return
     if position_ids is None:
         raise ValueError("a padding mask in ring attention needs position_ids (the tokens' "
@@ -117,4 +125,4 @@ def _check_right_padding(mask: Tensor, position_ids: Tensor | None, group: Group
         raise ValueError(f"ring attention takes right padding only (pads after a row's real "
                          f"tokens); rows {bad} have a pad before a real token. Use "
                          f"tokenizer.padding_side='right', or generate with a RingmemCache")
-    _checked[:] = [mask]
+    _checked[:] = [mask, mask._version]

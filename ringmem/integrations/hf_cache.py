@@ -14,7 +14,9 @@ attention, which also stores the new K/V where they belong:
   the layout, attended the same way, and the outputs all-gathered. The MLPs then run
   replicated; `prefill`/`generate` below shard them too.
 
-Padding: tokens whose attention mask is 0 are never cached, and no real token attends to one.
+Padding (left padding, as `generate` expects, through `model.generate(..., attention_mask=...,
+past_key_values=cache)`): tokens whose attention mask is 0 are never cached, and no real
+token attends to one.
 The cache's own length (what transformers sees) counts every token fed, pads included, so
 transformers' position bookkeeping is unchanged.
 """
@@ -62,6 +64,10 @@ class _Layer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
         global _pending
+        if _pending is not None:  # the previous layer's attention never took its keys
+            _pending = None
+            raise ValueError("RingmemCache needs ringmem's attention: call "
+                             "model.set_attn_implementation(ringmem.integrations.hf.register())")
         _pending = (self.owner, self.idx, key_states)
         chunk = self.owner._chunk
         self.seen += chunk[0] if chunk is not None else key_states.shape[-2]
@@ -105,6 +111,7 @@ class RingmemCache(Cache):
             raise TypeError(f"kv must be a ShardedKVCache, got {type(kv).__name__}")
         self.kv = kv
         self._chunk: tuple[int, int] | None = None  # (real tokens, seq) during `prefill`
+        self.backend = "auto"  # block backend of prefill chunks (decode: config.decode_backend)
         super().__init__(layers=[_Layer(self, i) for i in range(kv.config.num_layers)])
 
     @classmethod
@@ -114,6 +121,11 @@ class RingmemCache(Cache):
         """A cache shaped for `model` (layers, heads, head_dim, dtype, device from it);
         `eviction`: an optional `ringmem.eviction.EvictionPolicy`."""
         c = model.config
+        from .hf import REGISTERED
+        if getattr(c, "_attn_implementation", None) not in REGISTERED:
+            raise ValueError(f"the model's attention implementation is "
+                             f"{getattr(c, '_attn_implementation', None)!r}; RingmemCache needs "
+                             f"ringmem's: model.set_attn_implementation(hf.register())")
         if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
             raise ValueError(f"the model uses sliding-window attention "
                              f"(sliding_window={c.sliding_window}); ringmem caches full "
@@ -143,7 +155,7 @@ class RingmemCache(Cache):
         if self._chunk is not None:  # `prefill`: this rank's shard of a chunk
             n_valid, seq = self._chunk
             return kv.prefill_chunk(layer, q, k, v, seq=seq, n_valid=n_valid,
-                                    softmax_scale=scaling)
+                                    softmax_scale=scaling, backend=self.backend)
         if q.shape[0] != kv.config.max_seqs:
             raise ValueError(f"the model runs a batch of {q.shape[0]} rows but the cache holds "
                              f"max_seqs={kv.config.max_seqs} sequences (beam search and "
@@ -171,7 +183,7 @@ class RingmemCache(Cache):
                 rows = torch.cat([rows, rows.new_zeros(c - n, *rows.shape[1:])])
                 return kv.shard_chunk(rows.unsqueeze(0))
             o = kv.prefill_chunk(layer, part(q), part(k), part(v), seq=b, n_valid=n,
-                                 softmax_scale=scaling)
+                                 softmax_scale=scaling, backend=self.backend)
             full = unshard(o.contiguous(), 1, group=kv.group, layout=kv.config.layout)
             out[b].index_copy_(0, idx, full[0, :n].to(out.dtype))
         return out
@@ -212,7 +224,7 @@ def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
         c = -(-n // gran) * gran
         ids = torch.cat([ids, ids.new_zeros(1, c - n)], 1)  # pads sit after every real token
         local = kv.shard_chunk(ids)
-        offset = cache.get_seq_length()
+        offset = kv.next_position(seq)  # this row's tokens so far, evicted ones included
         pos = positions(kv.config.layout, kv.rank, kv.world, c // kv.world).to(ids.device)
         final = start + chunk_size >= total
         mine = (pos == n - 1).nonzero().flatten()  # the prompt's last token, if I hold it
@@ -230,6 +242,8 @@ def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
             progress(min(start + chunk_size, total))
     if kv.world > 1:  # exactly one rank holds the last token: a sum hands it to everyone
         dist.all_reduce(last, group=kv.group)
+    for i, layer in enumerate(cache.layers):  # transformers' length: this row's tokens fed
+        layer.seen = kv.next_position(seq, i)
     return last
 
 
@@ -250,14 +264,15 @@ def generate(model: Any, input_ids: Tensor, cache: RingmemCache, *,
         raise ValueError(f"the cache already holds {cache.get_seq_length()} tokens; "
                          f"call cache.reset() first")
     if input_ids.shape[1] > 1:
-        for b in range(input_ids.shape[0]):
-            for layer in cache.layers:  # every row restarts at length 0 for transformers
-                layer.seen = 0
+        for b in range(input_ids.shape[0]):  # rows have one length: `seen` ends the same
             prefill(model, input_ids[b:b + 1, :-1], cache, seq=b, chunk_size=chunk_size,
                     progress=progress)
         if cache.kv.eviction is not None:  # prefill-time compression, one global budget
             cache.kv.compress()
-    return model.generate(input_ids, past_key_values=cache, **generate_kwargs)
+    # an explicit all-ones mask: transformers would otherwise infer padding wherever the
+    # prompt happens to contain the pad token, and shift positions the prefill did not
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                          past_key_values=cache, **generate_kwargs)
 
 
 def cache_stats(cache: RingmemCache) -> dict[str, Any]:

@@ -78,6 +78,16 @@ def model_path(model: str) -> Path:
     return path
 
 
+def load_tokenizer(model: str = BUNDLED) -> Any:
+    """The tokenizer alone: for the bundled model, read from the GGUF file until the
+    de-quantized copy exists, so prompts can be checked before any weights are built."""
+    from transformers import AutoTokenizer
+    if model == BUNDLED and not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():
+        gguf = bundled_gguf()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(model_path(model))
+
+
 def load(model: str = BUNDLED, *, dtype: torch.dtype = torch.float32,
          device: str = "cpu") -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for `model` ("smollm2-135m" or a local directory)."""

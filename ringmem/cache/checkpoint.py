@@ -1,0 +1,135 @@
+"""Save and load a whole `ShardedKVCache` (every rank's shard), to resume a long document
+without prefilling it again (`ShardedKVCache.save` / `ShardedKVCache.load`).
+
+Each rank writes its shard with `persist.save_shard` (checksummed records, an atomic
+manifest): per layer the hot pools (k, v, pos, score), the demoted tier pages and pending
+entries (`tiered.TieredPages.export`) and the eviction coordinator's observation window;
+the JSON state carries the page tables, the replicated per-rank counts, the config fields
+the manifest does not, and the coordinator's counters. Loading verifies every file, then
+that model id, layout, world size, rank, dtype, dims, page size, capacity, eviction policy
+and tiers match, then that all ranks loaded the same replicated state. Both are
+collective: an error on any rank (bad file, mismatch, full disk) is raised on every rank.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..agree import agree
+from .persist import load_shard, save_shard
+
+if TYPE_CHECKING:
+    from .sharded import ShardedKVCache
+
+_ERRORS = (ValueError, TypeError, KeyError, OSError)
+
+
+def _model_id(model_id: object) -> str:
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError(f"model_id must be a non-empty str, got {model_id!r}")
+    return model_id
+
+
+def _replicated_crc(cache: ShardedKVCache) -> int:
+    """CRC of the state every rank holds alike (ranks of different saves differ here)."""
+    rep = [cache.seen, cache.counts, cache.head_counts, cache.split]
+    return zlib.crc32(json.dumps(rep).encode())
+
+
+def _config_state(cache: ShardedKVCache) -> dict[str, Any]:
+    c = cache.config
+    sig = None if cache.eviction is None else list(cache.eviction.policy.signature())
+    return {"q_heads": c.q_heads, "capacity": c.capacity, "max_seqs": c.max_seqs,
+            "eviction": sig}
+
+
+def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
+               fsync: bool = True) -> Path:
+    """Write this rank's shard under `root` (collective); returns its manifest path."""
+    error, path = None, Path()
+    try:
+        model_id = _model_id(model_id)
+        c, st = cache.config, cache.stores
+        layers = [{"k": s.k, "v": s.v, "pos": s.pos, "score": s.score} for s in st]
+        tiers = []
+        if cache.tiers is not None:
+            for i, layer in enumerate(layers):
+                tensors, state = cache.tiers.export(i, c.max_seqs)
+                layer.update(tensors)
+                tiers.append(state)
+        ev = None
+        if cache.eviction is not None:
+            co = cache.eviction
+            ev = {"folded": co.folded, "pending": co.pending, "scale": co.scale,
+                  "steps": co.steps}
+            for i, layer in enumerate(layers):
+                for s, o in enumerate(co._obs[i]):
+                    if o.q is not None:
+                        layer.update({f"obs{s}_q": o.q, f"obs{s}_lse": o.lse,
+                                      f"obs{s}_pos": o.pos})
+        meta = {"model_id": model_id, "layout": c.layout, "world_size": cache.world,
+                "rank": cache.rank, "dtype": c.dtype, "num_layers": c.num_layers,
+                "kv_heads": c.kv_heads, "head_dim": c.head_dim, "page_size": c.page_size,
+                "tables": [s.tables for s in st], "hlens": [s.hlens for s in st],
+                "seen": cache.seen,
+                "state": {"config": _config_state(cache), "free": [s._free for s in st],
+                          "lens": [s.lens for s in st], "store_split": [s.split for s in st],
+                          "counts": cache.counts, "head_counts": cache.head_counts,
+                          "split": cache.split, "tiers": tiers or None, "eviction": ev}}
+        path = save_shard(root, meta, layers, fsync=fsync)
+    except _ERRORS as e:
+        error = e
+    agree("ShardedKVCache.save", {"model_id crc": (zlib.crc32(str(model_id).encode()),)},
+          error, cache.group, cache.world, cache.device)
+    return path
+
+
+def load_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str) -> None:
+    """Fill a freshly built cache from the checkpoint under `root` (collective)."""
+    error = None
+    try:
+        c = cache.config
+        expect = {"model_id": _model_id(model_id), "layout": c.layout,
+                  "world_size": cache.world, "rank": cache.rank, "dtype": c.dtype,
+                  "num_layers": c.num_layers, "kv_heads": c.kv_heads,
+                  "head_dim": c.head_dim, "page_size": c.page_size}
+        shard = load_shard(root, expect, device=cache.device)
+        _restore(cache, shard.meta, shard.layers)
+    except _ERRORS as e:
+        error = e
+    agree("ShardedKVCache.load", {"replicated state crc": (
+        -1 if error else _replicated_crc(cache),)}, error, cache.group, cache.world,
+        cache.device)
+
+
+def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> None:
+    x = m["state"]
+    want = _config_state(cache)
+    for field, saved in x["config"].items():
+        if saved != want[field]:
+            raise ValueError(f"checkpoint: {field} is {saved!r}, this cache has "
+                             f"{want[field]!r}")
+    demoted = (any(t["pages"] or any(t["next_id"]) for t in x["tiers"] or ())
+               or any(k.startswith("pend") for layer in layers for k in layer))
+    if demoted and cache.tiers is None:
+        raise ValueError("checkpoint holds demoted pages: build the cache with tiers=")
+    for i, (s, layer) in enumerate(zip(cache.stores, layers)):
+        for name in ("k", "v", "pos", "score"):
+            getattr(s, name).copy_(layer[name])
+        s.tables, s.hlens, s._free = m["tables"][i], m["hlens"][i], x["free"][i]
+        s.lens, s.split = x["lens"][i], x["store_split"][i]
+        if x["tiers"] is not None and cache.tiers is not None:
+            cache.tiers.restore(i, cache.config.max_seqs, layer, x["tiers"][i])
+    cache.seen, cache.counts = m["seen"], x["counts"]
+    cache.head_counts, cache.split = x["head_counts"], x["split"]
+    ev, co = x["eviction"], cache.eviction
+    if ev is not None and co is not None:
+        co.folded, co.pending, co.scale, co.steps = (ev["folded"], ev["pending"], ev["scale"],
+                                                     ev["steps"])
+        for i, layer in enumerate(layers):
+            for s, o in enumerate(co._obs[i]):
+                if f"obs{s}_q" in layer:
+                    o.q, o.lse, o.pos = (layer[f"obs{s}_{n}"].clone()
+                                         for n in ("q", "lse", "pos"))

@@ -1,0 +1,49 @@
+"""The configuration of a `ShardedKVCache`: model dims, capacity, layout, merge, backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backends import get_backend
+from ..layouts import check_layout
+from .decode import MERGES
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    num_layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    capacity: int
+    """Tokens per rank per layer (rounded up to whole pages)."""
+    page_size: int = 256
+    max_seqs: int = 1
+    """Sequences decoded together (batch rows)."""
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cpu"
+    layout: str = "stripe"
+    """How prefill chunks are split over ranks; stripe keeps counts equal to within a token."""
+    merge: str = "allgather"
+    """Cross-rank decode merge: one all-gather, or two all-reduces."""
+    decode_backend: str = "paged"
+    """"paged" reads the pages in place; a ring backend name ("torch", "sdpa") gathers them."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "q_heads", "kv_heads", "head_dim", "capacity", "page_size",
+                     "max_seqs"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"q_heads={self.q_heads} must be a multiple of "
+                             f"kv_heads={self.kv_heads}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        check_layout(self.layout)
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        if self.decode_backend != "paged":
+            get_backend(self.decode_backend, torch.device(self.device), self.dtype,
+                        self.head_dim)

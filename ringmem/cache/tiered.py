@@ -1,0 +1,308 @@
+"""Memory tiers under a `ShardedKVCache`: evicted entries are demoted, then recalled by query.
+
+* `TierPolicy` (`ShardedKVCache(..., eviction=..., tiers=TierPolicy(...))`): per-rank host
+  and disk capacities in pages, the recall budget, prefetch on/off.
+* `Demote`, the eviction action the cache installs: the evicted (KV head, token) entries
+  of each (layer, seq) are buffered per head ("pending": hot, always attended). Once a
+  head holds a page's worth they are packed into demoted pages: slot j of head h holds that
+  head's j-th entry, so one page may hold different tokens per head, and a head that
+  evicted fewer has empty slots (pos = -1). Pages go to this rank's `TierStore` (host, LRU
+  spill to disk) with their Quest summaries on the hot device.
+* Decode (`prepare`, then `attend` per sequence): each rank bounds its own demoted pages of
+  (layer, seq) with the query, recalls its top `recall` pages (ties: lower page id),
+  attends exactly over pending + recalled (per-head masks) and merges that with the hot
+  partial by lse, before the step's one cross-rank merge. The budget is per rank: a global
+  top-n would cost a collective per layer.
+* Prefetch: while layer l computes, the transfer worker recalls layer l+1's selection of
+  the previous step. Pages the new selection needs but the prefetch lacks are recalled at
+  once, and pages are attended in selection order, so outputs never depend on timing.
+
+Prefill attends hot tokens only (later prompt chunks do not see demoted tokens), as with
+hard eviction. Demoted pages are dropped only by `reset(seq)` (or `close`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..merge import merge_partials
+from .decode import masked_partial
+from .summaries import PageKey
+from .tiers import TierConfig, TierStore
+from .transfer import Page, Transfer, TransferEngine
+
+if TYPE_CHECKING:
+    from .config import CacheConfig
+
+_GROUP = 64  # pages packed per demote_run call (bounds the staging copy)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TierPolicy:
+    host_pages: int
+    """Host-tier capacity of each rank, in pages (0: demote straight to disk)."""
+    disk_pages: int = 0
+    """Disk-tier capacity of each rank, in pages (0: no disk tier)."""
+    disk_dir: str | None = None
+    """Root of the disk tier (rank r writes under <disk_dir>/rank<r>/); needed with disk."""
+    recall: int = 8
+    """Demoted pages each rank recalls per (layer, seq) per decode step."""
+    prefetch: bool = True
+    """Recall the next layer's pages on a background worker (CUDA: a side stream)."""
+    segment_pages: int = 64
+    """Host slots allocated at a time."""
+    fsync: bool = False
+    """fsync every spilled page (spilled pages are scratch; checkpoints always sync)."""
+
+    def __post_init__(self) -> None:
+        for name in ("host_pages", "disk_pages", "recall", "segment_pages"):
+            val, low = getattr(self, name), 1 if name == "segment_pages" else 0
+            if isinstance(val, bool) or not isinstance(val, int) or val < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
+        if self.host_pages + self.disk_pages == 0:
+            raise ValueError("host_pages and disk_pages are both 0: no tier to demote to")
+        if self.disk_pages and not isinstance(self.disk_dir, (str, os.PathLike)):
+            raise ValueError(f"disk_pages={self.disk_pages} needs a disk_dir, got "
+                             f"{self.disk_dir!r}")
+        for name in ("prefetch", "fsync"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def signature(self) -> tuple[int, ...]:
+        """Ints every rank must agree on."""
+        return (1, self.recall)
+
+
+class Entries(NamedTuple):
+    """Pending evicted entries of one head: pos [n], k, v [n, D], score [n]."""
+    pos: Tensor
+    k: Tensor
+    v: Tensor
+    score: Tensor
+
+
+class Gathered(NamedTuple):
+    """Entries a decode step attends besides the hot pages: k, v [Hkv, n, D], pos [Hkv, n]
+    (-1: an empty slot)."""
+    k: Tensor
+    v: Tensor
+    pos: Tensor
+
+
+class Demote:
+    """Eviction action: evicted entries go to the cache's tiers instead of being dropped."""
+
+    def __init__(self, tiers: TieredPages) -> None:
+        self.tiers = tiers
+
+    def demote(self, layer: int, seq: int, head: int, pos: Tensor, k: Tensor, v: Tensor,
+               score: Tensor) -> None:
+        self.tiers.add(layer, seq, head, pos, k, v, score)
+
+
+class TieredPages:
+    """One rank's demoted K/V of every layer and sequence: pending entries, the tier
+    store, summaries, the recall selection and the prefetches in flight."""
+
+    def __init__(self, policy: TierPolicy, config: CacheConfig, rank: int,
+                 device: torch.device) -> None:
+        c = config
+        self.policy, self.ps, self.hkv, self.d = policy, c.page_size, c.kv_heads, c.head_dim
+        self.dtype, self.device, self.num_layers = c.dtype, device, c.num_layers
+        self.store = TierStore(TierConfig(
+            kv_heads=c.kv_heads, head_dim=c.head_dim, page_size=c.page_size, dtype=c.dtype,
+            host_pages=policy.host_pages, disk_pages=policy.disk_pages,
+            segment_pages=policy.segment_pages,
+            disk_dir=None if policy.disk_dir is None else str(policy.disk_dir), rank=rank,
+            fsync=policy.fsync, hot_device=str(device)))
+        self.engine = TransferEngine(self.store, device) if policy.prefetch else None
+        self.pending: dict[tuple[int, int], list[Entries]] = {}
+        self._padded: dict[tuple[int, int], Page] = {}  # pending as one masked page
+        self.next_id: dict[tuple[int, int], int] = {}
+        self.selected: dict[tuple[int, int], list[PageKey]] = {}
+        """(layer, seq) -> the pages recalled by the latest decode step, best first."""
+        self._inflight: dict[int, Transfer] = {}
+        self.counters = {"recalled_pages": 0, "prefetched_used": 0, "recalled_sync": 0}
+
+    # ------------------------------------------------------------ demotion
+    def add(self, layer: int, seq: int, head: int, pos: Tensor, k: Tensor, v: Tensor,
+            score: Tensor) -> None:
+        """Buffer evicted entries of one head (pos [n], k, v [n, D], score [n])."""
+        ents = self.pending.setdefault((layer, seq), [self._empty() for _ in range(self.hkv)])
+        e = ents[head]
+        ents[head] = Entries(torch.cat([e.pos, pos.to(e.pos)]), torch.cat([e.k, k.to(e.k)]),
+                             torch.cat([e.v, v.to(e.v)]),
+                             torch.cat([e.score, score.to(e.score)]))
+        self._padded.pop((layer, seq), None)
+
+    def _empty(self, n: int = 0) -> Entries:
+        dev = self.device
+        return Entries(torch.zeros(n, dtype=torch.int64, device=dev),
+                       torch.zeros(n, self.d, dtype=self.dtype, device=dev),
+                       torch.zeros(n, self.d, dtype=self.dtype, device=dev),
+                       torch.zeros(n, dtype=torch.float32, device=dev))
+
+    def flush(self, layer: int, seq: int) -> None:
+        """Demote every whole page's worth of pending entries of (layer, seq). Each group
+        of pages is stored all or nothing (TierStore.demote_run), and entries leave the
+        pending buffer only once stored: a full store raises with no data lost."""
+        key = (layer, seq)
+        ents, ps = self.pending.get(key), self.ps
+        while ents is not None:
+            full = [e.pos.numel() // ps for e in ents]
+            m = min(max(full), _GROUP)
+            if m == 0:
+                break
+            take = [min(f, m) * ps for f in full]
+            page = self._pack(ents, take, m * ps)
+            first = self.next_id.get(key, 0)
+            self.store.demote_run([(layer, seq, first + i) for i in range(m)], *page)
+            self.next_id[key] = first + m
+            # clones: a view would keep the whole evicted batch alive
+            ents = [Entries(*(t[n:].clone() for t in e)) for e, n in zip(ents, take)]
+            self.pending[key] = ents
+            self._padded.pop(key, None)
+
+    def _pack(self, ents: list[Entries], take: list[int], width: int) -> Page:
+        """Head h's first take[h] entries in slots [0, take[h]) of [Hkv, width] tensors;
+        the other slots empty (pos -1, zeros)."""
+        dev = self.device
+        k = torch.zeros(self.hkv, width, self.d, dtype=self.dtype, device=dev)
+        v = torch.zeros_like(k)
+        pos = torch.full((self.hkv, width), -1, dtype=torch.int64, device=dev)
+        score = torch.zeros(self.hkv, width, dtype=torch.float32, device=dev)
+        for h, (e, n) in enumerate(zip(ents, take)):
+            k[h, :n], v[h, :n], pos[h, :n], score[h, :n] = e.k[:n], e.v[:n], e.pos[:n], \
+                e.score[:n]
+        return Page(k, v, pos, score)
+
+    def padded(self, layer: int, seq: int) -> Page | None:
+        """The pending entries of (layer, seq) as one page [Hkv, max n_h] (None if none)."""
+        key = (layer, seq)
+        if key not in self._padded:
+            ents = self.pending.get(key)
+            n = [e.pos.numel() for e in ents] if ents else [0]
+            if max(n) == 0:
+                return None
+            self._padded[key] = self._pack(ents, n, max(n))
+        return self._padded[key]
+
+    # ------------------------------------------------------------ decode
+    def prepare(self, layer: int, q: Tensor, scale: float) -> list[Gathered | None]:
+        """Flush, select and fetch for one decode step of `layer`: q [B, 1, Hq, D].
+        Returns per sequence the pending + recalled entries (k, v, pos), or None."""
+        b, n = q.shape[0], self.policy.recall
+        for s in range(b):
+            self.flush(layer, s)
+        fetched: dict[PageKey, Page] = {}
+        handle = self._inflight.pop(layer, None)
+        if handle is not None:
+            fetched = dict(zip(handle.keys, self.engine.wait(handle)))
+        sel = [self.store.summaries.top_pages(layer, s, q[s, 0], n, scale=scale) if n else []
+               for s in range(b)]
+        misses = [k for ks in sel for k in ks if k not in fetched]
+        if misses:
+            fetched.update(zip(misses, self.store.recall(misses)))
+        used = sum(len(ks) for ks in sel)
+        self.counters["recalled_pages"] += used
+        self.counters["recalled_sync"] += len(misses)
+        self.counters["prefetched_used"] += used - len(misses)
+        if self.engine is not None:  # next layer's previous selection, behind this compute
+            nxt = (layer + 1) % self.num_layers
+            keys = [k for s in range(b) for k in self.selected.get((nxt, s), ())]
+            if keys and nxt not in self._inflight:
+                self._inflight[nxt] = self.engine.prefetch(keys)
+        out: list[Gathered | None] = []
+        for s in range(b):
+            self.selected[(layer, s)] = sel[s]
+            parts = [p for p in (self.padded(layer, s),) if p is not None]
+            parts += [fetched[k] for k in sel[s]]  # selection order: timing-independent
+            out.append(None if not parts else Gathered(*parts[0][:3]) if len(parts) == 1
+                       else Gathered(*(torch.cat(x, 1) for x in zip(*(p[:3] for p in parts)))))
+        return out
+
+    def attend(self, page: Gathered, q: Tensor, scale: float, out: Tensor, lse: Tensor
+               ) -> tuple[Tensor, Tensor]:
+        """Merge the exact partial of q [Hq, D] over `page` into the hot partial
+        (out [Hq, D], lse [Hq], accumulation dtype)."""
+        o2, l2 = masked_partial(q, page.k, page.v, page.pos >= 0, scale)
+        o, l = merge_partials([out[None, None], o2[None, None].to(out.dtype)],
+                              [lse[None, :, None], l2[None, :, None].to(lse.dtype)])
+        return o[0, 0], l[0, :, 0]
+
+    # ------------------------------------------------------------ lifecycle
+    def drain(self) -> None:
+        """Finish the prefetches in flight and forget them (pages may be deleted next)."""
+        for handle in self._inflight.values():
+            try:
+                self.engine.wait(handle)
+            except (KeyError, ValueError, OSError):
+                pass  # a prefetch of pages deleted since: nobody will read it
+        self._inflight.clear()
+
+    def reset(self, seq: int) -> None:
+        """Delete every demoted page and pending entry of `seq` (all layers)."""
+        self.drain()
+        self.store.delete([k for k in self.store.keys() if k[1] == seq])
+        for d in (self.pending, self._padded, self.next_id, self.selected):
+            for key in [k for k in d if k[1] == seq]:
+                del d[key]
+
+    def close(self) -> None:
+        """Stop the worker and delete every demoted page (spilled files included)."""
+        self.drain()
+        if self.engine is not None:
+            self.engine.close()
+        self.store.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Tier store stats plus pending entries and bytes, summary bytes, recall counters."""
+        pend = [t for ents in self.pending.values() for e in ents for t in e]
+        return {**self.store.stats(), **self.counters,
+                "pending_entries": sum(e.pos.numel() for ents in self.pending.values()
+                                       for e in ents),
+                "pending_bytes": sum(t.numel() * t.element_size() for t in pend),
+                "summary_bytes": self.store.summaries.nbytes()}
+
+    # ------------------------------------------------------------ checkpoints
+    def export(self, layer: int, seqs: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors and JSON state of `layer`'s demoted pages and pending entries."""
+        self.drain()
+        keys = sorted(k for k in self.store.keys() if k[0] == layer)
+        tensors: dict[str, Tensor] = {}
+        sizes: list[int] = []
+        if keys:
+            pages = self.store.recall(keys)
+            sizes = [p.k.shape[1] for p in pages]
+            for name, *parts in zip(Page._fields, *pages):
+                tensors[f"tier_{name}"] = torch.cat(parts, 1)
+        for s in range(seqs):
+            pend = self.padded(layer, s)
+            for name, t in zip(Page._fields, pend or ()):
+                tensors[f"pend{s}_{name}"] = t
+        state = {"pages": [[k[1], k[2], n] for k, n in zip(keys, sizes)],
+                 "next_id": [self.next_id.get((layer, s), 0) for s in range(seqs)]}
+        return tensors, state
+
+    def restore(self, layer: int, seqs: int, tensors: dict[str, Tensor],
+                state: dict[str, Any]) -> None:
+        """Inverse of `export` into this (empty) rank's tiers."""
+        at = 0
+        for seq, pid, n in state["pages"]:
+            page = [tensors[f"tier_{name}"][:, at:at + n] for name in Page._fields]
+            self.store.demote((layer, seq, pid), *(t.to(self.device) for t in page))
+            at += n
+        for s in range(seqs):
+            if f"pend{s}_pos" in tensors:
+                pos = tensors[f"pend{s}_pos"].to(self.device)
+                k, v, sc = (tensors[f"pend{s}_{x}"].to(self.device) for x in ("k", "v", "score"))
+                n = (pos >= 0).sum(1).tolist()  # entries are packed at the front
+                self.pending[(layer, s)] = [Entries(pos[h, :m].clone(), k[h, :m].clone(),
+                                                    v[h, :m].clone(), sc[h, :m].clone())
+                                            for h, m in enumerate(n)]
+            if state["next_id"][s]:
+                self.next_id[(layer, s)] = state["next_id"][s]

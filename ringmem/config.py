@@ -79,21 +79,30 @@ class PrefillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from . import BACKENDS, LAYOUTS, SCHEDULES
-        for name in ("seq_len", "batch", "heads", "kv_heads", "head_dim", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from . import SCHEDULES
+        _positive(self, "seq_len", "batch", "heads", "kv_heads", "head_dim", "steps")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name, allowed in (("layout", LAYOUTS), ("schedule", SCHEDULES),
-                              ("backend", BACKENDS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _common_choices(self, schedule=SCHEDULES)
 
 
 DTYPES = {"float32", "bfloat16", "float16", "float64"}
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def _common_choices(cfg: Any, **more: tuple) -> None:
+    """dtype, layout, backend (and `more` name=allowed pairs) must be known values."""
+    from . import BACKENDS, LAYOUTS
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    for name, allowed in {"layout": LAYOUTS, "backend": BACKENDS, **more}.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,7 +143,6 @@ class InferConfig:
     """With `eviction`: also compress every N decode steps (0: never)."""
 
     def __post_init__(self) -> None:
-        from . import BACKENDS, LAYOUTS
         from .eviction.scorers import BY_NAME
         if self.eviction is not None and self.eviction not in BY_NAME:
             raise ValueError(f"eviction must be one of {sorted(BY_NAME)}, got "
@@ -143,10 +151,8 @@ class InferConfig:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.decode_every < 0:
             raise ValueError(f"decode_every must be >= 0, got {self.decode_every}")
-        for name in ("haystack_tokens", "max_context", "max_new_tokens", "chunk_size",
-                     "page_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _positive(self, "haystack_tokens", "max_context", "max_new_tokens", "chunk_size",
+                  "page_size")
         if self.haystack_tokens > self.max_context:
             raise ValueError(f"haystack_tokens={self.haystack_tokens} exceeds "
                              f"max_context={self.max_context}")
@@ -154,10 +160,6 @@ class InferConfig:
             raise ValueError(f"passkey_depth must be in [0, 1], got {self.passkey_depth}")
         if not self.model:
             raise ValueError("model must be 'smollm2-135m' or a checkpoint directory")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name, allowed in (("layout", LAYOUTS), ("backend", BACKENDS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _common_choices(self)
         if self.world_size is not None and self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")

@@ -68,6 +68,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out-b", default="benchmarks/results/eviction_quality_b.md", dest="out_b")
     p.add_argument("--policies-b", default=",".join(POLICIES) + ",snapkv-ada", dest="policies_b",
                    help="part (b) policies ('-ada': AdaKV allocation across heads)")
+    p.add_argument("--layout-b", default="contiguous", dest="layout_b",
+                   help="part (b): the cache's layout (SnapKV pools over rank-local neighbours)")
     p.add_argument("--rows", help="part (b): keep per-trial rows in this JSON file")
     p.add_argument("--report-only", action="store_true", dest="report_only",
                    help="part (b): write the report from --rows without running")

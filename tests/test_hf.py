@@ -156,6 +156,34 @@ def test_generate_with_eviction() -> None:
     spawn(_generate_evicting, 2, timeout=300)
 
 
+def _generate_batch(rank: int, world: int) -> None:
+    gen = dict(do_sample=False, max_new_tokens=5, pad_token_id=0, output_logits=True,
+               return_dict_in_generate=True)
+    model = _model("qwen2", torch.float32)
+    model.set_attn_implementation(hf.register())
+    ids = torch.randint(1, 128, (2, 19), generator=torch.Generator().manual_seed(6))
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4, max_seqs=2)
+    for row in range(2):  # each row prefilled into its own sequence, at its own positions
+        hf_cache.prefill(model, ids[row:row + 1, :-1], cache, seq=row, chunk_size=4 * world)
+    got = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                         **gen)
+    refs = {}
+    for name, dtype in (("ref", torch.float64), ("base", torch.float32)):
+        refs[name] = _model("qwen2", dtype)
+        refs[name].set_attn_implementation("eager")
+    for row in range(2):
+        ref, base = (refs[k].generate(ids[row:row + 1], attention_mask=torch.ones_like(ids[:1]),
+                                      **gen) for k in ("ref", "base"))
+        assert torch.equal(got.sequences[row], ref.sequences[0]), row
+        for step, (g, r, b) in enumerate(zip(got.logits, ref.logits, base.logits)):
+            msg = check_close(f"row {row} step {step}", g[row], r[0], b[0], torch.float32)
+            assert msg is None, msg
+
+
+def test_generate_batch_of_two_rows() -> None:
+    spawn(_generate_batch, 2, timeout=300)
+
+
 def test_cache_refuses_what_it_cannot_do() -> None:
     model = _model("llama", torch.float32)
     model.set_attn_implementation(hf.register())

@@ -1,7 +1,7 @@
 """Eviction quality, part (b): the real SmolLM2-135M finding a pass key in a KJV haystack
 after each policy compressed its sharded KV cache to a budget (2 ranks).
 
-Per trial: a King James Bible haystack of 4K-6K tokens with a planted 5-digit pass key at a
+Per trial: a King James Bible haystack of 4K-5K tokens (--lengths, cycled) with a planted 5-digit pass key at a
 random depth and a question at the end (`ringmem.integrations.haystack`). The prompt (all
 but its last token) is prefilled across the ranks once, into a cache with an eviction
 coordinator that records the observation window (the last 32 prompt queries: the question)
@@ -131,7 +131,8 @@ def summarise(rows: list[dict], policies: list[str], budgets: list[float]) -> di
     return acc
 
 
-def plot(acc: dict, policies: list[str], budgets: list[float], path: Path, trials: int) -> None:
+def plot(acc: dict, policies: list[str], budgets: list[float], path: Path, trials: int,
+         tokens: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,7 +146,7 @@ def plot(acc: dict, policies: list[str], budgets: list[float], path: Path, trial
     ax.set_xlabel("KV budget (share of the context, per layer x KV head, both ranks)")
     ax.set_ylabel(f"pass-key accuracy (%), {trials} trials")
     ax.set_ylim(-3, 103)
-    ax.set_title("SmolLM2-135M, KJV haystack 4K-6K tokens, 2 ranks")
+    ax.set_title(f"SmolLM2-135M, KJV haystack of {tokens} tokens, 2 ranks")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -169,10 +170,11 @@ def part_b(a: Any) -> None:
             rows_file = a.rows or os.path.join(tmp, "rows.json")
             spawn(worker, 2, a, rows_file, timeout=6 * 3600)
             rows = json.loads(Path(rows_file).read_text())
-    seconds = time.perf_counter() - t0
+    seconds = None if a.report_only else time.perf_counter() - t0  # None: rows of a past run
     acc = summarise(rows, policies, budgets)
     png = out.with_suffix(".png")
-    plot(acc, policies, budgets, png, len(rows))
+    sizes = [r["tokens"] for r in rows]
+    plot(acc, policies, budgets, png, len(rows), f"{min(sizes):,}-{max(sizes):,}")
     best10 = max(policies, key=lambda p: acc[f"{p}@0.1"]) if 0.1 in budgets else None
     import transformers
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -187,7 +189,7 @@ def part_b(a: Any) -> None:
                        "granularity": "head",
                        "allocation": "uniform; '-ada' policies: adaptive (AdaKV, floor 0.2)",
                        "criterion": "all key digits greedy-correct, answer prefix teacher-forced"},
-            "seconds": round(seconds, 1)}
+            "seconds": None if seconds is None else round(seconds, 1)}
     out.with_suffix(".json").write_text(json.dumps({**meta, "accuracy": acc, "rows": rows},
                                                    indent=1))
     head = "| policy | " + " | ".join(f"{100 * b:g}%" for b in budgets) + " |"
@@ -205,7 +207,8 @@ def part_b(a: Any) -> None:
     md = ["# Eviction quality, part (b): SmolLM2-135M pass key in a KJV haystack, 2 ranks", "",
           f"{meta['date']}, {meta['machine']['cpu']} ({meta['machine']['cpu_count']} cores), "
           f"torch {torch.__version__}, transformers {transformers.__version__}, ringmem "
-          f"{meta['versions']['ringmem']}; {len(rows)} trials, {seconds / 60:.1f} min.", "",
+          f"{meta['versions']['ringmem']}; {len(rows)} trials, prompts of "
+          f"{min(sizes):,}-{max(sizes):,} tokens.", "",
           __doc__.split("\n\n")[1].replace("\n", " "), "", "Accuracy (%) by budget:", "",
           *lines, "", verdict, "", f"![accuracy vs budget]({png.name})", ""]
     out.write_text("\n".join(md))

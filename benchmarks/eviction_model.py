@@ -38,15 +38,18 @@ from _common import cpu_model, git_commit
 
 
 
+def _shared(kv: Any) -> dict:
+    """deepcopy memo: the cache itself, its process group and config are never copied."""
+    return {id(kv): kv, id(kv.group): kv.group, id(kv.config): kv.config}
+
+
 def _snapshot(kv: Any) -> dict:
     """A deep copy of the cache's state on this rank (pools, counts, eviction window)."""
-    memo = {id(kv): kv, id(kv.group): kv.group, id(kv.config): kv.config}
-    return copy.deepcopy({k: v for k, v in kv.__dict__.items() if k != "group"}, memo)
+    return copy.deepcopy({k: v for k, v in kv.__dict__.items() if k != "group"}, _shared(kv))
 
 
 def _restore(kv: Any, snap: dict) -> None:
-    memo = {id(kv): kv, id(kv.group): kv.group, id(kv.config): kv.config}
-    kv.__dict__.update(copy.deepcopy(snap, memo))
+    kv.__dict__.update(copy.deepcopy(snap, _shared(kv)))
 
 
 def _ask(model: Any, cache: Any, feed: torch.Tensor, target: torch.Tensor,

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ringmem.config import InferConfig, from_dict, load_config
+from ringmem.layouts import chunk_count
 
 
 def parse(argv: list[str] | None = None) -> InferConfig:
@@ -51,9 +52,8 @@ def check_inputs(cfg: InferConfig, world: int) -> Path:
                          f"{world}")
     if cfg.document is not None and not Path(cfg.document).is_file():
         raise ValueError(f"document {cfg.document!r} does not exist")
-    if cfg.model != models.BUNDLED and not (Path(cfg.model).expanduser() / "config.json").is_file():
-        raise ValueError(f"model path {cfg.model!r} is not a transformers checkpoint "
-                         f"directory (no config.json there)")
+    if cfg.model != models.BUNDLED:
+        models.local_path(cfg.model)
     return Path(cfg.document) if cfg.document else Path()
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = hf_cache.RingmemCache.for_model(model, capacity=capacity, page_size=cfg.page_size,
                                             layout=cfg.layout, eviction=policy, **options)
     cache.backend = cfg.backend
-    gran = 2 * world if cfg.layout == "zigzag" and world > 1 else world
+    gran = chunk_count(cfg.layout, world)
     chunk = -(-cfg.chunk_size // gran) * gran  # the layout splits chunks evenly
     bar = None
     if rank == 0:

@@ -59,10 +59,15 @@ def global_permutation(layout: str, world: int, local_len: int) -> torch.Tensor:
     return torch.cat([positions(layout, r, world, local_len) for r in range(world)])
 
 
+def chunk_count(layout: str, world: int) -> int:
+    """Equal chunks the layout splits a sequence into: its length must be a multiple."""
+    return 2 * world if layout == "zigzag" and world > 1 else world
+
+
 def split_len(layout: str, seq_len: int, world: int) -> int:
     """Local length for a global `seq_len`, or ValueError if the layout cannot split it."""
     check_layout(layout)
-    chunks = 2 * world if layout == "zigzag" and world > 1 else world
+    chunks = chunk_count(layout, world)
     if seq_len < chunks or seq_len % chunks:
         raise ValueError(f"layout {layout!r} on {world} ranks splits the sequence into {chunks} "
                          f"equal chunks; sequence length {seq_len} is not a positive multiple "

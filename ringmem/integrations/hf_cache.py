@@ -22,7 +22,6 @@ transformers' position bookkeeping is unchanged.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..api import unshard
 from ..cache.sharded import CacheConfig, ShardedKVCache
 from ..comm import Group
-from ..layouts import positions
+from ..layouts import chunk_count, positions
 
 _pending: tuple["RingmemCache", int, Tensor] | None = None
 
@@ -169,7 +168,7 @@ class RingmemCache(Cache):
                     scaling: float | None) -> Tensor:
         """Every rank holds the same tokens: split them by the layout, attend, all-gather."""
         kv, out = self.kv, torch.zeros_like(q)
-        gran = _granularity(kv.config.layout, kv.world)
+        gran = chunk_count(kv.config.layout, kv.world)
         for b in range(q.shape[0]):  # one cached sequence per batch row
             idx = (torch.arange(q.shape[1], device=q.device) if valid is None
                    else valid[b].nonzero().flatten())
@@ -189,10 +188,6 @@ class RingmemCache(Cache):
         return out
 
 
-def _granularity(layout: str, world: int) -> int:
-    return 2 * world if layout == "zigzag" and world > 1 else world
-
-
 @torch.no_grad()
 def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
             chunk_size: int | None = None,
@@ -210,7 +205,7 @@ def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
         raise ValueError(f"input_ids must be one sequence [1, S], got "
                          f"{tuple(getattr(input_ids, 'shape', ()))}")
     kv = cache.kv
-    total, gran = input_ids.shape[1], _granularity(kv.config.layout, kv.world)
+    total, gran = input_ids.shape[1], chunk_count(kv.config.layout, kv.world)
     chunk_size = -(-total // gran) * gran if chunk_size is None else chunk_size
     if not isinstance(chunk_size, int) or chunk_size < gran or chunk_size % gran:
         raise ValueError(f"chunk_size must be a positive multiple of {gran} (layout "
@@ -284,4 +279,4 @@ def cache_stats(cache: RingmemCache) -> dict[str, Any]:
             "layers": kv.config.num_layers, "page_size": kv.config.page_size,
             "ranks": kv.world, "capacity_per_rank": kv.config.capacity,
             "utilisation": max(kv.seq_len(s) for s in range(kv.config.max_seqs))
-            / (kv.config.capacity * kv.world) if kv.config.capacity else math.nan}
+            / (kv.config.capacity * kv.world)}

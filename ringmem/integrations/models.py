@@ -38,9 +38,14 @@ def bundled_gguf() -> Path:
     return path
 
 
+def _bundled_copy() -> Path:
+    """Where the de-quantized copy of the bundled model lives (it may not exist yet)."""
+    return cache_dir() / "SmolLM2-135M-Instruct"
+
+
 def _bundled_dir() -> Path:
     """A de-quantized copy of the bundled model, made once (atomically: ranks may race)."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    target = _bundled_copy()
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,9 +76,14 @@ def model_path(model: str) -> Path:
         raise ValueError(f"model must be {BUNDLED!r} or a local directory, got {model!r}")
     if model == BUNDLED:
         return _bundled_dir()
+    return local_path(model)
+
+
+def local_path(model: str) -> Path:
+    """`model` as a checkpoint directory, or ValueError (nothing is loaded)."""
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
-        raise ValueError(f"model path {str(path)!r} is not a transformers checkpoint "
+        raise ValueError(f"model path {model!r} is not a transformers checkpoint "
                          f"directory (no config.json there)")
     return path
 
@@ -82,7 +92,7 @@ def load_tokenizer(model: str = BUNDLED) -> Any:
     """The tokenizer alone: for the bundled model, read from the GGUF file until the
     de-quantized copy exists, so prompts can be checked before any weights are built."""
     from transformers import AutoTokenizer
-    if model == BUNDLED and not (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():
+    if model == BUNDLED and not (_bundled_copy() / "config.json").is_file():
         gguf = bundled_gguf()
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return AutoTokenizer.from_pretrained(model_path(model))

@@ -1,22 +1,28 @@
 """Eviction quality, part (b): the real SmolLM2-135M finding a pass key in a KJV haystack
 after each policy compressed its sharded KV cache to a budget (2 ranks).
 
-Per trial: a King James Bible haystack of 4K-5K tokens (--lengths, cycled) with a planted 5-digit pass key at a
-random depth and a question at the end (`ringmem.integrations.haystack`). The prompt (all
-but its last token) is prefilled across the ranks once, into a cache with an eviction
-coordinator that records the observation window (the last 32 prompt queries: the question)
-and evicts nothing. The cache's layout is `contiguous` (each chunk split into one run per
-rank): SnapKV's max-pooling runs over the neighbours a rank holds, which under `stripe`
-are 2 positions apart (measured: stripe lowers SnapKV's accuracy at 25%). Then for each policy and budget the cache is restored from a snapshot,
-compressed (`ShardedKVCache.compress`: one global budget per layer x KV head over both
-ranks, 4 sinks and the last 32 tokens always kept) and asked: the prompt's last token and
-the answer "The pass key is NNNNN." are fed teacher-forced through the compressed cache
-(exact distributed attention), and the trial counts as correct when every digit of the key
-is the model's greedy (argmax) prediction. That equals greedy generation producing the
-digits after the model's own answer prefix. The full cache (no compression) is the
-ceiling, measured the same way on the same prompts.
+Per trial: a King James Bible haystack of 4K-5K tokens (--lengths, cycled) with a planted
+5-digit pass key at a random depth and a question at the end
+(`ringmem.integrations.haystack`). The prompt (all but its last token) is prefilled across
+the ranks once, into a cache with an eviction coordinator that records the observation
+window (the last 32 prompt queries: the question) and evicts nothing. The cache's layout is
+`contiguous` (each chunk split into one run per rank): SnapKV's max-pooling runs over the
+neighbours a rank holds, which under `stripe` are 2 positions apart (measured: stripe
+lowers SnapKV's accuracy at 25%). Then for each policy and budget the cache is restored
+from a snapshot, compressed (`ShardedKVCache.compress`: one global budget over both ranks,
+4 sinks and the last 32 tokens always kept) and asked: the prompt's last token and the
+answer "The pass key is NNNNN." are fed teacher-forced through the compressed cache (exact
+distributed attention), and the trial counts as correct when every digit of the key is the
+model's greedy (argmax) prediction. That equals greedy generation producing the digits
+after the model's own answer prefix. The full cache (no compression) is the ceiling,
+measured the same way on the same prompts. Policy names: scorer[-kN][-ada|-global]. The
+budget is B = ratio x context tokens per (layer, KV head) on average: plain names keep B in
+every (layer, KV head); "-ada" (AdaKV) pools Hkv x B over a layer's KV heads; "-global"
+pools L x Hkv x B over every layer and KV head (each keeps a floor of 0.2 B); "-kN" sets
+SnapKV's pooling width to N positions (default 7). Every policy keeps the same number of
+(layer, head, token) entries in total.
 
-Run: python benchmarks/eviction_quality.py --part b [--trials 50] [--quick]
+Run: python benchmarks/eviction_quality.py --part b [--trials-b 50] [--quick]
 Writes benchmarks/results/eviction_quality_b.{md,json,png}.
 """
 from __future__ import annotations
@@ -61,9 +67,43 @@ def _ask(model: Any, cache: Any, feed: torch.Tensor, target: torch.Tensor,
     return bool((pred[digits] == target[digits]).all())
 
 
+ALLOCATION = {"ada": "adaptive", "global": "global"}
+
+
+def policy(name: str, budget: float) -> Any:
+    """A policy from its report name: scorer[-kN][-ada|-global], e.g. "snapkv-k15-global":
+    SnapKV pooling over 15 positions, one budget pool over every layer and KV head."""
+    from ringmem.eviction import A2SF, EvictionPolicy, SnapKV, make_scorer
+    base, *opts = name.split("-")
+    kernel = [int(o[1:]) for o in opts if o.startswith("k") and o[1:].isdigit()]
+    alloc = [ALLOCATION[o] for o in opts if o in ALLOCATION]
+    if len(kernel) + len(alloc) != len(opts) or (kernel and base != "snapkv"):
+        raise ValueError(f"policy name must be scorer[-kN][-ada|-global], got {name!r}")
+    scorer = (A2SF(0.95) if base == "a2sf" else SnapKV(kernel[0]) if kernel
+              else make_scorer(base))
+    return EvictionPolicy(scorer=scorer, budget=budget, observe=32,
+                          allocation=alloc[0] if alloc else "uniform")
+
+
+def merge(rows: list[dict], path: str) -> tuple[list[dict], list[str]]:
+    """Add the policies of an earlier run's rows (same prompts: trial, key and length must
+    agree, and so must the full-cache verdict) to this run's rows."""
+    old = {r["trial"]: r for r in json.loads(Path(path).read_text())}
+    extra: list[str] = []
+    for r in rows:
+        o = old.get(r["trial"])
+        if o is None or (o["key"], o["tokens"], o["full"]) != (r["key"], r["tokens"], r["full"]):
+            raise ValueError(f"--merge {path}: trial {r['trial']} is not the same prompt")
+        for k, v in o.items():
+            if "@" in k and k not in r:
+                r[k] = v
+                extra.append(k.split("@")[0])
+    return rows, list(dict.fromkeys(extra))
+
+
 def worker(rank: int, world: int, a: Any, out_file: str) -> None:
     from ringmem.cache import CacheConfig, ShardedKVCache
-    from ringmem.eviction import A2SF, EvictionPolicy, StreamingLLM, make_scorer
+    from ringmem.eviction import EvictionPolicy, StreamingLLM
     from ringmem.integrations import haystack, hf, hf_cache, models
     torch.set_num_threads(1)
     model, tok = models.load()
@@ -104,11 +144,7 @@ def worker(rank: int, world: int, a: Any, out_file: str) -> None:
             for layer, s in zip(cache.layers, seen):
                 layer.seen = s
             if budget is not None:
-                base, _, variant = name.partition("-")  # "snapkv-ada": AdaKV allocation
-                scorer = A2SF(0.95) if base == "a2sf" else make_scorer(base)
-                cache.kv.eviction.policy = EvictionPolicy(
-                    scorer=scorer, budget=budget, observe=32,
-                    allocation="adaptive" if variant == "ada" else "uniform")
+                cache.kv.eviction.policy = policy(name, budget)
                 cache.kv.compress()
             return _ask(model, cache, feed, target, digits)
 
@@ -174,6 +210,10 @@ def part_b(a: Any) -> None:
             spawn(worker, 2, a, rows_file, timeout=6 * 3600)
             rows = json.loads(Path(rows_file).read_text())
     seconds = None if a.report_only else time.perf_counter() - t0  # None: rows of a past run
+    merged: list[str] = []
+    if a.merge:  # policies measured by an earlier run on the same prompts
+        rows, merged = merge(rows, a.merge)
+        policies = merged + [p for p in policies if p not in merged]
     acc = summarise(rows, policies, budgets)
     png = out.with_suffix(".png")
     sizes = [r["tokens"] for r in rows]
@@ -190,7 +230,11 @@ def part_b(a: Any) -> None:
                        "haystack_tokens": a.lengths, "policies": policies,
                        "budgets": budgets, "sinks": 4, "recent": 32, "observe": 32,
                        "granularity": "head",
-                       "allocation": "uniform; '-ada' policies: adaptive (AdaKV, floor 0.2)",
+                       "allocation": "uniform; '-ada': adaptive (AdaKV across a layer's "
+                                     "KV heads, floor 0.2); '-global': one pool over every "
+                                     "layer and KV head (floor 0.2)",
+                       "snapkv_kernel": "7; '-kN': N",
+                       "merged": {"from": a.merge, "policies": merged} if merged else None,
                        "criterion": "all key digits greedy-correct, answer prefix teacher-forced"},
             "seconds": None if seconds is None else round(seconds, 1)}
     out.with_suffix(".json").write_text(json.dumps({**meta, "accuracy": acc, "rows": rows},
@@ -212,7 +256,11 @@ def part_b(a: Any) -> None:
           f"torch {torch.__version__}, transformers {transformers.__version__}, ringmem "
           f"{meta['versions']['ringmem']}; {len(rows)} trials, prompts of "
           f"{min(sizes):,}-{max(sizes):,} tokens.", "",
-          __doc__.split("\n\n")[1].replace("\n", " "), "", "Accuracy (%) by budget:", "",
+          __doc__.split("\n\n")[1].replace("\n", " "), "",
+          *([f"Rows of {', '.join(merged)} come from an earlier run on the same prompts "
+             f"({a.merge}; each trial's key, length and full-cache verdict checked equal); the "
+             f"other policies were run for this report.", ""] if merged else []),
+          "Accuracy (%) by budget:", "",
           *lines, "", verdict, "", f"![accuracy vs budget]({png.name})", ""]
     out.write_text("\n".join(md))
     print("\n".join(lines))

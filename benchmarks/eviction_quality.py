@@ -40,8 +40,11 @@ from ringmem.eviction import A2SF, EvictionPolicy, make_scorer
 from ringmem.testing import spawn
 from _common import cpu_model, git_commit
 
-POLICIES = ("streaming", "keynorm", "h2o", "a2sf", "tova", "snapkv", "expected")
-QUERY_AWARE = ("h2o", "a2sf", "tova", "snapkv", "expected")
+POLICIES = ("streaming", "keynorm", "h2o", "a2sf", "tova-layer", "tova", "snapkv", "expected")
+# TOVA as published (and as the issue states it) averages the last query's attention over
+# every head of the layer: "tova-layer". "tova" is the per-KV-head variant (its G query
+# heads only), shown for comparison.
+QUERY_AWARE = ("h2o", "a2sf", "tova-layer", "snapkv", "expected")
 
 
 def parse() -> argparse.Namespace:
@@ -67,10 +70,14 @@ def parse() -> argparse.Namespace:
                    help="part (b): haystack lengths in tokens, cycled over the trials")
     p.add_argument("--out-b", default="benchmarks/results/eviction_quality_b.md", dest="out_b")
     p.add_argument("--policies-b", default=",".join(POLICIES) + ",snapkv-ada", dest="policies_b",
-                   help="part (b) policies ('-ada': AdaKV allocation across heads)")
+                   help="part (b) policies: scorer[-kN][-ada|-global] ('-kN': SnapKV "
+                   "pooling kernel N; '-ada': AdaKV across a layer's heads; '-global': one "
+                   "pool over every layer and head)")
     p.add_argument("--layout-b", default="contiguous", dest="layout_b",
                    help="part (b): the cache's layout (SnapKV pools over rank-local neighbours)")
     p.add_argument("--rows", help="part (b): keep per-trial rows in this JSON file")
+    p.add_argument("--merge", help="part (b): add the policies of an earlier run's rows "
+                   "(same prompts, checked) to the report")
     p.add_argument("--report-only", action="store_true", dest="report_only",
                    help="part (b): write the report from --rows without running")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -81,8 +88,14 @@ def parse() -> argparse.Namespace:
     return a
 
 
-def scorer(name: str):
-    return A2SF(0.95) if name == "a2sf" else make_scorer(name)
+def policy(name: str, ratio: float, w: int) -> EvictionPolicy:
+    """name: a scorer, or scorer-layer (one score per token: the mean over every head)."""
+    base, _, variant = name.partition("-")
+    if variant not in ("", "layer"):
+        raise ValueError(f"part (a) policy must be scorer or scorer-layer, got {name!r}")
+    return EvictionPolicy(scorer=A2SF(0.95) if base == "a2sf" else make_scorer(base),
+                          budget=ratio, sinks=4, recent=32, observe=w,
+                          granularity="layer" if variant else "head")
 
 
 def make_data(n: int, trial: int, a: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -115,7 +128,7 @@ def one_run(data: dict[str, torch.Tensor], n: int, name: str, ratio: float,
     hq, hkv, d, w = a.q_heads, a.kv_heads, a.dim, a.question
     cfg = CacheConfig(num_layers=1, q_heads=hq, kv_heads=hkv, head_dim=d,
                       capacity=n // world + 512, page_size=256, dtype=torch.float32)
-    pol = EvictionPolicy(scorer=scorer(name), budget=ratio, sinks=4, recent=32, observe=w)
+    pol = policy(name, ratio, w)
     cache = ShardedKVCache(cfg, eviction=pol)
     body = n - w  # filler + needle, stored directly (tensor level: no prefill attention)
     mine = torch.arange(rank, body, world)
@@ -273,8 +286,10 @@ def report(a: argparse.Namespace, rows: list[dict], seconds: float) -> None:
         "a hint of the needle's direction before compressing (the question-aware NIAH "
         "setting). H2O, A2SF and SnapKV add the mass of the 32 question queries and "
         "ExpectedAttention their mean, which averages the per-query noise away; TOVA scores "
-        "with the last query alone (one noisy hint), which is why it misses needles at "
-        "small budgets. H2O and A2SF see only the question's queries at prefill (the "
+        "with the last query alone (one noisy hint). As published, TOVA averages that "
+        "query's attention over every head of the layer (`tova-layer`, granularity "
+        "'layer': every head keeps the same tokens), which averages 4 noisy hints; the "
+        "per-KV-head variant (`tova`, 2 query heads) misses needles at small budgets. H2O and A2SF see only the question's queries at prefill (the "
         "prefill kernels emit no per-key mass; see `ringmem.eviction.scorers`), so here "
         "they equal SnapKV without pooling. Streaming keeps the sinks and the latest tokens, key-norm keeps low-norm "
         "keys and the needle's norm is the median norm, so both lose it at every budget here. SnapKV "

@@ -36,6 +36,9 @@ def parse(argv: list[str] | None = None) -> InferConfig:
     p.add_argument("--seed", type=int)
     p.add_argument("--eviction", help="compress the cache with this scorer after prefill")
     p.add_argument("--budget", type=float, help="with --eviction: share of the prompt kept")
+    p.add_argument("--allocation", help="with --eviction: uniform, adaptive or global")
+    p.add_argument("--snapkv-kernel", type=int, dest="snapkv_kernel",
+                   help="with --eviction snapkv: pooling width (odd)")
     args = vars(p.parse_args(argv))
     path = args.pop("config")
     if path is None:
@@ -124,9 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     capacity = -(-(n + cfg.max_new_tokens) // world) + 2 * cfg.page_size
     policy = None
     if cfg.eviction is not None:
-        from ringmem.eviction import EvictionPolicy, make_scorer
-        policy = EvictionPolicy(scorer=make_scorer(cfg.eviction), budget=float(cfg.budget),
-                                decode_every=cfg.decode_every)
+        from ringmem.eviction import EvictionPolicy, SnapKV, make_scorer
+        scorer = (SnapKV(cfg.snapkv_kernel) if cfg.eviction == "snapkv"
+                  else make_scorer(cfg.eviction))
+        policy = EvictionPolicy(scorer=scorer, budget=float(cfg.budget),
+                                decode_every=cfg.decode_every, allocation=cfg.allocation)
     options = {}
     if cfg.backend in ("torch", "sdpa", "triton"):  # decode through that backend too
         options["decode_backend"] = cfg.backend
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         if policy is not None:
             rec = cache.kv.eviction.records
             print(f"eviction: {cfg.eviction} at {cfg.budget:.0%} of the prompt per layer x KV "
-                  f"head, {len(rec)} compressions, {sum(r.evicted for r in rec):,} (layer, "
+                  f"head ({cfg.allocation} allocation), {len(rec)} compressions, {sum(r.evicted for r in rec):,} (layer, "
                   f"head, token) entries evicted")
         print(f"answer: {reply}")
         if key is not None:

@@ -141,12 +141,24 @@ class InferConfig:
     """With `eviction`: tokens kept per layer x KV head, as a share of the prompt."""
     decode_every: int = 0
     """With `eviction`: also compress every N decode steps (0: never)."""
+    allocation: str = "uniform"
+    """With `eviction`: "uniform", "adaptive" (AdaKV across a layer's KV heads) or "global"
+    (one pool over every layer and KV head)."""
+    snapkv_kernel: int = 7
+    """With eviction = "snapkv": the max-pooling width in positions (odd)."""
 
     def __post_init__(self) -> None:
+        from .eviction.budget import ALLOCATIONS
         from .eviction.scorers import BY_NAME
         if self.eviction is not None and self.eviction not in BY_NAME:
             raise ValueError(f"eviction must be one of {sorted(BY_NAME)}, got "
                              f"{self.eviction!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got "
+                             f"{self.allocation!r}")
+        if self.snapkv_kernel < 1 or self.snapkv_kernel % 2 == 0:
+            raise ValueError(f"snapkv_kernel must be a positive odd int, got "
+                             f"{self.snapkv_kernel}")
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.decode_every < 0:

@@ -380,6 +380,93 @@ def test_compress_during_prefill_and_decode_with_rebalancing(world: int) -> None
     spawn(_during_prefill_decode_and_rebalance, world, timeout=120)
 
 
+def _global_expected(calls, pol: EvictionPolicy, seen: int, nl: int) -> list[list[set[int]]]:
+    """Single-process cross-layer selection: [layer][head] kept positions. calls: per rank,
+    per layer, (positions, scores) per head."""
+    items = []  # (layer, head, pos, float32 score with protection)
+    for rank_calls in calls:
+        for layer, (pos_h, sc_h) in enumerate(rank_calls):
+            for h in range(HKV):
+                for p, s in zip(pos_h[h].tolist(), sc_h[h].tolist()):
+                    prot = p < pol.sinks or p >= seen - pol.recent
+                    items.append((layer, h, p, INF if prot else s))
+    f, b = pol.head_floor(seen), pol.tokens(seen)
+    floor = set()
+    for layer in range(nl):
+        for h in range(HKV):
+            mine = sorted([(s, p) for ll, hh, p, s in items if (ll, hh) == (layer, h)],
+                          key=lambda x: (-x[0], x[1]))
+            floor |= {(layer, h, p) for _, p in mine[:f]}
+    flat = [(INF if (ll, h, p) in floor else s, p * nl * HKV + ll * HKV + h, ll, h, p)
+            for ll, h, p, s in items]
+    keep = [[set() for _ in range(HKV)] for _ in range(nl)]
+    for _, _, ll, h, p in sorted(flat, key=lambda x: (-x[0], x[1]))[:nl * HKV * b]:
+        keep[ll][h].add(p)
+    return keep
+
+
+def _global_allocation(rank: int, world: int) -> None:
+    """allocation="global": one pool over every layer and KV head. Layers get queries of
+    different sharpness, so the budget moves between layers; the kept set equals the
+    single-process selection, totals are exact, and attention after eviction is exact."""
+    nl, n, budget, fails = 3, 30, 9, []
+    g = torch.Generator().manual_seed(5)
+    sharp = [0.3, 1.0, 3.0]  # layer 0's attention is spread out, layer 2's focused
+    Q = [sharp[i] * torch.randn(n + 4, HQ, D, generator=g, dtype=torch.float64)
+         for i in range(nl)]
+    K = [torch.randn(n + 4, HKV, D, generator=g, dtype=torch.float64) for _ in range(nl)]
+    V = [torch.randn(n + 4, HKV, D, generator=g, dtype=torch.float64) for _ in range(nl)]
+    rec = Recording(SnapKV(3))
+    pol = EvictionPolicy(scorer=rec, budget=budget, sinks=1, recent=2, observe=5,
+                         allocation="global", floor=0.7, decode_every=2)
+    cache = ShardedKVCache(CacheConfig(num_layers=nl, q_heads=HQ, kv_heads=HKV, head_dim=D,
+                                       capacity=40, page_size=4, dtype=torch.float64),
+                           eviction=pol)
+    for layer in range(nl):
+        parts = [cache.shard_chunk(t[layer][None, :n]) for t in (Q, K, V)]
+        cache.prefill_chunk(layer, *parts)
+    with pytest.raises(ValueError, match="allocation='global' pools the budget"):
+        cache.compress(layer=0)
+    recs = cache.compress()
+    calls = _gather(rec.calls)
+    want = _global_expected(calls, pol, n, nl)
+    kept = [[len(want[layer][h]) for h in range(HKV)] for layer in range(nl)]
+    if len(recs) != nl or [r.kept_per_head for r in recs] != kept:
+        fails.append(f"records {[r.kept_per_head for r in recs]} want {kept}")
+    if sum(map(sum, kept)) != nl * HKV * budget or min(map(min, kept)) < pol.head_floor(n):
+        fails.append(f"kept per (layer, head) {kept}")
+    if max(map(max, kept)) <= budget:
+        fails.append(f"the budget did not move between layers: {kept}")
+    present = []
+    for layer in range(nl):
+        held = _held(cache, layer)
+        present.append([sorted(set().union(*(a[h] for a in held))) for h in range(HKV)])
+        for h in range(HKV):
+            if set(present[layer][h]) != want[layer][h]:
+                fails.append(f"layer {layer} head {h}: kept {present[layer][h]}")
+            if not {0, n - 2, n - 1} <= want[layer][h]:
+                fails.append(f"layer {layer} head {h} lost a protected token")
+    # decode: exact over the kept tokens; every 2nd step compresses all layers together
+    for t in (n, n + 1):
+        for layer in range(nl):
+            out = cache.decode(layer, Q[layer][None, t:t + 1], K[layer][None, t:t + 1],
+                               V[layer][None, t:t + 1])[0, 0]
+            present[layer] = [p + [t] for p in present[layer]]
+            err = (out - _attend(Q[layer][t], present[layer], K[layer], V[layer])).abs().max()
+            if err > 1e-12:
+                fails.append(f"decode layer {layer} at {t}: err {err:.2e}")
+    late = cache.eviction.records[nl:]
+    if [r.layer for r in late] != list(range(nl)) or \
+            sum(sum(r.kept_per_head) for r in late) != nl * HKV * budget:
+        fails.append(f"decode-time compression: {[(r.layer, r.kept_per_head) for r in late]}")
+    assert not fails, f"rank {rank}: " + "; ".join(fails)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_global_allocation_pools_the_budget_over_layers(world: int) -> None:
+    spawn(_global_allocation, world, timeout=120)
+
+
 def _distributed_errors(rank: int, world: int) -> None:
     cfg = CacheConfig(num_layers=2, q_heads=HQ, kv_heads=HKV, head_dim=D, capacity=16,
                       page_size=4, dtype=torch.float64)
@@ -420,6 +507,8 @@ def test_policy_and_scorer_errors() -> None:
         (ValueError, "granularity must be one of", dict(granularity="token")),
         (ValueError, "allocation must be one of", dict(allocation="pyramid")),
         (ValueError, "needs granularity='head'", dict(allocation="adaptive",
+                                                      granularity="layer")),
+        (ValueError, "needs granularity='head'", dict(allocation="global",
                                                       granularity="layer")),
         (ValueError, "floor must be a number in \\[0, 1\\]", dict(floor=2)),
         (ValueError, "observe must be an int >= 1", dict(observe=0)),

@@ -150,6 +150,14 @@ def _generate_evicting(rank: int, world: int) -> None:
     for layer in range(2):
         held = cache.kv.head_counts_of(0, layer)  # [rank][head]
         assert all(sum(h) == 12 + 6 for h in zip(*held)), held
+    # one pool over both layers and heads: 2 x 2 x 12 entries in all, each (layer, head)
+    # at least its floor (6), then the 6 tokens fed since in every (layer, head)
+    pooled = EvictionPolicy(scorer=SnapKV(), budget=12, sinks=2, recent=4, observe=4,
+                            allocation="global", floor=0.5)
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4, eviction=pooled)
+    assert hf_cache.generate(model, ids, cache, **gen).shape == plain.shape
+    kept = [sum(h) for layer in range(2) for h in zip(*cache.kv.head_counts_of(0, layer))]
+    assert sum(kept) == 4 * (12 + 6) and min(kept) >= 6 + 6, kept
 
 
 def test_generate_with_eviction() -> None:

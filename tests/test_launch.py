@@ -109,6 +109,8 @@ def test_bad_config(data: dict, pattern: str) -> None:
     ({"world_size": 0}, "world_size must be >= 1, got 0"),
     ({"eviction": "lru"}, "eviction must be one of"),
     ({"eviction": "snapkv", "budget": 1.5}, r"budget must be in \(0, 1\], got 1.5"),
+    ({"allocation": "pyramid"}, "allocation must be one of"),
+    ({"snapkv_kernel": 4}, "snapkv_kernel must be a positive odd int, got 4"),
 ])
 def test_bad_infer_config(data: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):

@@ -263,7 +263,7 @@ class ShardedKVCache:
         if self.eviction is not None:  # the observation window, then maybe a compression
             self.eviction.observe(layer, seq, q[0, idx], lse[0][:, idx].t(), pos[keep], scale)
             if self.eviction.policy.prefill == "chunk":
-                self.eviction.compress(layer, seq)
+                self.eviction.enforce(layer, seq)
         return out.to(q.dtype)
 
     def _prefix_pass(self, layer: int, seq: int, q: Tensor, spec: RingSpec
@@ -455,33 +455,12 @@ class ShardedKVCache:
         """Enforce the eviction budget now on `layer` (default: every layer) and `seq`
         (default: every sequence), e.g. after a chunked prefill. Collective: every rank
         calls it with the same arguments (a mismatch raises on every rank). Returns what
-        each compression did (layers and sequences within budget are skipped)."""
-        error = None
-        try:
-            if self.eviction is None:
-                raise ValueError("this cache has no eviction policy (pass eviction=... to "
-                                 "ShardedKVCache)")
-            layers = range(self.config.num_layers) if layer is None else [self._layer(layer)]
-            seqs = range(self.config.max_seqs) if seq is None else [self._seq(seq)]
-        except (TypeError, ValueError) as e:
-            error, layers, seqs = e, [], []
-        agree("compress", {"layer, seq": (-2 if layer is None else layer if
-                                          isinstance(layer, int) else -3,
-                                          -2 if seq is None else seq if
-                                          isinstance(seq, int) else -3)},
-              error, self.group, self.world, self.device)
-        assert self.eviction is not None
-        out = [r for lay in layers for s in seqs
-               if (r := self.eviction.compress(lay, s)) is not None]
-        if self.tiers is not None:  # demote now; a full tier store raises on every rank
-            try:
-                for lay in layers:
-                    for s in seqs:
-                        self.tiers.flush(lay, s)
-            except (ValueError, OSError) as e:
-                error = e
-            agree("compress (demotion)", {}, error, self.group, self.world, self.device)
-        return out
+        each compression did (layers and sequences within budget are skipped). Under
+        allocation "global" the layers share one pool: `layer` must be None."""
+        if self.eviction is None:  # replicated: the constructor checked every rank's policy
+            raise ValueError("this cache has no eviction policy (pass eviction=... to "
+                             "ShardedKVCache)")
+        return self.eviction.compress_cache(layer, seq)
 
     def tier_stats(self) -> dict:
         """This rank's tier usage (`TieredPages.stats`): pages and bytes per tier, pending

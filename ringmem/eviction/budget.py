@@ -12,6 +12,11 @@ Granularity and allocation, per layer:
   (head, token) entries chosen across heads by score, each head first guaranteed
   floor(floor x budget) of its own best (a safeguard for heads with flat scores). One head
   may then hold more than `budget`; the layer's total never exceeds Hkv x budget.
+* granularity "head", allocation "global" (cross-layer AdaKV): the same, with one pool over
+  every layer: the cache keeps L x Hkv x budget entries, so layers whose attention is spread
+  out (typically the first ones) get more than `budget` and focused layers less. Every layer
+  is compressed together (`ShardedKVCache.compress()` without a layer; during prefill and
+  decode, after the last layer's step).
 
 The first `sinks` positions and the last `recent` positions are always kept (StreamingLLM's
 floor) under every scorer: they score +inf. A budget must leave room for them.
@@ -25,7 +30,7 @@ from .actions import EvictionAction, HardDrop
 from .scorers import Scorer
 
 GRANULARITIES = ("head", "layer")
-ALLOCATIONS = ("uniform", "adaptive")
+ALLOCATIONS = ("uniform", "adaptive", "global")
 PREFILL = ("after", "chunk")
 
 
@@ -47,9 +52,10 @@ class EvictionPolicy:
     granularity: str = "head"
     """"head": each KV head keeps its own tokens; "layer": all heads keep the same tokens."""
     allocation: str = "uniform"
-    """"uniform" or "adaptive" (AdaKV) budgets across the KV heads of a layer."""
+    """"uniform", "adaptive" (AdaKV, across the KV heads of a layer) or "global" (across
+    every layer and KV head)."""
     floor: float = 0.2
-    """Adaptive: share of its budget each head keeps whatever the other heads score."""
+    """Adaptive and global: share of its budget each head keeps whatever the others score."""
     observe: int = 32
     """Observation window: the last queries (prompt or decode) kept for window scorers."""
     prefill: str = "after"
@@ -84,9 +90,9 @@ class EvictionPolicy:
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got "
                              f"{self.allocation!r}")
-        if self.allocation == "adaptive" and self.granularity != "head":
-            raise ValueError("allocation='adaptive' allocates across KV heads: it needs "
-                             "granularity='head'")
+        if self.allocation != "uniform" and self.granularity != "head":
+            raise ValueError(f"allocation={self.allocation!r} allocates across KV heads: it "
+                             f"needs granularity='head'")
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or \
                 not 0 <= self.floor <= 1:
             raise ValueError(f"floor must be a number in [0, 1], got {self.floor!r}")
@@ -112,7 +118,7 @@ class EvictionPolicy:
         return max(math.ceil(self.budget * seen), self.protected, 1)
 
     def head_floor(self, seen: int) -> int:
-        """Adaptive: tokens each head keeps of its own best before the shared pool."""
+        """Adaptive and global: tokens each head keeps of its own best before the pool."""
         return math.floor(self.floor * self.tokens(seen))
 
     def signature(self) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..agree import agree
 from ..comm import gather_rows
 from .budget import EvictionPolicy
 from .scorers import ScoreContext, Window
@@ -200,31 +201,121 @@ class Coordinator:
         self.steps[layer] += 1
         every = self.policy.decode_every
         if every and self.steps[layer] % every == 0:
-            return [r for s in range(self.cache.config.max_seqs)
-                    if (r := self.compress(layer, s)) is not None]
+            return [r for s in range(self.cache.config.max_seqs) for r in self.enforce(layer, s)]
         return []
 
     # ------------------------------------------------------------ compression
+    def enforce(self, layer: int, seq: int) -> list[EvictionRecord]:
+        """The hook after a layer's prefill chunk or decode step. Layers run in order, so
+        under allocation "global" (one pool over every layer) the last layer's call
+        compresses them all together and the others' do nothing."""
+        if self.policy.allocation != "global":
+            rec = self.compress(layer, seq)
+            return [] if rec is None else [rec]
+        if layer == self.cache.config.num_layers - 1:
+            return self.compress_layers(seq)
+        return []
+
+    def _totals(self, layer: int, seq: int) -> list[int]:
+        hc = self.cache.head_counts[layer][seq]
+        return [sum(row[h] for row in hc) for h in range(self.cache.config.kv_heads)]
+
     def over_budget(self, layer: int, seq: int) -> bool:
         cache, pol = self.cache, self.policy
         b = pol.tokens(cache.seen[layer][seq])
-        hc = cache.head_counts[layer][seq]
-        totals = [sum(row[h] for row in hc) for h in range(cache.config.kv_heads)]
+        totals = self._totals(layer, seq)
         if pol.allocation == "adaptive":
             return sum(totals) > b * len(totals)
         return max(totals) > b
 
+    def compress_cache(self, layer: int | None, seq: int | None) -> list[EvictionRecord]:
+        """`ShardedKVCache.compress`: the arguments checked on every rank together, then
+        each (layer, seq) over budget compressed (all layers at once under "global"), then
+        the evicted entries demoted to the tiers."""
+        cache, error = self.cache, None
+        try:
+            layers = (range(cache.config.num_layers) if layer is None
+                      else [cache._layer(layer)])
+            seqs = range(cache.config.max_seqs) if seq is None else [cache._seq(seq)]
+            if self.policy.allocation == "global" and layer is not None:
+                raise ValueError(f"allocation='global' pools the budget over every layer: "
+                                 f"compress them together (layer=None), got layer={layer!r}")
+        except (TypeError, ValueError) as e:
+            error, layers, seqs = e, [], []
+        code = [-2 if x is None else x if isinstance(x, int) else -3 for x in (layer, seq)]
+        agree("compress", {"layer, seq": tuple(code)}, error, cache.group, cache.world,
+              cache.device)
+        if self.policy.allocation == "global":
+            out = [r for s in seqs for r in self.compress_layers(s)]
+        else:
+            out = [r for lay in layers for s in seqs
+                   if (r := self.compress(lay, s)) is not None]
+        if cache.tiers is not None:  # demote now; a full tier store raises on every rank
+            try:
+                for lay in layers:
+                    for s in seqs:
+                        cache.tiers.flush(lay, s)
+            except (ValueError, OSError) as e:
+                error = e
+            agree("compress (demotion)", {}, error, cache.group, cache.world, cache.device)
+        return out
+
     def compress(self, layer: int, seq: int) -> EvictionRecord | None:
-        """Enforce the budget on (layer, seq) if it is exceeded (collective)."""
+        """Enforce the budget on (layer, seq) if it is exceeded (collective). Not for
+        allocation "global", whose layers share one pool (`compress_layers`)."""
+        if self.policy.allocation == "global":
+            raise ValueError("allocation='global' pools the budget over every layer: "
+                             "compress all layers together (compress_layers)")
         if not self.over_budget(layer, seq):
             return None
         t0 = time.perf_counter()
+        seen = self.cache.seen[layer][seq]
+        budget = self.policy.tokens(seen)
+        before = list(self.cache.counts[layer][seq])
+        slots, positions, scores = self._scored(layer, seq)
+        masks = self._select(scores, positions, seen, budget)
+        return self._apply(layer, seq, slots, scores, masks, budget, before, t0)
+
+    def compress_layers(self, seq: int) -> list[EvictionRecord]:
+        """Allocation "global": keep the best sum-of-budgets x Hkv (layer, head, token)
+        entries of the whole cache, each (layer, head) first guaranteed its floor: budget
+        moves to the layers and heads whose attention is spread out (cross-layer AdaKV).
+        Collective; the same 2 top-k stages as adaptive allocation, for every layer at once."""
+        cache, pol = self.cache, self.policy
+        nl, hkv = cache.config.num_layers, cache.config.kv_heads
+        budgets = [pol.tokens(cache.seen[layer][seq]) for layer in range(nl)]
+        if sum(sum(self._totals(layer, seq)) for layer in range(nl)) <= sum(budgets) * hkv:
+            return []
+        t0 = time.perf_counter()
+        befores = [list(cache.counts[layer][seq]) for layer in range(nl)]
+        scored = [self._scored(layer, seq) for layer in range(nl)]
+        flat = torch.cat([s for _, _, scores in scored for s in scores])
+        pos = torch.cat([p for _, positions, _ in scored for p in positions])
+        gid = torch.cat([torch.full_like(p, layer * hkv + h) for layer, (_, positions, _)
+                         in enumerate(scored) for h, p in enumerate(positions)])
+        floors = [pol.head_floor(cache.seen[layer][seq]) for layer in range(nl)
+                  for _ in range(hkv)]
+        first = grouped_topk_mask(flat, pos, gid, floors, group=cache.group)
+        flat = torch.where(first, torch.full_like(flat, float("inf")), flat)
+        # one group over every (layer, head): ids distinct per (position, layer, head)
+        keep = grouped_topk_mask(flat, pos * (nl * hkv) + gid, torch.zeros_like(gid),
+                                 [sum(budgets) * hkv], group=cache.group)
+        parts = iter(keep.split([p.numel() for _, positions, _ in scored
+                                 for p in positions]))
+        spent = (time.perf_counter() - t0) / nl
+        recs = []
+        for layer, (slots, _, scores) in enumerate(scored):
+            masks = [next(parts) for _ in range(hkv)]
+            recs.append(self._apply(layer, seq, slots, scores, masks, budgets[layer],
+                                    befores[layer], time.perf_counter() - spent))
+        return recs
+
+    def _scored(self, layer: int, seq: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """This rank's (slots, positions, float32 scores with the protected at +inf) per
+        KV head of (layer, seq)."""
         cache, pol, scorer = self.cache, self.policy, self.policy.scorer
-        c, store = cache.config, cache.stores[layer]
-        hkv, seen = c.kv_heads, cache.seen[layer][seq]
-        budget = pol.tokens(seen)
-        before = list(cache.counts[layer][seq])
-        slots = [store.head_slots(seq, h) for h in range(hkv)]
+        store, seen = cache.stores[layer], cache.seen[layer][seq]
+        slots = [store.head_slots(seq, h) for h in range(cache.config.kv_heads)]
         ctx = self.context(layer, seq, slots, scorer.needs_window or scorer.decay is not None)
         if scorer.needs_window and ctx.window is not None and ctx.window.pos.numel() == 0:
             raise ValueError(f"scorer {scorer.name!r} needs observed queries (prefill or "
@@ -237,8 +328,15 @@ class Coordinator:
         protect = [(p < pol.sinks) | (p >= seen - pol.recent) for p in ctx.positions]
         scores = [torch.where(m, torch.full_like(s, float("inf")), s)
                   for s, m in zip(scores, protect)]
-        masks = self._select(scores, ctx.positions, seen, budget)
-        for h in range(hkv):
+        return slots, ctx.positions, scores
+
+    def _apply(self, layer: int, seq: int, slots: list[Tensor], scores: list[Tensor],
+               masks: list[Tensor], budget: int, before: list[int], t0: float
+               ) -> EvictionRecord:
+        """Hand the evicted entries to the action, compact, recount, maybe rebalance."""
+        cache, pol = self.cache, self.policy
+        store = cache.stores[layer]
+        for h in range(cache.config.kv_heads):
             drop = ~masks[h]
             if bool(drop.any()):
                 idx = slots[h][drop]
@@ -248,10 +346,10 @@ class Coordinator:
         store.keep(seq, masks)
         entries = sum(sum(r) for r in cache.head_counts[layer][seq])
         cache.refresh_counts(layer, seq)
-        hc = cache.head_counts[layer][seq]
-        kept = [sum(r[h] for r in hc) for h in range(hkv)]
-        rec = EvictionRecord(layer, seq, seen, budget, before, list(cache.counts[layer][seq]),
-                             kept, entries - sum(kept), seconds=time.perf_counter() - t0)
+        kept = self._totals(layer, seq)
+        rec = EvictionRecord(layer, seq, cache.seen[layer][seq], budget, before,
+                             list(cache.counts[layer][seq]), kept, entries - sum(kept),
+                             seconds=time.perf_counter() - t0)
         if pol.rebalance:
             rec.moved = self.rebalance(layer, seq)
             rec.after = list(cache.counts[layer][seq])

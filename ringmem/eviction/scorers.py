@@ -141,7 +141,10 @@ class A2SF(Scorer):
 
 
 class TOVA(Scorer):
-    """The last query's attention (averaged over the KV head's query heads)."""
+    """The last query's attention (averaged over the KV head's query heads). TOVA as
+    published averages over every head of the layer and keeps the same tokens in all of
+    them: use it with `EvictionPolicy(granularity="layer")` (one noisy query: averaging
+    over more heads is what makes it reliable, see benchmarks/eviction_quality.py)."""
     name = "tova"
     decay = 0.0
 
@@ -157,6 +160,11 @@ class SnapKV(Scorer):
     `stripe` layout a rank holds no neighbour within the kernel when the world size exceeds
     kernel // 2, and pooling does nothing. (Exact pooling would need the neighbours' mass
     from other ranks, i.e. gathering every score under `stripe`.)
+
+    `kernel` should cover the span a retrieved fact occupies: pooling keeps the neighbours of
+    the attended tokens (a question attends to "pass key", the digits follow it). On
+    SmolLM2-135M pass-key prompts, 11-21 kept the key where 7 lost it (benchmarks/
+    eviction_model.py).
     """
     name = "snapkv"
     needs_window = True

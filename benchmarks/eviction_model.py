@@ -85,10 +85,14 @@ def policy(name: str, budget: float) -> Any:
                           allocation=alloc[0] if alloc else "uniform")
 
 
-def merge(rows: list[dict], path: str) -> tuple[list[dict], list[str]]:
-    """Add the policies of an earlier run's rows (same prompts: trial, key and length must
-    agree, and so must the full-cache verdict) to this run's rows."""
-    old = {r["trial"]: r for r in json.loads(Path(path).read_text())}
+def merge(rows: list[dict], path: str) -> tuple[list[dict], list[str], str]:
+    """Add the policies of an earlier run's rows (a rows file or a report's JSON; same
+    prompts: trial, key and length must agree, and so must the full-cache verdict) to this
+    run's rows. Returns (rows, the policies added, the earlier run's commit if known)."""
+    data = json.loads(Path(path).read_text())
+    commit = data.get("versions", {}).get("ringmem", "unknown") if isinstance(data, dict) \
+        else "unknown"
+    old = {r["trial"]: r for r in (data["rows"] if isinstance(data, dict) else data)}
     extra: list[str] = []
     for r in rows:
         o = old.get(r["trial"])
@@ -98,7 +102,7 @@ def merge(rows: list[dict], path: str) -> tuple[list[dict], list[str]]:
             if "@" in k and k not in r:
                 r[k] = v
                 extra.append(k.split("@")[0])
-    return rows, list(dict.fromkeys(extra))
+    return rows, list(dict.fromkeys(extra)), commit
 
 
 def worker(rank: int, world: int, a: Any, out_file: str) -> None:
@@ -176,8 +180,11 @@ def plot(acc: dict, policies: list[str], budgets: list[float], path: Path, trial
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in policies:
-        ax.plot([100 * b for b in budgets], [acc[f"{name}@{b}"] for b in budgets], "o-",
+    colours = plt.cm.tab20.colors  # 20 distinct colours: the default cycle repeats at 10
+    for i, name in enumerate(policies):
+        ax.plot([100 * b for b in budgets], [acc[f"{name}@{b}"] for b in budgets],
+                "o-" if name.startswith("snapkv") else "s--", color=colours[(2 * i) % 20
+                                                                         + (2 * i) // 20],
                 label=name)
     ax.axhline(acc["full"], color="k", ls="--", label="full cache")
     ax.set_xscale("log")
@@ -212,7 +219,7 @@ def part_b(a: Any) -> None:
     seconds = None if a.report_only else time.perf_counter() - t0  # None: rows of a past run
     merged: list[str] = []
     if a.merge:  # policies measured by an earlier run on the same prompts
-        rows, merged = merge(rows, a.merge)
+        rows, merged, source = merge(rows, a.merge)
         policies = merged + [p for p in policies if p not in merged]
     acc = summarise(rows, policies, budgets)
     png = out.with_suffix(".png")
@@ -234,7 +241,7 @@ def part_b(a: Any) -> None:
                                      "KV heads, floor 0.2); '-global': one pool over every "
                                      "layer and KV head (floor 0.2)",
                        "snapkv_kernel": "7; '-kN': N",
-                       "merged": {"from": a.merge, "policies": merged} if merged else None,
+                       "merged": {"commit": source, "policies": merged} if merged else None,
                        "criterion": "all key digits greedy-correct, answer prefix teacher-forced"},
             "seconds": None if seconds is None else round(seconds, 1)}
     out.with_suffix(".json").write_text(json.dumps({**meta, "accuracy": acc, "rows": rows},
@@ -258,8 +265,8 @@ def part_b(a: Any) -> None:
           f"{min(sizes):,}-{max(sizes):,} tokens.", "",
           __doc__.split("\n\n")[1].replace("\n", " "), "",
           *([f"Rows of {', '.join(merged)} come from an earlier run on the same prompts "
-             f"({a.merge}; each trial's key, length and full-cache verdict checked equal); the "
-             f"other policies were run for this report.", ""] if merged else []),
+             f"(ringmem {source}; each trial's key, length and full-cache verdict checked "
+             f"equal); the other policies were run for this report.", ""] if merged else []),
           "Accuracy (%) by budget:", "",
           *lines, "", verdict, "", f"![accuracy vs budget]({png.name})", ""]
     out.write_text("\n".join(md))

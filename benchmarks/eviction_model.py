@@ -15,12 +15,14 @@ answer "The pass key is NNNNN." are fed teacher-forced through the compressed ca
 distributed attention), and the trial counts as correct when every digit of the key is the
 model's greedy (argmax) prediction. That equals greedy generation producing the digits
 after the model's own answer prefix. The full cache (no compression) is the ceiling,
-measured the same way on the same prompts. Policy names: scorer[-kN][-ada|-global]. The
+measured the same way on the same prompts. Policy names: scorer[-kN][-ada|-global|-layer]. The
 budget is B = ratio x context tokens per (layer, KV head) on average: plain names keep B in
 every (layer, KV head); "-ada" (AdaKV) pools Hkv x B over a layer's KV heads; "-global"
 pools L x Hkv x B over every layer and KV head (each keeps a floor of 0.2 B); "-kN" sets
-SnapKV's pooling width to N positions (default 7). Every policy keeps the same number of
-(layer, head, token) entries in total.
+SnapKV's pooling width to N positions (default 7); "-layer" scores a token once for the
+whole layer (the mean over its KV heads) and every head keeps the same B tokens (TOVA as
+published: "tova-layer"). Every policy keeps the same number of (layer, head, token)
+entries in total.
 
 Run: python benchmarks/eviction_quality.py --part b [--trials-b 50] [--quick]
 Writes benchmarks/results/eviction_quality_b.{md,json,png}.
@@ -71,28 +73,33 @@ ALLOCATION = {"ada": "adaptive", "global": "global"}
 
 
 def policy(name: str, budget: float) -> Any:
-    """A policy from its report name: scorer[-kN][-ada|-global], e.g. "snapkv-k15-global":
-    SnapKV pooling over 15 positions, one budget pool over every layer and KV head."""
+    """A policy from its report name: scorer[-kN][-ada|-global|-layer], e.g.
+    "snapkv-k15-global": SnapKV pooling over 15 positions, one budget pool over every layer
+    and KV head; "tova-layer": one score per token, the mean over every head (TOVA as
+    published)."""
     from ringmem.eviction import A2SF, EvictionPolicy, SnapKV, make_scorer
     base, *opts = name.split("-")
     kernel = [int(o[1:]) for o in opts if o.startswith("k") and o[1:].isdigit()]
     alloc = [ALLOCATION[o] for o in opts if o in ALLOCATION]
-    if len(kernel) + len(alloc) != len(opts) or (kernel and base != "snapkv"):
-        raise ValueError(f"policy name must be scorer[-kN][-ada|-global], got {name!r}")
+    layer = "layer" in opts
+    if len(kernel) + len(alloc) + layer != len(opts) or (kernel and base != "snapkv") or \
+            (alloc and layer):
+        raise ValueError(f"policy name must be scorer[-kN][-ada|-global|-layer], got {name!r}")
     scorer = (A2SF(0.95) if base == "a2sf" else SnapKV(kernel[0]) if kernel
               else make_scorer(base))
     return EvictionPolicy(scorer=scorer, budget=budget, observe=32,
-                          allocation=alloc[0] if alloc else "uniform")
+                          allocation=alloc[0] if alloc else "uniform",
+                          granularity="layer" if layer else "head")
 
 
-def merge(rows: list[dict], path: str) -> tuple[list[dict], list[str], str]:
+def merge(rows: list[dict], path: str) -> tuple[list[dict], list[dict]]:
     """Add the policies of an earlier run's rows (a rows file or a report's JSON; same
     prompts: trial, key and length must agree, and so must the full-cache verdict) to this
-    run's rows. Returns (rows, the policies added, the earlier run's commit if known)."""
+    run's rows. Returns (rows, [{"commit", "policies"}] saying which run measured which of
+    the policies added, a report's own merged sources carried forward)."""
     data = json.loads(Path(path).read_text())
-    commit = data.get("versions", {}).get("ringmem", "unknown") if isinstance(data, dict) \
-        else "unknown"
-    old = {r["trial"]: r for r in (data["rows"] if isinstance(data, dict) else data)}
+    report = data if isinstance(data, dict) else {}
+    old = {r["trial"]: r for r in (data["rows"] if report else data)}
     extra: list[str] = []
     for r in rows:
         o = old.get(r["trial"])
@@ -102,7 +109,18 @@ def merge(rows: list[dict], path: str) -> tuple[list[dict], list[str], str]:
             if "@" in k and k not in r:
                 r[k] = v
                 extra.append(k.split("@")[0])
-    return rows, list(dict.fromkeys(extra)), commit
+    extra = list(dict.fromkeys(extra))
+    earlier = (report.get("config") or {}).get("merged") or []
+    earlier = [e for e in (earlier if isinstance(earlier, list) else [earlier])
+               if e.get("policies")]
+    sources = [{"commit": e["commit"], "policies": [p for p in e["policies"] if p in extra]}
+               for e in earlier]
+    theirs = {p for e in sources for p in e["policies"]}
+    own = [p for p in extra if p not in theirs]
+    if own:
+        sources.append({"commit": report.get("versions", {}).get("ringmem", "unknown"),
+                        "policies": own})
+    return rows, [e for e in sources if e["policies"]]
 
 
 def worker(rank: int, world: int, a: Any, out_file: str) -> None:
@@ -218,8 +236,10 @@ def part_b(a: Any) -> None:
             rows = json.loads(Path(rows_file).read_text())
     seconds = None if a.report_only else time.perf_counter() - t0  # None: rows of a past run
     merged: list[str] = []
-    if a.merge:  # policies measured by an earlier run on the same prompts
-        rows, merged, source = merge(rows, a.merge)
+    sources: list[dict] = []
+    if a.merge:  # policies measured by earlier runs on the same prompts
+        rows, sources = merge(rows, a.merge)
+        merged = [p for e in sources for p in e["policies"]]
         policies = merged + [p for p in policies if p not in merged]
     acc = summarise(rows, policies, budgets)
     png = out.with_suffix(".png")
@@ -241,7 +261,7 @@ def part_b(a: Any) -> None:
                                      "KV heads, floor 0.2); '-global': one pool over every "
                                      "layer and KV head (floor 0.2)",
                        "snapkv_kernel": "7; '-kN': N",
-                       "merged": {"commit": source, "policies": merged} if merged else None,
+                       "merged": sources or None,
                        "criterion": "all key digits greedy-correct, answer prefix teacher-forced"},
             "seconds": None if seconds is None else round(seconds, 1)}
     out.with_suffix(".json").write_text(json.dumps({**meta, "accuracy": acc, "rows": rows},
@@ -264,9 +284,10 @@ def part_b(a: Any) -> None:
           f"{meta['versions']['ringmem']}; {len(rows)} trials, prompts of "
           f"{min(sizes):,}-{max(sizes):,} tokens.", "",
           __doc__.split("\n\n")[1].replace("\n", " "), "",
-          *([f"Rows of {', '.join(merged)} come from an earlier run on the same prompts "
-             f"(ringmem {source}; each trial's key, length and full-cache verdict checked "
-             f"equal); the other policies were run for this report.", ""] if merged else []),
+          *([f"Rows measured by earlier runs on the same prompts (each trial's key, length "
+             f"and full-cache verdict checked equal): " + "; ".join(
+                 f"{', '.join(e['policies'])} at ringmem {e['commit']}" for e in sources)
+             + ". The other policies were run for this report.", ""] if merged else []),
           "Accuracy (%) by budget:", "",
           *lines, "", verdict, "", f"![accuracy vs budget]({png.name})", ""]
     out.write_text("\n".join(md))

@@ -284,8 +284,8 @@ def part_b(a: Any) -> None:
           f"{meta['versions']['ringmem']}; {len(rows)} trials, prompts of "
           f"{min(sizes):,}-{max(sizes):,} tokens.", "",
           __doc__.split("\n\n")[1].replace("\n", " "), "",
-          *([f"Rows measured by earlier runs on the same prompts (each trial's key, length "
-             f"and full-cache verdict checked equal): " + "; ".join(
+          *(["Rows measured by earlier runs on the same prompts (each trial's key, length "
+             "and full-cache verdict checked equal): " + "; ".join(
                  f"{', '.join(e['policies'])} at ringmem {e['commit']}" for e in sources)
              + ". The other policies were run for this report.", ""] if merged else []),
           "Accuracy (%) by budget:", "",

@@ -72,7 +72,7 @@ def _ask(model: Any, cache: Any, feed: torch.Tensor, target: torch.Tensor,
 ALLOCATION = {"ada": "adaptive", "global": "global"}
 
 
-def policy(name: str, budget: float) -> Any:
+def policy(name: str, budget: float, observe: int = 32) -> Any:
     """A policy from its report name: scorer[-kN][-ada|-global|-layer], e.g.
     "snapkv-k15-global": SnapKV pooling over 15 positions, one budget pool over every layer
     and KV head; "tova-layer": one score per token, the mean over every head (TOVA as
@@ -87,7 +87,7 @@ def policy(name: str, budget: float) -> Any:
         raise ValueError(f"policy name must be scorer[-kN][-ada|-global|-layer], got {name!r}")
     scorer = (A2SF(0.95) if base == "a2sf" else SnapKV(kernel[0]) if kernel
               else make_scorer(base))
-    return EvictionPolicy(scorer=scorer, budget=budget, observe=32,
+    return EvictionPolicy(scorer=scorer, budget=budget, observe=observe,
                           allocation=alloc[0] if alloc else "uniform",
                           granularity="layer" if layer else "head")
 

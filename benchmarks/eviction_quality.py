@@ -36,9 +36,9 @@ import torch.distributed as dist
 
 import ringmem
 from ringmem.cache import CacheConfig, ShardedKVCache
-from ringmem.eviction import A2SF, EvictionPolicy, make_scorer
 from ringmem.testing import spawn
 from _common import cpu_model, git_commit
+from eviction_model import policy
 
 POLICIES = ("streaming", "keynorm", "h2o", "a2sf", "tova-layer", "tova", "snapkv", "expected")
 # TOVA as published (and as the issue states it) averages the last query's attention over
@@ -88,16 +88,6 @@ def parse() -> argparse.Namespace:
     return a
 
 
-def policy(name: str, ratio: float, w: int) -> EvictionPolicy:
-    """name: a scorer, or scorer-layer (one score per token: the mean over every head)."""
-    base, _, variant = name.partition("-")
-    if variant not in ("", "layer"):
-        raise ValueError(f"part (a) policy must be scorer or scorer-layer, got {name!r}")
-    return EvictionPolicy(scorer=A2SF(0.95) if base == "a2sf" else make_scorer(base),
-                          budget=ratio, sinks=4, recent=32, observe=w,
-                          granularity="layer" if variant else "head")
-
-
 def make_data(n: int, trial: int, a: argparse.Namespace) -> dict[str, torch.Tensor]:
     """The same tensors on every rank (seeded): keys/values of all n + 1 tokens, the
     question's queries (last `question` prompt tokens) and the decode query (token n)."""
@@ -128,7 +118,7 @@ def one_run(data: dict[str, torch.Tensor], n: int, name: str, ratio: float,
     hq, hkv, d, w = a.q_heads, a.kv_heads, a.dim, a.question
     cfg = CacheConfig(num_layers=1, q_heads=hq, kv_heads=hkv, head_dim=d,
                       capacity=n // world + 512, page_size=256, dtype=torch.float32)
-    pol = policy(name, ratio, w)
+    pol = policy(name, ratio, observe=w)
     cache = ShardedKVCache(cfg, eviction=pol)
     body = n - w  # filler + needle, stored directly (tensor level: no prefill attention)
     mine = torch.arange(rank, body, world)

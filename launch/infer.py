@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         if policy is not None:
             rec = cache.kv.eviction.records
             print(f"eviction: {cfg.eviction} at {cfg.budget:.0%} of the prompt per layer x KV "
-                  f"head ({cfg.allocation} allocation), {len(rec)} compressions, {sum(r.evicted for r in rec):,} (layer, "
-                  f"head, token) entries evicted")
+                  f"head ({cfg.allocation} allocation), {len(rec)} compressions, "
+                  f"{sum(r.evicted for r in rec):,} (layer, head, token) entries evicted")
         print(f"answer: {reply}")
         if key is not None:
             print(f"pass key {key}: {'correct' if haystack.answered(reply, key) else 'WRONG'}",

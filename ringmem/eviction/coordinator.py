@@ -295,11 +295,7 @@ class Coordinator:
                          in enumerate(scored) for h, p in enumerate(positions)])
         floors = [pol.head_floor(cache.seen[layer][seq]) for layer in range(nl)
                   for _ in range(hkv)]
-        first = grouped_topk_mask(flat, pos, gid, floors, group=cache.group)
-        flat = torch.where(first, torch.full_like(flat, float("inf")), flat)
-        # one group over every (layer, head): ids distinct per (position, layer, head)
-        keep = grouped_topk_mask(flat, pos * (nl * hkv) + gid, torch.zeros_like(gid),
-                                 [sum(budgets) * hkv], group=cache.group)
+        keep = self._pool(flat, pos, gid, floors, sum(budgets) * hkv)
         parts = iter(keep.split([p.numel() for _, positions, _ in scored
                                  for p in positions]))
         spent = (time.perf_counter() - t0) / nl
@@ -372,13 +368,20 @@ class Coordinator:
         if pol.allocation == "uniform":
             keep = grouped_topk_mask(flat, pos, gid, [budget] * hkv, group=grp)
         else:  # AdaKV: each head's floor first, then the best entries of the whole layer
-            f = pol.head_floor(seen)
-            first = grouped_topk_mask(flat, pos, gid, [f] * hkv, group=grp)
-            flat = torch.where(first, torch.full_like(flat, float("inf")), flat)
-            # one group over all heads: ids distinct per (position, head)
-            keep = grouped_topk_mask(flat, pos * hkv + gid, torch.zeros_like(gid),
-                                     [budget * hkv], group=grp)
+            keep = self._pool(flat, pos, gid, [pol.head_floor(seen)] * hkv, budget * hkv)
         return list(keep.split([p.numel() for p in positions]))
+
+    def _pool(self, flat: Tensor, pos: Tensor, gid: Tensor, floors: list[int], total: int
+              ) -> Tensor:
+        """AdaKV selection over G = len(floors) groups (heads, or (layer, head) pairs):
+        each group's top floors[g] first, then the best `total` entries of all groups
+        together (the floors count towards it). Exact across ranks; ties by position."""
+        grp = self.cache.group
+        first = grouped_topk_mask(flat, pos, gid, floors, group=grp)
+        flat = torch.where(first, torch.full_like(flat, float("inf")), flat)
+        # one group over all: ids distinct per (position, group)
+        return grouped_topk_mask(flat, pos * len(floors) + gid, torch.zeros_like(gid),
+                                 [total], group=grp)
 
     # ------------------------------------------------------------ rebalancing
     def rebalance(self, layer: int, seq: int) -> int:

@@ -1,68 +1,141 @@
 """Cross-rank agreement: detect arguments that differ across ranks before any ring traffic.
 
-Each rank validates its own inputs, then all ranks all-gather a small integer signature
-(shapes, dtype, flags, and whether local validation failed). Every rank then raises, so a
-bad input on one rank is an error everywhere instead of a hang, and a mismatch (different
-shapes, dtypes, layouts...) is reported with the same message on every rank.
+Each rank validates its own inputs, then all ranks all-gather one row of int64 words that
+encodes every field (ints, bools, floats, strings, dtypes, devices, None and nested
+tuples, each self-describing) and whether local validation failed. Every rank then raises
+the same error, so a bad input on one rank is an error everywhere instead of a hang, and a
+mismatch (different shapes, dtypes, layouts...) is reported with the decoded values of
+every rank.
+
+The row has a fixed capacity (`max_words` words, the same on every rank, or the gather
+itself would mismatch). A signature that does not fit is never truncated: its rank marks
+the row as overflowing and every rank raises.
 """
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
-from .comm import Group, gather_rows
+from .comm import Group, gather_rows, group_rank_world
 
-_WIDTH = 6  # ints per field: tuples are padded/truncated to this
-
-
-def float_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def _row(fields: dict[str, Sequence[int]], error: BaseException | None) -> list[int]:
-    row = [0 if error is None else 1]
-    for vals in fields.values():
-        vals = list(vals)[:_WIDTH - 1]
-        row += [len(vals)] + vals + [0] * (_WIDTH - 1 - len(vals))
-    return row
+CAPACITY = 128  # words per row after the header; a larger signature raises, never truncates
+_HEADER = 4  # error flag, overflow (needed words), crc of the field names, words used
+_NONE, _INT, _BOOL, _FLOAT, _STR, _SEQ = range(6)
 
 
-def agree(op: str, fields: dict[str, Sequence[int]], error: BaseException | None,
-          group: Group, world: int, device: torch.device,
-          labels: dict[str, Sequence[str]] | None = None) -> None:
+def _encode(v: object, out: list[int]) -> None:
+    """Append the words of one value (tag first) to `out`."""
+    if v is None:
+        out.append(_NONE)
+    elif isinstance(v, bool):
+        out += [_BOOL, int(v)]
+    elif isinstance(v, int):
+        if not -2 ** 63 <= v < 2 ** 63:
+            raise ValueError(f"agree: the int {v} does not fit in 64 bits")
+        out += [_INT, v]
+    elif isinstance(v, float):
+        out += [_FLOAT, struct.unpack("<q", struct.pack("<d", v))[0]]
+    elif isinstance(v, (str, torch.dtype, torch.device)):
+        b = str(v).encode()
+        b += bytes(-len(b) % 8)
+        out += [_STR, len(str(v).encode())]
+        out += [int.from_bytes(b[i:i + 8], "little", signed=True) for i in range(0, len(b), 8)]
+    elif isinstance(v, (tuple, list, torch.Size)):
+        out += [_SEQ, len(v)]
+        for x in v:
+            _encode(x, out)
+    else:
+        raise TypeError(f"agree: cannot encode a {type(v).__name__} ({v!r})")
+
+
+def _decode(words: Sequence[int], i: int) -> tuple[object, int]:
+    """The value starting at words[i], and the index after it."""
+    tag = words[i]
+    if tag == _NONE:
+        return None, i + 1
+    if tag == _BOOL:
+        return bool(words[i + 1]), i + 2
+    if tag == _INT:
+        return words[i + 1], i + 2
+    if tag == _FLOAT:
+        return struct.unpack("<d", struct.pack("<q", words[i + 1]))[0], i + 2
+    if tag == _STR:
+        n, w = words[i + 1], -(-words[i + 1] // 8)
+        raw = b"".join(x.to_bytes(8, "little", signed=True) for x in words[i + 2:i + 2 + w])
+        return raw[:n].decode(), i + 2 + w
+    if tag == _SEQ:
+        items, j = [], i + 2
+        for _ in range(words[i + 1]):
+            x, j = _decode(words, j)
+            items.append(x)
+        return tuple(items), j
+    raise ValueError(f"agree: corrupt row (tag {tag} at word {i})")
+
+
+def _wire(group: Group, device: torch.device | None) -> torch.device:
+    if device is not None:
+        return device if device.type == "cuda" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":  # NCCL only moves device memory
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(op: str, group: Group, error: BaseException | None, /, *,
+          device: torch.device | None = None, max_words: int = CAPACITY,
+          **fields: object) -> None:
     """Raise on every rank if any rank failed validation or the fields differ across ranks.
 
-    `fields` must have the same keys on every rank; `error` is this rank's own validation
-    error (raised here, after the exchange, so that no peer is left waiting). `labels`
-    names the codes of enum-like fields (dtype, layout...) in the message.
+    `fields` (name -> int, bool, float, str, dtype, device, None or a tuple of these) must
+    have the same names on every rank; `error` is this rank's own validation error (raised
+    here, after the exchange, so that no peer is left waiting). `device`: where the row
+    travels (default: the group's backend decides). One all-gather of `max_words` + 4 words.
     """
+    _, world = group_rank_world(group)
     if world == 1:
         if error is not None:
             raise error
         return
-    mine = torch.tensor(_row(fields, error), dtype=torch.int64, device=device)
+    words: list[int] = []
+    try:
+        for v in fields.values():
+            _encode(v, words)
+    except (TypeError, ValueError) as e:  # a caller's bug: still no rank may hang
+        error, words = error or e, []
+    need = len(words) if len(words) > max_words else 0
+    names = zlib.crc32("\0".join(fields).encode())
+    row = [int(error is not None), need, names, len(words) if not need else 0]
+    row += (words if not need else []) + [0] * (max_words - (0 if need else len(words)))
+    mine = torch.tensor(row, dtype=torch.int64, device=_wire(group, device))
     table = gather_rows(mine, group, world).cpu().tolist()
-    bad = [r for r, row in enumerate(table) if row[0]]
+    bad = [r for r, t in enumerate(table) if t[0]]
     if bad:
         if error is not None:
             raise error
         raise ValueError(f"{op}: rank(s) {bad} rejected their inputs (see the error raised "
                          f"there); every rank stops so that none waits forever")
+    over = [(r, t[1]) for r, t in enumerate(table) if t[1]]
+    if over:
+        raise ValueError(f"{op}: the cross-rank signature needs {max(n for _, n in over)} "
+                         f"words on rank(s) {[r for r, _ in over]}, more than the {max_words} "
+                         f"that fit (pass max_words=); nothing was truncated")
+    if len({t[2] for t in table}) > 1:
+        raise ValueError(f"{op}: ranks passed different field names (a caller's bug)")
+    per_rank = []
+    for t in table:
+        body, vals, i = t[_HEADER:_HEADER + t[3]], [], 0
+        while i < len(body):
+            x, i = _decode(body, i)
+            vals.append(x)
+        per_rank.append(vals)
     diffs = []
-    for i, name in enumerate(fields):
-        lo = 1 + i * _WIDTH
-        vals = [tuple(row[lo + 1: lo + 1 + row[lo]]) for row in table]
-        if len(set(vals)) > 1:
-            names = (labels or {}).get(name)
-            shown = ", ".join(f"rank {r}: {_show(v, names)}" for r, v in enumerate(vals))
+    for j, name in enumerate(fields):
+        vals = [p[j] for p in per_rank]
+        if len({repr(v) for v in vals}) > 1:  # repr: nan equals nan here
+            shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(vals))
             diffs.append(f"{name} ({shown})")
     if diffs:
         raise ValueError(f"{op}: arguments differ across ranks: " + "; ".join(diffs))
-
-
-def _show(v: tuple[int, ...], names: Sequence[str] | None) -> str:
-    if names is not None and len(v) == 1 and 0 <= v[0] < len(names):
-        return str(names[v[0]])
-    return str(v[0]) if len(v) == 1 else str(v)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from .agree import agree, float_bits
+from .agree import agree
 from .backends import BACKENDS, check_backend_name, get_backend
 from .comm import CommStats, Group, RingComm, gather_rows, group_rank_world
 from .layouts import LAYOUTS, check_layout, global_permutation, local_len_error, positions
@@ -15,13 +15,11 @@ from .plan import Interconnect, plan, resolve_interconnect
 from .ring import RingSpec, ring_backward, ring_forward
 
 SCHEDULES = ("auto", "kv", "q")
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = tuple(str(d) for d in _DTYPES) + ("other",)
-_DEVICE_TYPES = ("cpu", "cuda", "other")
 
 
-def _dtype_code(x: object) -> int:
-    return _DTYPES.index(x.dtype) if isinstance(x, Tensor) and x.dtype in _DTYPES else len(_DTYPES)
+def _plain(x: object) -> object:
+    """A user's option as `agree` can encode it (a bad one is already an error)."""
+    return x if isinstance(x, (str, int, float)) or x is None else repr(x)
 
 
 def _shape(x: object) -> tuple[int, ...]:
@@ -151,23 +149,16 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world,
                             interconnect, grad, stats)
     if world > 1:
-        fields = {
+        dev = q.device if isinstance(q, Tensor) else None
+        agree("ring_attention", group, error, device=dev, **{
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),
-            "dtype": (_dtype_code(q),),
-            "device type": (_DEVICE_TYPES.index(q.device.type) if isinstance(q, Tensor)
-                            and q.device.type in _DEVICE_TYPES else 2,),
-            "causal": (int(bool(causal)),),
-            "layout": (LAYOUTS.index(layout) if layout in LAYOUTS else len(LAYOUTS),),
-            "schedule": (SCHEDULES.index(schedule) if schedule in SCHEDULES else -1,),
-            "resolved schedule": (SCHEDULES.index(spec.schedule) if spec else -1,),
-            "backend": (BACKENDS.index(backend) if backend in BACKENDS else -1,),
-            "softmax_scale": (float_bits(spec.scale) if spec else 0,),
-            "requires grad": (int(grad),),
-        }
-        labels = {"dtype": _DTYPE_NAMES, "device type": _DEVICE_TYPES, "layout": LAYOUTS,
-                  "schedule": SCHEDULES, "resolved schedule": SCHEDULES, "backend": BACKENDS}
-        dev = q.device if isinstance(q, Tensor) else torch.device("cpu")
-        agree("ring_attention", fields, error, group, world, dev, labels)
+            "dtype": q.dtype if isinstance(q, Tensor) else None,
+            "device type": q.device.type if isinstance(q, Tensor) else None,
+            "causal": int(bool(causal)), "layout": _plain(layout),
+            "schedule": _plain(schedule),
+            "resolved schedule": spec.schedule if spec else None,
+            "backend": _plain(backend), "softmax_scale": spec.scale if spec else None,
+            "requires grad": int(grad)})
     elif error is not None:
         raise error
     out, lse = _RingAttention.apply(q, k, v, spec, group, stats)
@@ -211,11 +202,10 @@ def unshard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigz
     except (TypeError, ValueError) as e:
         error = e
     ok = error is None
-    agree("unshard", {"x.shape": tuple(x.shape) if ok else (-1,),
-                      "dtype": (_dtype_code(x),), "dim": (dim if ok else -1,),
-                      "layout": (LAYOUTS.index(layout) if ok else -1,)},
-          error, group, world, x.device if isinstance(x, Tensor) else torch.device("cpu"),
-          {"dtype": _DTYPE_NAMES, "layout": LAYOUTS})
+    agree("unshard", group, error, device=x.device if isinstance(x, Tensor) else None,
+          **{"x.shape": tuple(x.shape) if ok else None,
+             "dtype": x.dtype if isinstance(x, Tensor) else None,
+             "dim": dim if ok else None, "layout": layout if ok else None})
     if world == 1:
         return x
     rows = gather_rows(x.reshape(-1), group, world)  # [world, numel]

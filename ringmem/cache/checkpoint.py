@@ -81,8 +81,8 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
         path = save_shard(root, meta, layers, fsync=fsync)
     except _ERRORS as e:
         error = e
-    agree("ShardedKVCache.save", {"model_id crc": (zlib.crc32(str(model_id).encode()),)},
-          error, cache.group, cache.world, cache.device)
+    agree("ShardedKVCache.save", cache.group, error, device=cache.device,
+          model_id=str(model_id))
     return path
 
 
@@ -99,9 +99,8 @@ def load_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str) -> Non
         _restore(cache, shard.meta, shard.layers)
     except _ERRORS as e:
         error = e
-    agree("ShardedKVCache.load", {"replicated state crc": (
-        -1 if error else _replicated_crc(cache),)}, error, cache.group, cache.world,
-        cache.device)
+    agree("ShardedKVCache.load", cache.group, error, device=cache.device,
+          **{"replicated state crc": None if error else _replicated_crc(cache)})
 
 
 def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> None:

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..agree import agree, float_bits
-from ..backends import BACKENDS, get_backend
+from ..agree import agree
+from ..backends import get_backend
 from ..comm import Group, RingComm, gather_rows, group_rank_world
-from ..layouts import LAYOUTS, positions
+from ..layouts import positions
 from ..merge import merge_partials
 from ..ring import RingSpec, ring_forward
 from .config import CacheConfig
-from .decode import MERGES, merge_across_ranks, paged_partial
+from .decode import merge_across_ranks, paged_partial
 from .paged import PagedStore
 from .tiered import Demote, TieredPages, TierPolicy
 
@@ -100,15 +100,12 @@ class ShardedKVCache:
             error = e
         self.eviction = None if eviction is None else Coordinator(self, eviction)
         c = config
-        sig = (0,) if eviction is None else eviction.signature()
-        agree("ShardedKVCache", {
-            "layers, heads, dim": (c.num_layers, c.q_heads, c.kv_heads, c.head_dim),
-            "capacity, page, seqs": (c.capacity, c.page_size, c.max_seqs),
-            "dtype": (_DTYPES.index(c.dtype) if c.dtype in _DTYPES else -1,),
-            "layout, merge": (LAYOUTS.index(c.layout), MERGES.index(c.merge)),
-            **{f"eviction policy [{i}:{i + 5}]": sig[i:i + 5] for i in range(0, 15, 5)},
-            "tiers (on, recall)": (0, 0) if tiers is None else tiers.signature(),
-        }, error, group, self.world, self.device)
+        agree("ShardedKVCache", group, error, device=self.device,
+              dims=(c.num_layers, c.q_heads, c.kv_heads, c.head_dim),
+              capacity=(c.capacity, c.page_size, c.max_seqs), dtype=c.dtype,
+              layout=c.layout, merge=c.merge,
+              **{"eviction policy": None if eviction is None else eviction.signature(),
+                 "tiers (on, recall)": None if tiers is None else tiers.signature()})
 
     # ---------------------------------------------------------------- bookkeeping
     def seq_len(self, seq: int = 0, layer: int = 0) -> int:
@@ -233,12 +230,9 @@ class ShardedKVCache:
                 self.tiers.flush(layer, seq)
         except (TypeError, ValueError, OSError) as e:
             error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
-        agree("prefill_chunk", {"layer, seq, start": (layer, seq, start),
-                                "q.shape": tuple(q.shape) if error is None else (-1,),
-                                "n_valid": (n_valid,), "softmax_scale": (float_bits(scale),),
-                                "backend": (BACKENDS.index(backend) if backend in BACKENDS
-                                            else -1,)},
-              error, self.group, self.world, self.device)
+        agree("prefill_chunk", self.group, error, device=self.device, layer=layer, seq=seq,
+              start=start, **{"q.shape": tuple(q.shape) if error is None else None},
+              n_valid=n_valid, softmax_scale=scale, backend=backend)
         kept = [int((start + positions(c.layout, r, self.world, n_loc) < start + n_valid).sum())
                 for r in range(self.world)]
         self._check_room(layer, seq, kept)  # before any work, identically on every rank
@@ -500,5 +494,3 @@ class ShardedKVCache:
         return sum(t.numel() * t.element_size() for s in self.stores
                    for t in (s.k, s.v, s.pos, s.score))
 
-
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

@@ -121,10 +121,8 @@ class EvictionPolicy:
         """Adaptive and global: tokens each head keeps of its own best before the pool."""
         return math.floor(self.floor * self.tokens(seen))
 
-    def signature(self) -> tuple[int, ...]:
-        """Ints every rank must agree on."""
-        b = self.budget
-        return (*self.scorer.signature(), int(b) if isinstance(b, int) else -round(b * 1e9),
-                self.sinks, self.recent, GRANULARITIES.index(self.granularity),
-                ALLOCATIONS.index(self.allocation), round(self.floor * 1e6), self.observe,
-                PREFILL.index(self.prefill), self.decode_every, round(self.rebalance * 1e6))
+    def signature(self) -> tuple:
+        """What every rank must agree on (encoded by `agree`)."""
+        return (*self.scorer.signature(), self.budget, self.sinks, self.recent,
+                self.granularity, self.allocation, float(self.floor), self.observe,
+                self.prefill, self.decode_every, float(self.rebalance))

@@ -242,9 +242,9 @@ class Coordinator:
                                  f"compress them together (layer=None), got layer={layer!r}")
         except (TypeError, ValueError) as e:
             error, layers, seqs = e, [], []
-        code = [-2 if x is None else x if isinstance(x, int) else -3 for x in (layer, seq)]
-        agree("compress", {"layer, seq": tuple(code)}, error, cache.group, cache.world,
-              cache.device)
+        agree("compress", cache.group, error, device=cache.device,
+              layer=layer if isinstance(layer, int) else repr(layer),
+              seq=seq if isinstance(seq, int) else repr(seq))
         if self.policy.allocation == "global":
             out = [r for s in seqs for r in self.compress_layers(s)]
         else:
@@ -257,7 +257,7 @@ class Coordinator:
                         cache.tiers.flush(lay, s)
             except (ValueError, OSError) as e:
                 error = e
-            agree("compress (demotion)", {}, error, cache.group, cache.world, cache.device)
+            agree("compress (demotion)", cache.group, error, device=cache.device)
         return out
 
     def compress(self, layer: int, seq: int) -> EvictionRecord | None:

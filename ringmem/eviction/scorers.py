@@ -91,9 +91,9 @@ class Scorer:
         """Per KV head, float32 [n_h] scores (higher = keep), no NaN."""
         raise NotImplementedError
 
-    def signature(self) -> tuple[int, ...]:
-        """Small ints that must agree across ranks (name and parameters)."""
-        return (SCORERS.index(type(self)),)
+    def signature(self) -> tuple:
+        """Name and parameters, which must agree across ranks."""
+        return (self.name,)
 
 
 class StreamingLLM(Scorer):
@@ -136,8 +136,8 @@ class A2SF(Scorer):
     def score(self, ctx: ScoreContext) -> list[Tensor]:
         return list(ctx.state)
 
-    def signature(self) -> tuple[int, ...]:
-        return (SCORERS.index(A2SF), round(self.decay * 1e9))
+    def signature(self) -> tuple:
+        return (self.name, float(self.decay))
 
 
 class TOVA(Scorer):
@@ -182,8 +182,8 @@ class SnapKV(Scorer):
             out.append(max_pool_positions(mass, ctx.positions[h], self.kernel // 2))
         return out
 
-    def signature(self) -> tuple[int, ...]:
-        return (SCORERS.index(SnapKV), self.kernel)
+    def signature(self) -> tuple:
+        return (self.name, self.kernel)
 
 
 class ExpectedAttention(Scorer):
@@ -238,8 +238,8 @@ class ExpectedAttention(Scorer):
             out.append(p.to(torch.float32))
         return out
 
-    def signature(self) -> tuple[int, ...]:
-        return (SCORERS.index(ExpectedAttention), int(self.value_norm))
+    def signature(self) -> tuple:
+        return (self.name, bool(self.value_norm))
 
 
 def max_pool_positions(x: Tensor, pos: Tensor, radius: int) -> Tensor:

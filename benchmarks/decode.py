@@ -98,10 +98,10 @@ def decode_latency(cache: ShardedKVCache, a: argparse.Namespace) -> list[float]:
 
 def local_latency(cache: ShardedKVCache, a: argparse.Namespace) -> float:
     """Median time of the rank-local paged attention alone (no merge), all ranks at once."""
-    from ringmem.cache.decode import paged_partial
+    from ringmem.partial import attend
     store = cache.stores[0]
     q = torch.randn(a.q_heads, a.dim).to(DTYPES[a.dtype])
-    run = lambda: paged_partial(q, store.k, store.v, store.runs(0), a.dim ** -0.5)
+    run = lambda: attend(q, store.k, store.v, a.dim ** -0.5, runs=store.runs(0))
     run()
     return statistics.median(slowest(run) for _ in range(a.steps))
 

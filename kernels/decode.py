@@ -12,7 +12,7 @@ import triton
 from torch import Tensor
 
 from .attention import _launch_fwd, _unit_last, split_plan
-from .merge import merge_partials
+from .merge import merge_stacked
 
 
 def default_splits(b: int, hkv: int, sk: int, device: torch.device) -> int:
@@ -36,4 +36,4 @@ def decode_partial(q: Tensor, k: Tensor, v: Tensor, scale: float,
     _launch_fwd(q, k, v, outs, lses, scale, False, 0, 0, splits)
     if splits == 1:
         return outs[0], lses[0]
-    return merge_partials(outs, lses)
+    return merge_stacked(outs, lses)

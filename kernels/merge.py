@@ -1,6 +1,6 @@
 """Fused log-sum-exp merge of partial attention results (Triton).
 
-`merge_partials(outs, lses)` combines N partials stacked on a leading dim in one pass:
+`merge_stacked(outs, lses)` combines N partials stacked on a leading dim in one pass:
 out = sum_i exp(lse_i - lse) out_i, lse = log sum_i exp(lse_i); partials with lse = -inf
 (no keys seen) contribute nothing, and a row no partial saw stays out = 0, lse = -inf.
 """
@@ -53,7 +53,7 @@ def merge_rows(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+def merge_stacked(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     """outs [N, B, S, H, D], lses [N, B, H, S] -> (out [B, S, H, D] fp32, lse [B, H, S] fp32)."""
     n, b, s, h, d = outs.shape
     rows_o = outs.reshape(n, b * s * h, d)

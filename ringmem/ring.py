@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .backends import Backend
 from .comm import RingComm
-from .merge import merge_
+from .partial import Partial, acc_dtype, merge_into
 from .routing import Geometry, held, split_rows, step_block, used
 
 Side = list[tuple[Tensor, int]]  # tensors of one side with their sequence dims
@@ -47,11 +47,6 @@ def _resized(shape: tuple[int, ...], dim: int, n: int) -> list[int]:
     return out
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _Acc:
     """Results over `n` rows/keys: 'sum' adds (gradients), 'lse' merges (out, lse)."""
 
@@ -80,7 +75,9 @@ class _Acc:
         views = [t.narrow(d, start, p.shape[d])
                  for t, (_, d, _), p in zip(self.tensors, self.template, parts)]
         if self.kind == "lse":
-            merge_(views[0], views[1], parts[0], parts[1])
+            # out [B, S, H, D], lse [B, H, S]: the lse's transpose lines up with out
+            merge_into(Partial(views[0], views[1].transpose(1, 2)),
+                       Partial(parts[0], parts[1].transpose(1, 2)))
         else:
             for v, p in zip(views, parts):
                 v.add_(p)

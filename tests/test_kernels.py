@@ -12,8 +12,8 @@ pytest.importorskip("triton")
 
 from ringmem.kernels.attention import attention_bwd, attention_fwd  # noqa: E402
 from ringmem.kernels.decode import decode_partial  # noqa: E402
-from ringmem.kernels.merge import merge_partials  # noqa: E402
-from ringmem.merge import merge_partials as merge_reference  # noqa: E402
+from ringmem.kernels.merge import merge_stacked  # noqa: E402
+from ringmem.partial import Partial, merge as merge_reference  # noqa: E402
 from ringmem.testing import spawn  # noqa: E402
 
 from _tolerance import check_close  # noqa: E402
@@ -97,8 +97,10 @@ def test_fused_merge_matches_reference() -> None:
     outs, lses = torch.randn(3, 2, 5, 3, 8), torch.randn(3, 2, 3, 5)
     lses[1, 0, 1, 2] = float("-inf")  # one partial saw nothing for this row
     lses[:, 1, 2, 4] = float("-inf")  # no partial saw this row
-    out, lse = merge_partials(outs, lses)
-    ref, ref_lse = merge_reference([o.double() for o in outs], [l.double() for l in lses])
+    out, lse = merge_stacked(outs, lses)
+    ref, ref_lse = merge_reference([Partial(o.double(), l.double().transpose(1, 2))
+                                    for o, l in zip(outs, lses)])
+    ref_lse = ref_lse.transpose(1, 2)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
     fin = ~torch.isneginf(ref_lse)
     assert (out - ref).abs().max() < 1e-6 and (lse[fin] - ref_lse[fin]).abs().max() < 1e-6

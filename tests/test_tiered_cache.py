@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ringmem.cache import CacheConfig, PageCorruptError, ShardedKVCache, TierPolicy
-from ringmem.cache.decode import masked_partial
+from ringmem.partial import attend
 from ringmem.eviction import H2O, EvictionPolicy, KeyNorm, SnapKV, StreamingLLM
 from ringmem.testing import spawn
 
@@ -318,7 +318,7 @@ def test_masked_partial_against_float64_reference() -> None:
     q = torch.randn(HQ, D, generator=g, dtype=torch.float64)
     k, v = (torch.randn(HKV, 5, D, generator=g, dtype=torch.float64) for _ in range(2))
     valid = torch.tensor([[True, False, True, True, False], [False] * 5])
-    out, lse = masked_partial(q, k, v, valid, SCALE)
+    out, lse = attend(q, k, v, SCALE, valid=valid)
     s = q[:G] @ k[0, valid[0]].T * SCALE
     assert torch.allclose(out[:G], s.softmax(-1) @ v[0, valid[0]], atol=1e-14)
     assert torch.allclose(lse[:G], s.logsumexp(-1), atol=1e-14)

@@ -8,7 +8,7 @@ import ringmem
 from ringmem.backends import get_backend
 from ringmem.layouts import global_permutation, positions, split_len
 from ringmem.masking import block_pieces, pieces_mask
-from ringmem.merge import merge_partials
+from ringmem.partial import Partial, merge
 from ringmem.reference import reference_attention
 
 WORLDS = [1, 2, 3, 4, 5]
@@ -99,12 +99,13 @@ def test_lse_merge_equals_direct_softmax(chunks: list[int]) -> None:
     # a partial that saw no key at all (lse = -inf, out = 0) must be neutral
     outs.append(torch.zeros_like(full))
     lses.append(torch.full_like(full_lse, float("-inf")))
-    out, lse = merge_partials(outs, lses)
+    out, lse = merge([Partial(o, l.transpose(1, 2)) for o, l in zip(outs, lses)])
+    lse = lse.transpose(1, 2)
     assert (out - full).abs().max() < 1e-13 and (lse - full_lse).abs().max() < 1e-13
 
 
 def test_merge_keeps_empty_rows_empty() -> None:
-    out, lse = merge_partials([torch.zeros(1, 2, 1, 4)], [torch.full((1, 1, 2), -float("inf"))])
+    out, lse = merge([Partial(torch.zeros(1, 2, 1, 4), torch.full((1, 2, 1), -float("inf")))])
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 

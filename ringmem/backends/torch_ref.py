@@ -8,16 +8,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..partial import acc_dtype, probs
 
 
 def _grouped(q: Tensor, k: Tensor, v: Tensor):
     """q -> [B, Hkv, G, Sq, D]; k, v -> [B, Hkv, 1, Sk, D] in the compute dtype."""
     b, sq, hq, d = q.shape
     hkv = k.shape[2]
-    ct = _compute_dtype(q.dtype)
+    ct = acc_dtype(q.dtype)
     qg = q.to(ct).reshape(b, sq, hkv, hq // hkv, d).permute(0, 2, 3, 1, 4)
     kg = k.to(ct).permute(0, 2, 1, 3).unsqueeze(2)
     vg = v.to(ct).permute(0, 2, 1, 3).unsqueeze(2)
@@ -33,12 +31,6 @@ def _scores(qg: Tensor, kg: Tensor, scale: float, causal: bool) -> Tensor:
     return s
 
 
-def _probs(s: Tensor, lse: Tensor) -> Tensor:
-    # rows with lse = -inf saw no key: their probabilities are 0, not nan
-    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(s - safe.unsqueeze(-1))
-
-
 class TorchBackend:
     name = "torch"
 
@@ -51,7 +43,7 @@ class TorchBackend:
         qg, kg, vg = _grouped(q, k, v)
         s = _scores(qg, kg, scale, causal)
         lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, G, Sq]
-        out = torch.matmul(_probs(s, lse), vg)  # [B, Hkv, G, Sq, D]
+        out = torch.matmul(probs(s, lse), vg)  # [B, Hkv, G, Sq, D]
         out = out.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d).to(q.dtype)
         return out, lse.reshape(b, hq, sq)
 
@@ -65,7 +57,7 @@ class TorchBackend:
         dog = dout.to(ct).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)
         og = out.to(ct).reshape(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4)
         lse_g = lse.to(ct).reshape(b, hkv, g, sq)
-        p = _probs(_scores(qg, kg, scale, causal), lse_g)          # [B, Hkv, G, Sq, Sk]
+        p = probs(_scores(qg, kg, scale, causal), lse_g)          # [B, Hkv, G, Sq, Sk]
         dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)          # [B, Hkv, Sk, D]
         dp = torch.matmul(dog, vg.transpose(-1, -2))
         delta = (dog * og).sum(-1, keepdim=True)                    # rowsum(dO * O), global O

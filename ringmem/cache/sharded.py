@@ -38,10 +38,10 @@ from ..agree import agree
 from ..backends import get_backend
 from ..comm import Group, RingComm, gather_rows, group_rank_world
 from ..layouts import positions
-from ..merge import merge_partials
+from ..partial import Partial, acc_dtype, attend, merge
 from ..ring import RingSpec, ring_forward
 from .config import CacheConfig
-from .decode import merge_across_ranks, paged_partial
+from .decode import merge_across_ranks
 from .paged import PagedStore
 from .tiered import Demote, TieredPages, TierPolicy
 
@@ -245,7 +245,11 @@ class ShardedKVCache:
         o, l = ring_forward(q, k, v, spec, RingComm(self.group, "fwd", None, q.device))
         outs.append(o)
         lses.append(l)
-        out, lse = merge_partials(outs, lses) if len(outs) > 1 else (outs[0], lses[0])
+        if len(outs) > 1:  # ring results: out [1, S, H, D], lse [1, H, S]
+            out, lse = merge([Partial(o, l.transpose(1, 2)) for o, l in zip(outs, lses)])
+            lse = lse.transpose(1, 2)
+        else:
+            out, lse = outs[0], lses[0]
         # cache the real tokens of my part; every rank counts every rank's
         pos = start + positions(c.layout, self.rank, self.world, n_loc)
         keep = pos < start + n_valid
@@ -364,14 +368,13 @@ class ShardedKVCache:
         kn = k[:, 0].to(acc).repeat_interleave(groups, 1)
         vn = v[:, 0].to(acc).repeat_interleave(groups, 1)
         l_new = (qs * kn).sum(-1)  # [B, Hq]
-        out, lse_all = merge_partials([out.unsqueeze(0), vn.unsqueeze(0)],
-                                      [lse.t().unsqueeze(0), l_new.t().unsqueeze(0)])
+        out, lse_all = merge([Partial(out, lse), Partial(vn, l_new)])
         for s, owner in enumerate(owners):
             pos = self.seen[layer][s]
             init = None
             if self.eviction is not None:  # fold this query's exact mass into the scores
                 self.eviction.before_decode(layer, s)  # the prompt's window first (older)
-                init = self.eviction.after_decode(layer, s, logits[s], lse_all[0, :, s],
+                init = self.eviction.after_decode(layer, s, logits[s], lse_all[s],
                                                   l_new[s], q[s, 0], pos, owner, scale)
             if owner == self.rank:
                 store.append(s, k[s], v[s], torch.tensor([pos], device=k.device), init)
@@ -379,7 +382,7 @@ class ShardedKVCache:
             self.seen[layer][s] += 1
         if self.eviction is not None:
             self.eviction.decode_step_done(layer)
-        return out[0].unsqueeze(1).to(q.dtype)
+        return out.unsqueeze(1).to(q.dtype)
 
     def _partial(self, layer: int, seq: int, q: Tensor, scale: float,
                  logits: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -388,8 +391,8 @@ class ShardedKVCache:
         if self.config.decode_backend == "paged" or logits is not None or \
                 not store.uniform(seq):
             hr = None if store.uniform(seq) else store.head_runs(seq)
-            return paged_partial(q, store.k, store.v, store.runs(seq), scale, head_runs=hr,
-                                 logits=logits)
+            return attend(q, store.k, store.v, scale, runs=store.runs(seq), head_runs=hr,
+                          logits=logits)
         kk, vv, _ = store.view(seq)
         acc = self.acc_dtype
         if kk.shape[1] == 0:

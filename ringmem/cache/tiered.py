@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..merge import merge_partials
-from .decode import masked_partial
+from ..partial import Partial, attend, merge
 from .summaries import PageKey
 from .tiers import TierConfig, TierStore
 from .transfer import Page, Transfer, TransferEngine
@@ -229,10 +228,8 @@ class TieredPages:
                ) -> tuple[Tensor, Tensor]:
         """Merge the exact partial of q [Hq, D] over `page` into the hot partial
         (out [Hq, D], lse [Hq], accumulation dtype)."""
-        o2, l2 = masked_partial(q, page.k, page.v, page.pos >= 0, scale)
-        o, l = merge_partials([out[None, None], o2[None, None].to(out.dtype)],
-                              [lse[None, :, None], l2[None, :, None].to(lse.dtype)])
-        return o[0, 0], l[0, :, 0]
+        return merge([Partial(out, lse),
+                      attend(q, page.k, page.v, scale, valid=page.pos >= 0)])
 
     # ------------------------------------------------------------ lifecycle
     def drain(self) -> None:

@@ -128,6 +128,12 @@ class RingComm:
     def move(self, step: int, send: list[Tensor], recv: list[Tensor]) -> list[dist.Work]:
         return self._post(step, "move", self._g, send, -1, recv, +1)
 
+    def p2p(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
+            frm: int) -> list[dist.Work]:
+        """Send to / receive from arbitrary ranks (offsets within the group) on the ring's
+        own group: point-to-point moves outside the ring loop (cache rebalancing)."""
+        return self._post(step, "p2p", self._g, send, to, recv, frm)
+
     def prepare_returns(self) -> None:
         """Set up the return channel before the loop (it may create a group: collective)."""
         if self._ret_g is None and self.world > 1:

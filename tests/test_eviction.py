@@ -339,8 +339,8 @@ def _rebalance_split_heads(world: int) -> list[str]:
     _prefill(cache, Q, K, V, 0, 30)
     rec = cache.compress()[0]
     fails = []
-    if world > 1 and (rec.moved == 0 or not cache.split[0][0]):
-        fails.append(f"split heads: moved {rec.moved}, split {cache.split[0][0]}")
+    if world > 1 and (rec.moved == 0 or not cache.index.split[0][0]):
+        fails.append(f"split heads: moved {rec.moved}, split {cache.index.split[0][0]}")
     held = _held(cache)
     present = []
     for h in range(HKV):

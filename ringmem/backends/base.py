@@ -1,15 +1,42 @@
-"""The block-attention backend protocol every ring step calls.
+"""The block-attention backend protocol every ring step and every decode step calls.
 
 Tensors are [B, S, H, D] (flash-attn layout); K/V may have fewer heads than Q (GQA/MQA:
 query head h uses key head h // (Hq // Hkv)). `causal=True` means a square block with key
 j visible from query i iff j <= i. lse is [B, Hq, Sq], natural log, fp32 (fp64 for fp64).
+
+`decode` (one query against a paged K/V pool) has a default: gather the runs into one
+[1, n, Hkv, D] block (a view when they are one run) and call `fwd`. Backends with a better
+way override it: the torch backend reads the pages in place, Triton runs split-KV.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from ..partial import Partial, acc_dtype, empty
+
+
+def gather_runs(k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]]
+                ) -> tuple[Tensor, Tensor]:
+    """Pools k, v [Hkv, slots, D] and slot ranges -> k, v [1, n, Hkv, D] (views for one
+    run, else copies)."""
+    if len(runs) == 1:
+        lo, hi = runs[0]
+        kk, vv = k[:, lo:hi], v[:, lo:hi]
+    else:
+        kk = torch.cat([k[:, lo:hi] for lo, hi in runs], 1)
+        vv = torch.cat([v[:, lo:hi] for lo, hi in runs], 1)
+    return kk.permute(1, 0, 2).unsqueeze(0), vv.permute(1, 0, 2).unsqueeze(0)
+
+
+def block_partial(q: Tensor, result: tuple[Tensor, Tensor]) -> Partial:
+    """A [1, 1, Hq, D] / [1, Hq, 1] block result as Partial(out [Hq, D], lse [Hq])."""
+    o, l = result
+    ad = acc_dtype(q.dtype)
+    return Partial(o[0, 0].to(ad), l[0, :, 0].to(ad))
 
 
 @runtime_checkable
@@ -29,3 +56,12 @@ class Backend(Protocol):
 
         Gradients may come back in q.dtype or wider; the ring accumulates them in fp32.
         """
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]],
+               scale: float) -> Partial:
+        """One query q [Hq, D] against the slots `runs` of pools k, v [Hkv, slots, D]:
+        Partial(out [Hq, D], lse [Hq]) in acc dtype (lse = -inf for no slots)."""
+        if not runs:
+            return empty(q.shape[:1], q.shape[-1], q.dtype, q.device)
+        kk, vv = gather_runs(k, v, runs)
+        return block_partial(q, self.fwd(q[None, None], kk, vv, scale, False))

@@ -39,6 +39,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .base import Backend
+
 _MODULE = "flash_attn.flash_attn_interface"
 _HALF = (torch.float16, torch.bfloat16)
 # why the import failed, remembered so that `unsupported` stays cheap on machines without it
@@ -116,7 +118,7 @@ def _check(q: Tensor, k: Tensor, causal: bool) -> None:
                          f"{k.shape[2]}")
 
 
-class FlashAttnBackend:
+class FlashAttnBackend(Backend):
     """Block attention by flash-attn 2.x on CUDA (fp16/bf16, head_dim % 8 == 0, <= 256).
 
     deterministic: ask flash-attn for its deterministic (slower) backward.

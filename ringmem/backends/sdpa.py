@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .base import Backend
+
 _aten = torch.ops.aten
 
 
@@ -32,7 +34,7 @@ def _reduce_kv(dx: Tensor, groups: int) -> Tensor:
     return dx.reshape(b, s, h // groups, groups, d).sum(3, dtype=torch.float32)
 
 
-class SdpaBackend:
+class SdpaBackend(Backend):
     name = "sdpa"
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:

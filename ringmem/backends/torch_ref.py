@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..partial import acc_dtype, probs
+from collections.abc import Sequence
+
+from ..partial import Partial, acc_dtype, attend, probs
+from .base import Backend
 
 
 def _grouped(q: Tensor, k: Tensor, v: Tensor):
@@ -31,7 +34,7 @@ def _scores(qg: Tensor, kg: Tensor, scale: float, causal: bool) -> Tensor:
     return s
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -66,3 +69,10 @@ class TorchBackend:
         dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale  # [B, Hkv, Sk, D]
         dq = dq.permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d)
         return dq, dk.permute(0, 2, 1, 3), dv.permute(0, 2, 1, 3)
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]],
+               scale: float, *, head_runs: Sequence[Sequence[tuple[int, int]]] | None = None,
+               logits: list[Tensor] | None = None) -> Partial:
+        """Reads the pages in place (no gather); `head_runs` for heads that hold different
+        tokens, `logits` to keep each key's score (see `ringmem.partial.attend`)."""
+        return attend(q, k, v, scale, runs=runs, head_runs=head_runs, logits=logits)

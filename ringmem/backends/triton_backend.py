@@ -8,11 +8,16 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from ..partial import Partial, empty
+from .base import Backend, block_partial, gather_runs
 
-class TritonBackend:
+
+class TritonBackend(Backend):
     name = "triton"
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -41,7 +46,11 @@ class TritonBackend:
         from ..kernels.attention import attention_bwd
         return attention_bwd(dout, q, k, v, out, lse, scale, causal)
 
-    def decode(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """Split-KV partial for a few queries against a long K/V (non-causal)."""
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]],
+               scale: float) -> Partial:
+        """Split-KV partial of one query against the runs of the pools."""
         from ..kernels.decode import decode_partial
-        return decode_partial(q, k, v, scale)
+        if not runs:
+            return empty(q.shape[:1], q.shape[-1], q.dtype, q.device)
+        kk, vv = gather_runs(k, v, runs)
+        return block_partial(q, decode_partial(q[None, None], kk, vv, scale))

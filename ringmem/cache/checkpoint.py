@@ -34,7 +34,8 @@ def _model_id(model_id: object) -> str:
 
 def _replicated_crc(cache: ShardedKVCache) -> int:
     """CRC of the state every rank holds alike (ranks of different saves differ here)."""
-    rep = [cache.seen, cache.counts, cache.head_counts, cache.split]
+    i = cache.index.state()
+    rep = [i["seen"], i["head_counts"], i["split"]]
     return zlib.crc32(json.dumps(rep).encode())
 
 
@@ -61,23 +62,18 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
                 tiers.append(state)
         ev = None
         if cache.eviction is not None:
-            co = cache.eviction
-            ev = {"folded": co.folded, "pending": co.pending, "scale": co.scale,
-                  "steps": co.steps}
+            ev = cache.eviction.state()
             for i, layer in enumerate(layers):
-                for s, o in enumerate(co._obs[i]):
-                    if o.q is not None:
-                        layer.update({f"obs{s}_q": o.q, f"obs{s}_lse": o.lse,
-                                      f"obs{s}_pos": o.pos})
+                layer.update(cache.eviction.obs.export(i))
         meta = {"model_id": model_id, "layout": c.layout, "world_size": cache.world,
                 "rank": cache.rank, "dtype": c.dtype, "num_layers": c.num_layers,
                 "kv_heads": c.kv_heads, "head_dim": c.head_dim, "page_size": c.page_size,
                 "tables": [s.tables for s in st], "hlens": [s.hlens for s in st],
-                "seen": cache.seen,
-                "state": {"config": _config_state(cache), "free": [s._free for s in st],
+                "seen": cache.index.seen,
+                "state": {"config": _config_state(cache), "free": [s.free_list for s in st],
                           "lens": [s.lens for s in st], "store_split": [s.split for s in st],
-                          "counts": cache.counts, "head_counts": cache.head_counts,
-                          "split": cache.split, "tiers": tiers or None, "eviction": ev}}
+                          "head_counts": cache.index.head_counts,
+                          "split": cache.index.split, "tiers": tiers or None, "eviction": ev}}
         path = save_shard(root, meta, layers, fsync=fsync)
     except _ERRORS as e:
         error = e
@@ -117,18 +113,14 @@ def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> No
     for i, (s, layer) in enumerate(zip(cache.stores, layers)):
         for name in ("k", "v", "pos", "score"):
             getattr(s, name).copy_(layer[name])
-        s.tables, s.hlens, s._free = m["tables"][i], m["hlens"][i], x["free"][i]
-        s.lens, s.split = x["lens"][i], x["store_split"][i]
+        s.load_tables(m["tables"][i], m["hlens"][i], x["lens"][i], x["store_split"][i],
+                      x["free"][i])
         if x["tiers"] is not None and cache.tiers is not None:
             cache.tiers.restore(i, cache.config.max_seqs, layer, x["tiers"][i])
-    cache.seen, cache.counts = m["seen"], x["counts"]
-    cache.head_counts, cache.split = x["head_counts"], x["split"]
+    cache.index.load_state({"seen": m["seen"], "head_counts": x["head_counts"],
+                            "split": x["split"]})
     ev, co = x["eviction"], cache.eviction
     if ev is not None and co is not None:
-        co.folded, co.pending, co.scale, co.steps = (ev["folded"], ev["pending"], ev["scale"],
-                                                     ev["steps"])
+        co.load_state(ev)
         for i, layer in enumerate(layers):
-            for s, o in enumerate(co._obs[i]):
-                if f"obs{s}_q" in layer:
-                    o.q, o.lse, o.pos = (layer[f"obs{s}_{n}"].clone()
-                                         for n in ("q", "lse", "pos"))
+            co.obs.restore(i, layer)

@@ -7,7 +7,9 @@ import torch
 
 from ..backends import get_backend
 from ..layouts import check_layout
-from .decode import MERGES
+
+MERGES = ("allgather", "allreduce")
+"""Cross-rank decode merges: one all-gather, or two all-reduces."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,15 +1,37 @@
-"""The exact cross-rank merge of decode partials: the global result is the lse-weighted
-combination of every rank's (out, lse); ranks with no tokens contribute lse = -inf."""
+"""One decode step over a sharded cache, as a pipeline read top to bottom:
+
+    local partial -> tier recall -> cross-rank merge -> own token -> store
+
+1. local partial: each rank attends the new queries to its hot pages (the backend's
+   `decode`; the torch backend's in-place pass when eviction needs each key's score or
+   heads hold different tokens);
+2. tier recall: with tiers, the pending and recalled demoted entries, merged by lse;
+3. cross-rank merge: the one collective of the step; step counters and errors ride along,
+   so ranks that disagree or failed all raise together;
+4. own token: the new token's own term (every rank has its k, v), merged by lse;
+5. store: the least-loaded rank (decided from the replicated index, identically on every
+   rank) stores the new token; with eviction the coordinator's hook runs around it.
+"""
 from __future__ import annotations
+
+from functools import partial as bind
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends import get_backend
 from ..comm import Group, gather_rows
-from ..partial import merge_weighted
+from ..eviction.coordinator import DecodeStep
+from ..partial import Partial, attend, empty, merge, merge_weighted
+from .checks import check_index, check_scale, check_tensor
+from .config import MERGES
 
-MERGES = ("allgather", "allreduce")
+if TYPE_CHECKING:
+    from .sharded import ShardedKVCache
+    from .tiered import Gathered
+
 
 
 def merge_across_ranks(out: Tensor, lse: Tensor, meta: Tensor, group: Group, world: int,
@@ -46,3 +68,114 @@ def merge_across_ranks(out: Tensor, lse: Tensor, meta: Tensor, group: Group, wor
     l = torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m)
     return o, l, torch.stack([hi, lo])  # rows differ iff some rank disagreed
 
+
+def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
+                softmax_scale: float | None) -> Tensor:
+    """`ShardedKVCache.decode` (see there)."""
+    c, b, idx = cache.config, cache.config.max_seqs, cache.index
+    try:
+        layer = check_index("layer", layer, c.num_layers)
+        check_tensor("q", q, c, c.q_heads, 1)
+        check_tensor("k", k, c, c.kv_heads, 1)
+        check_tensor("v", v, c, c.kv_heads, 1)
+        if q.shape[0] != b or k.shape[0] != b or v.shape[0] != b:
+            raise ValueError(f"decode takes all {b} sequences (batch {b}), got q.shape "
+                             f"{tuple(q.shape)}, k.shape {tuple(k.shape)}")
+        scale = check_scale(softmax_scale, c.head_dim)
+        # demoted pages: flush, rank by bound, fetch (errors ride the merge below)
+        recalled = None if cache.tiers is None else cache.tiers.prepare(layer, q, scale)
+        error = None
+    except (TypeError, ValueError, KeyError, OSError) as e:
+        error = e
+    if error is None:
+        owners, full = idx.place_decode(layer)
+        wants = cache.eviction is not None and cache.eviction.wants_logits
+        logits: list[list[Tensor] | None] = [[] if wants else None for _ in range(b)]
+        parts = [local_partial(cache, layer, s, q[s, 0], scale, logits[s]) for s in range(b)]
+        if recalled is not None:
+            parts = [recall(p, page, q[s, 0], scale) for s, (p, page)
+                     in enumerate(zip(parts, recalled))]
+        lengths = [*idx.seen[layer], *(idx.held(layer, s) for s in range(b))]
+    else:
+        owners, full, logits = [], None, []
+        parts = [empty((c.q_heads,), c.head_dim, c.dtype, cache.device)] * b
+        lengths = [-1] * 2 * b
+    merged = cross_rank(cache, layer, parts, lengths, full, error)
+    total, l_new = own_token(merged, q, k, v, scale)
+    store = bind(store_token, cache, layer, k, v, owners)
+    if cache.eviction is not None:
+        cache.eviction.on_decode(layer, DecodeStep(q[:, 0], total.lse, l_new, logits,
+                                                   list(idx.seen[layer]), owners, scale),
+                                 store)
+    else:
+        for s in range(b):
+            store(s, None)
+    return total.out.unsqueeze(1).to(q.dtype)
+
+
+def local_partial(cache: ShardedKVCache, layer: int, seq: int, q: Tensor, scale: float,
+                  logits: list[Tensor] | None) -> Partial:
+    """q [Hq, D] against this rank's hot pages of (layer, seq)."""
+    store = cache.stores[layer]
+    runs = store.runs(seq)
+    if logits is not None or not store.uniform(seq):  # per-key scores, per-head tokens
+        torch_be = get_backend("torch", q.device, q.dtype, q.shape[-1])
+        hr = None if store.uniform(seq) else store.head_runs(seq)
+        return torch_be.decode(q, store.k, store.v, runs, scale, head_runs=hr, logits=logits)
+    return cache.decoder.decode(q, store.k, store.v, runs, scale)
+
+
+def recall(part: Partial, page: Gathered | None, q: Tensor, scale: float) -> Partial:
+    """Merge the exact partial over pending + recalled demoted entries into `part`."""
+    if page is None:
+        return part
+    return merge([part, attend(q, page.k, page.v, scale, valid=page.pos >= 0)])
+
+
+def cross_rank(cache: ShardedKVCache, layer: int, parts: list[Partial], lengths: list[int],
+               full: str | None, error: BaseException | None) -> Partial:
+    """The step's one collective: merge every rank's partials [B, Hq, D] exactly, check
+    that the ranks agree on the step, raise any rank's error on every rank."""
+    out = torch.stack([p.out for p in parts])
+    lse = torch.stack([p.lse for p in parts])
+    meta = torch.tensor([layer if error is None else -1, *lengths, full is not None,
+                         error is not None], dtype=torch.float64, device=out.device)
+    out, lse, seen = merge_across_ranks(out, lse, meta, cache.group, cache.world,
+                                        cache.config.merge)
+    rows = seen.tolist()
+    if any(r[-1] for r in rows):
+        if error is not None:
+            raise error
+        bad = [i for i, r in enumerate(rows) if r[-1]]
+        raise ValueError(f"decode: rank(s) {bad} rejected their inputs (see the error raised "
+                         f"there); every rank stops")
+    if not torch.equal(seen.min(0).values, seen.max(0).values):
+        raise ValueError(f"ranks disagree on the decode step (layer, each sequence's next "
+                         f"position, then cached length, per rank): {[r[:-2] for r in rows]}")
+    if full is not None:
+        raise ValueError(full)
+    return Partial(out, lse)
+
+
+def own_token(merged: Partial, q: Tensor, k: Tensor, v: Tensor, scale: float
+              ) -> tuple[Partial, Tensor]:
+    """The new token's own term (identical on every rank) merged in; returns the total
+    and the new token's scaled scores l_new [B, Hq]."""
+    acc = merged.out.dtype
+    groups = q.shape[2] // k.shape[2]
+    kn = k[:, 0].to(acc).repeat_interleave(groups, 1)
+    vn = v[:, 0].to(acc).repeat_interleave(groups, 1)
+    l_new = (q[:, 0].to(acc) * scale * kn).sum(-1)
+    return merge([merged, Partial(vn, l_new)]), l_new
+
+
+def store_token(cache: ShardedKVCache, layer: int, k: Tensor, v: Tensor, owners: list[int],
+                seq: int, init: Tensor | None) -> None:
+    """The owner stores seq's new token (initial scores `init` [1, Hkv]); every rank
+    counts it."""
+    pos = cache.index.seen[layer][seq]
+    if owners[seq] == cache.rank:
+        cache.stores[layer].append(seq, k[seq], v[seq], torch.tensor([pos], device=k.device),
+                                   init)
+    cache.index.add(layer, seq, owners[seq], 1)
+    cache.index.advance(layer, seq, 1)

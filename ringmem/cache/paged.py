@@ -204,3 +204,16 @@ class PagedStore:
         self.tables[seq], self.lens[seq] = [], 0
         self.hlens[seq] = [0] * self.kv_heads
         self.split[seq] = False
+
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def free_list(self) -> list[int]:
+        """Free pages in hand-out order (last first), for a checkpoint."""
+        return list(self._free)
+
+    def load_tables(self, tables: list[list[int]], hlens: list[list[int]], lens: list[int],
+                    split: list[bool], free: list[int]) -> None:
+        """Restore the page tables and lengths a checkpoint saved (the pools are copied in
+        by the caller)."""
+        self.tables, self.hlens, self.lens = tables, hlens, lens
+        self.split, self._free = split, list(free)

@@ -1,42 +1,37 @@
-"""The eviction coordinator of a `ShardedKVCache`: one global budget across every rank.
+"""The eviction coordinator of a cache: one global budget across every rank.
 
-Per compression of (layer, seq): score this rank's tokens (`scorers`), mark the protected
-ones (+inf), select the global top-k per KV head (or per layer, or AdaKV across heads) with
-`grouped_topk_mask` (all-reduced histograms, never the scores themselves), hand the evicted
-entries to the policy's action, compact the pages, and refresh the replicated per-rank
-per-head counts with one small gather. Everything that decides whether a collective runs
-is computed from replicated state, so every rank takes the same collectives.
+It sees the cache only through `EvictionView` (per-head entries, replicated counts, the
+group) and acts through it: keep masks go back through `view.keep`, rebalancing moves
+through `view.move`. Per compression of (layer, seq): score this rank's tokens
+(`scorers`), mark the protected ones (+inf), select the global top-k per KV head (or per
+layer, or AdaKV across heads) with `grouped_topk_mask` (all-reduced histograms, never the
+scores themselves), keep. Everything that decides whether a collective runs is computed
+from replicated state, so every rank takes the same collectives.
 
 Collectives per compression: 1 gather of the observation window (scorers that use it), 1
 gather of normalisers (ExpectedAttention), 5 (+ tie rounds) per top-k stage (2 stages for
 adaptive allocation), 1 gather of the new counts; rebalancing adds point-to-point moves.
 
-The observation window: every rank keeps the last `observe` queries (with their global lse)
-of the tokens it stores; a compression gathers them and keeps the `observe` latest overall.
+Hooks the cache calls: `on_prefill` after each prompt chunk of a layer, `on_decode` once
+per layer per decode step (it stores the new tokens through the cache's callback, so the
+new token's initial score and any due compression land in order), `reset`.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ..agree import agree
-from ..comm import gather_rows
+from ..partial import probs
 from .budget import EvictionPolicy
 from .scorers import ScoreContext, Window
 from .topk import grouped_topk_mask
-
-
-def _take(t: Tensor, h: int, slots: Tensor) -> Tensor:
-    """t[h, slots]: a view when the slots are one contiguous range (no copy of K/V)."""
-    n = slots.numel()
-    if n and bool((slots.diff() == 1).all()):
-        return t[h, int(slots[0]):int(slots[0]) + n]
-    return t[h, slots]
+from .view import EvictionView
+from .window import Observations
 
 
 @dataclass
@@ -59,92 +54,98 @@ class EvictionRecord:
 
 
 @dataclass
-class _Obs:
-    q: Tensor | None = None  # [m, Hq, D]
-    lse: Tensor | None = None  # [m, Hq]
-    pos: Tensor | None = None  # [m]
+class DecodeStep:
+    """One decode step of one layer, as the coordinator needs it (B = max_seqs)."""
+    q: Tensor
+    """[B, Hq, D] the new queries."""
+    lse: Tensor
+    """[B, Hq] their global lse, the new token's own term included."""
+    l_new: Tensor
+    """[B, Hq] the new token's own scaled score."""
+    logits: list[list[Tensor] | None]
+    """Per sequence: per KV head the scaled scores [G, n_h] of this rank's hot tokens."""
+    positions: list[int]
+    owners: list[int]
+    scale: float
 
 
 class Coordinator:
     """Eviction state of one cache on this rank (created by `ShardedKVCache`)."""
 
-    def __init__(self, cache: Any, policy: EvictionPolicy) -> None:
-        self.cache, self.policy = cache, policy
-        c = cache.config
-        self._obs = [[_Obs() for _ in range(c.max_seqs)] for _ in range(c.num_layers)]
-        self.folded = [[-1] * c.max_seqs for _ in range(c.num_layers)]
+    def __init__(self, view: EvictionView, policy: EvictionPolicy) -> None:
+        self.view, self.policy = view, policy
+        d = view.dims
+        self.obs = Observations(d.num_layers, d.max_seqs, policy.observe)
+        self.folded = [[-1] * d.max_seqs for _ in range(d.num_layers)]
         # prompt queries observed since the last fold (replicated: prefill is collective)
-        self.pending = [[False] * c.max_seqs for _ in range(c.num_layers)]
-        self.scale = [[1.0] * c.max_seqs for _ in range(c.num_layers)]
-        self.steps = [0] * c.num_layers
+        self.pending = [[False] * d.max_seqs for _ in range(d.num_layers)]
+        self.scale = [[1.0] * d.max_seqs for _ in range(d.num_layers)]
+        self.steps = [0] * d.num_layers
         self.records: list[EvictionRecord] = []
 
+    @property
+    def wants_logits(self) -> bool:
+        """Whether decode must keep each key's score (accumulating scorers)."""
+        return self.policy.scorer.decay is not None
+
     def reset(self, seq: int) -> None:
-        for layer in range(len(self._obs)):
-            self._obs[layer][seq] = _Obs()
+        self.obs.reset(seq)
+        for layer in range(self.view.dims.num_layers):
             self.folded[layer][seq] = -1
             self.pending[layer][seq] = False
 
-    # ------------------------------------------------------------ observation window
-    def observe(self, layer: int, seq: int, q: Tensor, lse: Tensor, pos: Tensor,
-                scale: float, prompt: bool = True) -> None:
-        """Remember queries of tokens this rank stores: q [n, Hq, D], lse [n, Hq], pos [n].
-        Every rank calls it for a prompt chunk (even with n = 0)."""
-        o, w = self._obs[layer][seq], self.policy.observe
-        if prompt:
-            self.pending[layer][seq] = True
+    # ------------------------------------------------------------ hooks
+    def on_prefill(self, layer: int, seq: int, q: Tensor, lse: Tensor, pos: Tensor,
+                   scale: float) -> None:
+        """After a prompt chunk of `layer` (every rank, even with n = 0 tokens here):
+        remember the queries of the tokens this rank stored (q [n, Hq, D], lse [n, Hq],
+        pos [n]), then compress if the policy compresses per chunk."""
+        self.pending[layer][seq] = True
         self.scale[layer][seq] = scale
-        if q.shape[0] == 0:
-            return
-        q, lse, pos = q.detach().double(), lse.detach().double(), pos.to(torch.int64)
-        if o.q is not None:
-            q, lse, pos = torch.cat([o.q, q]), torch.cat([o.lse, lse]), torch.cat([o.pos, pos])
-        if pos.numel() > w:
-            idx = torch.argsort(pos)[-w:]
-            q, lse, pos = q[idx], lse[idx], pos[idx]
-        o.q, o.lse, o.pos = q, lse, pos
+        self.obs.add(layer, seq, q, lse, pos)
+        if self.policy.prefill == "chunk":
+            self.enforce(layer, seq)
 
-    def window(self, layer: int, seq: int) -> Window:
-        """The `observe` latest queries over all ranks (one gather), oldest first."""
-        cache, w = self.cache, self.policy.observe
-        c = cache.config
-        width = c.q_heads * c.head_dim + c.q_heads + 1
-        mine = torch.zeros(w, width, dtype=torch.float64)
-        mine[:, -1] = -1  # empty rows: position -1
-        o = self._obs[layer][seq]
-        if o.q is not None:
-            m = o.q.shape[0]
-            mine[:m, :-1] = torch.cat([o.q.flatten(1).cpu(), o.lse.cpu()], 1)
-            mine[:m, -1] = o.pos.double().cpu()
-        rows = (gather_rows(mine.flatten().to(self._wire()), cache.group, cache.world)
-                .cpu() if cache.world > 1 else mine[None])
-        rows = rows.reshape(-1, width)
-        rows = rows[rows[:, -1] >= 0]
-        rows = rows[torch.argsort(rows[:, -1])][-w:]
-        dev = cache.device
-        hd = c.q_heads * c.head_dim
-        return Window(rows[:, :hd].reshape(-1, c.q_heads, c.head_dim).to(dev),
-                      rows[:, hd:-1].to(dev), rows[:, -1].to(torch.int64).to(dev))
+    def on_decode(self, layer: int, step: DecodeStep,
+                  store: Callable[[int, Tensor | None], None]) -> list[EvictionRecord]:
+        """Per sequence: fold the prompt's pending window (older queries first), fold this
+        query's exact mass into the scores, `store(seq, initial scores [1, Hkv])` the new
+        token; then compress every `decode_every` steps."""
+        for s, owner in enumerate(step.owners):
+            if self.wants_logits and self.pending[layer][s]:
+                self.fold(layer, s)
+            store(s, self._fold_query(layer, s, step, owner))
+        self.steps[layer] += 1
+        every = self.policy.decode_every
+        if every and self.steps[layer] % every == 0:
+            return [r for s in range(self.view.dims.max_seqs) for r in self.enforce(layer, s)]
+        return []
 
-    def _wire(self) -> torch.device:
-        dev = self.cache.device
-        return dev if dev.type == "cuda" else torch.device("cpu")
+    def _fold_query(self, layer: int, seq: int, step: DecodeStep, owner: int) -> Tensor:
+        d, dec = self.view.dims, self.policy.scorer.decay
+        g = d.q_heads // d.kv_heads
+        lse, pos = step.lse[seq], step.positions[seq]
+        init = torch.zeros(1, d.kv_heads, dtype=torch.float32, device=lse.device)
+        logits = step.logits[seq]
+        if dec is not None and logits is not None:
+            ent = self.view.entries(layer, seq)
+            for h, s in enumerate(logits):
+                mass = probs(s, lse[h * g:(h + 1) * g]).mean(0).to(torch.float32)
+                self.view.set_scores(layer, seq, h,
+                                     dec * ent.scores[h] + mass.to(ent.scores[h].device))
+            init[0] = torch.exp(step.l_new[seq] - lse).reshape(d.kv_heads, g).mean(1)
+            self.folded[layer][seq] = pos
+        if owner == self.view.rank:
+            self.obs.add(layer, seq, step.q[seq][None], lse[None], torch.tensor([pos]))
+        return init
 
-    # ------------------------------------------------------------ decode hook
-    def before_decode(self, layer: int, seq: int) -> None:
-        """Fold the prompt's window into the state before this step's query (A2SF's
-        forgetting needs queries in time order). Collective when something is pending."""
-        if self.policy.scorer.decay is not None and self.pending[layer][seq]:
-            self.fold(layer, seq)
-
+    # ------------------------------------------------------------ scoring state
     def fold(self, layer: int, seq: int, ctx: ScoreContext | None = None) -> None:
         """Fold the window's queries not yet in the state (the prompt's), oldest first."""
         dec = self.policy.scorer.decay
         assert dec is not None
-        store = self.cache.stores[layer]
-        slots = [store.head_slots(seq, h) for h in range(store.kv_heads)]
         if ctx is None:
-            ctx = self.context(layer, seq, slots, True)
+            ctx = self.context(layer, seq, True)
         win = ctx.window
         assert win is not None
         self.pending[layer][seq] = False
@@ -158,51 +159,18 @@ class Coordinator:
         for h in range(len(ctx.keys)):
             mass = (ctx.query_mass(h, sub) * wts[:, None]).sum(0)
             ctx.state[h] = (dec ** m) * ctx.state[h] + mass.to(ctx.state[h].device)
-            store.score[h, slots[h]] = ctx.state[h]
+            self.view.set_scores(layer, seq, h, ctx.state[h])
         self.folded[layer][seq] = int(sub.pos.max())
 
-    def context(self, layer: int, seq: int, slots: list[Tensor], window: bool
-                ) -> ScoreContext:
+    def context(self, layer: int, seq: int, window: bool) -> ScoreContext:
         """What the scorers see of (layer, seq) on this rank (gathers the window if asked)."""
-        cache, store = self.cache, self.cache.stores[layer]
-        c = cache.config
-        ctx = ScoreContext(keys=[_take(store.k, h, s) for h, s in enumerate(slots)],
-                           values=[_take(store.v, h, s) for h, s in enumerate(slots)],
-                           positions=[_take(store.pos, h, s) for h, s in enumerate(slots)],
-                           state=[store.score[h, s] for h, s in enumerate(slots)],
-                           window=None, scale=self.scale[layer][seq],
-                           groups=c.q_heads // c.kv_heads, group=cache.group,
-                           world=cache.world)
-        if window:
-            ctx.window = self.window(layer, seq)
-        return ctx
-
-    def after_decode(self, layer: int, seq: int, logits: list[Tensor] | None, lse: Tensor,
-                     l_new: Tensor, q: Tensor, pos: int, owner: int, scale: float) -> Tensor:
-        """Fold one decode query into the state; returns the new token's initial scores
-        [1, Hkv]. logits: per KV head [G, n_h] kept by the decode pass; lse [Hq]: the
-        global lse including the new token, whose own score is l_new [Hq]."""
-        c, dec = self.cache.config, self.policy.scorer.decay
-        g = c.q_heads // c.kv_heads
-        init = torch.zeros(1, c.kv_heads, dtype=torch.float32, device=lse.device)
-        if dec is not None and logits is not None:
-            store = self.cache.stores[layer]
-            for h, s in enumerate(logits):
-                mass = torch.exp(s - lse[h * g:(h + 1) * g, None]).mean(0).to(torch.float32)
-                idx = store.head_slots(seq, h)
-                store.score[h, idx] = dec * store.score[h, idx] + mass.to(store.score.device)
-            init[0] = torch.exp(l_new - lse).reshape(c.kv_heads, g).mean(1)
-            self.folded[layer][seq] = pos
-        if owner == self.cache.rank:
-            self.observe(layer, seq, q[None], lse[None], torch.tensor([pos]), scale, False)
-        return init
-
-    def decode_step_done(self, layer: int) -> list[EvictionRecord]:
-        self.steps[layer] += 1
-        every = self.policy.decode_every
-        if every and self.steps[layer] % every == 0:
-            return [r for s in range(self.cache.config.max_seqs) for r in self.enforce(layer, s)]
-        return []
+        v, d = self.view, self.view.dims
+        ent = v.entries(layer, seq)
+        return ScoreContext(keys=ent.keys, values=ent.values, positions=ent.positions,
+                            state=ent.scores,
+                            window=self.obs.gather(v, layer, seq) if window else None,
+                            scale=self.scale[layer][seq], groups=d.q_heads // d.kv_heads,
+                            group=v.group, world=v.world)
 
     # ------------------------------------------------------------ compression
     def enforce(self, layer: int, seq: int) -> list[EvictionRecord]:
@@ -212,53 +180,26 @@ class Coordinator:
         if self.policy.allocation != "global":
             rec = self.compress(layer, seq)
             return [] if rec is None else [rec]
-        if layer == self.cache.config.num_layers - 1:
+        if layer == self.view.dims.num_layers - 1:
             return self.compress_layers(seq)
         return []
 
     def _totals(self, layer: int, seq: int) -> list[int]:
-        hc = self.cache.head_counts[layer][seq]
-        return [sum(row[h] for row in hc) for h in range(self.cache.config.kv_heads)]
+        return [sum(col) for col in zip(*self.view.head_counts_of(seq, layer))]
 
     def over_budget(self, layer: int, seq: int) -> bool:
-        cache, pol = self.cache, self.policy
-        b = pol.tokens(cache.seen[layer][seq])
+        b = self.policy.tokens(self.view.next_position(seq, layer))
         totals = self._totals(layer, seq)
-        if pol.allocation == "adaptive":
+        if self.policy.allocation == "adaptive":
             return sum(totals) > b * len(totals)
         return max(totals) > b
 
-    def compress_cache(self, layer: int | None, seq: int | None) -> list[EvictionRecord]:
-        """`ShardedKVCache.compress`: the arguments checked on every rank together, then
-        each (layer, seq) over budget compressed (all layers at once under "global"), then
-        the evicted entries demoted to the tiers."""
-        cache, error = self.cache, None
-        try:
-            layers = (range(cache.config.num_layers) if layer is None
-                      else [cache._layer(layer)])
-            seqs = range(cache.config.max_seqs) if seq is None else [cache._seq(seq)]
-            if self.policy.allocation == "global" and layer is not None:
-                raise ValueError(f"allocation='global' pools the budget over every layer: "
-                                 f"compress them together (layer=None), got layer={layer!r}")
-        except (TypeError, ValueError) as e:
-            error, layers, seqs = e, [], []
-        agree("compress", cache.group, error, device=cache.device,
-              layer=layer if isinstance(layer, int) else repr(layer),
-              seq=seq if isinstance(seq, int) else repr(seq))
+    def compress_all(self, layers: list[int], seqs: list[int]) -> list[EvictionRecord]:
+        """`ShardedKVCache.compress` after its argument check: each (layer, seq) over
+        budget (every layer at once under "global")."""
         if self.policy.allocation == "global":
-            out = [r for s in seqs for r in self.compress_layers(s)]
-        else:
-            out = [r for lay in layers for s in seqs
-                   if (r := self.compress(lay, s)) is not None]
-        if cache.tiers is not None:  # demote now; a full tier store raises on every rank
-            try:
-                for lay in layers:
-                    for s in seqs:
-                        cache.tiers.flush(lay, s)
-            except (ValueError, OSError) as e:
-                error = e
-            agree("compress (demotion)", cache.group, error, device=cache.device)
-        return out
+            return [r for s in seqs for r in self.compress_layers(s)]
+        return [r for lay in layers for s in seqs if (r := self.compress(lay, s)) is not None]
 
     def compress(self, layer: int, seq: int) -> EvictionRecord | None:
         """Enforce the budget on (layer, seq) if it is exceeded (collective). Not for
@@ -269,50 +210,48 @@ class Coordinator:
         if not self.over_budget(layer, seq):
             return None
         t0 = time.perf_counter()
-        seen = self.cache.seen[layer][seq]
+        seen = self.view.next_position(seq, layer)
         budget = self.policy.tokens(seen)
-        before = list(self.cache.counts[layer][seq])
-        slots, positions, scores = self._scored(layer, seq)
+        before = self.view.rank_counts(seq, layer)
+        positions, scores = self._scored(layer, seq)
         masks = self._select(scores, positions, seen, budget)
-        return self._apply(layer, seq, slots, scores, masks, budget, before, t0)
+        return self._apply(layer, seq, scores, masks, budget, before, t0)
 
     def compress_layers(self, seq: int) -> list[EvictionRecord]:
         """Allocation "global": keep the best sum-of-budgets x Hkv (layer, head, token)
         entries of the whole cache, each (layer, head) first guaranteed its floor: budget
         moves to the layers and heads whose attention is spread out (cross-layer AdaKV).
         Collective; the same 2 top-k stages as adaptive allocation, for every layer at once."""
-        cache, pol = self.cache, self.policy
-        nl, hkv = cache.config.num_layers, cache.config.kv_heads
-        budgets = [pol.tokens(cache.seen[layer][seq]) for layer in range(nl)]
+        v, pol = self.view, self.policy
+        nl, hkv = v.dims.num_layers, v.dims.kv_heads
+        seen = [v.next_position(seq, layer) for layer in range(nl)]
+        budgets = [pol.tokens(s) for s in seen]
         if sum(sum(self._totals(layer, seq)) for layer in range(nl)) <= sum(budgets) * hkv:
             return []
         t0 = time.perf_counter()
-        befores = [list(cache.counts[layer][seq]) for layer in range(nl)]
+        befores = [v.rank_counts(seq, layer) for layer in range(nl)]
         scored = [self._scored(layer, seq) for layer in range(nl)]
-        flat = torch.cat([s for _, _, scores in scored for s in scores])
-        pos = torch.cat([p for _, positions, _ in scored for p in positions])
-        gid = torch.cat([torch.full_like(p, layer * hkv + h) for layer, (_, positions, _)
+        flat = torch.cat([s for _, scores in scored for s in scores])
+        pos = torch.cat([p for positions, _ in scored for p in positions])
+        gid = torch.cat([torch.full_like(p, layer * hkv + h) for layer, (positions, _)
                          in enumerate(scored) for h, p in enumerate(positions)])
-        floors = [pol.head_floor(cache.seen[layer][seq]) for layer in range(nl)
-                  for _ in range(hkv)]
+        floors = [pol.head_floor(seen[layer]) for layer in range(nl) for _ in range(hkv)]
         keep = self._pool(flat, pos, gid, floors, sum(budgets) * hkv)
-        parts = iter(keep.split([p.numel() for _, positions, _ in scored
-                                 for p in positions]))
+        parts = iter(keep.split([p.numel() for positions, _ in scored for p in positions]))
         spent = (time.perf_counter() - t0) / nl
         recs = []
-        for layer, (slots, _, scores) in enumerate(scored):
+        for layer, (_, scores) in enumerate(scored):
             masks = [next(parts) for _ in range(hkv)]
-            recs.append(self._apply(layer, seq, slots, scores, masks, budgets[layer],
+            recs.append(self._apply(layer, seq, scores, masks, budgets[layer],
                                     befores[layer], time.perf_counter() - spent))
         return recs
 
-    def _scored(self, layer: int, seq: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """This rank's (slots, positions, float32 scores with the protected at +inf) per
-        KV head of (layer, seq)."""
-        cache, pol, scorer = self.cache, self.policy, self.policy.scorer
-        store, seen = cache.stores[layer], cache.seen[layer][seq]
-        slots = [store.head_slots(seq, h) for h in range(cache.config.kv_heads)]
-        ctx = self.context(layer, seq, slots, scorer.needs_window or scorer.decay is not None)
+    def _scored(self, layer: int, seq: int) -> tuple[list[Tensor], list[Tensor]]:
+        """This rank's (positions, float32 scores with the protected at +inf) per KV head
+        of (layer, seq)."""
+        pol, scorer = self.policy, self.policy.scorer
+        seen = self.view.next_position(seq, layer)
+        ctx = self.context(layer, seq, scorer.needs_window or scorer.decay is not None)
         if scorer.needs_window and ctx.window is not None and ctx.window.pos.numel() == 0:
             raise ValueError(f"scorer {scorer.name!r} needs observed queries (prefill or "
                              f"decode through the cache first); none for layer {layer}, "
@@ -324,39 +263,30 @@ class Coordinator:
         protect = [(p < pol.sinks) | (p >= seen - pol.recent) for p in ctx.positions]
         scores = [torch.where(m, torch.full_like(s, float("inf")), s)
                   for s, m in zip(scores, protect)]
-        return slots, ctx.positions, scores
+        return ctx.positions, scores
 
-    def _apply(self, layer: int, seq: int, slots: list[Tensor], scores: list[Tensor],
-               masks: list[Tensor], budget: int, before: list[int], t0: float
-               ) -> EvictionRecord:
-        """Hand the evicted entries to the action, compact, recount, maybe rebalance."""
-        cache, pol = self.cache, self.policy
-        store = cache.stores[layer]
-        for h in range(cache.config.kv_heads):
-            drop = ~masks[h]
-            if bool(drop.any()):
-                idx = slots[h][drop]
-                pol.action.demote(layer, seq, h, store.pos[h, idx].clone(),
-                                  store.k[h, idx].clone(), store.v[h, idx].clone(),
-                                  scores[h][drop].clone())
-        store.keep(seq, masks)
-        entries = sum(sum(r) for r in cache.head_counts[layer][seq])
-        cache.refresh_counts(layer, seq)
+    def _apply(self, layer: int, seq: int, scores: list[Tensor], masks: list[Tensor],
+               budget: int, before: list[int], t0: float) -> EvictionRecord:
+        """Keep through the view (evicted entries go to the cache's action), record,
+        maybe rebalance."""
+        v = self.view
+        entries = sum(self._totals(layer, seq))
+        v.keep(layer, seq, masks, scores)
         kept = self._totals(layer, seq)
-        rec = EvictionRecord(layer, seq, cache.seen[layer][seq], budget, before,
-                             list(cache.counts[layer][seq]), kept, entries - sum(kept),
+        rec = EvictionRecord(layer, seq, v.next_position(seq, layer), budget, before,
+                             v.rank_counts(seq, layer), kept, entries - sum(kept),
                              seconds=time.perf_counter() - t0)
-        if pol.rebalance:
+        if self.policy.rebalance:
             rec.moved = self.rebalance(layer, seq)
-            rec.after = list(cache.counts[layer][seq])
+            rec.after = v.rank_counts(seq, layer)
         self.records.append(rec)
         return rec
 
     def _select(self, scores: list[Tensor], positions: list[Tensor], seen: int,
                 budget: int) -> list[Tensor]:
         """Per head, the bool keep mask of this rank's tokens."""
-        pol, cache = self.policy, self.cache
-        hkv, grp = len(scores), cache.group
+        pol, grp = self.policy, self.view.group
+        hkv = len(scores)
         if pol.granularity == "layer":  # heads hold the same tokens: one score per token
             s = torch.stack(scores).mean(0)
             keep = grouped_topk_mask(s, positions[0], torch.zeros_like(positions[0]),
@@ -376,7 +306,7 @@ class Coordinator:
         """AdaKV selection over G = len(floors) groups (heads, or (layer, head) pairs):
         each group's top floors[g] first, then the best `total` entries of all groups
         together (the floors count towards it). Exact across ranks; ties by position."""
-        grp = self.cache.group
+        grp = self.view.group
         first = grouped_topk_mask(flat, pos, gid, floors, group=grp)
         flat = torch.where(first, torch.full_like(flat, float("inf")), flat)
         # one group over all: ids distinct per (position, group)
@@ -388,9 +318,9 @@ class Coordinator:
         """Move slots from the most to the least loaded rank while max load > factor x
         mean; returns the slots moved. The plan is computed from the replicated counts,
         so every rank follows it; each move is one batched point-to-point exchange."""
-        cache, factor = self.cache, self.policy.rebalance
-        hc = [list(r) for r in cache.head_counts[layer][seq]]
-        world, moved = cache.world, 0
+        v, factor = self.view, self.policy.rebalance
+        hc = v.head_counts_of(seq, layer)
+        world, moved = v.world, 0
         for _ in range(4 * world):
             loads = [max(r) for r in hc]
             heavy = max(range(world), key=lambda r: (loads[r], -r))
@@ -399,55 +329,33 @@ class Coordinator:
                 break
             keep = loads[heavy] - (loads[heavy] - loads[light]) // 2
             n = [max(0, x - keep) for x in hc[heavy]]
-            self._move(layer, seq, heavy, light, keep, n)
+            v.move(layer, seq, heavy, light, keep, n)
             hc[light] = [a + b for a, b in zip(hc[light], n)]
             hc[heavy] = [min(x, keep) for x in hc[heavy]]
             moved += max(n)
         if moved:
-            cache.refresh_counts(layer, seq)
+            v.refresh(layer, seq)
         return moved
 
-    def _move(self, layer: int, seq: int, src: int, dst: int, keep: int, n: list[int]) -> None:
-        cache = self.cache
-        store, rank = cache.stores[layer], cache.rank
-        c = cache.config
-        if rank not in (src, dst):
-            return
-        g = cache.group if cache.group is not None else dist.group.WORLD
-        peer = dist.get_global_rank(g, dst if rank == src else src)
-        tot, d = sum(n), c.head_dim
-        if rank == src:
-            idx = [store.head_slots(seq, h)[keep:] for h in range(c.kv_heads)]
-            bufs = [torch.cat([store.k[h, i] for h, i in enumerate(idx)]),
-                    torch.cat([store.v[h, i] for h, i in enumerate(idx)]),
-                    torch.cat([store.pos[h, i] for h, i in enumerate(idx)]),
-                    torch.cat([store.score[h, i] for h, i in enumerate(idx)])]
-            ops = [dist.P2POp(dist.isend, b.contiguous(), peer, g) for b in bufs]
-        else:
-            dev = store.k.device
-            bufs = [torch.empty(tot, d, dtype=c.dtype, device=dev),
-                    torch.empty(tot, d, dtype=c.dtype, device=dev),
-                    torch.empty(tot, dtype=torch.int64, device=dev),
-                    torch.empty(tot, dtype=torch.float32, device=dev)]
-            ops = [dist.P2POp(dist.irecv, b, peer, g) for b in bufs]
-        for w in dist.batch_isend_irecv(ops):
-            w.wait()
-        if rank == src:
-            store.keep(seq, [torch.arange(hl, device=store.pos.device) < keep
-                             for hl in store.hlens[seq]])
-        else:
-            parts = [list(b.split(n)) for b in bufs]
-            store.append_heads(seq, *parts)
-
-    # ------------------------------------------------------------ statistics
+    # ------------------------------------------------------------ statistics and state
     def stats(self) -> dict[str, Any]:
         """Per layer: compressions, entries evicted, slots moved, latest per-rank counts."""
         out: dict[str, Any] = {}
-        for layer in range(self.cache.config.num_layers):
+        d = self.view.dims
+        for layer in range(d.num_layers):
             recs = [r for r in self.records if r.layer == layer]
             out[f"layer{layer}"] = {
                 "compressions": len(recs), "evicted": sum(r.evicted for r in recs),
                 "moved": sum(r.moved for r in recs), "seconds": sum(r.seconds for r in recs),
-                "tokens_per_rank": [self.cache.rank_counts(s, layer)
-                                    for s in range(self.cache.config.max_seqs)]}
+                "tokens_per_rank": [self.view.rank_counts(s, layer)
+                                    for s in range(d.max_seqs)]}
         return out
+
+    def state(self) -> dict[str, Any]:
+        """Counters for a checkpoint (the observation windows: `obs.export`)."""
+        return {"folded": self.folded, "pending": self.pending, "scale": self.scale,
+                "steps": self.steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.folded, self.pending = state["folded"], state["pending"]
+        self.scale, self.steps = state["scale"], state["steps"]

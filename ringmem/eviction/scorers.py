@@ -5,7 +5,7 @@ Where attention mass comes from (exact global softmax probabilities, never a per
 renormalisation):
 
 * decode: the decode pass keeps each key's scaled score s from the very matmul that computes
-  the output (`paged_partial(logits=...)`), and after the cross-rank merge the probability
+  the output (`ringmem.partial.attend(logits=...)`), and after the cross-rank merge the probability
   is exp(s - lse_global): no second read of K. Accumulating scorers (H2O, A2SF, TOVA) fold
   it into a per-(head, token) state at every decode step.
 * prefill: the prefill kernels do not emit per-key mass, so the *observation window* (the
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..comm import Group, gather_rows
+from ..partial import acc_dtype, probs
 
 
 @dataclass
@@ -65,14 +66,14 @@ class ScoreContext:
             return self._cache[h]
         k, pos = self.keys[h], self.positions[h]
         g = self.groups
-        ad = torch.float64 if k.dtype == torch.float64 else torch.float32
+        ad = acc_dtype(k.dtype)
         q = win.q[:, h * g:(h + 1) * g].to(ad) * self.scale  # [w, G, D]
         lse = win.lse[:, h * g:(h + 1) * g].to(ad)
         out = torch.zeros(q.shape[0], k.shape[0], dtype=torch.float32, device=k.device)
         for c in range(0, k.shape[0], self.chunk):
             kc = k[c:c + self.chunk].to(ad)
             s = torch.einsum("wgd,nd->wgn", q, kc)
-            p = torch.exp(s - lse.unsqueeze(-1))
+            p = probs(s, lse)
             causal = pos[c:c + self.chunk].unsqueeze(0) <= win.pos.unsqueeze(1)  # [w, n]
             out[:, c:c + kc.shape[0]] = (p.mean(1) * causal).to(torch.float32)
         if window is None:
@@ -206,7 +207,7 @@ class ExpectedAttention(Scorer):
     def score(self, ctx: ScoreContext) -> list[Tensor]:
         g, win = ctx.groups, ctx.window
         assert win is not None
-        ad = torch.float64 if ctx.keys[0].dtype == torch.float64 else torch.float32
+        ad = acc_dtype(ctx.keys[0].dtype)
         q = win.q.to(ad)  # [w, Hq, D]
         mu = q.mean(0)
         dev = q - mu

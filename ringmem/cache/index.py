@@ -1,0 +1,138 @@
+"""The replicated index of a `ShardedKVCache`: who holds how many tokens, the same on every
+rank, so placement and capacity decisions agree without communication.
+
+Per (layer, seq): `head_counts[rank][h]` tokens of KV head h held by each rank (they differ
+after a per-head eviction), `split` (some rank's heads hold different tokens) and `seen`
+(tokens ever added: the next global position). A rank's slots in use are the most any of
+its heads holds. Collective updates (`refresh`, `sync`) re-read every rank's `PagedStore`
+with one gather; local ones (`add`, `advance`) apply what every rank does alike.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..comm import Group, gather_rows
+from .paged import PagedStore
+
+
+class CacheIndex:
+    """Replicated per layer / seq / rank / KV head token counts and next positions."""
+
+    def __init__(self, *, num_layers: int, max_seqs: int, world: int, kv_heads: int,
+                 page_size: int, num_pages: int, capacity: int) -> None:
+        self.world, self.kv_heads, self.page_size = world, kv_heads, page_size
+        self.num_pages, self.capacity = num_pages, capacity
+        self.head_counts = [[self._zeros() for _ in range(max_seqs)]
+                            for _ in range(num_layers)]
+        self.split = [[False] * max_seqs for _ in range(num_layers)]
+        self.seen = [[0] * max_seqs for _ in range(num_layers)]
+
+    def _zeros(self) -> list[list[int]]:
+        return [[0] * self.kv_heads for _ in range(self.world)]
+
+    # ------------------------------------------------------------ reading
+    def counts(self, layer: int, seq: int) -> list[int]:
+        """Per rank: slots in use (the most any KV head holds)."""
+        return [max(r) for r in self.head_counts[layer][seq]]
+
+    def held(self, layer: int, seq: int) -> int:
+        return sum(self.counts(layer, seq))
+
+    def head_totals(self, layer: int, seq: int) -> list[int]:
+        """Per KV head: tokens held over all ranks."""
+        return [sum(col) for col in zip(*self.head_counts[layer][seq])]
+
+    def pages_used(self, layer: int, rank: int, extra: list[int] | None = None) -> int:
+        """Pages `rank` uses in `layer`, with extra[seq] more tokens per sequence."""
+        ps, out = self.page_size, 0
+        for s in range(len(self.seen[layer])):
+            n = max(self.head_counts[layer][s][rank]) + (extra[s] if extra else 0)
+            out += -(-n // ps)
+        return out
+
+    # ------------------------------------------------------------ decisions
+    def check_room(self, layer: int, seq: int, adds: list[int]) -> None:
+        """Raise (on every rank alike) if adding adds[r] tokens of `seq` overflows a rank."""
+        ps, total = self.page_size, self.num_pages
+        counts = self.counts(layer, seq)
+        for r, n in enumerate(adds):
+            need = -(-max(0, n - (-counts[r] % ps)) // ps)
+            used = self.pages_used(layer, r)
+            if used + need > total:
+                raise ValueError(f"KV cache capacity exceeded: layer {layer}, sequence {seq} "
+                                 f"needs {need} more page(s) on rank {r}, which has "
+                                 f"{total - used} of {total} free "
+                                 f"(capacity {self.capacity} tokens per rank)")
+
+    def place_decode(self, layer: int) -> tuple[list[int], str | None]:
+        """The rank that stores each sequence's new token (least loaded, lowest rank on
+        ties) and the capacity error this would cause, if any."""
+        seqs = len(self.seen[layer])
+        after = [self.counts(layer, s) for s in range(seqs)]
+        owners, full = [], None
+        for s in range(seqs):
+            owner = min(range(self.world), key=lambda r: (after[s][r], r))
+            after[s][owner] += 1
+            owners.append(owner)
+            used = sum(-(-a[owner] // self.page_size) for a in after)
+            if full is None and used > self.num_pages:
+                full = (f"KV cache capacity exceeded: layer {layer}, sequence {s} needs a new "
+                        f"page on rank {owner}, which has all {self.num_pages} pages in use "
+                        f"(capacity {self.capacity} tokens per rank)")
+        return owners, full
+
+    # ------------------------------------------------------------ updates
+    def add(self, layer: int, seq: int, rank: int, n: int) -> None:
+        """`rank` stored n more tokens of `seq` in every KV head."""
+        row = self.head_counts[layer][seq][rank]
+        row[:] = [x + n for x in row]
+
+    def advance(self, layer: int, seq: int, n: int) -> None:
+        self.seen[layer][seq] += n
+
+    def reset(self, seq: int) -> None:
+        for layer in range(len(self.seen)):
+            self.head_counts[layer][seq] = self._zeros()
+            self.split[layer][seq] = False
+            self.seen[layer][seq] = 0
+
+    def refresh(self, layer: int, seq: int, store: PagedStore, group: Group,
+                wire: torch.device) -> Tensor:
+        """Re-read every rank's per-head counts of (layer, seq) (collective: one gather).
+        Returns the gathered rows [world, Hkv + 1] (counts, split flag)."""
+        mine = torch.tensor([*store.hlens[seq], int(store.split[seq])], dtype=torch.int64)
+        rows = (gather_rows(mine.to(wire), group, self.world).cpu()
+                if self.world > 1 else mine[None])
+        self.head_counts[layer][seq] = [[int(x) for x in r[:self.kv_heads]] for r in rows]
+        self.split[layer][seq] = bool(rows[:, self.kv_heads].any())
+        return rows
+
+    def sync(self, stores: list[PagedStore], group: Group, wire: torch.device) -> None:
+        """Re-read every layer and sequence from every rank's stores, and move each next
+        position past every position held anywhere (collective: one gather)."""
+        hkv, seqs = self.kv_heads, len(self.seen[0])
+        mine = []
+        for st in stores:
+            for s in range(seqs):
+                top = max((int(st.pos[h, st.head_slots(s, h)].max()) + 1
+                           for h in range(hkv) if st.hlens[s][h]), default=0)
+                mine += [*st.hlens[s], int(st.split[s]), top]
+        mine_t = torch.tensor(mine, dtype=torch.int64)
+        rows = (gather_rows(mine_t.to(wire), group, self.world).cpu()
+                if self.world > 1 else mine_t.unsqueeze(0))
+        table = rows.reshape(self.world, len(stores), seqs, hkv + 2)
+        for lay in range(len(stores)):
+            for s in range(seqs):
+                t = table[:, lay, s]
+                self.head_counts[lay][s] = [[int(x) for x in r[:hkv]] for r in t]
+                self.split[lay][s] = bool(t[:, hkv].any())
+                self.seen[lay][s] = max(self.seen[lay][s], int(t[:, -1].max()))
+
+    # ------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {"seen": self.seen, "head_counts": self.head_counts, "split": self.split}
+
+    def load_state(self, state: dict) -> None:
+        self.seen, self.head_counts = state["seen"], state["head_counts"]
+        self.split = state["split"]

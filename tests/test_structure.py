@@ -1,0 +1,141 @@
+"""The shape of the code, checked: no import circles, files of one purpose, eviction sees the
+cache only through its view, and `agree` encodes what it is given without truncation."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from ringmem.agree import agree
+from ringmem.testing import spawn
+
+ROOT = Path(__file__).resolve().parents[1] / "ringmem"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of ringmem that `path` imports anywhere (functions too), except imports
+    under `if TYPE_CHECKING:` (they never run)."""
+    mod, tree = _module(path), ast.parse(path.read_text())
+    pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+            and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("ringmem")}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg
+            for _ in range(node.level - 1):
+                base = base.rsplit(".", 1)[0]
+            name = (base + ("." + node.module if node.module else "")) if node.level \
+                else node.module or ""
+            if name.startswith("ringmem"):
+                out.add(name)
+                out |= {f"{name}.{a.name}" for a in node.names}
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for mod, path in files.items():
+        deps = {d for d in _imports(path) if d in files and d != mod}
+        # importing a.b.c runs a/__init__ and a/b/__init__ first
+        graph[mod] = deps | {p for d in deps for p in _parents(d) if p in files and p != mod}
+    return graph
+
+
+def _parents(mod: str) -> list[str]:
+    parts = mod.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def test_no_import_circles() -> None:
+    graph, cycles = _graph(), []
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            # a package's __init__ importing its own submodules is how packages work
+            if d.startswith(m + "."):
+                continue
+            if state.get(d) == 1:
+                cycles.append(stack[stack.index(d):] + [d] if d in stack else [m, d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import circles: {cycles}"
+
+
+@pytest.mark.parametrize("package", ["cache", "eviction"])
+def test_inference_files_stay_small(package: str) -> None:
+    big = {p.name: n for p in (ROOT / package).rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > 400}
+    assert not big, f"files over 400 lines in ringmem/{package}: {big}"
+
+
+def test_eviction_touches_no_private_member_of_another_object() -> None:
+    bad = []
+    for path in (ROOT / "eviction").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in
+                             ("self", "cls"))):
+                bad.append(f"{path.name}:{node.lineno} .{node.attr}")
+        assert not any(m.startswith("ringmem.cache") for m in _imports(path)), path
+    assert not bad, bad
+
+
+def test_agree_single_rank_raises_own_error_only() -> None:
+    agree("op", None, None, x=(1, "a", 2.5, torch.float16, None))
+    with pytest.raises(KeyError, match="mine"):
+        agree("op", None, KeyError("mine"), x=1)
+
+
+def _agree_cases(rank: int, world: int) -> None:
+    # equal values of every kind pass
+    agree("same", None, None, i=7, f=0.1, s="zigzag", d=torch.bfloat16, n=None,
+          t=(1, (2, "x"), -3.0), b=True, nan=float("nan"))
+    # a differing string, float and nested tuple are all named with each rank's value
+    with pytest.raises(ValueError) as e:
+        agree("op", None, None, layout="zigzag" if rank else "stripe", scale=0.5 + rank,
+              shape=(2, (8, rank)), same=1)
+    msg = str(e.value)
+    assert "op: arguments differ across ranks: layout (rank 0: stripe, rank 1: zigzag)" in msg
+    assert "scale (rank 0: 0.5, rank 1: 1.5)" in msg
+    assert "shape (rank 0: (2, (8, 0)), rank 1: (2, (8, 1)))" in msg and "same" not in msg
+    # a signature too long for the row is refused on every rank, never truncated (the
+    # old fixed-width rows cut tuples to 5 ints: these two would have compared equal)
+    long = tuple(range(200)) + (rank,)
+    with pytest.raises(ValueError, match="needs 40[0-9] words on rank\\(s\\) \\[0, 1\\], more "
+                                         "than the 128 that fit"):
+        agree("long", None, None, x=long)
+    with pytest.raises(ValueError, match="arguments differ across ranks: x"):
+        agree("long", None, None, max_words=512, x=long)
+    # only rank 1 overflows: rank 0 does not wait, both raise
+    with pytest.raises(ValueError, match="more than the 128 that fit"):
+        agree("one", None, None, x=tuple(range(200)) if rank else (1,))
+    # an unencodable value is this rank's error; the peer hears it was rejected
+    want = "cannot encode a object" if rank else "rank\\(s\\) \\[1\\] rejected"
+    with pytest.raises((TypeError, ValueError), match=want):
+        agree("bad", None, None, x=object() if rank else 1)
+
+
+def test_agree_encodes_and_compares_across_ranks() -> None:
+    spawn(_agree_cases, 2, timeout=60)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..agree import agree
-from .persist import load_shard, save_shard
+from .tiers.persist import load_shard, save_shard
 
 if TYPE_CHECKING:
     from .sharded import ShardedKVCache

@@ -43,7 +43,7 @@ from ..ring import RingSpec, ring_forward
 from .config import CacheConfig
 from .decode import merge_across_ranks
 from .paged import PagedStore
-from .tiered import Demote, TieredPages, TierPolicy
+from .tiers import Demote, TieredPages, TierPolicy
 
 if TYPE_CHECKING:
     from ..eviction.budget import EvictionPolicy

@@ -27,9 +27,8 @@ from typing import Any, Callable
 import torch
 
 import ringmem
-from ringmem.cache.persist import raw_bytes
-from ringmem.cache.tiers import TierConfig, TierStore
-from ringmem.cache.transfer import TransferEngine
+from ringmem.cache.tiers import TierPolicy, TierStore, TransferEngine
+from ringmem.cache.tiers.persist import raw_bytes
 from _common import git_commit, machine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -88,10 +87,11 @@ def page_of(pool: dict[str, torch.Tensor], i: int, ps: int) -> tuple[torch.Tenso
 
 def make_store(a: argparse.Namespace, root: str, host: int | None = None,
                disk: int | None = None) -> TierStore:
-    return TierStore(TierConfig(kv_heads=a.kv_heads, head_dim=a.dim, page_size=a.page_size,
-                                dtype=DTYPES[a.dtype], host_pages=a.pages if host is None
-                                else host, disk_pages=a.pages if disk is None else disk,
-                                disk_dir=root, fsync=a.fsync))
+    policy = TierPolicy(host_pages=a.pages if host is None else host,
+                        disk_pages=a.pages if disk is None else disk, disk_dir=root,
+                        fsync=a.fsync)
+    return TierStore(policy, kv_heads=a.kv_heads, head_dim=a.dim, page_size=a.page_size,
+                     dtype=DTYPES[a.dtype])
 
 
 def memcpy_bw(nbytes: int, repeats: int) -> float:
@@ -143,7 +143,7 @@ def drop_cache(root: Path) -> None:
 
 def throughput(a: argparse.Namespace, root: Path, tick: Callable[[str], None]) -> dict:
     s = make_store(a, str(root / "store"))
-    page = s.config.page_bytes(a.page_size)
+    page = s.page_bytes(a.page_size)
     total = a.pages * page
     pool = hot_pool(a)
     keys = [(0, 0, i) for i in range(a.pages)]

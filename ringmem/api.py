@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from .agree import agree
-from .backends import BACKENDS, check_backend_name, get_backend
+from .backends import check_backend_name, get_backend
 from .comm import CommStats, Group, RingComm, gather_rows, group_rank_world
-from .layouts import LAYOUTS, check_layout, global_permutation, local_len_error, positions
+from .layouts import check_layout, global_permutation, local_len_error, positions
 from .layouts import split_len
 from .plan import Interconnect, plan, resolve_interconnect
 from .ring import RingSpec, ring_backward, ring_forward

@@ -7,11 +7,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from ringmem.cache import persist
-from ringmem.cache.persist import PageCorruptError, load_shard, save_shard
-from ringmem.cache.summaries import PageSummaries, page_bounds, select_pages
-from ringmem.cache.tiers import TierConfig, TierStore
-from ringmem.cache.transfer import TransferEngine
+from ringmem.cache.tiers import TierPolicy, TierStore, TransferEngine, persist
+from ringmem.cache.tiers.persist import PageCorruptError, load_shard, save_shard
+from ringmem.cache.tiers.summaries import PageSummaries, page_bounds, select_pages
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 HKV, D, PS = 2, 8, 4
@@ -29,10 +27,12 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def make_store(tmp_path, dtype=torch.float32, **kw) -> TierStore:
-    cfg = dict(kv_heads=HKV, head_dim=D, page_size=PS, dtype=dtype, host_pages=2,
-               disk_pages=4, segment_pages=1, disk_dir=str(tmp_path / "tiers"))
-    cfg.update(kw)
-    return TierStore(TierConfig(**cfg))
+    """A store of HKV x PS x D pages; `kw`: TierPolicy fields or store knobs."""
+    dims = dict(kv_heads=HKV, head_dim=D, page_size=PS, dtype=dtype)
+    dims.update((x, kw.pop(x)) for x in ("hot_device", "rank", "disk_full") if x in kw)
+    pol = dict(host_pages=2, disk_pages=4, segment_pages=1, disk_dir=str(tmp_path / "tiers"))
+    pol.update(kw)
+    return TierStore(TierPolicy(**pol), **dims)
 
 
 def make_page(i: int, n: int = PS, dtype=torch.float32, g=None):
@@ -97,7 +97,7 @@ def test_host_spills_lru_and_capacities_hold(tmp_path):
     def check():
         s = store.stats()
         assert s["host_pages"] <= 3 and s["disk_pages"] <= 5
-        assert s["host_allocated_bytes"] <= 4 * store.config.page_bytes(PS)  # 2 segments
+        assert s["host_allocated_bytes"] <= 4 * store.page_bytes(PS)  # 2 segments
         assert store.keys("host") == list(model) and set(store.keys("disk")) == disk
 
     for i in range(8):
@@ -141,7 +141,7 @@ def test_delete_only_when_told(tmp_path):
 def test_demote_run_and_recall_into_over_fragmented_slots(tmp_path):
     """Batched moves (runs of consecutive slots, segment edges, holes, partial pages, more
     pages than host holds) store and return exactly the bytes given."""
-    from ringmem.cache.summaries import page_summary
+    from ringmem.cache.tiers.summaries import page_summary
     store = make_store(tmp_path, torch.bfloat16, host_pages=7, disk_pages=20, segment_pages=3)
     g = torch.Generator().manual_seed(21)
     ref = {}

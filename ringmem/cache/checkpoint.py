@@ -3,7 +3,7 @@ without prefilling it again (`ShardedKVCache.save` / `ShardedKVCache.load`).
 
 Each rank writes its shard with `persist.save_shard` (checksummed records, an atomic
 manifest): per layer the hot pools (k, v, pos, score), the demoted tier pages and pending
-entries (`tiered.TieredPages.export`) and the eviction coordinator's observation window;
+entries (`tiers.pages.TieredPages.export`) and the eviction coordinator's observation window;
 the JSON state carries the page tables, the replicated per-rank counts, the config fields
 the manifest does not, and the coordinator's counters. Loading verifies every file, then
 that model id, layout, world size, rank, dtype, dims, page size, capacity, eviction policy
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..agree import agree
-from .persist import load_shard, save_shard
+from .tiers.persist import load_shard, save_shard
 
 if TYPE_CHECKING:
     from .sharded import ShardedKVCache

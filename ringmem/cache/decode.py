@@ -30,7 +30,7 @@ from .config import MERGES
 
 if TYPE_CHECKING:
     from .sharded import ShardedKVCache
-    from .tiered import Gathered
+    from .tiers import Gathered
 
 
 

@@ -33,7 +33,6 @@ class PagedStore:
         # per-(head, slot) metadata: global position (-1: empty) and importance score
         self.pos = torch.full((kv_heads, slots), -1, dtype=torch.int64, device=device)
         self.score = torch.zeros(kv_heads, slots, dtype=torch.float32, device=device)
-        self.tier = torch.zeros(num_pages, dtype=torch.int8)  # 0 = hot (tiering issue)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() yields 0, 1, 2, ...
         self.tables: list[list[int]] = [[] for _ in range(max_seqs)]
         self.lens = [0] * max_seqs  # logical slots in use: max over heads of hlens

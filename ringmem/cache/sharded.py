@@ -18,7 +18,7 @@ eviction, heads hold different tokens (`PagedStore` packs each head separately);
 then attends per head, and prefill's prefix pass runs the ring once per KV head. Positions
 keep counting from `next_position`, which `seq_len` (tokens held) no longer equals.
 
-Memory tiers (`tiers=TierPolicy(...)`, see `tiered.py`): evicted entries are demoted to host
+Memory tiers (`tiers=TierPolicy(...)`, see `tiers/pages.py`): evicted entries are demoted to host
 and disk instead of dropped, and each decode step recalls, per rank, the demoted pages
 whose Quest bound is highest for the query; attention is exact over hot + recalled
 (+ pending) entries, merged by lse before the one cross-rank merge. `save` / `load`
@@ -43,7 +43,7 @@ from .decode import decode_step
 from .index import CacheIndex
 from .paged import PagedStore
 from .prefill import prefill_chunk
-from .tiered import Demote, TieredPages, TierPolicy
+from .tiers import Demote, TieredPages, TierPolicy
 from .view import ShardedView
 
 if TYPE_CHECKING:

@@ -1,15 +1,15 @@
-"""Memory tiers under a `ShardedKVCache`: evicted entries are demoted, then recalled by query.
+"""The cache-facing side of the tiers: evicted entries are demoted, then recalled by query.
 
-* `TierPolicy` (`ShardedKVCache(..., eviction=..., tiers=TierPolicy(...))`): per-rank host
-  and disk capacities in pages, the recall budget, prefetch on/off.
+* `TieredPages`: what a `ShardedKVCache` built with `tiers=TierPolicy(...)` holds per rank
+  (`cache.tiers`); it owns the rank's `TierStore` and, with prefetch, a `TransferEngine`.
 * `Demote`, the eviction action the cache installs: the evicted (KV head, token) entries
   of each (layer, seq) are buffered per head ("pending": hot, always attended). Once a
   head holds a page's worth they are packed into demoted pages: slot j of head h holds that
   head's j-th entry, so one page may hold different tokens per head, and a head that
   evicted fewer has empty slots (pos = -1). Pages go to this rank's `TierStore` (host, LRU
   spill to disk) with their Quest summaries on the hot device.
-* Decode (`prepare`, then `attend` per sequence): each rank bounds its own demoted pages of
-  (layer, seq) with the query, recalls its top `recall` pages (ties: lower page id),
+* Decode (`prepare`; the decode pipeline attends what it returns): each rank bounds its
+  own demoted pages of (layer, seq) with the query, recalls its top `recall` pages (ties: lower page id),
   attends exactly over pending + recalled (per-head masks) and merges that with the hot
   partial by lse, before the step's one cross-rank merge. The budget is per rank: a global
   top-n would cost a collective per layer.
@@ -22,58 +22,21 @@ hard eviction. Demoted pages are dropped only by `reset(seq)` (or `close`).
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..partial import Partial, attend, merge
+from .host import Page
+from .policy import TierPolicy
+from .store import TierStore
 from .summaries import PageKey
-from .tiers import TierConfig, TierStore
-from .transfer import Page, Transfer, TransferEngine
+from .transfer import Transfer, TransferEngine
 
 if TYPE_CHECKING:
-    from .config import CacheConfig
+    from ..config import CacheConfig
 
 _GROUP = 64  # pages packed per demote_run call (bounds the staging copy)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TierPolicy:
-    host_pages: int
-    """Host-tier capacity of each rank, in pages (0: demote straight to disk)."""
-    disk_pages: int = 0
-    """Disk-tier capacity of each rank, in pages (0: no disk tier)."""
-    disk_dir: str | None = None
-    """Root of the disk tier (rank r writes under <disk_dir>/rank<r>/); needed with disk."""
-    recall: int = 8
-    """Demoted pages each rank recalls per (layer, seq) per decode step."""
-    prefetch: bool = True
-    """Recall the next layer's pages on a background worker (CUDA: a side stream)."""
-    segment_pages: int = 64
-    """Host slots allocated at a time."""
-    fsync: bool = False
-    """fsync every spilled page (spilled pages are scratch; checkpoints always sync)."""
-
-    def __post_init__(self) -> None:
-        for name in ("host_pages", "disk_pages", "recall", "segment_pages"):
-            val, low = getattr(self, name), 1 if name == "segment_pages" else 0
-            if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
-        if self.host_pages + self.disk_pages == 0:
-            raise ValueError("host_pages and disk_pages are both 0: no tier to demote to")
-        if self.disk_pages and not isinstance(self.disk_dir, (str, os.PathLike)):
-            raise ValueError(f"disk_pages={self.disk_pages} needs a disk_dir, got "
-                             f"{self.disk_dir!r}")
-        for name in ("prefetch", "fsync"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-
-    def signature(self) -> tuple[int, ...]:
-        """Ints every rank must agree on."""
-        return (1, self.recall)
 
 
 class Entries(NamedTuple):
@@ -112,12 +75,9 @@ class TieredPages:
         c = config
         self.policy, self.ps, self.hkv, self.d = policy, c.page_size, c.kv_heads, c.head_dim
         self.dtype, self.device, self.num_layers = c.dtype, device, c.num_layers
-        self.store = TierStore(TierConfig(
-            kv_heads=c.kv_heads, head_dim=c.head_dim, page_size=c.page_size, dtype=c.dtype,
-            host_pages=policy.host_pages, disk_pages=policy.disk_pages,
-            segment_pages=policy.segment_pages,
-            disk_dir=None if policy.disk_dir is None else str(policy.disk_dir), rank=rank,
-            fsync=policy.fsync, hot_device=str(device)))
+        self.store = TierStore(policy, kv_heads=c.kv_heads, head_dim=c.head_dim,
+                               page_size=c.page_size, dtype=c.dtype, rank=rank,
+                               hot_device=device)
         self.engine = TransferEngine(self.store, device) if policy.prefetch else None
         self.pending: dict[tuple[int, int], list[Entries]] = {}
         self._padded: dict[tuple[int, int], Page] = {}  # pending as one masked page
@@ -223,13 +183,6 @@ class TieredPages:
             out.append(None if not parts else Gathered(*parts[0][:3]) if len(parts) == 1
                        else Gathered(*(torch.cat(x, 1) for x in zip(*(p[:3] for p in parts)))))
         return out
-
-    def attend(self, page: Gathered, q: Tensor, scale: float, out: Tensor, lse: Tensor
-               ) -> tuple[Tensor, Tensor]:
-        """Merge the exact partial of q [Hq, D] over `page` into the hot partial
-        (out [Hq, D], lse [Hq], accumulation dtype)."""
-        return merge([Partial(out, lse),
-                      attend(q, page.k, page.v, scale, valid=page.pos >= 0)])
 
     # ------------------------------------------------------------ lifecycle
     def drain(self) -> None:

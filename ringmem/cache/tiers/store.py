@@ -1,20 +1,17 @@
-"""Memory tiers below the hot KV pages: `host` (RAM in preallocated segments) and `disk`.
+"""`TierStore`: one rank's tiers below the hot KV pages, host (`host.HostPool`) and disk.
 
-Pages (keys and values [Hkv, n, D], per-(head, slot) positions [Hkv, n] int64 with -1 for
-an empty slot, and scores [Hkv, n] float32; n <= page_size: the layout of one page of
-`PagedStore`) are keyed by (layer, seq, page_id). `demote` moves a page from the hot tier
-(the cache's device) down to host; a full host tier spills its least recently used page to
-disk; only `delete` (or the opt-in `disk_full="drop_lru"` policy) ever discards a page.
-`recall` copies pages back bit-exactly. A Quest-style summary of each demoted page's keys
-stays on the hot device (`summaries`), so a query can pick the pages worth recalling
-without touching slow tiers.
+Pages (`host.Page`: n <= page_size slots of one `PagedStore` page) are keyed by (layer,
+seq, page_id). `demote` moves a page from the hot tier (the cache's device) down to host; a
+full host tier spills its least recently used page to disk; only `delete` (or the opt-in
+disk_full="drop_lru") ever discards a page. `recall` copies pages back bit-exactly. A
+Quest-style summary of each demoted page's keys stays on the hot device (`summaries`), so
+a query can pick the pages worth recalling without touching slow tiers.
 
-Disk pages are one file each (`persist.write_page`) under `<disk_dir>/rank<rank>/`: written
-to a temporary name and renamed into place (a reader never sees half a page), and checked
-on every read (magic, exact length, CRC-32 over header and payload, then that it holds the
-page asked for); a mismatch raises `PageCorruptError` naming the file. All public
-methods hold one lock, so the background transfer worker (`transfer.py`) and the caller can
-use a store together (the summaries have their own lock: ranking never waits for I/O).
+Disk pages (one `persist.write_page` file each, under <disk_dir>/rank<rank>/) are renamed
+into place whole and checked on every read (magic, length, CRC-32, that the file holds the
+page asked for): a mismatch raises `PageCorruptError` naming the file. Public methods hold
+one lock, so the transfer worker and the caller can share a store (ranking never waits for
+I/O: the summaries have their own lock).
 """
 from __future__ import annotations
 
@@ -23,97 +20,73 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .host import HostPool, Page
 from .persist import DTYPE_NAMES, read_page, write_page
+from .policy import TierPolicy, check_count
 from .summaries import PageKey, PageSummaries
-from .transfer import HostPool, Page
 
 TIERS = ("host", "disk")
 DISK_FULL = ("error", "drop_lru")
 
 
-@dataclass(frozen=True, kw_only=True)
-class TierConfig:
-    kv_heads: int
-    head_dim: int
-    page_size: int
-    dtype: torch.dtype
-    host_pages: int
-    """Capacity of the host tier in pages (0: demote straight to disk)."""
-    disk_pages: int = 0
-    """Capacity of the disk tier in pages (0: no disk tier)."""
-    segment_pages: int = 64
-    """Host slots per segment; segments are allocated whole, one at a time, as needed."""
-    disk_dir: str | None = None
-    """Root directory of the disk tier; this rank's pages go to <disk_dir>/rank<rank>/."""
-    rank: int = 0
-    fsync: bool = False
-    """fsync each page file and its directory. Off by default: spilled pages live only as
-    long as the process (checkpoints use `persist`, which syncs); the rename and the
-    checksum already rule out reading a torn page."""
-    disk_full: str = "error"
-    """When a page must go to a full disk tier: "error" (nothing changes) or "drop_lru"
-    (hard eviction of the least recently used disk page, counted in stats["dropped"])."""
-    pin_memory: bool | None = None
-    """Pin host segments (fast, asynchronous GPU copies); None: when CUDA is available."""
-    hot_device: str = "cpu"
-    """Device of the page summaries (the cache's device)."""
-
-    def __post_init__(self) -> None:
-        for name in ("kv_heads", "head_dim", "page_size", "segment_pages"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        for name in ("host_pages", "disk_pages", "rank"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {val!r}")
-        if self.host_pages + self.disk_pages == 0:
-            raise ValueError("host_pages and disk_pages are both 0: no tier to demote to")
-        if self.dtype not in DTYPE_NAMES or self.dtype == torch.int64:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
-        if self.disk_pages and not self.disk_dir:
-            raise ValueError(f"disk_pages={self.disk_pages} needs a disk_dir")
-        if self.disk_full not in DISK_FULL:
-            raise ValueError(f"disk_full must be one of {DISK_FULL}, got {self.disk_full!r}")
-
-    def page_bytes(self, n: int) -> int:
-        """Bytes of a page of n slots: K, V, positions and scores."""
-        return self.kv_heads * n * (2 * self.head_dim * self.dtype.itemsize + 8 + 4)
-
-
 class TierStore:
-    """Host and disk tiers of demoted K/V pages for one rank (all layers, all sequences)."""
+    """Host and disk tiers of demoted K/V pages for one rank (all layers, all sequences).
 
-    def __init__(self, config: TierConfig) -> None:
-        if not isinstance(config, TierConfig):
-            raise TypeError(f"config must be a TierConfig, got {type(config).__name__}")
-        c = self.config = config
-        self.pin = torch.cuda.is_available() if c.pin_memory is None else c.pin_memory
+    policy: capacities, segment size, disk directory, fsync (recall and prefetch are for
+    `TieredPages`). kv_heads, head_dim, page_size, dtype: the pages' dims. rank: pages go to
+    <disk_dir>/rank<rank>/; hot_device: of the summaries and recalls (the cache's). disk_full:
+    "error" (a page bound for a full disk tier raises, nothing changes) or "drop_lru" (the
+    least recently used disk page is dropped, counted in stats()["dropped"]). pin_memory:
+    pin host segments (fast, asynchronous GPU copies); None: when CUDA is available.
+    """
+
+    def __init__(self, policy: TierPolicy, *, kv_heads: int, head_dim: int, page_size: int,
+                 dtype: torch.dtype, rank: int = 0, hot_device: str | torch.device = "cpu",
+                 disk_full: str = "error", pin_memory: bool | None = None) -> None:
+        if not isinstance(policy, TierPolicy):
+            raise TypeError(f"policy must be a TierPolicy, got {type(policy).__name__}")
+        for name, val in (("kv_heads", kv_heads), ("head_dim", head_dim),
+                          ("page_size", page_size), ("rank", rank)):
+            check_count(name, val, positive=name != "rank")
+        if dtype not in DTYPE_NAMES or dtype == torch.int64:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if disk_full not in DISK_FULL:
+            raise ValueError(f"disk_full must be one of {DISK_FULL}, got {disk_full!r}")
+        if pin_memory is not None and not isinstance(pin_memory, bool):
+            raise TypeError(f"pin_memory must be a bool or None, got {pin_memory!r}")
+        p = self.policy = policy
+        self.kv_heads, self.head_dim, self.page_size = kv_heads, head_dim, page_size
+        self.dtype = dtype
+        self.rank, self.hot_device, self.disk_full = rank, torch.device(hot_device), disk_full
+        self.pin = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._lock = threading.RLock()
-        self._pool = HostPool(capacity=c.host_pages, segment_pages=c.segment_pages,
-                              kv_heads=c.kv_heads, page_size=c.page_size,
-                              head_dim=c.head_dim, dtype=c.dtype, pin=self.pin)
+        self._pool = HostPool(capacity=p.host_pages, segment_pages=p.segment_pages,
+                              kv_heads=kv_heads, page_size=page_size, head_dim=head_dim,
+                              dtype=dtype, pin=self.pin)
         self._host: OrderedDict[PageKey, tuple[int, int]] = OrderedDict()  # -> slot, n (LRU)
         self._disk: OrderedDict[PageKey, int] = OrderedDict()  # -> n (LRU order)
         self._staging: Tensor | None = None  # recall_into's reusable disk read buffer
         # page checksums run here, overlapped with the file writes
         self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="ringmem-crc") \
-            if c.disk_pages else None
-        self.dir = Path(c.disk_dir) / f"rank{c.rank:05d}" if c.disk_pages else None
+            if p.disk_pages else None
+        self.dir = Path(p.disk_dir) / f"rank{rank:05d}" if p.disk_pages else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-        acc = torch.float64 if c.dtype == torch.float64 else torch.float32
-        self.summaries = PageSummaries(c.kv_heads, c.head_dim, device=c.hot_device, dtype=acc)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        self.summaries = PageSummaries(kv_heads, head_dim, device=self.hot_device, dtype=acc)
         self._stats = {"dropped": 0, **{f"{d}_{x}": 0 for d in
                        ("hot_to_host", "host_to_disk", "disk_to_hot", "host_to_hot")
                        for x in ("bytes", "pages", "seconds")}}
+
+    def page_bytes(self, n: int) -> int:
+        """Bytes of a page of n slots: K, V, positions and scores."""
+        return self.kv_heads * n * (2 * self.head_dim * self.dtype.itemsize + 8 + 4)
 
     # ---------------------------------------------------------------- queries
     def tier_of(self, key: PageKey) -> str | None:
@@ -137,11 +110,11 @@ class TierStore:
         and seconds moved along each path (hot_to_host, host_to_disk, disk_to_hot,
         host_to_hot)."""
         with self._lock:
-            c = self.config
+            p = self.policy
             return {"host_pages": len(self._host), "disk_pages": len(self._disk),
-                    "host_capacity": c.host_pages, "disk_capacity": c.disk_pages,
-                    "host_bytes": sum(c.page_bytes(n) for _, n in self._host.values()),
-                    "disk_bytes": sum(c.page_bytes(n) for n in self._disk.values()),
+                    "host_capacity": p.host_pages, "disk_capacity": p.disk_pages,
+                    "host_bytes": sum(self.page_bytes(n) for _, n in self._host.values()),
+                    "disk_bytes": sum(self.page_bytes(n) for n in self._disk.values()),
                     "host_allocated_bytes": self._pool.allocated_bytes(), **self._stats}
 
     # ---------------------------------------------------------------- moves
@@ -163,7 +136,7 @@ class TierStore:
         may be [N]); page i is tokens [i * page_size, (i + 1) * page_size), only the last
         may be shorter, and goes under keys[i]. As `demote` page by page (keys[0] becomes
         the least recent), but checked up front and copied a run of free slots at a time."""
-        c, ps = self.config, self.config.page_size
+        hp, ps = self.policy.host_pages, self.page_size
         keys = [self._key(x) for x in keys]
         page = self._check_page(k, v, pos, score, len(keys))
         sizes = [min(ps, page.k.shape[1] - i * ps) for i in range(len(keys))]
@@ -172,15 +145,14 @@ class TierStore:
             if held or len(set(keys)) != len(keys):
                 raise ValueError(f"pages {held or keys} are already demoted or repeated "
                                  f"(delete them first)")
-            self._room(len(keys) if c.host_pages == 0
-                       else max(0, len(self._host) + len(keys) - c.host_pages))
+            self._room(len(keys) if hp == 0 else max(0, len(self._host) + len(keys) - hp))
             added = []
             try:
                 for i, key in enumerate(keys if summarize else ()):
                     sl = slice(i * ps, i * ps + sizes[i])
                     self.summaries.add(key, page.k[:, sl], page.pos[:, sl] >= 0)
                     added.append(key)
-                step = c.host_pages or 1  # more pages than host holds: in host-sized groups
+                step = hp or 1  # more pages than host holds: in host-sized groups
                 for j in range(0, len(keys), step):
                     self._place(keys[j:j + step], page, j, sizes[j:j + step])
             except BaseException:  # pages not stored keep no summary
@@ -199,19 +171,19 @@ class TierStore:
 
     def _place(self, keys: list[PageKey], page: Page, first: int, sizes: list[int]) -> None:
         """Store pages first, first + 1, ... of `page` (at most host_pages of them)."""
-        c, ps = self.config, self.config.page_size
+        hp, ps = self.policy.host_pages, self.page_size
         t0 = time.perf_counter()
-        if c.host_pages == 0:  # no host tier: straight to disk
+        if hp == 0:  # no host tier: straight to disk
             for i, (key, n) in enumerate(zip(keys, sizes)):
                 lo = (first + i) * ps
                 self._write(key, Page(*(t[:, lo:lo + n] for t in page)))
             self._count("host_to_disk", sum(sizes), len(keys), t0)
             return
-        while len(self._host) + len(keys) > c.host_pages:
+        while len(self._host) + len(keys) > hp:
             self._spill(next(iter(self._host)))
         t0 = time.perf_counter()
         slots = self._pool.take(len(keys))
-        self._pool.copy_runs(slots, sizes, page, first * c.page_size, into_slots=True)
+        self._pool.copy_runs(slots, sizes, page, first * ps, into_slots=True)
         for key, slot, n in zip(keys, slots, sizes):
             self._host[key] = (slot, n)
         self._count("hot_to_host", sum(sizes), len(keys), t0)
@@ -234,14 +206,13 @@ class TierStore:
         (default: the hot device), as views of new buffers (see `recall_into`).
         keep=False moves them instead (promotion back to hot): they leave the store and
         lose their summaries. Recalled pages become the most recently used."""
-        c = self.config
-        device = torch.device(c.hot_device if device is None else device)
+        device = self.hot_device if device is None else torch.device(device)
         with self._lock:  # the lengths must not change before the copies
             t = sum(self._host[x][1] if x in self._host else self._disk.get(x, 0)
                     for x in keys if isinstance(x, tuple))
-            hn = (c.kv_heads, t)
+            hn, dtype, d = (self.kv_heads, t), self.dtype, self.head_dim
             out = Page(*(torch.empty(hn + tail, dtype=dt, device=device) for dt, tail in
-                         ((c.dtype, (c.head_dim,)), (c.dtype, (c.head_dim,)),
+                         ((dtype, (d,)), (dtype, (d,)),
                           (torch.int64, ()), (torch.float32, ()))))
             ns = self.recall_into(keys, out, keep=keep)
         at = accumulate(ns, initial=0)
@@ -253,18 +224,18 @@ class TierStore:
         [:, o_i:o_i + n_i] with o_i the sum of the earlier n. Returns [n_i]. Disk pages are
         read and verified in one reusable staging buffer, so a steady recall allocates
         nothing. On a PageCorruptError `out` may hold part of the data: discard it."""
-        c = self.config
+        hkv, d, dtype = self.kv_heads, self.head_dim, self.dtype
         keys = [self._key(k) for k in keys]
         if (not isinstance(out, tuple) or len(out) != 4
                 or not all(isinstance(t, Tensor) for t in out)):
             raise TypeError("out must be a Page (k, v, pos, score) of tensors")
         k, v, pos, score = out
         t_cap = k.shape[1] if k.dim() == 3 else -1
-        want = ((c.dtype, (c.kv_heads, t_cap, c.head_dim)),) * 2 + (
-            (torch.int64, (c.kv_heads, t_cap)), (torch.float32, (c.kv_heads, t_cap)))
+        want = ((dtype, (hkv, t_cap, d)),) * 2 + (
+            (torch.int64, (hkv, t_cap)), (torch.float32, (hkv, t_cap)))
         if any((t.dtype, tuple(t.shape)) != w for t, w in zip(out, want)):
-            raise ValueError(f"out must be k, v {c.dtype} [{c.kv_heads}, T, {c.head_dim}], pos "
-                             f"int64 and score float32 [{c.kv_heads}, T]; got "
+            raise ValueError(f"out must be k, v {dtype} [{hkv}, T, {d}], pos "
+                             f"int64 and score float32 [{hkv}, T]; got "
                              f"{[(str(t.dtype), tuple(t.shape)) for t in out]}")
         with self._lock:
             self._held(keys)
@@ -332,19 +303,19 @@ class TierStore:
     def _check_page(self, k: Tensor, v: Tensor, pos: Tensor, score: Tensor | None,
                     pages: int) -> Page:
         """Validate `pages` consecutive pages' tensors; pos broadcast, score defaulted."""
-        c = self.config
-        lo, hi = (pages - 1) * c.page_size + 1, pages * c.page_size
+        hkv, d, ps, dtype = self.kv_heads, self.head_dim, self.page_size, self.dtype
+        lo, hi = (pages - 1) * ps + 1, pages * ps
         for name, t in (("k", k), ("v", v), ("pos", pos), ("score", score)):
             if not isinstance(t, Tensor) and not (name == "score" and t is None):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if k.dtype != c.dtype or v.dtype != c.dtype:
-            raise ValueError(f"k/v dtype is {k.dtype}/{v.dtype}, the store holds {c.dtype}")
-        if (k.dim() != 3 or k.shape != v.shape or k.shape[0] != c.kv_heads
-                or k.shape[2] != c.head_dim or not lo <= k.shape[1] <= hi):
-            raise ValueError(f"k and v must both be [{c.kv_heads}, n, {c.head_dim}] with "
-                             f"{lo} <= n <= {hi} ({pages} page(s) of {c.page_size}), got "
+        if k.dtype != dtype or v.dtype != dtype:
+            raise ValueError(f"k/v dtype is {k.dtype}/{v.dtype}, the store holds {dtype}")
+        if (k.dim() != 3 or k.shape != v.shape or k.shape[0] != hkv
+                or k.shape[2] != d or not lo <= k.shape[1] <= hi):
+            raise ValueError(f"k and v must both be [{hkv}, n, {d}] with "
+                             f"{lo} <= n <= {hi} ({pages} page(s) of {ps}), got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
-        hn = (c.kv_heads, k.shape[1])
+        hn = (hkv, k.shape[1])
         if pos.dtype != torch.int64 or pos.shape not in (hn, hn[1:]):
             raise ValueError(f"pos must be int64 {list(hn)} or [{hn[1]}], got {pos.dtype} "
                              f"{tuple(pos.shape)}")
@@ -357,12 +328,12 @@ class TierStore:
 
     def _room(self, to_disk: int) -> None:
         """Raise unless `to_disk` more pages fit on disk (or may push old ones out)."""
-        c = self.config
-        if to_disk == 0 or c.disk_full == "drop_lru" and c.disk_pages > 0:
+        p = self.policy
+        if to_disk == 0 or self.disk_full == "drop_lru" and p.disk_pages > 0:
             return
-        if len(self._disk) + to_disk > c.disk_pages:
-            raise ValueError(f"tier store full: host holds {len(self._host)}/{c.host_pages} "
-                             f"pages and disk {len(self._disk)}/{c.disk_pages}; {to_disk} more "
+        if len(self._disk) + to_disk > p.disk_pages:
+            raise ValueError(f"tier store full: host holds {len(self._host)}/{p.host_pages} "
+                             f"pages and disk {len(self._disk)}/{p.disk_pages}; {to_disk} more "
                              f"page(s) must go to disk. delete() pages, raise disk_pages, or "
                              f"set disk_full='drop_lru' to allow hard eviction")
 
@@ -378,21 +349,20 @@ class TierStore:
         return self.dir / f"L{key[0]}_S{key[1]}_P{key[2]}.page"
 
     def _write(self, key: PageKey, page: Page) -> None:
-        if len(self._disk) >= self.config.disk_pages:  # only with disk_full="drop_lru"
+        if len(self._disk) >= self.policy.disk_pages:  # only with disk_full="drop_lru"
             self.delete([next(iter(self._disk))])
             self._stats["dropped"] += 1
-        write_page(self._path(key), key, page._asdict(), fsync=self.config.fsync,
+        write_page(self._path(key), key, page._asdict(), fsync=self.policy.fsync,
                    checksum_pool=self._crc_pool)
         self._disk[key] = page.k.shape[1]
 
     def _read(self, key: PageKey, n: int) -> Page:
         """Read and verify a page file of n slots into the reusable staging buffer (pinned
         where CUDA is, so the copy to the GPU is a DMA); views of it."""
-        c = self.config
-        need = c.page_bytes(n) + 4096  # + prefix, header and alignment padding
+        need = self.page_bytes(n) + 4096  # + prefix, header and alignment padding
         if self._staging is None or self._staging.numel() < need:
             self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=self.pin)
-        return Page(**read_page(self._path(key), key, c.dtype, c.kv_heads, c.head_dim,
+        return Page(**read_page(self._path(key), key, self.dtype, self.kv_heads, self.head_dim,
                                 buffer=self._staging))
 
     def _readahead(self, keys: list[PageKey]) -> None:
@@ -425,6 +395,6 @@ class TierStore:
     def _count(self, path: str, n: int, pages: int, t0: float) -> None:
         """Account `pages` pages holding n slots in all moved along `path`."""
         moved = self._stats
-        moved[path + "_bytes"] += self.config.page_bytes(n)
+        moved[path + "_bytes"] += self.page_bytes(n)
         moved[path + "_pages"] += pages
         moved[path + "_seconds"] += time.perf_counter() - t0

@@ -3,7 +3,7 @@ after each policy compressed its sharded KV cache to a budget (2 ranks).
 
 Per trial: a King James Bible haystack of 4K-5K tokens (--lengths, cycled) with a planted
 5-digit pass key at a random depth and a question at the end
-(`ringmem.integrations.haystack`). The prompt (all but its last token) is prefilled across
+(`ringmem.demo.haystack`). The prompt (all but its last token) is prefilled across
 the ranks once, into a cache with an eviction coordinator that records the observation
 window (the last 32 prompt queries: the question) and evicts nothing. The cache's layout is
 `contiguous` (each chunk split into one run per rank): SnapKV's max-pooling runs over the
@@ -63,8 +63,9 @@ def _restore(kv: Any, snap: dict) -> None:
 def _ask(model: Any, cache: Any, feed: torch.Tensor, target: torch.Tensor,
          digits: torch.Tensor) -> bool:
     """Teacher-forced answer through the cache: are all key digits the argmax?"""
+    from ringmem.integrations.hf_cache import cache_kwargs
     with torch.no_grad():
-        logits = model(input_ids=feed, past_key_values=cache, use_cache=True).logits[0]
+        logits = model(input_ids=feed, use_cache=True, **cache_kwargs(model, cache)).logits[0]
     pred = logits.argmax(-1)
     return bool((pred[digits] == target[digits]).all())
 
@@ -126,7 +127,8 @@ def merge(rows: list[dict], path: str) -> tuple[list[dict], list[dict]]:
 def worker(rank: int, world: int, a: Any, out_file: str) -> None:
     from ringmem.cache import CacheConfig, ShardedKVCache
     from ringmem.eviction import EvictionPolicy, StreamingLLM
-    from ringmem.integrations import haystack, hf, hf_cache, models
+    from ringmem.demo import haystack, models
+    from ringmem.integrations import hf, hf_cache
     torch.set_num_threads(1)
     model, tok = models.load()
     model.set_attn_implementation(hf.register())

@@ -49,7 +49,7 @@ def parse(argv: list[str] | None = None) -> InferConfig:
 
 def check_inputs(cfg: InferConfig, world: int) -> Path:
     """Every cheap check, before any process group, model or document is loaded."""
-    from ringmem.integrations import models
+    from ringmem.demo import models
     if cfg.world_size is not None and cfg.world_size != world:
         raise ValueError(f"config asks for world_size={cfg.world_size}, torchrun started "
                          f"{world}")
@@ -62,7 +62,7 @@ def check_inputs(cfg: InferConfig, world: int) -> Path:
 
 def build_prompt(cfg: InferConfig, tok) -> tuple[torch.Tensor, str | None]:
     """(prompt ids [1, S], the expected pass key or None)."""
-    from ringmem.integrations import haystack
+    from ringmem.demo import haystack
     if cfg.document is None:
         return haystack.passkey_prompt(tok, tokens=cfg.haystack_tokens,
                                        depth=cfg.passkey_depth, seed=cfg.seed,
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         check_inputs(cfg, world)
     except ValueError as e:
         sys.exit(f"infer: {e}")
-    from ringmem.integrations import hf, hf_cache, haystack, models
+    from ringmem.demo import haystack, models
+    from ringmem.integrations import hf, hf_cache
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

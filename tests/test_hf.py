@@ -221,3 +221,90 @@ def test_cache_refuses_what_it_cannot_do() -> None:
 def test_shard_tokens_validates() -> None:
     with pytest.raises(ValueError, match=r"input_ids must be a \[B, S\] tensor"):
         hf.shard_tokens(torch.zeros(8, dtype=torch.long))
+
+
+def _assigned_values(body: list) -> list[tuple[str, object]]:
+    """(name, value node) of every assignment directly in `body` (a module or class body)."""
+    import ast
+    out = []
+    for node in body:
+        if isinstance(node, ast.Assign):
+            out += [(ast.unparse(t), node.value) for t in node.targets]
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            out.append((ast.unparse(node.target), node.value))
+    return out
+
+
+def test_integrations_hold_no_module_state() -> None:
+    import ast
+    from pathlib import Path
+    import ringmem.integrations as pkg
+
+    def immutable(v) -> bool:  # a constant other than None, or a tuple of them
+        if isinstance(v, ast.Tuple):
+            return all(immutable(e) for e in v.elts)
+        return isinstance(v, ast.Constant) and v.value is not None
+
+    files = sorted(Path(pkg.__file__).parent.glob("*.py"))
+    assert {f.name for f in files} >= {"hf.py", "hf_cache.py"}, files
+    for f in files:
+        tree = ast.parse(f.read_text(), str(f))
+        scopes = [tree.body] + [n.body for n in tree.body if isinstance(n, ast.ClassDef)]
+        for body in scopes:
+            names = [name for name, _ in _assigned_values(body)]
+            assert len(names) == len(set(names)), f"{f.name}: a name is rebound: {names}"
+            for name, value in _assigned_values(body):
+                assert immutable(value), f"{f.name}: {name} = {ast.unparse(value)} is state"
+        for node in ast.walk(tree):
+            assert not isinstance(node, (ast.Global, ast.Nonlocal)), \
+                f"{f.name}:{node.lineno}: {type(node).__name__.lower()} statement"
+    hf_src = (Path(pkg.__file__).parent / "hf.py").read_text()
+    assert "hf_cache" not in [getattr(n, "module", None) for n in ast.walk(ast.parse(hf_src))
+                              if isinstance(n, ast.ImportFrom)], "hf imports hf_cache"
+
+
+def test_registration_is_read_from_transformers_registry() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    assert hf.registered(hf.register(name="ringmem-probe"))
+    assert not hf.registered("sdpa") and not hf.registered("eager")
+    assert not hf.registered("no-such-implementation") and not hf.registered(None)
+    AttentionInterface.register("ringmem-probe", sdpa_attention_forward)  # replaced later
+    assert not hf.registered("ringmem-probe")
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        hf.register(name="")
+
+
+def test_cache_argument_name_and_no_future_warning() -> None:
+    import inspect
+    import warnings
+    gen = dict(do_sample=False, max_new_tokens=4, pad_token_id=0)
+    model = _model("llama", torch.float32)
+    model.set_attn_implementation(hf.register())
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(7))
+
+    def cache():
+        return hf_cache.RingmemCache.for_model(model, capacity=32, page_size=4)
+    new = "cache" in inspect.signature(model.forward).parameters
+    c = cache()
+    assert hf_cache.cache_kwargs(model, c) == ({"cache": c} if new else {"past_key_values": c})
+
+    class Old(torch.nn.Module):  # a model from before the rename
+        def forward(self, input_ids=None, past_key_values=None):
+            return input_ids
+    assert hf_cache.cache_kwargs(Old(), c) == {"past_key_values": c}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = hf_cache.generate(model, ids, c, **gen)
+        hf_cache.prefill(model, ids, cache())
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], \
+        [str(w.message) for w in seen]
+    # the cache works under either name (the old one may warn)
+    ones = torch.ones_like(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for name in ("past_key_values", "cache") if new else ("past_key_values",):
+            got = model.generate(ids, attention_mask=ones, **{name: cache()}, **gen)
+            assert torch.equal(got, out), name
+    with pytest.raises(TypeError, match="generate\\(\\) passes `cache`"):
+        hf_cache.generate(model, ids, cache(), past_key_values=cache(), **gen)

@@ -16,7 +16,8 @@ GEN = dict(max_new_tokens=NEW, do_sample=False, output_logits=True,
 
 def _ranks(rank: int, world: int, ids: torch.Tensor, ref: list, base: list, seqs: torch.Tensor,
            key: str) -> None:
-    from ringmem.integrations import haystack, hf, hf_cache, models
+    from ringmem.demo import haystack, models
+    from ringmem.integrations import hf, hf_cache
     model, tok = models.load()
     model.set_attn_implementation(hf.register())
     cache = hf_cache.RingmemCache.for_model(model, capacity=ids.shape[1] // world + 512,
@@ -35,7 +36,7 @@ def _ranks(rank: int, world: int, ids: torch.Tensor, ref: list, base: list, seqs
 
 def test_smollm2_passkey_across_two_ranks() -> None:
     require_demo()
-    from ringmem.integrations import haystack, models
+    from ringmem.demo import haystack, models
     from ringmem.testing import spawn
     model, tok = models.load()
     ids, key = haystack.passkey_prompt(tok, tokens=4000, depth=0.4, seed=7, offset=3000)

@@ -13,10 +13,22 @@ A matching `AttentionMaskInterface` entry is registered too: a name registered o
 attention function would receive no mask, and padding would be silently ignored.
 
 Padding. With a `RingmemCache` (generation, `hf_cache`), padded tokens are never cached:
-left-padded batches (what `generate` expects) are exact. In the cache-less ring path (prefill/training on shards), causality
-already hides every pad that comes *after* a sequence's real tokens, so right padding is
-exact for the real tokens; left padding would let real tokens see pads, and is refused with
-a clear error (every rank checks the same global condition).
+left-padded batches (what `generate` expects) are exact. In the cache-less ring path
+(prefill/training on shards), causality already hides every pad that comes *after* a
+sequence's real tokens, so right padding is exact for the real tokens; left padding would
+let real tokens see pads, and is refused with a clear error (every rank checks the same
+global condition).
+
+State, without module globals. `register` puts a `RingAttention` object (the attention
+function and its options) in transformers' `AttentionInterface` registry; whether a name is
+ringmem's is read back from that registry (`registered`), and the last padding mask checked
+(one check per forward, not per layer) is that object's state. The call a `RingmemCache`
+leaves pending in `update` lives on the cache: `update` tags the key tensor it returns with
+a weak reference to its cache (`PENDING_ATTR`), and the attention function receives exactly
+that tensor, so it finds the cache there and asks it to confirm (layer, key) and clear it.
+transformers passes the attention function no reference to the cache itself (the model
+forward consumes `cache`), and `update` is not told which module calls it; the key tensor is
+the one object both calls see. This module never imports `hf_cache` (which imports it).
 """
 from __future__ import annotations
 
@@ -30,18 +42,28 @@ from ..api import ring_attention, shard
 from ..comm import Group, group_rank_world
 
 
-def register(*, name: str = "ringmem", group: Group = None, layout: str = "zigzag",
-             schedule: str = "auto", backend: str = "auto") -> str:
-    """Register ring attention (and its mask function) with transformers under `name`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+PENDING_ATTR = "_ringmem_pending"
+"""Attribute `RingmemCache.update` sets on the key tensor it returns: a weak reference to the
+cache, whose pending (layer, key) the attention function then takes."""
 
-    def attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
-                  attention_mask: Tensor | None, scaling: float | None = None,
-                  dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
-        # query [B, Hq, S, D], key/value [B, Hkv, S_kv, D] (GQA not expanded)
-        from .hf_cache import take_pending  # only importable with transformers present
-        cache = take_pending(getattr(module, "layer_idx", -1), key)  # first: always cleared
+
+class RingAttention:
+    """The attention function `register` puts in transformers' registry: ring attention over
+    the group (cache-less prefill / training), or the pending `RingmemCache`'s exact
+    distributed attention. Holds its options and, per registration, the last padding mask
+    checked."""
+
+    def __init__(self, *, group: Group, layout: str, schedule: str, backend: str) -> None:
+        self.group, self.layout, self.schedule, self.backend = group, layout, schedule, backend
+        self._checked: tuple[Tensor, int] | None = None  # (mask, its version): once a forward
+
+    def __call__(self, module: Any, query: Tensor, key: Tensor, value: Tensor,
+                 attention_mask: Tensor | None, scaling: float | None = None,
+                 dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
+        """query [B, Hq, S, D], key/value [B, Hkv, S_kv, D] (GQA not expanded), mask [B, S_kv]
+        or None; returns ([B, S, Hq, D], None), as transformers expects."""
+        # first, so that a check raising below still clears the pending call
+        cache = _take_pending(getattr(module, "layer_idx", -1), key)
         if dropout:
             raise ValueError(f"ringmem attention has no dropout, got dropout={dropout}")
         if getattr(module, "sliding_window", None):
@@ -62,32 +84,83 @@ def register(*, name: str = "ringmem", group: Group = None, layout: str = "zigza
                              f"ringmem.integrations.hf_cache.RingmemCache (or pass "
                              f"use_cache=False)")
         if attention_mask is not None:
-            _check_right_padding(attention_mask, kwargs.get("position_ids"), group)
+            self._check_right_padding(attention_mask, kwargs.get("position_ids"))
         out = ring_attention(query.transpose(1, 2), key.transpose(1, 2),
-                             value.transpose(1, 2), causal=True, group=group, layout=layout,
-                             schedule=schedule, backend=backend, softmax_scale=scaling)
-        return out, None  # [B, S_local, Hq, D], as transformers expects
+                             value.transpose(1, 2), causal=True, group=self.group,
+                             layout=self.layout, schedule=self.schedule, backend=self.backend,
+                             softmax_scale=scaling)
+        return out, None
 
-    def mask(batch_size: int, q_length: int, kv_length: int, *args: Any,
-             attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
-        # Causality is global and applied inside the ring / cache; only padding is passed on.
-        # A given mask is passed on even when all ones: whether this rank's shard has pads
-        # is local, and the ring path's padding check is a collective every rank must join.
-        if attention_mask is None:
-            return None
-        if attention_mask.dim() != 2:
-            raise ValueError(f"ringmem takes a 2-D padding mask [B, S], got shape "
-                             f"{tuple(attention_mask.shape)}")
-        return attention_mask.bool()
+    def _check_right_padding(self, mask: Tensor, position_ids: Tensor | None) -> None:
+        """Raise unless, in every row, every pad's global position follows every real
+        token's. mask [B, S_local], position_ids [B or 1, S_local]; a collective."""
+        if (self._checked is not None and self._checked[0] is mask
+                and self._checked[1] == mask._version):
+            return  # the model's other layers pass the same mask
+        if position_ids is None:
+            raise ValueError("a padding mask in ring attention needs position_ids (the "
+                             "tokens' global positions)")
+        valid = mask.bool()
+        pos = position_ids.expand_as(valid).to(torch.int64)
+        big = torch.iinfo(torch.int64).max
+        last_real = torch.where(valid, pos, -1).amax(1)
+        first_pad = torch.where(valid, big, pos).amin(1)
+        both = torch.stack([last_real, -first_pad]).to(torch.float64)  # one MAX all-reduce
+        if group_rank_world(self.group)[1] > 1:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        bad = (both[0] > -both[1]).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"ring attention takes right padding only (pads after a row's "
+                             f"real tokens); rows {bad} have a pad before a real token. Use "
+                             f"tokenizer.padding_side='right', or generate with a "
+                             f"RingmemCache")
+        self._checked = (mask, mask._version)
 
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, mask)
-    REGISTERED.add(name)
+
+def _take_pending(layer: int, key: Tensor) -> Any:
+    """The cache whose `update` just returned `key` for `layer`, or None; the tag is removed
+    and the cache's pending call cleared either way."""
+    ref = getattr(key, PENDING_ATTR, None)
+    if ref is None:
+        return None
+    delattr(key, PENDING_ATTR)
+    cache = ref()
+    return cache if cache is not None and cache.take_pending(layer, key) else None
+
+
+def _mask(batch_size: int, q_length: int, kv_length: int, *args: Any,
+          attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
+    """The `AttentionMaskInterface` entry: the 2-D padding mask [B, S] as bool, or None."""
+    # Causality is global and applied inside the ring / cache; only padding is passed on.
+    # A given mask is passed on even when all ones: whether this rank's shard has pads
+    # is local, and the ring path's padding check is a collective every rank must join.
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"ringmem takes a 2-D padding mask [B, S], got shape "
+                         f"{tuple(attention_mask.shape)}")
+    return attention_mask.bool()
+
+
+def register(*, name: str = "ringmem", group: Group = None, layout: str = "zigzag",
+             schedule: str = "auto", backend: str = "auto") -> str:
+    """Register ring attention (and its mask function) with transformers under `name`;
+    returns `name`, for `model.set_attn_implementation`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    AttentionInterface.register(name, RingAttention(group=group, layout=layout,
+                                                    schedule=schedule, backend=backend))
+    AttentionMaskInterface.register(name, _mask)
     return name
 
 
-REGISTERED: set[str] = set()
-"""Attention implementation names `register` has set up (RingmemCache checks for one)."""
+def registered(name: str | None) -> bool:
+    """Whether `name` is an attention implementation `register` set up (read from the
+    registry the models dispatch through, so a later registration under `name` counts)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return isinstance(name, str) and isinstance(ALL_ATTENTION_FUNCTIONS.get(name), RingAttention)
 
 
 def shard_tokens(input_ids: Tensor, *, group: Group = None,
@@ -100,29 +173,3 @@ def shard_tokens(input_ids: Tensor, *, group: Group = None,
     pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     return (shard(input_ids, 1, group=group, layout=layout),
             shard(pos, 1, group=group, layout=layout))
-
-
-_checked: list = []  # the last mask verified and its version (one check per forward)
-
-
-def _check_right_padding(mask: Tensor, position_ids: Tensor | None, group: Group) -> None:
-    """Raise unless, in every row, every pad's global position follows every real token's."""
-    if _checked and _checked[0] is mask and _checked[1] == mask._version:
-        return
-    if position_ids is None:
-        raise ValueError("a padding mask in ring attention needs position_ids (the tokens' "
-                         "global positions)")
-    valid = mask.bool()
-    pos = position_ids.expand_as(valid).to(torch.int64)
-    big = torch.iinfo(torch.int64).max
-    last_real = torch.where(valid, pos, -1).amax(1)
-    first_pad = torch.where(valid, big, pos).amin(1)
-    both = torch.stack([last_real, -first_pad]).to(torch.float64)  # one MAX all-reduce
-    if group_rank_world(group)[1] > 1:
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    bad = (both[0] > -both[1]).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"ring attention takes right padding only (pads after a row's real "
-                         f"tokens); rows {bad} have a pad before a real token. Use "
-                         f"tokenizer.padding_side='right', or generate with a RingmemCache")
-    _checked[:] = [mask, mask._version]

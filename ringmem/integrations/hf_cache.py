@@ -1,9 +1,10 @@
 """A transformers `Cache` over `ShardedKVCache`: sharded prefill, exact distributed decode,
 and `generate` unchanged on every rank.
 
-How it plugs in: a model calls `past_key_values.update(k, v, layer)` right before attention.
-This cache stores nothing there; it marks (layer, k) as pending, and ringmem's attention
-function (`hf.register`) picks the pending call up and runs the cache's exact distributed
+How it plugs in: a model calls `cache.update(k, v, layer)` right before attention. This
+cache stores nothing there; it records (layer, k) as its pending call and tags `k` with a weak
+reference to itself, and ringmem's attention function (`hf.register`), which receives that
+same `k`, takes the pending call from the cache and runs the cache's exact distributed
 attention, which also stores the new K/V where they belong:
 
 * query length 1: decode. The token is the same on every rank; it attends to the whole
@@ -15,13 +16,20 @@ attention, which also stores the new K/V where they belong:
   replicated; `prefill`/`generate` below shard them too.
 
 Padding (left padding, as `generate` expects, through `model.generate(..., attention_mask=...,
-past_key_values=cache)`): tokens whose attention mask is 0 are never cached, and no real
-token attends to one.
-The cache's own length (what transformers sees) counts every token fed, pads included, so
-transformers' position bookkeeping is unchanged.
+cache=cache)`): tokens whose attention mask is 0 are never cached, and no real token
+attends to one. The cache's own length (what transformers sees) counts every token fed,
+pads included, so transformers' position bookkeeping is unchanged.
+
+The argument's name. Recent transformers (checked: 5.24) name it `cache`; `past_key_values`
+still works there but warns (FutureWarning) in model forwards, `prepare_inputs_for_generation`
+and the mask builders (to be removed in 5.40) and in `generate` (removed in 6.0). The cache
+works under either name; `cache_kwargs(model, cache)` gives the name the installed release
+takes, and this module's `prefill`/`generate` use it.
 """
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -34,17 +42,20 @@ from ..api import unshard
 from ..cache.sharded import CacheConfig, ShardedKVCache
 from ..comm import Group
 from ..layouts import chunk_count, positions
+from .hf import PENDING_ATTR, registered
 
-_pending: tuple["RingmemCache", int, Tensor] | None = None
 
-
-def take_pending(layer: int, key: Tensor) -> "RingmemCache | None":
-    """The cache whose `update` just received `key` for `layer`, if any (then cleared)."""
-    global _pending
-    hit, _pending = _pending, None
-    if hit is not None and hit[1] == layer and hit[2] is key:
-        return hit[0]
-    return None
+def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
+    """The keyword argument that hands `cache` to `model(...)` / `model.generate(...)` in the
+    installed transformers: {"cache": cache} where the model's forward takes `cache`
+    (generate forwards its model kwargs there), else {"past_key_values": cache}."""
+    names: set[str] = set()
+    for forward in (getattr(model, "forward", None), getattr(type(model), "forward", None)):
+        try:  # the instance's forward may be wrapped (hooks); the class's is the model's own
+            names |= set(inspect.signature(forward).parameters)
+        except (TypeError, ValueError):
+            pass
+    return {"cache" if "cache" in names else "past_key_values": cache}
 
 
 class _Layer(CacheLayerMixin):
@@ -62,13 +73,15 @@ class _Layer(CacheLayerMixin):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
-        global _pending
-        if _pending is not None:  # the previous layer's attention never took its keys
-            _pending = None
+        owner = self.owner
+        if owner._pending is not None:  # the previous layer's attention never took its keys
+            owner._pending = None
             raise ValueError("RingmemCache needs ringmem's attention: call "
                              "model.set_attn_implementation(ringmem.integrations.hf.register())")
-        _pending = (self.owner, self.idx, key_states)
-        chunk = self.owner._chunk
+        owner._pending = (self.idx, key_states)
+        # the attention function receives this very tensor: its way back to the cache
+        setattr(key_states, PENDING_ATTR, weakref.ref(owner))
+        chunk = owner._chunk
         self.seen += chunk[0] if chunk is not None else key_states.shape[-2]
         return key_states, value_states
 
@@ -110,6 +123,7 @@ class RingmemCache(Cache):
             raise TypeError(f"kv must be a ShardedKVCache, got {type(kv).__name__}")
         self.kv = kv
         self._chunk: tuple[int, int] | None = None  # (real tokens, seq) during `prefill`
+        self._pending: tuple[int, Tensor] | None = None  # (layer, key) of the last `update`
         self.backend = "auto"  # block backend of prefill chunks (decode: config.decode_backend)
         super().__init__(layers=[_Layer(self, i) for i in range(kv.config.num_layers)])
 
@@ -120,8 +134,7 @@ class RingmemCache(Cache):
         """A cache shaped for `model` (layers, heads, head_dim, dtype, device from it);
         `eviction`: an optional `ringmem.eviction.EvictionPolicy`."""
         c = model.config
-        from .hf import REGISTERED
-        if getattr(c, "_attn_implementation", None) not in REGISTERED:
+        if not registered(getattr(c, "_attn_implementation", None)):
             raise ValueError(f"the model's attention implementation is "
                              f"{getattr(c, '_attn_implementation', None)!r}; RingmemCache needs "
                              f"ringmem's: model.set_attn_implementation(hf.register())")
@@ -141,8 +154,15 @@ class RingmemCache(Cache):
 
     def reset(self) -> None:
         super().reset()
+        self._pending = None  # a forward that failed between `update` and attention
         for s in range(self.kv.config.max_seqs):
             self.kv.reset(s)
+
+    def take_pending(self, layer: int, key: Tensor) -> bool:
+        """Whether this cache's last `update` was for `layer` and returned `key` (the
+        attention function's call to run); the pending call is cleared either way."""
+        hit, self._pending = self._pending, None
+        return hit is not None and hit[0] == layer and hit[1] is key
 
     # ------------------------------------------------------------------ attention
     def attention(self, layer: int, query: Tensor, key: Tensor, value: Tensor,
@@ -227,8 +247,8 @@ def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
         cache._chunk = (n, seq)
         try:
             logits = model(input_ids=local, position_ids=(offset + pos).unsqueeze(0),
-                           past_key_values=cache, use_cache=True,
-                           logits_to_keep=keep).logits
+                           use_cache=True, logits_to_keep=keep,
+                           **cache_kwargs(model, cache)).logits
         finally:
             cache._chunk = None
         if final:
@@ -254,7 +274,11 @@ def generate(model: Any, input_ids: Tensor, cache: RingmemCache, *,
                          f"{tuple(getattr(input_ids, 'shape', ()))}")
     if generate_kwargs.get("attention_mask") is not None:
         raise ValueError("generate() prefills unpadded rows; for a padded batch call "
-                         "model.generate(..., past_key_values=cache) directly")
+                         "model.generate(..., cache=cache) directly")
+    for name in ("cache", "past_key_values"):
+        if name in generate_kwargs:  # transformers would silently prefer one of the two
+            raise TypeError(f"generate() passes `cache` to model.generate itself; got "
+                            f"{name}={type(generate_kwargs[name]).__name__} as well")
     if cache.get_seq_length() != 0:
         raise ValueError(f"the cache already holds {cache.get_seq_length()} tokens; "
                          f"call cache.reset() first")
@@ -267,7 +291,7 @@ def generate(model: Any, input_ids: Tensor, cache: RingmemCache, *,
     # an explicit all-ones mask: transformers would otherwise infer padding wherever the
     # prompt happens to contain the pad token, and shift positions the prefill did not
     return model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                          past_key_values=cache, **generate_kwargs)
+                          **cache_kwargs(model, cache), **generate_kwargs)
 
 
 def cache_stats(cache: RingmemCache) -> dict[str, Any]:

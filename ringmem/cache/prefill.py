@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..agree import agree
-from ..backends import get_backend
+from ..backends import Backend, get_backend
 from ..comm import RingComm
 from ..layouts import positions
 from ..partial import Partial, merge
@@ -28,30 +28,8 @@ def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
     """`ShardedKVCache.prefill_chunk` (see there)."""
     c, idx = cache.config, cache.index
     n_loc = q.shape[1] if isinstance(q, Tensor) and q.dim() == 4 else -1
-    error = None
-    try:  # collected, then raised on every rank together by `agree`
-        layer = check_index("layer", layer, c.num_layers)
-        seq = check_index("seq", seq, c.max_seqs)
-        check_tensor("q", q, c, c.q_heads)
-        check_tensor("k", k, c, c.kv_heads, n_loc)
-        check_tensor("v", v, c, c.kv_heads, n_loc)
-        if q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
-            raise ValueError(f"prefill takes one sequence at a time (batch 1), got "
-                             f"q.shape {tuple(q.shape)}")
-        chunk = n_loc * cache.world
-        n_valid = chunk if n_valid is None else n_valid
-        if not isinstance(n_valid, int) or not 0 < n_valid <= chunk:
-            raise ValueError(f"n_valid must be an int in [1, {chunk}], got {n_valid!r}")
-        scale = check_scale(softmax_scale, c.head_dim)
-        impl = get_backend(backend, q.device, q.dtype, c.head_dim)
-        start = idx.seen[layer][seq]
-        if cache.tiers is not None:  # a full tier store fails here, on every rank
-            cache.tiers.flush(layer, seq)
-    except (TypeError, ValueError, OSError) as e:
-        error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
-    agree("prefill_chunk", cache.group, error, device=cache.device, layer=layer, seq=seq,
-          start=start, **{"q.shape": tuple(q.shape) if error is None else None},
-          n_valid=n_valid, softmax_scale=scale, backend=backend)
+    layer, seq, start, n_valid, scale, impl = _checked(cache, layer, q, k, v, seq, n_valid,
+                                                       softmax_scale, backend, n_loc)
     held = [int((start + positions(c.layout, r, cache.world, n_loc) < start + n_valid).sum())
             for r in range(cache.world)]
     idx.check_room(layer, seq, held)  # before any work, identically on every rank
@@ -75,6 +53,38 @@ def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
     if cache.eviction is not None:  # the observation window, then maybe a compression
         cache.eviction.on_prefill(layer, seq, q[0, mine], lse[0, mine], pos[keep], scale)
     return out.to(q.dtype)
+
+
+def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, seq: int,
+             n_valid: int | None, softmax_scale: float | None, backend: str, n_loc: int
+             ) -> tuple[int, int, int, int, float, Backend]:
+    """The arguments checked on every rank together (one `agree`): (layer, seq, start,
+    n_valid, scale, backend)."""
+    c, error, impl = cache.config, None, None
+    try:  # collected, then raised on every rank together by `agree`
+        layer = check_index("layer", layer, c.num_layers)
+        seq = check_index("seq", seq, c.max_seqs)
+        check_tensor("q", q, c, c.q_heads)
+        check_tensor("k", k, c, c.kv_heads, n_loc)
+        check_tensor("v", v, c, c.kv_heads, n_loc)
+        if q.shape[0] != 1 or k.shape[0] != 1 or v.shape[0] != 1:
+            raise ValueError(f"prefill takes one sequence at a time (batch 1), got "
+                             f"q.shape {tuple(q.shape)}")
+        chunk = n_loc * cache.world
+        n_valid = chunk if n_valid is None else n_valid
+        if not isinstance(n_valid, int) or not 0 < n_valid <= chunk:
+            raise ValueError(f"n_valid must be an int in [1, {chunk}], got {n_valid!r}")
+        scale = check_scale(softmax_scale, c.head_dim)
+        impl = get_backend(backend, q.device, q.dtype, c.head_dim)
+        start = cache.index.seen[layer][seq]
+        if cache.tiers is not None:  # a full tier store fails here, on every rank
+            cache.tiers.flush(layer, seq)
+    except (TypeError, ValueError, OSError) as e:
+        error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
+    agree("prefill_chunk", cache.group, error, device=cache.device, layer=layer, seq=seq,
+          start=start, **{"q.shape": tuple(q.shape) if error is None else None},
+          n_valid=n_valid, softmax_scale=scale, backend=backend)
+    return layer, seq, start, n_valid, scale, impl
 
 
 def _prefix_pass(cache: ShardedKVCache, layer: int, seq: int, q: Tensor,

@@ -35,6 +35,9 @@ from torch import Tensor
 from ..agree import agree
 from ..backends import get_backend
 from ..comm import Group, group_rank_world
+from ..eviction.actions import HardDrop
+from ..eviction.budget import EvictionPolicy
+from ..eviction.coordinator import Coordinator
 from ..eviction.view import Dims
 from ..layouts import positions
 from .checks import check_index
@@ -48,7 +51,6 @@ from .view import ShardedView
 
 if TYPE_CHECKING:
     from ..eviction.actions import EvictionAction
-    from ..eviction.budget import EvictionPolicy
     from ..eviction.coordinator import EvictionRecord
 
 
@@ -61,23 +63,9 @@ class ShardedKVCache:
     """
 
     def __init__(self, config: CacheConfig, *, group: Group = None,
-                 eviction: "EvictionPolicy | None" = None,
+                 eviction: EvictionPolicy | None = None,
                  tiers: TierPolicy | None = None) -> None:
-        if not isinstance(config, CacheConfig):
-            raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
-        from ..eviction.actions import HardDrop
-        from ..eviction.budget import EvictionPolicy
-        from ..eviction.coordinator import Coordinator
-        if eviction is not None and not isinstance(eviction, EvictionPolicy):
-            raise TypeError(f"eviction must be an EvictionPolicy or None, got "
-                            f"{type(eviction).__name__}")
-        if tiers is not None and not isinstance(tiers, TierPolicy):
-            raise TypeError(f"tiers must be a TierPolicy or None, got {type(tiers).__name__}")
-        if tiers is not None and eviction is not None and \
-                not isinstance(eviction.action, HardDrop):
-            raise ValueError(f"with tiers= the cache demotes evicted entries itself; "
-                             f"eviction.action must be the default HardDrop, got "
-                             f"{type(eviction.action).__name__}")
+        _check_parts(config, eviction, tiers)
         c = self.config = config
         self.group = group
         self.rank, self.world = group_rank_world(group)
@@ -106,6 +94,7 @@ class ShardedKVCache:
                                 group=group, rank=self.rank, world=self.world,
                                 device=self.device, action=self._action)
         self.eviction = None if eviction is None else Coordinator(self.view, eviction)
+        # every rank built the same cache, or every rank raises (never a hang later)
         agree("ShardedKVCache", group, error, device=self.device,
               dims=(c.num_layers, c.q_heads, c.kv_heads, c.head_dim),
               capacity=(c.capacity, c.page_size, c.max_seqs), dtype=c.dtype,
@@ -256,7 +245,7 @@ class ShardedKVCache:
 
     @classmethod
     def load(cls, root: str | Path, config: CacheConfig, *, model_id: str,
-             group: Group = None, eviction: "EvictionPolicy | None" = None,
+             group: Group = None, eviction: EvictionPolicy | None = None,
              tiers: TierPolicy | None = None) -> "ShardedKVCache":
         """A cache resumed from `save` (collective). model id, layout, world size, dtype,
         dims, page size, capacity, eviction policy and the files are all checked; any
@@ -275,3 +264,16 @@ class ShardedKVCache:
         return sum(t.numel() * t.element_size() for s in self.stores
                    for t in (s.k, s.v, s.pos, s.score))
 
+
+def _check_parts(config: object, eviction: object, tiers: object) -> None:
+    if not isinstance(config, CacheConfig):
+        raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+    if eviction is not None and not isinstance(eviction, EvictionPolicy):
+        raise TypeError(f"eviction must be an EvictionPolicy or None, got "
+                        f"{type(eviction).__name__}")
+    if tiers is not None and not isinstance(tiers, TierPolicy):
+        raise TypeError(f"tiers must be a TierPolicy or None, got {type(tiers).__name__}")
+    if tiers is not None and eviction is not None and not isinstance(eviction.action, HardDrop):
+        raise ValueError(f"with tiers= the cache demotes evicted entries itself; "
+                         f"eviction.action must be the default HardDrop, got "
+                         f"{type(eviction.action).__name__}")

@@ -5,8 +5,8 @@ Modules, each importing only those listed before it (no import cycles):
 
 * `summaries`: `PageKey`, Quest page summaries (`PageSummaries`, `page_bounds`,
   `select_pages`): rank demoted pages without touching them.
-* `persist`: checksummed record files (one per disk page) and cache-shard checkpoints;
-  `PageCorruptError`.
+* `records`: checksummed record files (one per disk page); `PageCorruptError`.
+* `persist`: cache-shard checkpoints made of records.
 * `policy`: `TierPolicy`, the one user-facing configuration.
 * `host`: `Page` (one page's tensors) and `HostPool` (the host tier's slot segments).
 * `store`: `TierStore`, one rank's host and disk tiers (LRU spill, recall, delete).
@@ -15,8 +15,8 @@ Modules, each importing only those listed before it (no import cycles):
 """
 from .host import HostPool, Page
 from .pages import Demote, TieredPages
-from .persist import PageCorruptError
 from .policy import TierPolicy
+from .records import PageCorruptError
 from .store import TierStore
 from .summaries import PageKey, PageSummaries, page_bounds, select_pages
 from .transfer import Transfer, TransferEngine

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .host import HostPool, Page
-from .persist import DTYPE_NAMES, read_page, write_page
+from .records import DTYPE_NAMES, read_page, write_page
 from .policy import TierPolicy, check_count
 from .summaries import PageKey, PageSummaries
 

@@ -10,8 +10,9 @@ from .coordinator import Coordinator, EvictionRecord
 from .scorers import (A2SF, H2O, SCORERS, TOVA, ExpectedAttention, KeyNorm, ScoreContext,
                       Scorer, SnapKV, StreamingLLM, Window, make_scorer)
 from .topk import global_topk_mask, grouped_topk_mask
+from .view import Dims, EvictionView, HeadEntries
 
-__all__ = ["A2SF", "Coordinator", "EvictionAction", "EvictionPolicy", "EvictionRecord",
-           "ExpectedAttention", "H2O", "HardDrop", "KeyNorm", "SCORERS", "ScoreContext",
-           "Scorer", "SnapKV", "StreamingLLM", "TOVA", "Window", "global_topk_mask",
-           "grouped_topk_mask", "make_scorer"]
+__all__ = ["A2SF", "Coordinator", "Dims", "EvictionAction", "EvictionPolicy", "EvictionRecord",
+           "EvictionView", "ExpectedAttention", "H2O", "HardDrop", "HeadEntries", "KeyNorm",
+           "SCORERS", "ScoreContext", "Scorer", "SnapKV", "StreamingLLM", "TOVA", "Window",
+           "global_topk_mask", "grouped_topk_mask", "make_scorer"]

@@ -18,9 +18,8 @@ import zlib
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
-from .comm import Group, gather_rows, group_rank_world
+from .comm import Group, control_group, gather_rows, group_rank_world
 
 CAPACITY = 128  # words per row after the header; a larger signature raises, never truncates
 _HEADER = 4  # error flag, overflow (needed words), crc of the field names, words used
@@ -76,23 +75,15 @@ def _decode(words: Sequence[int], i: int) -> tuple[object, int]:
     raise ValueError(f"agree: corrupt row (tag {tag} at word {i})")
 
 
-def _wire(group: Group, device: torch.device | None) -> torch.device:
-    if device is not None:
-        return device if device.type == "cuda" else torch.device("cpu")
-    if dist.get_backend(group) == "nccl":  # NCCL only moves device memory
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def agree(op: str, group: Group, error: BaseException | None, /, *,
-          device: torch.device | None = None, max_words: int = CAPACITY,
-          **fields: object) -> None:
+          max_words: int = CAPACITY, **fields: object) -> None:
     """Raise on every rank if any rank failed validation or the fields differ across ranks.
 
     `fields` (name -> int, bool, float, str, dtype, device, None or a tuple of these) must
     have the same names on every rank; `error` is this rank's own validation error (raised
-    here, after the exchange, so that no peer is left waiting). `device`: where the row
-    travels (default: the group's backend decides). One all-gather of `max_words` + 4 words.
+    here, after the exchange, so that no peer is left waiting). One all-gather of
+    `max_words` + 4 int64 words on the CPU (`comm.control_group`: gloo, a twin of an NCCL
+    group), so the check never synchronises the host with the GPU.
     """
     _, world = group_rank_world(group)
     if world == 1:
@@ -109,8 +100,8 @@ def agree(op: str, group: Group, error: BaseException | None, /, *,
     names = zlib.crc32("\0".join(fields).encode())
     row = [int(error is not None), need, names, len(words) if not need else 0]
     row += (words if not need else []) + [0] * (max_words - (0 if need else len(words)))
-    mine = torch.tensor(row, dtype=torch.int64, device=_wire(group, device))
-    table = gather_rows(mine, group, world).cpu().tolist()
+    mine = torch.tensor(row, dtype=torch.int64)
+    table = gather_rows(mine, control_group(group), world).tolist()
     bad = [r for r, t in enumerate(table) if t[0]]
     if bad:
         if error is not None:

@@ -149,8 +149,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world,
                             interconnect, grad, stats)
     if world > 1:
-        dev = q.device if isinstance(q, Tensor) else None
-        agree("ring_attention", group, error, device=dev, **{
+        agree("ring_attention", group, error, **{
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),
             "dtype": q.dtype if isinstance(q, Tensor) else None,
             "device type": q.device.type if isinstance(q, Tensor) else None,
@@ -202,8 +201,7 @@ def unshard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigz
     except (TypeError, ValueError) as e:
         error = e
     ok = error is None
-    agree("unshard", group, error, device=x.device if isinstance(x, Tensor) else None,
-          **{"x.shape": tuple(x.shape) if ok else None,
+    agree("unshard", group, error, **{"x.shape": tuple(x.shape) if ok else None,
              "dtype": x.dtype if isinstance(x, Tensor) else None,
              "dim": dim if ok else None, "layout": layout if ok else None})
     if world == 1:

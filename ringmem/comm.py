@@ -16,6 +16,7 @@ from torch import Tensor
 Group = dist.ProcessGroup | None
 
 _RETURN_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CONTROL_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def group_rank_world(group: Group) -> tuple[int, int]:
@@ -39,6 +40,33 @@ def gather_rows(x: Tensor, group: Group, world: int) -> Tensor:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(out, x.contiguous(), group=group)
     return out.reshape(world, -1)
+
+
+def control_group(group: Group) -> Group:
+    """A group over the same ranks whose collectives move CPU tensors (gloo): `group` itself
+    when it is gloo, else a gloo twin created once (collective over the group's members).
+
+    Cross-rank checks (`agree`, the decode step's agreement) travel here: the host reads
+    their result without synchronising with the GPU, so the launch queue keeps running.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        return group
+    g = group if group is not None else dist.group.WORLD
+    if dist.get_backend(g) == "gloo":
+        return group
+    twin = _CONTROL_GROUPS.get(g)
+    if twin is None:
+        twin = cpu_twin(g)
+        _CONTROL_GROUPS[g] = twin
+    return twin
+
+
+def cpu_twin(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A new gloo group over `group`'s ranks. Only the members call this (local
+    synchronisation: the group's name is derived from its ranks, not from a per-process
+    counter that non-members would have to advance too)."""
+    return dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
+                          use_local_synchronization=True)
 
 
 RET_TAG = 1  # returns use their own tag when they share the ring's group

@@ -77,8 +77,7 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
         path = save_shard(root, meta, layers, fsync=fsync)
     except _ERRORS as e:
         error = e
-    agree("ShardedKVCache.save", cache.group, error, device=cache.device,
-          model_id=str(model_id))
+    agree("ShardedKVCache.save", cache.group, error, model_id=str(model_id))
     return path
 
 
@@ -95,7 +94,7 @@ def load_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str) -> Non
         _restore(cache, shard.meta, shard.layers)
     except _ERRORS as e:
         error = e
-    agree("ShardedKVCache.load", cache.group, error, device=cache.device,
+    agree("ShardedKVCache.load", cache.group, error,
           **{"replicated state crc": None if error else _replicated_crc(cache)})
 
 

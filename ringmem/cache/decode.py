@@ -6,8 +6,8 @@
    `decode`; the torch backend's in-place pass when eviction needs each key's score or
    heads hold different tokens);
 2. tier recall: with tiers, the pending and recalled demoted entries, merged by lse;
-3. cross-rank merge: the one collective of the step; step counters and errors ride along,
-   so ranks that disagree or failed all raise together;
+3. cross-rank merge: first a small CPU check (`check_step`: errors, the step counters, a
+   full cache) that every rank raises from together, then the one device collective;
 4. own token: the new token's own term (every rank has its k, v), merged by lse;
 5. store: the least-loaded rank (decided from the replicated index, identically on every
    rank) stores the new token; with eviction the coordinator's hook runs around it.
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..backends import get_backend
-from ..comm import Group, gather_rows
+from ..comm import Group, control_group, gather_rows
 from ..eviction.coordinator import DecodeStep
 from ..partial import Partial, attend, empty, merge, merge_weighted
 from .checks import check_index, check_scale, check_tensor
@@ -34,40 +34,30 @@ if TYPE_CHECKING:
 
 
 
-def merge_across_ranks(out: Tensor, lse: Tensor, meta: Tensor, group: Group, world: int,
-                       how: str = "allgather") -> tuple[Tensor, Tensor, Tensor]:
-    """Exact merge of per-rank partials out [B, Hq, D], lse [B, Hq] (fp32).
-
-    `meta` (float64 vector, e.g. step counters) rides along and comes back as [world, m] so
-    callers can check that the ranks agree without another collective.
-    """
+def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
+                       how: str = "allgather") -> tuple[Tensor, Tensor]:
+    """Exact merge of per-rank partials out [B, Hq, D], lse [B, Hq] (fp32): one all-gather,
+    or two all-reduces (max of lse, then the weighted sums). Nothing is read on the host."""
     if how not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
     if world == 1:
-        return out, lse, meta.unsqueeze(0)
+        return out, lse
     b, h, d = out.shape
     if how == "allgather":
-        packed = torch.cat([out.flatten().double(), lse.flatten().double(), meta])
+        packed = torch.cat([out.flatten().double(), lse.flatten().double()])
         rows = gather_rows(packed, group, world)
         outs = rows[:, :b * h * d].to(out.dtype).reshape(world, b, h, d)
-        lses = rows[:, b * h * d:b * h * (d + 1)].to(lse.dtype).reshape(world, b, h)
-        o, l = merge_weighted(outs, lses)
-        return o, l, rows[:, b * h * (d + 1):]
-    # allreduce: max of lse (meta and -meta ride along to detect disagreement), then sums
-    head = torch.cat([lse.flatten().double(), meta, -meta])
-    dist.all_reduce(head, op=dist.ReduceOp.MAX, group=group)
-    m = head[:b * h].to(lse.dtype).reshape(b, h)
-    nm = meta.numel()
-    hi, lo = head[b * h:b * h + nm], -head[b * h + nm:]
+        lses = rows[:, b * h * d:].to(lse.dtype).reshape(world, b, h)
+        return merge_weighted(outs, lses)
+    m = lse.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     w = torch.exp(lse - safe)  # this rank's weight, 0 where it saw nothing
     body = torch.cat([(out * w.unsqueeze(-1)).flatten(), w.flatten()])
     dist.all_reduce(body, group=group)
     tot = body[b * h * d:].reshape(b, h)
     o = body[:b * h * d].reshape(b, h, d) / tot.clamp_min(1e-30).unsqueeze(-1)
-    l = torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m)
-    return o, l, torch.stack([hi, lo])  # rows differ iff some rank disagreed
-
+    return o, torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m)
 
 def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
                 softmax_scale: float | None) -> Tensor:
@@ -100,7 +90,8 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
         owners, full, logits = [], None, []
         parts = [empty((c.q_heads,), c.head_dim, c.dtype, cache.device)] * b
         lengths = [-1] * 2 * b
-    merged = cross_rank(cache, layer, parts, lengths, full, error)
+    check_step(cache, layer, lengths, full, error)
+    merged = cross_rank(cache, parts)
     total, l_new = own_token(merged, q, k, v, scale)
     store = bind(store_token, cache, layer, k, v, owners)
     if cache.eviction is not None:
@@ -132,30 +123,38 @@ def recall(part: Partial, page: Gathered | None, q: Tensor, scale: float) -> Par
     return merge([part, attend(q, page.k, page.v, scale, valid=page.pos >= 0)])
 
 
-def cross_rank(cache: ShardedKVCache, layer: int, parts: list[Partial], lengths: list[int],
-               full: str | None, error: BaseException | None) -> Partial:
-    """The step's one collective: merge every rank's partials [B, Hq, D] exactly, check
-    that the ranks agree on the step, raise any rank's error on every rank."""
-    out = torch.stack([p.out for p in parts])
-    lse = torch.stack([p.lse for p in parts])
-    meta = torch.tensor([layer if error is None else -1, *lengths, full is not None,
-                         error is not None], dtype=torch.float64, device=out.device)
-    out, lse, seen = merge_across_ranks(out, lse, meta, cache.group, cache.world,
-                                        cache.config.merge)
-    rows = seen.tolist()
-    if any(r[-1] for r in rows):
+def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str | None,
+               error: BaseException | None) -> None:
+    """Raise on every rank if any rank failed, the ranks disagree on the step (layer, each
+    sequence's next position and cached length) or the cache is full: one gather of a
+    small CPU row (`comm.control_group`), before the device merge, never reading the GPU."""
+    if cache.world == 1:
         if error is not None:
             raise error
-        bad = [i for i, r in enumerate(rows) if r[-1]]
-        raise ValueError(f"decode: rank(s) {bad} rejected their inputs (see the error raised "
-                         f"there); every rank stops")
-    if not torch.equal(seen.min(0).values, seen.max(0).values):
-        raise ValueError(f"ranks disagree on the decode step (layer, each sequence's next "
-                         f"position, then cached length, per rank): {[r[:-2] for r in rows]}")
+    else:
+        row = torch.tensor([layer if error is None else -1, *lengths, int(full is not None),
+                            int(error is not None)], dtype=torch.int64)
+        rows = gather_rows(row, control_group(cache.group), cache.world)
+        if bool(rows[:, -1].any()):
+            if error is not None:
+                raise error
+            bad = rows[:, -1].nonzero().flatten().tolist()
+            raise ValueError(f"decode: rank(s) {bad} rejected their inputs (see the error "
+                             f"raised there); every rank stops")
+        if not bool((rows == rows[0]).all()):
+            raise ValueError(f"ranks disagree on the decode step (layer, each sequence's "
+                             f"next position, then cached length, per rank): "
+                             f"{rows[:, :-2].tolist()}")
     if full is not None:
         raise ValueError(full)
-    return Partial(out, lse)
 
+
+def cross_rank(cache: ShardedKVCache, parts: list[Partial]) -> Partial:
+    """The step's one device collective: every rank's partials [B, Hq, D] merged exactly."""
+    out = torch.stack([p.out for p in parts])
+    lse = torch.stack([p.lse for p in parts])
+    return Partial(*merge_across_ranks(out, lse, cache.group, cache.world,
+                                       cache.config.merge))
 
 def own_token(merged: Partial, q: Tensor, k: Tensor, v: Tensor, scale: float
               ) -> tuple[Partial, Tensor]:
@@ -174,8 +173,9 @@ def store_token(cache: ShardedKVCache, layer: int, k: Tensor, v: Tensor, owners:
     """The owner stores seq's new token (initial scores `init` [1, Hkv]); every rank
     counts it."""
     pos = cache.index.seen[layer][seq]
-    if owners[seq] == cache.rank:
-        cache.stores[layer].append(seq, k[seq], v[seq], torch.tensor([pos], device=k.device),
+    if owners[seq] == cache.rank:  # a fill, not a host->device copy (no sync)
+        cache.stores[layer].append(seq, k[seq], v[seq],
+                                   torch.full((1,), pos, dtype=torch.int64, device=k.device),
                                    init)
     cache.index.add(layer, seq, owners[seq], 1)
     cache.index.advance(layer, seq, 1)

@@ -81,7 +81,7 @@ def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
             cache.tiers.flush(layer, seq)
     except (TypeError, ValueError, OSError) as e:
         error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
-    agree("prefill_chunk", cache.group, error, device=cache.device, layer=layer, seq=seq,
+    agree("prefill_chunk", cache.group, error, layer=layer, seq=seq,
           start=start, **{"q.shape": tuple(q.shape) if error is None else None},
           n_valid=n_valid, softmax_scale=scale, backend=backend)
     return layer, seq, start, n_valid, scale, impl

@@ -95,7 +95,7 @@ class ShardedKVCache:
                                 device=self.device, action=self._action)
         self.eviction = None if eviction is None else Coordinator(self.view, eviction)
         # every rank built the same cache, or every rank raises (never a hang later)
-        agree("ShardedKVCache", group, error, device=self.device,
+        agree("ShardedKVCache", group, error,
               dims=(c.num_layers, c.q_heads, c.kv_heads, c.head_dim),
               capacity=(c.capacity, c.page_size, c.max_seqs), dtype=c.dtype,
               layout=c.layout, merge=c.merge,
@@ -212,7 +212,7 @@ class ShardedKVCache:
                                  f"compress them together (layer=None), got layer={layer!r}")
         except (TypeError, ValueError) as e:
             error, layers, seqs = e, [], []
-        agree("compress", self.group, error, device=self.device,
+        agree("compress", self.group, error,
               layer=layer if isinstance(layer, int) else repr(layer),
               seq=seq if isinstance(seq, int) else repr(seq))
         out = self.eviction.compress_all(layers, seqs)
@@ -223,7 +223,7 @@ class ShardedKVCache:
                         self.tiers.flush(lay, s)
             except (ValueError, OSError) as e:
                 error = e
-            agree("compress (demotion)", self.group, error, device=self.device)
+            agree("compress (demotion)", self.group, error)
         return out
 
     def tier_stats(self) -> dict:

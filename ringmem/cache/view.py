@@ -15,12 +15,15 @@ from .index import CacheIndex
 from .paged import PagedStore
 
 
-def _take(t: Tensor, h: int, slots: Tensor) -> Tensor:
-    """t[h, slots]: a view when the slots are one contiguous range (no copy of K/V)."""
-    n = slots.numel()
-    if n and bool((slots.diff() == 1).all()):
-        return t[h, int(slots[0]):int(slots[0]) + n]
-    return t[h, slots]
+def _where(st: PagedStore, seq: int, h: int) -> slice | Tensor:
+    """Head h's slots of `seq`: a slice when they are one run (views, no copy of K/V), else
+    an index built on the device from the host-side page table (no host sync)."""
+    runs = st.runs(seq, h)
+    if len(runs) <= 1:
+        lo, hi = runs[0] if runs else (0, 0)
+        return slice(lo, hi)
+    dev = st.pos.device
+    return torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in runs])
 
 
 class ShardedView:
@@ -53,15 +56,15 @@ class ShardedView:
     # ------------------------------------------------------------ this rank's entries
     def entries(self, layer: int, seq: int) -> HeadEntries:
         st = self.stores[layer]
-        slots = [st.head_slots(seq, h) for h in range(st.kv_heads)]
-        return HeadEntries(keys=[_take(st.k, h, s) for h, s in enumerate(slots)],
-                           values=[_take(st.v, h, s) for h, s in enumerate(slots)],
-                           positions=[_take(st.pos, h, s) for h, s in enumerate(slots)],
-                           scores=[st.score[h, s] for h, s in enumerate(slots)])
+        at = [_where(st, seq, h) for h in range(st.kv_heads)]
+        return HeadEntries(keys=[st.k[h, s] for h, s in enumerate(at)],
+                           values=[st.v[h, s] for h, s in enumerate(at)],
+                           positions=[st.pos[h, s] for h, s in enumerate(at)],
+                           scores=[st.score[h, s].clone() for h, s in enumerate(at)])
 
     def set_scores(self, layer: int, seq: int, head: int, scores: Tensor) -> None:
         st = self.stores[layer]
-        st.score[head, st.head_slots(seq, head)] = scores.to(st.score.device)
+        st.score[head, _where(st, seq, head)] = scores.to(st.score.device)
 
     # ------------------------------------------------------------ changes
     def keep(self, layer: int, seq: int, masks: list[Tensor], scores: list[Tensor]) -> None:

@@ -1,0 +1,70 @@
+"""Cross-rank checks travel on the CPU (`comm.control_group`), once per call, so they never
+synchronise the host with the GPU; a twin group of a sub-group is created by its members
+alone without a hang."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringmem
+from ringmem.agree import CAPACITY, agree
+from ringmem.cache import CacheConfig, ShardedKVCache
+from ringmem.comm import control_group, cpu_twin
+from ringmem.testing import spawn
+
+
+def _record(log: list) -> None:
+    """Wrap the all-gathers ringmem uses so each call logs (dtype, numel, device, backend)."""
+    for name in ("all_gather_into_tensor", "all_gather_single"):
+        real = getattr(dist, name, None)
+        if real is None:
+            continue
+
+        def wrapped(out, x, *args, _real=real, **kwargs):
+            g = kwargs.get("group")
+            log.append((x.dtype, x.numel(), x.device.type, dist.get_backend(g)))
+            return _real(out, x, *args, **kwargs)
+        setattr(dist, name, wrapped)
+
+
+def _checks_per_call(rank: int, world: int) -> None:
+    log: list = []
+    _record(log)
+    row = CAPACITY + 4
+    q, k, v = (torch.randn(1, 8, h, 16) for h in (4, 2, 2))
+    for n in (3, 2):  # two call signatures, several calls each: one check per call
+        log.clear()
+        for _ in range(n):
+            ringmem.ring_attention(q[:, :n * 2], k[:, :n * 2], v[:, :n * 2], layout="stripe")
+        checks = [e for e in log if e[:2] == (torch.int64, row)]
+        assert len(checks) == n and len(log) == n, log  # nothing else is gathered
+        assert all(e[2] == "cpu" and e[3] == "gloo" for e in checks), checks
+    # a decode step: one small CPU row (the step check) plus the merge itself
+    cache = ShardedKVCache(CacheConfig(num_layers=1, q_heads=4, kv_heads=2, head_dim=16,
+                                       capacity=32, page_size=8, dtype=torch.float32))
+    log.clear()
+    qd, kd, vd = (torch.randn(1, 1, h, 16) for h in (4, 2, 2))
+    cache.decode(0, qd, kd, vd)
+    steps = [e for e in log if e[0] == torch.int64]
+    assert len(steps) == 1 and steps[0][1] == 2 + 2 + 1 and steps[0][2] == "cpu", log
+    assert len(log) == 2, log  # + the all-gather merge of (out, lse)
+
+
+def test_one_cpu_check_per_call() -> None:
+    spawn(_checks_per_call, 2, timeout=60)
+
+
+def _twins(rank: int, world: int) -> None:
+    assert control_group(None) is None  # the default group is gloo here: used as it is
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
+    mine = pairs[rank // 2]
+    twin = cpu_twin(mine)  # only the pair's members call this: no hang, no name clash
+    assert dist.get_process_group_ranks(twin) == dist.get_process_group_ranks(mine)
+    agree("twin", twin, None, pair=rank // 2)  # equal within the pair
+    with pytest.raises(ValueError, match="x \\(rank 0: 0, rank 1: 1\\)"):
+        agree("twin", twin, None, x=rank % 2)
+
+
+def test_cpu_twin_of_a_sub_group() -> None:
+    spawn(_twins, 4, timeout=60)

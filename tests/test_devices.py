@@ -1,0 +1,71 @@
+"""The same checks on every device this machine has (see `_devices.py`): ring attention
+(one rank) with each backend against float64, and a cache's decode steps against full
+attention; on CUDA the steady-state calls run with host syncs forbidden."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ringmem
+from ringmem.backends import get_backend
+from ringmem.cache import CacheConfig, ShardedKVCache
+from ringmem.reference import reference_attention
+
+from _devices import DEVICES, half, no_host_sync
+from _tolerance import check_close
+
+
+def _backend_or_skip(name: str, device: str, dtype: torch.dtype, d: int) -> None:
+    try:
+        get_backend(name, torch.device(device), dtype, d)
+    except ValueError as e:
+        pytest.skip(f"{name} on {device} {dtype}: {e}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+@pytest.mark.parametrize("wide", [False, True], ids=["fp32", "half"])
+def test_ring_one_rank_on_device(device: str, backend: str, wide: bool) -> None:
+    dtype = half(device) if wide else torch.float32
+    d = 64
+    _backend_or_skip(backend, device, dtype, d)
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, 96, h, d, generator=g) for h in (8, 2, 2, 8))
+    ref, ref_lse = reference_attention(*(t.double() for t in (q, k, v)), causal=True)
+    base, base_lse = reference_attention(*(t.to(dtype) for t in (q, k, v)), causal=True)
+    leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = ringmem.ring_attention(*leaves, backend=backend, return_lse=True)
+    out.backward(dout.to(device, dtype))
+    fails = [check_close("out", out.cpu(), ref, base, dtype),
+             check_close("lse", lse.cpu(), ref_lse, base_lse.float(), torch.float32)]
+    assert not [f for f in fails if f], fails
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    with torch.no_grad(), no_host_sync(device):  # steady state: nothing waits on the GPU
+        again = ringmem.ring_attention(*leaves, backend=backend)
+    assert torch.equal(again, out.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("decode_backend", ["paged", "torch", "sdpa", "triton"])
+def test_cache_decode_on_device(device: str, decode_backend: str) -> None:
+    dtype, d, hq, hkv, n = torch.float32, 32, 4, 2, 40
+    _backend_or_skip("torch" if decode_backend == "paged" else decode_backend, device,
+                     dtype, d)
+    cfg = CacheConfig(num_layers=1, q_heads=hq, kv_heads=hkv, head_dim=d, capacity=64,
+                      page_size=8, dtype=dtype, device=device, decode_backend=decode_backend)
+    cache = ShardedKVCache(cfg)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, n, h, d, generator=g) for h in (hq, hkv, hkv))
+    cache.prefill_chunk(0, *(t[:, :n - 4].to(device) for t in (q, k, v)), backend="torch")
+    for t in range(n - 4, n):
+        step = [x[:, t:t + 1].to(device) for x in (q, k, v)]
+        if t == n - 4:
+            got = cache.decode(0, *step)  # first step: warm-up
+        else:
+            with no_host_sync(device):
+                got = cache.decode(0, *step)
+        ref, _ = reference_attention(q[:, t:t + 1].double(), k[:, :t + 1].double(),
+                                     v[:, :t + 1].double(), causal=False)
+        base, _ = reference_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], causal=False)
+        fail = check_close(f"decode step {t}", got.cpu(), ref, base, dtype)
+        assert fail is None, fail

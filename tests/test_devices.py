@@ -69,3 +69,32 @@ def test_cache_decode_on_device(device: str, decode_backend: str) -> None:
         base, _ = reference_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], causal=False)
         fail = check_close(f"decode step {t}", got.cpu(), ref, base, dtype)
         assert fail is None, fail
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+@pytest.mark.parametrize("runs", [[(0, 5), (9, 20), (30, 31)], [(3, 40)], []],
+                         ids=["three runs", "one run", "no run"])
+def test_backend_decode_reads_runs_in_place(device: str, backend: str, runs) -> None:
+    """Backend.decode over slot runs of a pool (GQA: 8 query heads, 2 KV heads) equals
+    attention over exactly those slots."""
+    dtype, d = (torch.float32, 32) if device == "cpu" else (torch.bfloat16, 64)
+    _backend_or_skip(backend, device, dtype, d)
+    g = torch.Generator().manual_seed(5)
+    k, v = (torch.randn(2, 48, d, generator=g) for _ in range(2))
+    q = torch.randn(8, d, generator=g)
+    impl = get_backend(backend, torch.device(device), dtype, d)
+    got = impl.decode(*(t.to(device, dtype) for t in (q, k, v)), runs, d ** -0.5)
+    if not runs:
+        assert torch.isneginf(got.lse).all() and not got.out.any()
+        return
+    idx = torch.cat([torch.arange(lo, hi) for lo, hi in runs])
+    kk, vv = (t[:, idx].transpose(0, 1)[None] for t in (k, v))  # [1, n, Hkv, D]
+    ref, ref_lse = reference_attention(q[None, None].double(), kk.double(), vv.double(),
+                                       causal=False)
+    base, base_lse = reference_attention(q[None, None].to(dtype), kk.to(dtype),
+                                         vv.to(dtype), causal=False)
+    fails = [check_close("out", got.out.cpu(), ref[0, 0], base[0, 0], dtype),
+             check_close("lse", got.lse.cpu(), ref_lse[0, :, 0], base_lse[0, :, 0].float(),
+                         torch.float32)]
+    assert not [f for f in fails if f], fails

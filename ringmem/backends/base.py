@@ -4,9 +4,10 @@ Tensors are [B, S, H, D] (flash-attn layout); K/V may have fewer heads than Q (G
 query head h uses key head h // (Hq // Hkv)). `causal=True` means a square block with key
 j visible from query i iff j <= i. lse is [B, Hq, Sq], natural log, fp32 (fp64 for fp64).
 
-`decode` (one query against a paged K/V pool) has a default: gather the runs into one
-[1, n, Hkv, D] block (a view when they are one run) and call `fwd`. Backends with a better
-way override it: the torch backend reads the pages in place, Triton runs split-KV.
+`decode` (one query against a paged K/V pool) has a default: `fwd` once per run of slots,
+on views of the pool (no copy), with the G query heads of each KV head as G query rows, so
+K/V are never expanded for GQA; the runs' partials merge by lse. Backends with a better way
+override it: the torch backend reads the pages in place, Triton runs split-KV.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..partial import Partial, acc_dtype, empty
+from ..partial import Partial, acc_dtype, empty, merge
 
 
 def gather_runs(k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]]
@@ -61,7 +62,15 @@ class Backend(Protocol):
                scale: float) -> Partial:
         """One query q [Hq, D] against the slots `runs` of pools k, v [Hkv, slots, D]:
         Partial(out [Hq, D], lse [Hq]) in acc dtype (lse = -inf for no slots)."""
+        hq, d = q.shape
+        hkv = k.shape[0]
         if not runs:
-            return empty(q.shape[:1], q.shape[-1], q.dtype, q.device)
-        kk, vv = gather_runs(k, v, runs)
-        return block_partial(q, self.fwd(q[None, None], kk, vv, scale, False))
+            return empty((hq,), d, q.dtype, q.device)
+        # [1, G, Hkv, D]: query head h * G + g is row g of KV head h (MHA-shaped, no copy)
+        rows = q.reshape(hkv, hq // hkv, d).permute(1, 0, 2).unsqueeze(0)
+        parts = []
+        for lo, hi in runs:
+            kk, vv = (t[:, lo:hi].permute(1, 0, 2).unsqueeze(0) for t in (k, v))
+            o, l = self.fwd(rows, kk, vv, scale, False)
+            parts.append(Partial(o[0].permute(1, 0, 2).reshape(hq, d), l[0].reshape(hq)))
+        return merge(parts)  # in acc dtype, one part or many

@@ -47,8 +47,12 @@ def _checks_per_call(rank: int, world: int) -> None:
     qd, kd, vd = (torch.randn(1, 1, h, 16) for h in (4, 2, 2))
     cache.decode(0, qd, kd, vd)
     steps = [e for e in log if e[0] == torch.int64]
-    assert len(steps) == 1 and steps[0][1] == 2 + 2 + 1 and steps[0][2] == "cpu", log
+    # layer, scale, per sequence next position and length, full, error
+    assert len(steps) == 1 and steps[0][1] == 1 + 1 + 2 + 2 and steps[0][2] == "cpu", log
     assert len(log) == 2, log  # + the all-gather merge of (out, lse)
+    # the softmax scale must agree too (it used to be taken per rank, silently)
+    with pytest.raises(ValueError, match="softmax_scale per rank: \\[0.5, 0.25\\]"):
+        cache.decode(0, qd, kd, vd, softmax_scale=0.5 / (1 + rank))
 
 
 def test_one_cpu_check_per_call() -> None:

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import struct
 from functools import partial as bind
 from typing import TYPE_CHECKING
 
@@ -90,7 +91,7 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
         owners, full, logits = [], None, []
         parts = [empty((c.q_heads,), c.head_dim, c.dtype, cache.device)] * b
         lengths = [-1] * 2 * b
-    check_step(cache, layer, lengths, full, error)
+    check_step(cache, layer, lengths, full, error, scale if error is None else 0.0)
     merged = cross_rank(cache, parts)
     total, l_new = own_token(merged, q, k, v, scale)
     store = bind(store_token, cache, layer, k, v, owners)
@@ -124,16 +125,18 @@ def recall(part: Partial, page: Gathered | None, q: Tensor, scale: float) -> Par
 
 
 def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str | None,
-               error: BaseException | None) -> None:
-    """Raise on every rank if any rank failed, the ranks disagree on the step (layer, each
-    sequence's next position and cached length) or the cache is full: one gather of a
-    small CPU row (`comm.control_group`), before the device merge, never reading the GPU."""
+               error: BaseException | None, scale: float) -> None:
+    """Raise on every rank if any rank failed, the ranks disagree on the step (layer, the
+    softmax scale, each sequence's next position and cached length) or the cache is full:
+    one gather of a small CPU row (`comm.control_group`), before the device merge, never
+    reading the GPU."""
     if cache.world == 1:
         if error is not None:
             raise error
     else:
-        row = torch.tensor([layer if error is None else -1, *lengths, int(full is not None),
-                            int(error is not None)], dtype=torch.int64)
+        bits = struct.unpack("<q", struct.pack("<d", scale))[0]  # exact, as an int64
+        row = torch.tensor([layer if error is None else -1, bits, *lengths,
+                            int(full is not None), int(error is not None)], dtype=torch.int64)
         rows = gather_rows(row, control_group(cache.group), cache.world)
         if bool(rows[:, -1].any()):
             if error is not None:
@@ -142,9 +145,11 @@ def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str 
             raise ValueError(f"decode: rank(s) {bad} rejected their inputs (see the error "
                              f"raised there); every rank stops")
         if not bool((rows == rows[0]).all()):
+            scales = [struct.unpack("<d", struct.pack("<q", b))[0] for b in rows[:, 1].tolist()]
             raise ValueError(f"ranks disagree on the decode step (layer, each sequence's "
                              f"next position, then cached length, per rank): "
-                             f"{rows[:, :-2].tolist()}")
+                             f"{rows[:, [0, *range(2, rows.shape[1] - 2)]].tolist()}; "
+                             f"softmax_scale per rank: {scales}")
     if full is not None:
         raise ValueError(full)
 

@@ -146,8 +146,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     rank, world = group_rank_world(group)
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in (q, k, v))
-    spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world,
-                            interconnect, grad, stats)
+    try:  # any failure while validating, of any type, is raised on every rank together
+        spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale,
+                                world, interconnect, grad, stats)
+    except Exception as e:  # noqa: BLE001 (re-raised by agree, after the exchange)
+        spec, error = None, e
     if world > 1:
         agree("ring_attention", group, error, **{
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),

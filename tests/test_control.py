@@ -72,3 +72,25 @@ def _twins(rank: int, world: int) -> None:
 
 def test_cpu_twin_of_a_sub_group() -> None:
     spawn(_twins, 4, timeout=60)
+
+
+def _odd_failures(rank: int, world: int) -> None:
+    q, k, v = (torch.randn(1, 8, h, 16) for h in (4, 2, 2))
+    # a head dim of 0 fails with ZeroDivisionError (not a ValueError) on rank 1 only: rank 0
+    # must not go on into the ring, it stops too
+    if rank == 1:
+        with pytest.raises(ZeroDivisionError):
+            ringmem.ring_attention(q[..., :0], k[..., :0], v[..., :0])
+    else:
+        with pytest.raises(ValueError, match="rank\\(s\\) \\[1\\] rejected"):
+            ringmem.ring_attention(q, k, v)
+    # meta tensors on one rank: a mismatch named on both
+    args = (q, k, v) if rank == 0 else (q.to("meta"), k.to("meta"), v.to("meta"))
+    with pytest.raises(ValueError, match="device type \\(rank 0: cpu, rank 1: meta\\)"):
+        ringmem.ring_attention(*args)
+    out = ringmem.ring_attention(q, k, v)  # and the ranks still pair their calls
+    assert out.shape == q.shape
+
+
+def test_failures_of_any_type_stop_every_rank() -> None:
+    spawn(_odd_failures, 2, timeout=60)

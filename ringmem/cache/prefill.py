@@ -79,7 +79,7 @@ def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
         start = cache.index.seen[layer][seq]
         if cache.tiers is not None:  # a full tier store fails here, on every rank
             cache.tiers.flush(layer, seq)
-    except (TypeError, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 (any type: raised on every rank by agree)
         error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
     agree("prefill_chunk", cache.group, error, layer=layer, seq=seq,
           start=start, **{"q.shape": tuple(q.shape) if error is None else None},

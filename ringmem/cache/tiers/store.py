@@ -136,7 +136,9 @@ class TierStore:
         """Demote consecutive pages in one call: k, v [Hkv, N, D], pos, score [Hkv, N] (pos
         may be [N]); page i is tokens [i * page_size, (i + 1) * page_size), only the last
         may be shorter, and goes under keys[i]. As `demote` page by page (keys[0] becomes
-        the least recent), but checked up front and copied a run of free slots at a time."""
+        the least recent), but checked up front and copied a run of free slots at a time.
+        CUDA tensors are copied asynchronously on the current stream: work queued there
+        after this call may overwrite them; other streams and the host must wait for it."""
         hp, ps = self.policy.host_pages, self.page_size
         keys = [self._key(x) for x in keys]
         page = self._check_page(k, v, pos, score, len(keys))

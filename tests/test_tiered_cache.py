@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringmem.cache import CacheConfig, PageCorruptError, ShardedKVCache, TierPolicy
 from ringmem.partial import attend
@@ -348,3 +349,151 @@ def test_tier_policy_and_cache_argument_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="model_id"):
         cache.save(tmp_path, model_id="")
     cache.close()
+
+
+# --------------------------------------------------------------- one rank, any device
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _as_cuda(cache) -> None:
+    """Route a CPU cache's tier store through the copy paths CUDA takes."""
+    cache.tiers.store._pool.whole_slots = True
+    if cache.tiers.store._files is not None:
+        cache.tiers.store._files.defer = True
+
+
+def _one_rank(device: str, tiers: TierPolicy, *, steps: int = 6, forced: bool = False,
+              step=None):
+    """A 2-layer cache on `device` (world 1) with eviction into `tiers`: prefill 32 tokens,
+    compress, then `steps` decode steps, compressing after each. `step(cache, t, fn)`
+    wraps each step's decode + compress (fn). Returns the outputs and the selections."""
+    Q, K, V = _data(8, 32 + steps, torch.float32)
+    cfg = CacheConfig(num_layers=2, q_heads=HQ, kv_heads=HKV, head_dim=D, capacity=64,
+                      page_size=PS, dtype=torch.float32, device=device)
+    pol = EvictionPolicy(scorer=KeyNorm(), budget=8, sinks=1, recent=2)
+    cache = ShardedKVCache(cfg, eviction=pol, tiers=tiers)
+    if forced:
+        _as_cuda(cache)
+    Q, K, V = (t.to(device) for t in (Q, K, V))
+    for layer in range(2):
+        cache.prefill_chunk(layer, Q[None, :32], K[None, :32], V[None, :32])
+    cache.compress()
+    outs, sels = [], []
+
+    def run(t: int) -> None:
+        outs.extend(_decode(cache, Q, K, V, t))
+        cache.compress()
+
+    for t in range(32, 32 + steps):
+        if step is None:
+            run(t)
+        else:
+            step(cache, t, lambda t=t: run(t))
+        sels.append(dict(cache.tiers.selected))
+    stats = cache.tier_stats()
+    cache.close()
+    return outs, sels, stats
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+@pytest.mark.parametrize("host_pages", [2, 0])
+def test_prefetch_and_device_paths_give_the_same_decode(tmp_path, device, host_pages):
+    """Decode over demoted pages is the same bit for bit with the next layer's pages
+    prefetched or recalled on the spot, and (CPU) on the copy paths CUDA takes."""
+    def tiers(prefetch: bool, sub: str) -> TierPolicy:
+        return TierPolicy(host_pages=host_pages, disk_pages=64, disk_dir=str(tmp_path / sub),
+                          recall=2, prefetch=prefetch)
+
+    runs = [_one_rank(device, tiers(True, "a")), _one_rank(device, tiers(False, "b"))]
+    if device == "cpu":
+        runs.append(_one_rank(device, tiers(True, "c"), forced=True))
+    (want, want_sel, st), *others = runs
+    assert st["recalled_pages"] > 0 and st["prefetched_used"] > 0 and st["disk_pages"] > 0
+    for outs, sels, _ in others:
+        assert all(torch.equal(a, b) for a, b in zip(outs, want))
+        assert sels == want_sel
+
+
+class CopyCheck(TorchDispatchMode):
+    """While active (this thread): every top-level copy_ across devices has its host end
+    pinned and contiguous and is non_blocking; copies into the host tier's slots are
+    issued on the tiers' side stream."""
+
+    def __init__(self, tiers) -> None:
+        super().__init__()
+        self.tiers, self.checked = tiers, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.copy_.default and args[0].device != args[1].device:
+            host = [t for t in args[:2] if t.device.type == "cpu"]
+            nb = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            assert nb and all(t.is_pinned() and t.is_contiguous() for t in host), \
+                [(t.device, tuple(t.shape), t.stride()) for t in args[:2]]
+            slots = {x.untyped_storage().data_ptr()
+                     for seg in self.tiers.store._pool.segments for x in seg}
+            if args[0].untyped_storage().data_ptr() in slots:
+                assert torch.cuda.current_stream() == self.tiers._side
+            self.checked += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("host_pages,disk_pages", [(64, 0), (2, 64), (0, 64)])
+def test_cuda_tier_step_has_no_host_sync(tmp_path, monkeypatch, host_pages, disk_pages):
+    """The steady-state tier work of decode steps (demoting evicted entries, flushing
+    pages to host or disk, ranking, recalling, prefetching on the worker, attending the
+    recalled entries) runs under set_sync_debug_mode("error"), so any implicit host
+    synchronisation fails; its explicit waits are at most one per layer and step with
+    every page on host (the read of the picks). Copies with host memory are pinned,
+    contiguous and non_blocking; demotions copy on the side stream."""
+    import ringmem.cache.decode as decode_mod
+    from ringmem.cache.tiers.pages import TieredPages
+
+    depth, waits, checks, warm = [0], [0], [], 2
+    real_sync = torch.cuda.Event.synchronize
+
+    def counted(self):
+        waits[0] += depth[0] > 0
+        return real_sync(self)
+
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", counted)
+
+    def strict(fn, check):
+        def run(*args, **kwargs):
+            if depth[0]:  # nested: already checked
+                return fn(*args, **kwargs)
+            depth[0] += 1
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                with check:
+                    return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                depth[0] -= 1
+        return run
+
+    def prepare(self, layer, q, scale):
+        out = TieredPages.prepare(self, layer, q, scale)
+        for h in self._inflight.values():  # the worker's copies run under the mode too
+            h.future.result()
+        return out
+
+    def step(cache, t, fn):
+        if t == 32 + warm:  # steady state from here: check the tier work
+            check = CopyCheck(cache.tiers)
+            checks.append(check)
+            for name, wrapped in (("prepare", prepare), ("flush", TieredPages.flush),
+                                  ("add", TieredPages.add)):
+                monkeypatch.setattr(cache.tiers, name, strict(wrapped.__get__(cache.tiers),
+                                                              check))
+            monkeypatch.setattr(decode_mod, "recall", strict(decode_mod.recall, check))
+        before = waits[0]
+        fn()
+        if t >= 32 + warm and disk_pages == 0:
+            assert waits[0] - before <= cache.config.num_layers
+
+    _, _, st = _one_rank("cuda", TierPolicy(host_pages=host_pages, disk_pages=disk_pages,
+                                            disk_dir=str(tmp_path), recall=2), step=step)
+    assert st["recalled_pages"] > 0 and checks and checks[0].checked > 0

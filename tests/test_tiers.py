@@ -7,9 +7,13 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from ringmem.cache.tiers import TierPolicy, TierStore, TransferEngine, persist
 from ringmem.cache.tiers.persist import PageCorruptError, load_shard, save_shard
-from ringmem.cache.tiers.summaries import PageSummaries, page_bounds, select_pages
+from ringmem.cache.tiers.staging import StagingPool
+from ringmem.cache.tiers.summaries import (PageSummaries, page_bounds, page_summary,
+                                           rank_pages, select_pages)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 HKV, D, PS = 2, 8, 4
@@ -572,3 +576,257 @@ def test_save_load_decode_equals_uninterrupted_decode(tmp_path):
     assert b.next_position() == 15
     got = [[b.decode(layer, *qkv) for layer, qkv in enumerate(step)] for step in steps[2:]]
     assert all(torch.equal(x, y) for gs, ws in zip(got, want) for x, y in zip(gs, ws))
+
+
+# ------------------------------------------------- asynchronous copies (CUDA paths)
+# "cpu-as-cuda": a CPU store forced onto the paths CUDA takes (whole-slot copies with a
+# contiguous host end, device pages written to disk through staging, later), so what can
+# be checked without a GPU is; "cuda" runs them for real where a GPU is present.
+ON_DEVICE = [pytest.param("cpu", False, id="cpu"),
+             pytest.param("cpu", True, id="cpu-as-cuda"),
+             pytest.param("cuda", False, id="cuda", marks=[
+                 pytest.mark.gpu,
+                 pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+def as_cuda(store: TierStore) -> TierStore:
+    """Route a CPU store through the copy paths CUDA takes."""
+    store._pool.whole_slots = True
+    if store._files is not None:
+        store._files.defer = True
+    return store
+
+
+class CopyLog(TorchDispatchMode):
+    """Every top-level `copy_`: its two ends (storage, device, contiguous, pinned), the
+    non_blocking flag and the stream current when it was issued (CUDA)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[dict] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.copy_.default:
+            ends = [{"ptr": t.untyped_storage().data_ptr(), "device": t.device.type,
+                     "contiguous": t.is_contiguous(),
+                     "pinned": t.device.type == "cpu" and t.is_pinned()} for t in args[:2]]
+            cuda = any(e["device"] == "cuda" for e in ends)
+            self.copies.append({"dst": ends[0], "src": ends[1],
+                                "non_blocking": bool(args[2] if len(args) > 2
+                                                     else kwargs.get("non_blocking", False)),
+                                "stream": torch.cuda.current_stream() if cuda else None})
+        return func(*args, **kwargs)
+
+
+def host_buffers(store: TierStore) -> set[int]:
+    """Storages of the store's host memory: slot segments and staging buffers."""
+    ptrs = {t.untyped_storage().data_ptr() for seg in store._pool.segments for t in seg}
+    if store._files is not None:
+        ptrs |= {b.untyped_storage().data_ptr() for b, _ in store._files.staging._free}
+    return ptrs
+
+
+def check_async_copies(log: CopyLog, host: set[int]) -> int:
+    """Every copy with a host buffer (or, on CUDA, across devices): host end contiguous
+    (one DMA, no pageable temporary), pinned on CUDA, non_blocking. Returns how many."""
+    n = 0
+    for c in log.copies:
+        ends = [e for e in (c["dst"], c["src"]) if e["ptr"] in host]
+        cross = c["dst"]["device"] != c["src"]["device"]
+        if cross:
+            ends = [e for e in (c["dst"], c["src"]) if e["device"] == "cpu"]
+        if not ends:
+            continue
+        n += 1
+        assert c["non_blocking"], c
+        assert all(e["contiguous"] for e in ends), c
+        assert not cross or all(e["pinned"] for e in ends), c
+    return n
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.cpu().contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("device,forced", ON_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_pages_round_trip_bit_exact(tmp_path, device, forced, dtype):
+    """Pages demoted from `device` come back bit-exactly from host and disk: runs over
+    fragmented slots and segment edges, partial pages, LRU spills, demotion straight to
+    disk; every copy with host memory is contiguous there and non_blocking."""
+    mk = dict(hot_device=device, dtype=dtype, disk_pages=20)
+    stores = [make_store(tmp_path / "a", host_pages=5, segment_pages=3, **mk),
+              make_store(tmp_path / "b", host_pages=0, **mk)]  # straight to disk
+    if forced:
+        stores = [as_cuda(s) for s in stores]
+    staged = forced or device == "cuda"
+    g = torch.Generator().manual_seed(3)
+    refs: list[dict] = [{}, {}]
+    log = CopyLog()
+
+    def run(i: int, layer: int, m: int, n: int) -> None:
+        k, v = (random_bits((HKV, n, D), dtype, g) for _ in range(2))
+        pos = torch.randperm(10 * n, generator=g)[:2 * n].view(HKV, n)
+        score = random_bits((HKV, n), torch.float32, g)
+        keys = [(layer, 0, j) for j in range(m)]
+        hot = [t.to(device, copy=True) for t in (k, v, pos, score)]
+        with log:
+            stores[i].demote_run(keys, *hot)
+        for t in hot:  # the store copied: the hot memory may be reused at once
+            t.view(torch.uint8).fill_(0x7F)
+        for j, key in enumerate(keys):
+            refs[i][key] = tuple(t[:, j * PS:(j + 1) * PS].clone() for t in (k, v, pos, score))
+
+    run(0, 0, 5, 5 * PS - 1)  # slots 0-4 over two segments, the last page partial
+    stores[0].delete([(0, 0, 1), (0, 0, 3)])
+    del refs[0][(0, 0, 1)], refs[0][(0, 0, 3)]
+    run(0, 1, 3, 3 * PS)  # fills the holes 1, 3 and slot 5
+    run(0, 2, 4, 4 * PS - 2)  # host full: LRU pages spill to disk
+    run(1, 0, 3, 3 * PS - 2)
+    # device pages bound for disk wait in staging; the next demotion writes those whose
+    # copies have landed, and a page dropped while still staged never reaches the disk
+    files = stores[1]._files
+    assert all(files.path(k).exists() != staged for k in refs[1])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    stores[1].demote((5, 0, 0), *(t.to(device) for t in make_page(5, PS, dtype)))
+    assert all(files.path(k).exists() for k in refs[1])
+    assert files.path((5, 0, 0)).exists() != staged and len(files._pending) == staged
+    stores[1].delete([(5, 0, 0)])
+    assert not files.path((5, 0, 0)).exists() and not files._pending
+    assert {stores[0].tier_of(k) for k in refs[0]} == {"host", "disk"}
+    for store, ref in zip(stores, refs):
+        with log:
+            for key, r in ref.items():
+                got = store.recall([key])[0]
+                assert all(x.device.type == device for x in got)
+                assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, r)), key
+            keys = sorted(ref, reverse=True)  # host and disk stretches, out of slot order
+            total = sum(ref[k][0].shape[1] for k in keys)
+            out = (torch.zeros(HKV, total, D, dtype=dtype, device=device),
+                   torch.zeros(HKV, total, D, dtype=dtype, device=device),
+                   torch.zeros(HKV, total, dtype=torch.int64, device=device),
+                   torch.zeros(HKV, total, device=device))
+            assert store.recall_into(keys, out) == [ref[k][0].shape[1] for k in keys]
+        want = [torch.cat([ref[k][i] for k in keys], 1) for i in range(4)]
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(out, want))
+        assert all(store._files.path(k).exists() for k in ref if store.tier_of(k) == "disk")
+    if staged:
+        assert check_async_copies(log, host_buffers(stores[0]) | host_buffers(stores[1])) > 0
+    for store in stores:
+        store.close()
+        assert not store.dir.exists()
+
+
+@pytest.mark.parametrize("device,forced", ON_DEVICE)
+def test_staging_buffers_are_contiguous_and_reused(tmp_path, device, forced):
+    store = make_store(tmp_path, hot_device=device, host_pages=1, disk_pages=8)
+    if forced:
+        as_cuda(store)
+    ref = {(0, 0, i): make_page(i, PS - i % 2) for i in range(5)}
+    for key, p in ref.items():
+        store.demote(key, *(t.to(device) for t in p))
+    keys = list(ref)[:4]
+    assert [store.tier_of(k) for k in keys] == ["disk"] * 4
+    total = sum(ref[k][0].shape[1] for k in keys)
+    out = (torch.zeros(HKV, total, D, device=device), torch.zeros(HKV, total, D, device=device),
+           torch.zeros(HKV, total, dtype=torch.int64, device=device),
+           torch.zeros(HKV, total, device=device))
+    pool = store._files.staging
+    store.recall_into(keys, out)
+    made, seen = pool.allocations, set()
+    for _ in range(3):  # steady state: the same buffers, none allocated
+        if device == "cuda":  # the copies out of them are done: all reusable
+            torch.cuda.synchronize()
+        store.recall_into(keys, out)
+        seen |= {b.data_ptr() for b, _ in pool._free}
+        assert pool.allocations == made
+    assert 1 <= len(seen) <= pool.keep and made <= pool.keep
+    assert all(b.is_contiguous() and b.is_pinned() == store.pin for b, _ in pool._free)
+    assert store.pin == torch.cuda.is_available()
+    want = [torch.cat([ref[k][i] for k in keys], 1) for i in range(4)]
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(out, want))
+    store.close()
+
+
+def test_staging_pool_reuses_buffers_after_their_copies():
+    pool = StagingPool(100, pin=False, keep=2)
+    a = pool.take()
+    assert a.numel() == 100 and a.dtype == torch.uint8 and a.is_contiguous()
+    pool.give(a, None)
+    assert pool.take().data_ptr() == a.data_ptr() and pool.allocations == 1
+    b = pool.take()  # `a` is out: a second buffer
+    pool.give(a, None)
+    pool.give(b, None)
+    pool.give(pool.take(), None)
+    assert pool.allocations == 2 and len(pool._free) == 2
+    pool.give(torch.empty(100, dtype=torch.uint8), None)  # more than `keep`: not kept
+    assert len(pool._free) == 2
+    with pytest.raises(ValueError, match="nbytes must be a positive int, got 0"):
+        StagingPool(0, pin=False)
+
+
+@pytest.mark.parametrize("device,forced", ON_DEVICE)
+def test_prefetch_equals_synchronous_recall(tmp_path, device, forced):
+    """The worker's recalls (new tensors, or into buffers) hold exactly what a recall on
+    the caller's thread gives, from both tiers."""
+    store = make_store(tmp_path, torch.bfloat16, hot_device=device, host_pages=3,
+                       disk_pages=8, segment_pages=2)
+    if forced:
+        as_cuda(store)
+    pages = {(1, 0, i): make_page(i, PS - (i == 4), torch.bfloat16) for i in range(7)}
+    with TransferEngine(store) as eng:
+        for h in [eng.demote(key, *(t.to(device) for t in p)) for key, p in pages.items()]:
+            eng.wait(h)
+        keys = [(1, 0, i) for i in (6, 0, 4, 5, 1)]  # host and disk, out of order
+        assert {store.tier_of(k) for k in keys} == {"host", "disk"}
+        pre = eng.wait(eng.prefetch(keys))
+        sync = store.recall(keys)
+        for a, b, key in zip(pre, sync, keys):
+            assert all(x.device.type == device for x in a)
+            assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
+            assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a, pages[key]))
+        total = sum(p.k.shape[1] for p in sync)
+        bufs = [tuple(torch.zeros(HKV, total, *tail, dtype=dt, device=device) for dt, tail in
+                      ((torch.bfloat16, (D,)), (torch.bfloat16, (D,)), (torch.int64, ()),
+                       (torch.float32, ()))) for _ in range(2)]
+        ns = eng.wait(eng.prefetch(keys, bufs[0]))
+        assert ns == store.recall_into(keys, bufs[1])
+        assert all(torch.equal(bits(x), bits(y)) for x, y in zip(*bufs))
+    store.close()
+
+
+def test_device_ranking_matches_select_pages_and_flags_nan():
+    g = torch.Generator().manual_seed(4)
+    for trial in range(10):
+        p = int(torch.randint(1, 30, (1,), generator=g))
+        b = torch.randint(-3, 4, (p, HKV), generator=g).double()  # many ties
+        ids = torch.randperm(1000, generator=g)[:p]
+        n = int(torch.randint(0, p + 3, (1,), generator=g))
+        rows, nan = rank_pages(b, n, ids)
+        assert torch.equal(rows, select_pages(b, n, ids)) and not bool(nan)
+    rows, nan = rank_pages(torch.tensor([1.0, float("nan")]), 1)
+    assert bool(nan) and rows.shape == (1,)
+    summ = PageSummaries(HKV, D)
+    keys = torch.randn(6, HKV, PS, D, generator=g)
+    for i in (3, 0, 5, 1):
+        summ.add((0, 0, i), keys[i])
+    summ.remove((0, 0, 0))  # rows move: the snapshot of ids maps them back
+    q = torch.randn(2 * HKV, D, generator=g)
+    picks = summ.select(0, 0, q, 2, scale=0.5)
+    assert [(0, 0, picks.ids[r]) for r in picks.rows.tolist()] == summ.top_pages(0, 0, q, 2,
+                                                                                scale=0.5)
+    assert summ.select(0, 1, q, 2) is None
+    with pytest.raises(ValueError, match="NaN"):
+        summ.top_pages(0, 0, torch.full((2 * HKV, D), float("nan")), 2)
+
+
+def test_masked_summary_is_the_where_reference():
+    g = torch.Generator().manual_seed(8)
+    k = torch.randn(HKV, PS, D, generator=g).to(torch.bfloat16)
+    valid = torch.tensor([[True, False, True, True], [False] * PS])
+    mn, mx = page_summary(k, valid)
+    x, m = k.float(), valid.unsqueeze(-1)
+    inf = torch.tensor(float("inf"))
+    assert torch.equal(mn, x.where(m, inf).amin(1)) and torch.equal(mx, x.where(m, -inf).amax(1))

@@ -16,21 +16,27 @@
 * Prefetch: while layer l computes, the transfer worker recalls layer l+1's selection of
   the previous step. Pages the new selection needs but the prefetch lacks are recalled at
   once, and pages are attended in selection order, so outputs never depend on timing.
+* On CUDA a step does not wait for the device but once per layer: pages are ranked on the
+  device, and which ones the query picked is data the host must read before it can
+  recall them (one non_blocking read of every sequence's picks, waited for as late as
+  possible). Demotions copy to host on a side stream, recalls on the compute stream, both
+  non_blocking from pinned memory (the lifetime rules are in `staging`).
 
 Prefill attends hot tokens only (later prompt chunks do not see demoted tokens), as with
 hard eviction. Demoted pages are dropped only by `reset(seq)` (or `close`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .host import Page
 from .policy import TierPolicy
+from .staging import Readback
 from .store import TierStore
-from .summaries import PageKey
+from .summaries import NAN_BOUNDS, PageKey, Picks
 from .transfer import Transfer, TransferEngine
 
 if TYPE_CHECKING:
@@ -79,6 +85,9 @@ class TieredPages:
                                page_size=c.page_size, dtype=c.dtype, rank=rank,
                                hot_device=device)
         self.engine = TransferEngine(self.store, device) if policy.prefetch else None
+        # demotions' copies to host run here, so compute never queues behind them
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._readback = Readback(pin=self.store.pin)
         self.pending: dict[tuple[int, int], list[Entries]] = {}
         self._padded: dict[tuple[int, int], Page] = {}  # pending as one masked page
         self.next_id: dict[tuple[int, int], int] = {}
@@ -119,12 +128,35 @@ class TieredPages:
             take = [min(f, m) * ps for f in full]
             page = self._pack(ents, take, m * ps)
             first = self.next_id.get(key, 0)
-            self.store.demote_run([(layer, seq, first + i) for i in range(m)], *page)
+            self._demote([(layer, seq, first + i) for i in range(m)], page)
             self.next_id[key] = first + m
             # clones: a view would keep the whole evicted batch alive
             ents = [Entries(*(t[n:].clone() for t in e)) for e, n in zip(ents, take)]
             self.pending[key] = ents
             self._padded.pop(key, None)
+
+    def _demote(self, keys: list[PageKey], page: Page) -> None:
+        """Store whole packed pages, all or nothing. On CUDA the summaries are taken on the
+        compute stream (the next ranking sees them at once, and the tables stay on one
+        stream) and the copies to host run on the side stream; `page` is not touched
+        again by anyone (rule 2 of `staging`)."""
+        if self._side is None:
+            self.store.demote_run(keys, *page)
+            return
+        added = []
+        try:
+            for i, key in enumerate(keys):
+                sl = slice(i * self.ps, (i + 1) * self.ps)
+                self.store.add_summary(key, page.k[:, sl], page.pos[:, sl])
+                added.append(key)
+            self._side.wait_stream(torch.cuda.current_stream(self.device))  # page packed
+            with torch.cuda.stream(self._side):
+                self.store.demote_run(keys, *page, summarize=False)
+        except BaseException:  # pages not stored keep no summary
+            for key in added:
+                if self.store.tier_of(key) is None and key in self.store.summaries:
+                    self.store.summaries.remove(key)
+            raise
 
     def _pack(self, ents: list[Entries], take: list[int], width: int) -> Page:
         """Head h's first take[h] entries in slots [0, take[h]) of [Hkv, width] tensors;
@@ -157,12 +189,18 @@ class TieredPages:
         b, n = q.shape[0], self.policy.recall
         for s in range(b):
             self.flush(layer, s)
-        fetched: dict[PageKey, Page] = {}
         handle = self._inflight.pop(layer, None)
+        picks = [self.store.summaries.select(layer, s, q[s, 0], n, scale=scale) if n else None
+                 for s in range(b)]
+        read = self._read_picks(picks)
+        for s in range(b):  # pending entries packed while the picks travel
+            self.padded(layer, s)
+        fetched: dict[PageKey, Page] = {}
         if handle is not None:
             fetched = dict(zip(handle.keys, self.engine.wait(handle)))
-        sel = [self.store.summaries.top_pages(layer, s, q[s, 0], n, scale=scale) if n else []
-               for s in range(b)]
+        # the step's one wait for the device: which pages the query picked is data the
+        # host needs before it can recall them; waited for after the host's other work
+        sel = self._selection(layer, picks, read())
         misses = [k for ks in sel for k in ks if k not in fetched]
         if misses:
             fetched.update(zip(misses, self.store.recall(misses)))
@@ -183,6 +221,29 @@ class TieredPages:
             out.append(None if not parts else Gathered(*parts[0][:3]) if len(parts) == 1
                        else Gathered(*(torch.cat(x, 1) for x in zip(*(p[:3] for p in parts)))))
         return out
+
+    def _read_picks(self, picks: list[Picks | None]) -> Callable[[], list[int]]:
+        """Start the step's one device->host read: every sequence's picked rows, then
+        their NaN flags (the picks are data-dependent: the host needs them to recall)."""
+        got = [p for p in picks if p is not None]
+        if not got:
+            return lambda: []
+        return self._readback.start(torch.cat([p.rows for p in got]
+                                              + [p.nan.view(1).long() for p in got]))
+
+    def _selection(self, layer: int, picks: list[Picks | None], vals: list[int]
+                   ) -> list[list[PageKey]]:
+        """Per sequence the picked pages' keys, best first, from the values read."""
+        got = [p for p in picks if p is not None]
+        flags = vals[len(vals) - len(got):]
+        if any(flags):
+            raise ValueError(NAN_BOUNDS)
+        sel, at = [], 0
+        for s, p in enumerate(picks):
+            m = 0 if p is None else p.rows.shape[0]
+            sel.append([(layer, s, p.ids[r]) for r in vals[at:at + m]])
+            at += m
+        return sel
 
     # ------------------------------------------------------------ lifecycle
     def drain(self) -> None:
@@ -248,9 +309,11 @@ class TieredPages:
             at += n
         for s in range(seqs):
             if f"pend{s}_pos" in tensors:
+                # entries are packed at the front; counted where the checkpoint was read
+                # (the host), not after the move to the device
+                n = (tensors[f"pend{s}_pos"] >= 0).sum(1).tolist()
                 pos = tensors[f"pend{s}_pos"].to(self.device)
                 k, v, sc = (tensors[f"pend{s}_{x}"].to(self.device) for x in ("k", "v", "score"))
-                n = (pos >= 0).sum(1).tolist()  # entries are packed at the front
                 self.pending[(layer, s)] = [Entries(pos[h, :m].clone(), k[h, :m].clone(),
                                                     v[h, :m].clone(), sc[h, :m].clone())
                                             for h, m in enumerate(n)]

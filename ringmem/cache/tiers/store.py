@@ -7,27 +7,30 @@ disk_full="drop_lru") ever discards a page. `recall` copies pages back bit-exact
 Quest-style summary of each demoted page's keys stays on the hot device (`summaries`), so
 a query can pick the pages worth recalling without touching slow tiers.
 
-Disk pages (one `persist.write_page` file each, under <disk_dir>/rank<rank>/) are renamed
-into place whole and checked on every read (magic, length, CRC-32, that the file holds the
-page asked for): a mismatch raises `PageCorruptError` naming the file. Public methods hold
-one lock, so the transfer worker and the caller can share a store (ranking never waits for
-I/O: the summaries have their own lock).
+Disk pages (one `records.write_page` file each, under <disk_dir>/rank<rank>/, see
+`disk.DiskFiles`) are renamed into place whole and checked on every read (magic, length,
+CRC-32, that the file holds the page asked for): a mismatch raises `PageCorruptError`
+naming the file. Public methods hold one lock, so the transfer worker and the caller can
+share a store (ranking never waits for I/O: the summaries have their own lock).
+
+With pages on CUDA every copy between host and device is issued non_blocking on the
+caller's current stream and completes asynchronously (the rules in `staging`): run a call
+under a side stream to keep the copies off the compute stream.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .disk import DiskFiles
 from .host import HostPool, Page
-from .records import DTYPE_NAMES, read_page, write_page
+from .records import DTYPE_NAMES
 from .policy import TierPolicy, check_count
 from .summaries import PageKey, PageSummaries
 
@@ -71,13 +74,11 @@ class TierStore:
                               dtype=dtype, pin=self.pin)
         self._host: OrderedDict[PageKey, tuple[int, int]] = OrderedDict()  # -> slot, n (LRU)
         self._disk: OrderedDict[PageKey, int] = OrderedDict()  # -> n (LRU order)
-        self._staging: Tensor | None = None  # recall_into's reusable disk read buffer
-        # page checksums run here, overlapped with the file writes
-        self._crc_pool = ThreadPoolExecutor(1, thread_name_prefix="ringmem-crc") \
-            if p.disk_pages else None
-        self.dir = Path(p.disk_dir) / f"rank{rank:05d}" if p.disk_pages else None
-        if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
+        self._files = DiskFiles(Path(p.disk_dir) / f"rank{rank:05d}", kv_heads=kv_heads,
+                                head_dim=head_dim, dtype=dtype,
+                                page_bytes=self.page_bytes(page_size), pin=self.pin,
+                                fsync=p.fsync) if p.disk_pages else None
+        self.dir = None if self._files is None else self._files.dir
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         self.summaries = PageSummaries(kv_heads, head_dim, device=self.hot_device, dtype=acc)
         self._stats = {"dropped": 0, **{f"{d}_{x}": 0 for d in
@@ -108,7 +109,7 @@ class TierStore:
     def stats(self) -> dict[str, float]:
         """Pages and bytes per tier, capacities, allocated host bytes, and the bytes, pages
         and seconds moved along each path (hot_to_host, host_to_disk, disk_to_hot,
-        host_to_hot)."""
+        host_to_hot; on CUDA the seconds are those of issuing the asynchronous copies)."""
         with self._lock:
             p = self.policy
             return {"host_pages": len(self._host), "disk_pages": len(self._disk),
@@ -135,12 +136,16 @@ class TierStore:
         """Demote consecutive pages in one call: k, v [Hkv, N, D], pos, score [Hkv, N] (pos
         may be [N]); page i is tokens [i * page_size, (i + 1) * page_size), only the last
         may be shorter, and goes under keys[i]. As `demote` page by page (keys[0] becomes
-        the least recent), but checked up front and copied a run of free slots at a time."""
+        the least recent), but checked up front and copied a run of free slots at a time.
+        CUDA tensors are copied asynchronously on the current stream: work queued there
+        after this call may overwrite them; other streams and the host must wait for it."""
         hp, ps = self.policy.host_pages, self.page_size
         keys = [self._key(x) for x in keys]
         page = self._check_page(k, v, pos, score, len(keys))
         sizes = [min(ps, page.k.shape[1] - i * ps) for i in range(len(keys))]
         with self._lock:
+            if self._files is not None:  # earlier device pages bound for disk that landed
+                self._files.settle()
             held = [x for x in keys if x in self._host or x in self._disk]
             if held or len(set(keys)) != len(keys):
                 raise ValueError(f"pages {held or keys} are already demoted or repeated "
@@ -176,7 +181,7 @@ class TierStore:
         if hp == 0:  # no host tier: straight to disk
             for i, (key, n) in enumerate(zip(keys, sizes)):
                 lo = (first + i) * ps
-                self._write(key, Page(*(t[:, lo:lo + n] for t in page)))
+                self._write(key, Page(*(t[:, lo:lo + n] for t in page)), hot=True)
             self._count("host_to_disk", sum(sizes), len(keys), t0)
             return
         while len(self._host) + len(keys) > hp:
@@ -247,9 +252,10 @@ class TierStore:
             while i < len(keys):
                 t0, j = time.perf_counter(), i + 1
                 if keys[i] in self._disk:
-                    src = self._read(keys[i], ns[i])
-                    for dst, x in zip(out, src):
-                        dst[:, at:at + ns[i]].copy_(x)
+                    src, buf = self._files.read(keys[i])
+                    for dst, x in zip(out, src):  # pinned -> device: asynchronous
+                        dst[:, at:at + ns[i]].copy_(x, non_blocking=True)
+                    self._files.release(buf, k.device)
                 else:  # a stretch of host pages
                     while j < len(keys) and keys[j] in self._host:
                         j += 1
@@ -272,7 +278,7 @@ class TierStore:
                     self._pool.give(self._host.pop(key)[0])
                 elif key in self._disk:
                     del self._disk[key]
-                    self._path(key).unlink()
+                    self._files.remove(key)
                 else:
                     raise KeyError(f"page {key} is not held by the store")
                 if key in self.summaries:
@@ -282,14 +288,10 @@ class TierStore:
         """Delete every page and this rank's disk directory (spilled pages are scratch)."""
         with self._lock:
             self.delete(list(self._host) + list(self._disk))
-            self._pool = HostPool(**self._pool.spec)  # segments released
-            if self._crc_pool is not None:
-                self._crc_pool.shutdown()
-                self._crc_pool = None
-            if self.dir is not None and self.dir.exists():
-                for tmp in self.dir.glob("*.tmp"):
-                    tmp.unlink()
-                self.dir.rmdir()
+            self._pool.wait_all()  # no copy may still use the segments released here
+            self._pool = HostPool(**self._pool.spec)
+            if self._files is not None:
+                self._files.close()
 
     # ---------------------------------------------------------------- internals
     def _key(self, key: object) -> PageKey:
@@ -340,44 +342,23 @@ class TierStore:
     def _spill(self, key: PageKey) -> None:
         t0 = time.perf_counter()
         slot, n = self._host[key]
-        self._write(key, Page(*(t[:, :n] for t in self._pool.slot(slot))))
+        self._write(key, Page(*(t[:, :n] for t in self._pool.slot(slot))), hot=False)
         del self._host[key]
         self._pool.give(slot)
         self._count("host_to_disk", n, 1, t0)
 
-    def _path(self, key: PageKey) -> Path:
-        return self.dir / f"L{key[0]}_S{key[1]}_P{key[2]}.page"
-
-    def _write(self, key: PageKey, page: Page) -> None:
+    def _write(self, key: PageKey, page: Page, *, hot: bool) -> None:
+        """`page` to disk; hot: it comes from the hot tier (else from a host slot)."""
         if len(self._disk) >= self.policy.disk_pages:  # only with disk_full="drop_lru"
             self.delete([next(iter(self._disk))])
             self._stats["dropped"] += 1
-        write_page(self._path(key), key, page._asdict(), fsync=self.policy.fsync,
-                   checksum_pool=self._crc_pool)
+        self._files.write(key, page, hot=hot)
         self._disk[key] = page.k.shape[1]
 
-    def _read(self, key: PageKey, n: int) -> Page:
-        """Read and verify a page file of n slots into the reusable staging buffer (pinned
-        where CUDA is, so the copy to the GPU is a DMA); views of it."""
-        need = self.page_bytes(n) + 4096  # + prefix, header and alignment padding
-        if self._staging is None or self._staging.numel() < need:
-            self._staging = torch.empty(need, dtype=torch.uint8, pin_memory=self.pin)
-        return Page(**read_page(self._path(key), key, self.dtype, self.kv_heads, self.head_dim,
-                                buffer=self._staging))
-
     def _readahead(self, keys: list[PageKey]) -> None:
-        """Ask the kernel to start reading the disk pages of a recall, so the drive works
-        while earlier pages are verified and copied."""
-        for key in keys:
-            if key in self._disk and hasattr(os, "posix_fadvise"):
-                try:  # a hint only: a missing file is reported by the read itself
-                    fd = os.open(self._path(key), os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
+        """Start the drive on a recall's disk pages while earlier ones are copied."""
+        if self._files is not None:
+            self._files.readahead([key for key in keys if key in self._disk])
 
     def _held(self, keys: list[PageKey]) -> None:
         missing = [k for k in keys if k not in self._host and k not in self._disk]

@@ -4,18 +4,30 @@ A page's summary is the per-KV-head, per-channel min and max of its keys ([Hkv, 
 For a query q, q·k = sum_c q_c k_c <= sum_c max(q_c min_c, q_c max_c) for every key k of
 the page, so the summary gives an upper bound on the page's largest attention logit. The
 summaries stay on the hot device, so a decode step ranks every demoted page with one small
-matmul and recalls only the pages whose bound is highest.
+matmul and recalls only the pages whose bound is highest. Ranking stays on the device
+(`PageSummaries.select`): the host learns the picks through one read per step and layer.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 PageKey = tuple[int, int, int]
 """(layer, seq, page_id)."""
+NAN_BOUNDS = "bounds contain NaN (non-finite keys or query?)"
+
+
+class Picks(NamedTuple):
+    """A ranking of one (layer, seq)'s pages, still on the device."""
+    ids: list[int]
+    """Page id of each summary row when ranked (a snapshot: rows move on removal)."""
+    rows: Tensor
+    """int64 [min(n, P)]: rows of the best pages, best first."""
+    nan: Tensor
+    """bool []: some bound was NaN (the ranking is void)."""
 
 
 def page_summary(k: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -36,9 +48,9 @@ def page_summary(k: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor
     # where it costs no device synchronisation
     if valid is None or k.device.type == "cpu" and bool(valid.all()):
         return x.amin(dim=1), x.amax(dim=1)
-    m = valid.to(k.device).unsqueeze(-1)
-    inf = torch.tensor(float("inf"), dtype=x.dtype, device=k.device)
-    return x.where(m, inf).amin(dim=1), x.where(m, -inf).amax(dim=1)
+    empty = ~valid.to(k.device).unsqueeze(-1)  # fill values are scalars: no host copy
+    return (x.masked_fill(empty, float("inf")).amin(dim=1),
+            x.masked_fill(empty, float("-inf")).amax(dim=1))
 
 
 def page_bounds(q: Tensor, kmin: Tensor, kmax: Tensor, groups: int | None = None, *,
@@ -81,16 +93,34 @@ def select_pages(bounds: Tensor, n: int, ids: Tensor | None = None) -> Tensor:
 
     bounds: [P] or [P, Hkv] (a page is recalled for all heads, so it ranks by its largest
     head bound). Ties go to the smaller `ids` entry (default: the row index), so the choice
-    is deterministic. Returns int64 row indices [min(n, P)].
+    is deterministic. Returns int64 row indices [min(n, P)]. Raises ValueError on a NaN
+    bound, which reads the device (`rank_pages` leaves that check to the caller).
     """
+    bounds = _page_maxima(bounds, n)
+    if torch.isnan(bounds).any():
+        raise ValueError(NAN_BOUNDS)
+    return _rank(bounds, n, ids)
+
+
+def rank_pages(bounds: Tensor, n: int, ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`select_pages` without reading the device: (rows, nan), nan a bool [] tensor that
+    is true when some bound is NaN (then the rows mean nothing)."""
+    bounds = _page_maxima(bounds, n)
+    return _rank(bounds, n, ids), torch.isnan(bounds).any()
+
+
+def _page_maxima(bounds: Tensor, n: int) -> Tensor:
+    """Checked arguments; bounds [P] (a page's largest head bound)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if bounds.dim() == 2:
         bounds = bounds.amax(dim=1)
     if bounds.dim() != 1:
         raise ValueError(f"bounds must be [P] or [P, Hkv], got {tuple(bounds.shape)}")
-    if torch.isnan(bounds).any():
-        raise ValueError("bounds contain NaN (non-finite keys or query?)")
+    return bounds
+
+
+def _rank(bounds: Tensor, n: int, ids: Tensor | None) -> Tensor:
     order = torch.arange(bounds.shape[0], device=bounds.device)
     if ids is not None:
         if ids.shape != bounds.shape:
@@ -110,8 +140,9 @@ class PageSummaries:
                  dtype: torch.dtype = torch.float32) -> None:
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.device, self.dtype = torch.device(device), dtype
-        # (layer, seq) -> [page ids list, kmin [cap, Hkv, D], kmax [cap, Hkv, D]]; rows are
-        # kept dense (removal moves the last row into the hole), so bounds need no mask
+        # (layer, seq) -> [page ids list, kmin [cap, Hkv, D], kmax [cap, Hkv, D], the ids
+        # again as int64 [cap] on the device (ties break on them there)]; rows are kept
+        # dense (removal moves the last row into the hole), so bounds need no mask
         self._tables: dict[tuple[int, int], list] = {}
         self._row: dict[PageKey, int] = {}
         self._lock = threading.Lock()
@@ -159,15 +190,18 @@ class PageSummaries:
         if table is None:
             shape = (16, self.kv_heads, self.head_dim)
             table = [[], torch.empty(shape, dtype=self.dtype, device=self.device),
-                     torch.empty(shape, dtype=self.dtype, device=self.device)]
+                     torch.empty(shape, dtype=self.dtype, device=self.device),
+                     torch.empty(16, dtype=torch.int64, device=self.device)]
             self._tables[(layer, seq)] = table
-        ids, kmin, kmax = table
+        ids, kmin, kmax, idt = table
         row = len(ids)
         if row == kmin.shape[0]:  # grow by doubling: amortised O(1) per page
             table[1] = kmin = torch.cat([kmin, torch.empty_like(kmin)])
             table[2] = kmax = torch.cat([kmax, torch.empty_like(kmax)])
+            table[3] = idt = torch.cat([idt, torch.empty_like(idt)])
         kmin[row] = mn.to(device=self.device, dtype=self.dtype)
         kmax[row] = mx.to(device=self.device, dtype=self.dtype)
+        idt[row:row + 1].fill_(page)  # a scalar fill: no host-to-device copy
         ids.append(page)
         self._row[key] = row
 
@@ -177,18 +211,19 @@ class PageSummaries:
 
     def _delete(self, key: PageKey) -> None:
         row = self._row.pop(key)
-        ids, kmin, kmax = self._tables[key[:2]]
+        ids, kmin, kmax, idt = self._tables[key[:2]]
         last = len(ids) - 1
         if row != last:
             ids[row] = ids[last]
             kmin[row], kmax[row] = kmin[last], kmax[last]
+            idt[row:row + 1].fill_(ids[last])
             self._row[(key[0], key[1], ids[row])] = row
         ids.pop()
 
     def get(self, key: PageKey) -> tuple[Tensor, Tensor]:
         """(kmin, kmax) [Hkv, D] of one page."""
         with self._lock:
-            ids, kmin, kmax = self._tables[key[:2]]
+            ids, kmin, kmax, _ = self._tables[key[:2]]
             row = self._row[key]
             return self._ordered(lambda: (kmin[row].clone(), kmax[row].clone()))
 
@@ -196,7 +231,7 @@ class PageSummaries:
                ) -> tuple[list[int], Tensor]:
         """(page ids, bounds [P, Hkv]) of every summarised page of (layer, seq); q [Hq, D]."""
         with self._lock:  # bounds are computed before any row can move
-            ids, kmin, kmax = self._tables.get((layer, seq), ([], None, None))
+            ids, kmin, kmax, _ = self._tables.get((layer, seq), ([], None, None, None))
             if not ids:
                 return [], torch.empty(0, self.kv_heads, device=self.device)
             p = len(ids)
@@ -204,12 +239,28 @@ class PageSummaries:
             return list(ids), self._ordered(
                 lambda: page_bounds(qd, kmin[:p], kmax[:p], scale=scale))
 
+    def select(self, layer: int, seq: int, q: Tensor, n: int, *, scale: float = 1.0
+               ) -> Picks | None:
+        """The n pages of (layer, seq) with the highest bound for q [Hq, D], ranked on the
+        device without waiting for it (ties: the smaller page id); None without pages."""
+        with self._lock:  # ranked before any row can move
+            ids, kmin, kmax, idt = self._tables.get((layer, seq), ([], None, None, None))
+            if not ids:
+                return None
+            p = len(ids)
+            qd = q.to(self.device)
+            rows, nan = self._ordered(lambda: rank_pages(
+                page_bounds(qd, kmin[:p], kmax[:p], scale=scale), n, idt[:p]))
+            return Picks(list(ids), rows, nan)
+
     def top_pages(self, layer: int, seq: int, q: Tensor, n: int, *, scale: float = 1.0
                   ) -> list[PageKey]:
         """Keys of the n pages of (layer, seq) with the highest bound for q [Hq, D], best
-        first; ties go to the smaller page id."""
-        ids, b = self.bounds(layer, seq, q, scale=scale)
-        if not ids:
+        first; ties go to the smaller page id. Reads the device (the decode step ranks
+        with `select` and reads every sequence's picks at once)."""
+        picks = self.select(layer, seq, q, n, scale=scale)
+        if picks is None:
             return []
-        rows = select_pages(b, n, torch.tensor(ids, device=b.device))
-        return [(layer, seq, ids[r]) for r in rows.tolist()]
+        if bool(picks.nan):
+            raise ValueError(NAN_BOUNDS)
+        return [(layer, seq, picks.ids[r]) for r in picks.rows.tolist()]

@@ -2,9 +2,10 @@
 
 `TransferEngine`: one background worker thread runs a `TierStore`'s moves in submission
 order, so a prefetch issued after a demotion sees it. On CUDA the worker issues its copies
-on a side stream: the caller's stream keeps computing, the worker waits for its own copies
-before reporting done (so staging memory is never reused under an in-flight copy), and
-`wait` orders the caller's stream after the copies and tells the allocator the tensors are
+non_blocking on a side stream and records an event after them; it never waits for the
+device (host slots and staging buffers carry their own events, see `staging`). `wait`
+waits for the worker's host work only (file reads, checksums, issuing), then orders the
+caller's stream after the copies on the device and tells the allocator the tensors are
 used there. On CPU the worker's file reads, checksums and copies release the GIL and
 overlap the caller's compute (matmuls) on the other cores.
 """
@@ -86,9 +87,10 @@ class TransferEngine:
             raise
 
     def wait(self, handle: Transfer) -> list[Page] | list[int] | None:
-        """Block until `handle` is done; the recalled pages (their lengths for a prefetch
-        into `out`, None for a demotion), ready on the caller's current stream. Re-raises
-        the transfer's error (e.g. PageCorruptError)."""
+        """Block until the worker has run `handle`; the recalled pages (their lengths for a
+        prefetch into `out`, None for a demotion), ready for work on the caller's current
+        stream (on CUDA the copies may still be running: that stream waits for them, the
+        host does not). Re-raises the transfer's error (e.g. PageCorruptError)."""
         if not isinstance(handle, Transfer):
             raise TypeError(f"handle must be a Transfer, got {type(handle).__name__}")
         out, done = handle.future.result()
@@ -125,5 +127,6 @@ class TransferEngine:
             out = fn()
             done = torch.cuda.Event()
             done.record(self._stream)
-        done.synchronize()  # this worker waits, not the caller: buffers are free once done
+        # no host wait: the host memory these copies use is guarded by its own events, the
+        # device tensors by record_stream, and consumers wait for `done` on the device
         return out, done

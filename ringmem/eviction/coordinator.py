@@ -136,7 +136,9 @@ class Coordinator:
             init[0] = torch.exp(step.l_new[seq] - lse).reshape(d.kv_heads, g).mean(1)
             self.folded[layer][seq] = pos
         if owner == self.view.rank:
-            self.obs.add(layer, seq, step.q[seq][None], lse[None], torch.tensor([pos]))
+            # a fill on the queries' device: no host->device copy on the step path
+            self.obs.add(layer, seq, step.q[seq][None], lse[None],
+                         torch.full((1,), pos, dtype=torch.int64, device=lse.device))
         return init
 
     # ------------------------------------------------------------ scoring state

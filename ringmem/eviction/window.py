@@ -36,7 +36,8 @@ class Observations:
         if q.shape[0] == 0:
             return
         o = self._obs[layer][seq]
-        q, lse, pos = q.detach().double(), lse.detach().double(), pos.to(torch.int64)
+        q, lse = q.detach().double(), lse.detach().double()
+        pos = pos.to(q.device, torch.int64)  # with q, so selecting by position stays there
         if o.q is not None:
             q, lse, pos = torch.cat([o.q, q]), torch.cat([o.lse, lse]), torch.cat([o.pos, pos])
         if pos.numel() > self.size:

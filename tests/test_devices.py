@@ -9,6 +9,7 @@ import torch
 import ringmem
 from ringmem.backends import get_backend
 from ringmem.cache import CacheConfig, ShardedKVCache
+from ringmem.eviction import H2O, EvictionPolicy
 from ringmem.reference import reference_attention
 
 from _devices import DEVICES, half, no_host_sync
@@ -47,13 +48,17 @@ def test_ring_one_rank_on_device(device: str, backend: str, wide: bool) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("decode_backend", ["paged", "torch", "sdpa", "triton"])
-def test_cache_decode_on_device(device: str, decode_backend: str) -> None:
+@pytest.mark.parametrize("scored", [False, True], ids=["plain", "h2o"])
+def test_cache_decode_on_device(device: str, decode_backend: str, scored: bool) -> None:
+    """Decode steps equal full attention; with an accumulating scorer (H2O, nothing evicted)
+    the step also folds each key's exact mass, still without a host sync on CUDA."""
     dtype, d, hq, hkv, n = torch.float32, 32, 4, 2, 40
     _backend_or_skip("torch" if decode_backend == "paged" else decode_backend, device,
                      dtype, d)
     cfg = CacheConfig(num_layers=1, q_heads=hq, kv_heads=hkv, head_dim=d, capacity=64,
                       page_size=8, dtype=dtype, device=device, decode_backend=decode_backend)
-    cache = ShardedKVCache(cfg)
+    policy = EvictionPolicy(scorer=H2O(), budget=64, observe=4) if scored else None
+    cache = ShardedKVCache(cfg, eviction=policy)
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, n, h, d, generator=g) for h in (hq, hkv, hkv))
     cache.prefill_chunk(0, *(t[:, :n - 4].to(device) for t in (q, k, v)), backend="torch")
@@ -69,6 +74,9 @@ def test_cache_decode_on_device(device: str, decode_backend: str) -> None:
         base, _ = reference_attention(q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], causal=False)
         fail = check_close(f"decode step {t}", got.cpu(), ref, base, dtype)
         assert fail is None, fail
+    if scored:  # H2O never forgets: each of the 4 window and 4 decode queries adds mass 1
+        mass = torch.stack([s.sum() for s in cache.view.entries(0, 0).scores]).cpu()
+        assert torch.allclose(mass, torch.full_like(mass, 8.0), atol=1e-4), mass
 
 
 @pytest.mark.parametrize("device", DEVICES)

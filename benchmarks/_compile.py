@@ -70,7 +70,7 @@ SPECS = {
     "decode": Spec("decode", attention._fwd_kernel, {**QKV, "O": "fp32", "LSE": "fp32"},
                    _decode_meta, False),
     "runs": Spec("runs", decode._runs_kernel,
-                 {**QKV, "SPLITS": "i64", "O": "fp32", "LSE": "fp32"}, _runs_meta, False),
+                 {**QKV, "RANGES": "i64", "STARTS": "i64", "O": "fp32", "LSE": "fp32"}, _runs_meta, False),
     "merge": Spec("merge", merge._merge_kernel,
                   {"OUTS": "fp32", "LSES": "fp32", "O": "fp32", "L": "fp32"},
                   lambda d, dt, t: {"BLOCK_R": t.block_m, "BLOCK_D": configs.block_d(d)},

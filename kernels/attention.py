@@ -28,14 +28,10 @@ from .configs import (LOG2E, Tile, autotune_configs, block_d, check_index_range,
 
 
 @triton.jit
-def _attend(q, K, V, sks, svs, offs_d, d_ok, tok, row_ok, lo, hi, q_off, k_off, qk_scale,
-            CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of q's rows over keys [lo, hi) of K/V (pointers at key 0 of the
-    right batch and head): (m, l, acc) in log2 units, fp32."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+def _attend(m_i, l_i, acc, q, K, V, sks, svs, offs_d, d_ok, tok, row_ok, lo, hi, q_off, k_off,
+            qk_scale, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax state (m, l, acc; log2 units, fp32) of q's rows carried over keys
+    [lo, hi) of K/V (pointers at key 0 of the right batch and head)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n  # int32 for the masks (fewer registers), int64 for addresses
@@ -93,9 +89,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     if CAUSAL:  # keys after the block's last query position are never visible
         last = tl.minimum((pid_m + 1) * BLOCK_M, Sq * G) - 1
         hi = tl.minimum(hi, q_off + last // G - k_off + 1)
-    m_i, l_i, acc = _attend(q, K + b * skb + hk * skh, V + b * svb + hk * svh, sks, svs,
-                            offs_d, d_ok, tok, row_ok, lo, hi, q_off, k_off, qk_scale,
-                            CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, PREC)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend(m_i, l_i, acc, q, K + b * skb + hk * skh, V + b * svb + hk * svh,
+                            sks, svs, offs_d, d_ok, tok, row_ok, lo, hi, q_off, k_off,
+                            qk_scale, CAUSAL, BLOCK_N, PREC)
     out, lse = _finish(m_i, l_i, acc)
     tl.store(O + pid_s * sop + b * sob + t64[:, None] * sos + head[:, None] * soh
              + offs_d[None, :], out.to(O.dtype.element_ty),

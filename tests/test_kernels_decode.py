@@ -87,17 +87,19 @@ def test_backend_decode_reads_runs_in_place(device: str) -> None:
     assert torch.isneginf(empty.lse).all() and empty.lse.shape == (8,)
 
 
-def test_split_runs_cuts_whole_tiles_inside_runs() -> None:
-    runs = [(3, 40), (100, 101), (200, 333), (400, 1000)]
+@pytest.mark.parametrize("runs", [[(3, 40), (100, 101), (200, 333), (400, 1000)],
+                                  [(2 * i * 48, 2 * i * 48 + 48) for i in range(50)]])
+def test_split_runs_cuts_whole_tiles_inside_runs(runs: list[tuple[int, int]]) -> None:
+    keys = [s for lo, hi in runs for s in range(lo, hi)]
     for splits in (1, 2, 5, 17, 1000):
-        table = split_runs(runs, splits, 16)
-        for lo, hi in runs:  # each run covered exactly, in order, by its own ranges
-            mine = [(a, b) for a, b in table if lo <= a < hi]
-            assert all(b <= hi for _, b in mine)
-            assert mine[0][0] == lo and mine[-1][1] == hi
-            assert all(x[1] == y[0] for x, y in zip(mine, mine[1:]))
-            assert all((b - a) % 16 == 0 for a, b in mine[:-1])
-        assert len(table) == sum(1 for a, _ in table for lo, hi in runs if lo <= a < hi)
+        ranges, starts = split_runs(torch.tensor(runs), splits, 16)
+        ranges, starts = ranges.tolist(), starts.tolist()
+        # the ranges, in order, are exactly the runs' slots, each inside one run
+        assert [s for lo, hi in ranges for s in range(lo, hi)] == keys
+        assert all(any(rl <= lo < hi <= rh for rl, rh in runs) for lo, hi in ranges)
+        sizes = [sum(hi - lo for lo, hi in ranges[a:b]) for a, b in zip(starts, starts[1:])]
+        assert all(n > 0 for n in sizes) and len(set(sizes[:-1])) <= 1
+        assert all(n % 16 == 0 for n in sizes[:-1]) and len(sizes) <= splits
 
 
 def test_decode_runs_argument_errors() -> None:
@@ -106,6 +108,8 @@ def test_decode_runs_argument_errors() -> None:
         decode_runs(q, k, v, [(5, 3)], 0.3)
     with pytest.raises(ValueError, match="runs"):
         decode_runs(q, k, v, [(5, 21)], 0.3)
+    with pytest.raises(ValueError, match="runs"):
+        decode_runs(q, k, v, [(1, 2, 3)], 0.3)
     with pytest.raises(ValueError, match="q"):
         decode_runs(q[None], k, v, [(0, 5)], 0.3)
     with pytest.raises(ValueError, match="heads"):

@@ -161,9 +161,9 @@ def markdown(arch: int, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str
              f"(limit {configs.SMEM_LIMIT[arch]} B per block); MMA: wgmma = HGMMA in the SASS, "
              "mma.sync = HMMA, none = FMA (fp32 dots are IEEE, `input_precision=\"ieee\"`); "
              "tf32 = an MMA instruction of the PTX names tf32. Causal variants (the larger "
-             "code); decode/runs at their 16-row tile and their largest BLOCK_M (64 query heads per KV "
-             "head). `set` = in the kernel's autotune set for this arch (fixed-config kernels: "
-             "always); rows not in a set are the candidates the sets were picked from, with "
+             "code); decode/runs at their 16-row tile and their largest BLOCK_M (64 query heads "
+             "per KV head). `set` = in the kernel's autotune set for this arch (fixed-config "
+             "kernels: always); rows not in a set are the candidates the sets were picked from, with "
              "what rules them out.", "",
              "| kernel | D | dtype | tile | warps | stages | regs | stack | spills | smem KB "
              "| MMA | wgmma | tf32 | set | problems |",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import triton
@@ -172,7 +172,7 @@ def autotune_configs(kernel: str) -> list[triton.Config]:
     return [t.config() for t in seen]
 
 
-def prune_for(kernel: str, lead: str):
+def prune_for(kernel: str, lead: str) -> Callable[..., list[triton.Config]]:
     """An `early_config_prune` keeping the configs of the launch's (arch, BLOCK_D, dtype);
     `lead` names the tensor argument whose device and dtype decide."""
     def prune(configs: list[triton.Config], named_args: dict[str, Any],

@@ -144,6 +144,31 @@ def test_every_tile(device: str, kernel: str, dcls: int, kind: str, tile: Tile,
     _check_attention(shape, dtype, device, real_scale(shape[5]), **{kernel: tile})
 
 
+@pytest.mark.skipif(not INTERPRET, reason="stands in for the GPU's autotuner on CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_autotuned_launch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """The CUDA launch path (triton.autotune, pruned to the arch's set, grid from the chosen
+    BLOCK_M/BLOCK_N) run under the interpreter: its benchmark replaced by one call per
+    config, each config is launched and the result is exact."""
+    from ringmem.kernels import attention, backward
+    from ringmem.kernels.configs import tiles_for
+    calls: dict[str, int] = {}
+    for name, mod, tuned in (("fwd", attention, attention._fwd_tuned),
+                             ("dkdv", backward, backward._dkdv_tuned),
+                             ("dq", backward, backward._dq_tuned)):
+        def bench(fn, quantiles, name=name):
+            fn()
+            calls[name] = calls.get(name, 0) + 1
+            return [float(calls[name]), 0.0, 0.0]
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+        monkeypatch.setitem(tuned.__dict__, "do_bench", bench)  # a cached_property
+        monkeypatch.setattr(tuned, "cache", {})
+    _check_attention(CASES["shifted below"], dtype, "cpu")
+    for name in ("fwd", "dkdv", "dq"):  # CPU tensors take the sm_80 sets
+        n = len(tiles_for(name, 80, 32, dtype))
+        assert calls.get(name, 0) == (n if n > 1 else 0), (name, calls)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("shape", [(2, 1, 300, 8, 2, 64, 4), (1, 3, 257, 4, 1, 40, 3),
                                    (1, 1, 1000, 4, 4, 16, None), (1, 2, 10, 2, 2, 16, 8),

@@ -163,8 +163,8 @@ def markdown(arch: int, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str
              "tf32 = an MMA instruction of the PTX names tf32. Causal variants (the larger "
              "code); decode/runs at their 16-row tile and their largest BLOCK_M (64 query heads "
              "per KV head). `set` = in the kernel's autotune set for this arch (fixed-config "
-             "kernels: always); rows not in a set are the candidates the sets were picked from, with "
-             "what rules them out.", "",
+             "kernels: always); rows not in a set are the candidates the sets were picked "
+             "from, with what rules them out.", "",
              "| kernel | D | dtype | tile | warps | stages | regs | stack | spills | smem KB "
              "| MMA | wgmma | tf32 | set | problems |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

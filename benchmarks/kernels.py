@@ -1,13 +1,21 @@
-"""Triton kernels vs PyTorch: block attention fwd/bwd against SDPA's flash backend, split-KV
-decode against the device's copy bandwidth, with each kernel's output checked in the same run.
+"""Triton kernels vs PyTorch SDPA flash and the GPU's read bandwidth, outputs checked.
 
-Run: python benchmarks/kernels.py [--quick] [--repeats N]
-Needs CUDA and triton; without them it prints what it would run and exits 0.
+Block attention fwd/bwd against SDPA's flash backend (MHA and GQA), split-KV decode and the
+paged run-list decode against the device's read bandwidth, with each kernel's output
+checked in the same run.
 
-FLOPs (Triton tutorial convention): forward 4 * B * H * S^2 * D, x0.5 when causal; backward
-2.5x the forward. Decode GB/s counts the K and V bytes read once. Copy bandwidth counts bytes
-copied per second, i.e. (bytes read + bytes written) / 2 of a large `dst.copy_(src)`.
-Targets: forward >= 0.9x SDPA flash, backward >= 0.8x, decode >= 70% of copy bandwidth.
+Run: python benchmarks/kernels.py [--quick] [--repeats N]   (CUDA only; `--help` anywhere)
+Without CUDA or triton it says why, lists what it would run, and exits 2.
+
+FLOPs (Triton tutorial convention): forward 4 * B * Hq * S^2 * D, x0.5 when causal;
+backward 2.5x the forward. Decode GB/s counts the K and V bytes read once.
+Read bandwidth: bytes read per second by a large reduction `x.sum()` (2 GiB fp32; it writes
+one scalar), the ceiling of a kernel that only reads. Copy bandwidth, reported for
+reference: (bytes read + bytes written) per second of a 2 GiB `dst.copy_(src)`.
+SDPA runs GQA shapes on K/V expanded to Hq heads beforehand (outside the timing).
+Paged decode: pools of 2x the context, the keys in runs of `--page` slots with a gap after
+each; its time includes building the split table on the host.
+Targets: forward >= 0.9x SDPA flash, backward >= 0.8x, decode >= 70% of read bandwidth.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -25,13 +34,18 @@ from _common import git_commit
 
 TARGETS = {"fwd": 0.9, "bwd": 0.8, "decode": 0.7}
 CHECK_REL = 2e-2  # max |err| / max |ref| allowed between two bf16 kernels
+DEVICE, DTYPE = "cuda", torch.bfloat16
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqlens", default="4096,16384,65536")
     p.add_argument("--dims", default="64,128")
+    p.add_argument("--heads", default="32:32,32:8", help="attention q:kv head counts")
     p.add_argument("--contexts", default="16384,131072,1048576", help="decode K/V lengths")
+    p.add_argument("--decode-shapes", default="32:8:128,32:8:64",
+                   help="decode q heads:kv heads:head dim")
+    p.add_argument("--page", type=int, default=256, help="slots per run (paged decode)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results/kernels.md")
@@ -43,17 +57,20 @@ def parse() -> argparse.Namespace:
 
 
 def attention_cases(a: argparse.Namespace) -> list[dict[str, Any]]:
-    """B=1, Hq=Hkv: 32 heads at D=64, 16 at D=128 (~3 GiB at 64K: no need to reduce)."""
+    """B=1; Hq = 32 at D <= 64, 16 at D = 128 (~3 GiB at 64K), KV heads in the same ratio."""
     cases = []
     for s in map(int, a.seqlens.split(",")):
         for d in map(int, a.dims.split(",")):
-            h = 32 if d <= 64 else 16
-            cases += [{"S": s, "D": d, "H": h, "causal": c} for c in (False, True)]
+            for hq, hkv in (map(int, h.split(":")) for h in a.heads.split(",")):
+                div = 1 if d <= 64 else 2  # half the heads at D = 128: same bytes
+                cases += [{"S": s, "D": d, "Hq": hq // div, "Hkv": max(1, hkv // div),
+                           "causal": c} for c in (False, True)]
     return cases
 
 
-DEVICE, DTYPE = "cuda", torch.bfloat16
-DECODE = {"B": 1, "Sq": 1, "Hq": 32, "Hkv": 8, "D": 128}
+def decode_shapes(a: argparse.Namespace) -> list[dict[str, int]]:
+    return [dict(zip(("Hq", "Hkv", "D"), map(int, s.split(":"))))
+            for s in a.decode_shapes.split(",")]
 
 
 def cuda_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
@@ -73,25 +90,20 @@ def cuda_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(a: argparse.Namespace, nbytes: int = 2 * 2**30) -> float:
-    """Bytes copied per second by a large device-to-device copy (read + written, / 2)."""
-    src = torch.ones(nbytes, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    bw = nbytes / (cuda_ms(lambda: dst.copy_(src), a.warmup, a.repeats) * 1e-3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return bw
+def bandwidths(a: argparse.Namespace, nbytes: int = 2 * 2**30) -> dict[str, float]:
+    """Read bandwidth (x.sum(): bytes read / s) and copy bandwidth ((read + written) / s)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=DEVICE)
+    read = nbytes / (cuda_ms(lambda: x.sum(), a.warmup, a.repeats) * 1e-3)
+    y = torch.empty_like(x)
+    copy = 2 * nbytes / (cuda_ms(lambda: y.copy_(x), a.warmup, a.repeats) * 1e-3)
+    return {"read_bytes_per_s": read, "copy_rw_bytes_per_s": copy}
 
 
 def flash_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's flash op on [B, H, S, D]: (out, lse [B, H, Sq] fp32)."""
-    if q.is_cuda:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale)
-    else:  # only for a dry run of this script under the Triton interpreter
-        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale)
+    """PyTorch's flash op on [B, H, S, D] (same head count): (out, lse [B, H, Sq] fp32)."""
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                             scale=scale)
     return res[0], res[1][..., : q.shape[2]]
 
 
@@ -104,17 +116,18 @@ def bench_attention(c: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ringmem.kernels.attention import attention_bwd, attention_fwd
-    s, d, h, causal = c["S"], c["D"], c["H"], c["causal"]
-    scale = d ** -0.5
-    q, k, v, dout = (torch.randn(1, s, h, d, device=DEVICE, dtype=DTYPE)
-                     for _ in range(4))
+    s, d, hq, hkv, causal = c["S"], c["D"], c["Hq"], c["Hkv"], c["causal"]
+    g, scale = hq // hkv, d ** -0.5
+    q, dout = (torch.randn(1, s, hq, d, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    k, v = (torch.randn(1, s, hkv, d, device=DEVICE, dtype=DTYPE) for _ in range(2))
     t = lambda x: x.transpose(1, 2)  # [B, S, H, D] <-> SDPA's [B, H, S, D], a view
     out, lse = attention_fwd(q, k, v, scale, causal)
     fwd_ms = cuda_ms(lambda: attention_fwd(q, k, v, scale, causal), a.warmup, a.repeats)
     grads = attention_bwd(dout, q, k, v, out, lse, scale, causal)
     bwd_ms = cuda_ms(lambda: attention_bwd(dout, q, k, v, out, lse, scale, causal),
                      a.warmup, a.repeats)
-    qs, ks, vs = (t(x).detach().requires_grad_() for x in (q, k, v))
+    qs = t(q).detach().requires_grad_()
+    ks, vs = (t(x).repeat_interleave(g, 1).detach().requires_grad_() for x in (k, v))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
         sdpa_fwd_ms = cuda_ms(sdpa, a.warmup, a.repeats)
@@ -122,104 +135,129 @@ def bench_attention(c: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     do_s = t(dout)
     sdpa_bwd = lambda: torch.autograd.grad(out_s, (qs, ks, vs), do_s, retain_graph=True)
     sdpa_bwd_ms = cuda_ms(sdpa_bwd, a.warmup, a.repeats)
-    ref_grads = [t(g) for g in sdpa_bwd()]
-    ref_out, ref_lse = flash_ref(t(q), t(k), t(v), causal, scale)
+    dq_s, dk_s, dv_s = sdpa_bwd()
+    fold = lambda x: t(x.unflatten(1, (hkv, g)).sum(2))  # expanded heads -> KV heads
+    ref_out, ref_lse = flash_ref(qs.detach(), ks.detach(), vs.detach(), causal, scale)
     checks = {"out": compare(out, t(ref_out)), "lse": compare(lse, ref_lse)}
-    checks.update({n: compare(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)})
-    flops = 4 * h * s * s * d * (0.5 if causal else 1.0)
+    checks.update({n: compare(gr, r) for n, gr, r in
+                   zip(("dq", "dk", "dv"), grads, (t(dq_s), fold(dk_s), fold(dv_s)))})
+    flops = 4 * hq * s * s * d * (0.5 if causal else 1.0)
     row = dict(c, fwd_ms=fwd_ms, bwd_ms=bwd_ms, sdpa_fwd_ms=sdpa_fwd_ms, sdpa_bwd_ms=sdpa_bwd_ms,
                fwd_tflops=flops / fwd_ms * 1e-9, sdpa_fwd_tflops=flops / sdpa_fwd_ms * 1e-9,
                bwd_tflops=2.5 * flops / bwd_ms * 1e-9,
                sdpa_bwd_tflops=2.5 * flops / sdpa_bwd_ms * 1e-9, checks=checks,
                correct=all(x["rel"] <= CHECK_REL for x in checks.values()))
-    row["fwd_ratio"] = sdpa_fwd_ms / fwd_ms
-    row["bwd_ratio"] = sdpa_bwd_ms / bwd_ms
-    row["fwd_pass"] = row["fwd_ratio"] >= TARGETS["fwd"]
-    row["bwd_pass"] = row["bwd_ratio"] >= TARGETS["bwd"]
+    row.update(fwd_ratio=sdpa_fwd_ms / fwd_ms, bwd_ratio=sdpa_bwd_ms / bwd_ms)
+    row.update(fwd_pass=row["fwd_ratio"] >= TARGETS["fwd"],
+               bwd_pass=row["bwd_ratio"] >= TARGETS["bwd"])
     return row
 
 
-def bench_decode(sk: int, copy_bw: float, a: argparse.Namespace) -> dict[str, Any]:
-    from ringmem.kernels.decode import decode_partial
-    b, sq, hq, hkv, d = (DECODE[x] for x in ("B", "Sq", "Hq", "Hkv", "D"))
-    scale = d ** -0.5
-    q = torch.randn(b, sq, hq, d, device=DEVICE, dtype=DTYPE)
-    k, v = (torch.randn(b, sk, hkv, d, device=DEVICE, dtype=DTYPE) for _ in range(2))
+def paged_pools(k: torch.Tensor, v: torch.Tensor, page: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Pools [Hkv, 2 * Sk, D] holding k/v [1, Sk, Hkv, D] in runs of `page` slots, a gap
+    of `page` after each; the runs list in key order."""
+    sk, hkv, d = k.shape[1:]
+    runs = [(2 * lo, 2 * lo + min(page, sk - lo)) for lo in range(0, sk, page)]
+    pools = []
+    for x in (k, v):
+        pool = torch.zeros(hkv, 2 * sk, d, dtype=x.dtype, device=x.device)
+        idx = torch.cat([torch.arange(lo, hi, device=x.device) for lo, hi in runs])
+        pool[:, idx] = x[0].transpose(0, 1)
+        pools.append(pool)
+    return pools[0], pools[1], runs
+
+
+def bench_decode(shape: dict[str, int], sk: int, read_bw: float,
+                 a: argparse.Namespace) -> dict[str, Any]:
+    from ringmem.kernels.decode import decode_partial, decode_runs
+    hq, hkv, d = shape["Hq"], shape["Hkv"], shape["D"]
+    g, scale = hq // hkv, d ** -0.5
+    q = torch.randn(1, 1, hq, d, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(1, sk, hkv, d, device=DEVICE, dtype=DTYPE) for _ in range(2))
     ms = cuda_ms(lambda: decode_partial(q, k, v, scale), a.warmup, a.repeats)
     out, lse = decode_partial(q, k, v, scale)
     # exact SDPA reference without copying K/V: non-causal, so the G query heads of each
-    # KV head can be stacked along the query axis -> [B, Hkv, G * Sq, D]
-    g = hq // hkv
-    qg = q.view(b, sq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * sq, d)
+    # KV head can be stacked along the query axis -> [B, Hkv, G, D]
+    qg = q.view(1, hkv, g, d)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
     sdpa = lambda: flash_ref(qg, kt, vt, False, scale)
     sdpa_ms = cuda_ms(sdpa, a.warmup, a.repeats)
     ref_out, ref_lse = sdpa()
-    ref_out = ref_out.reshape(b, hkv, g, sq, d).permute(0, 3, 1, 2, 4).reshape(b, sq, hq, d)
-    ref_lse = ref_lse.reshape(b, hq, sq)  # [B, Hkv, G * Sq] -> head h = kv * G + group
-    checks = {"out": compare(out, ref_out), "lse": compare(lse, ref_lse)}
+    ref_out, ref_lse = ref_out.reshape(1, 1, hq, d), ref_lse.reshape(1, hq, 1)
+    kp, vp, runs = paged_pools(k, v, a.page)
+    paged = lambda: decode_runs(q[0, 0], kp, vp, runs, scale)
+    paged_ms = cuda_ms(paged, a.warmup, a.repeats)
+    p_out, p_lse = paged()
+    checks = {"out": compare(out, ref_out), "lse": compare(lse, ref_lse),
+              "paged out": compare(p_out, ref_out[0, 0]),
+              "paged lse": compare(p_lse, ref_lse[0, :, 0])}
     nbytes = 2 * k.numel() * k.element_size()
-    gbs = nbytes / (ms * 1e-3)
-    return {"Sk": sk, **DECODE, "ms": ms, "kv_bytes": nbytes, "GB_s": gbs / 1e9,
-            "sdpa_ms": sdpa_ms, "sdpa_GB_s": nbytes / (sdpa_ms * 1e-3) / 1e9,
-            "copy_fraction": gbs / copy_bw, "pass": gbs / copy_bw >= TARGETS["decode"],
-            "checks": checks, "correct": all(x["rel"] <= CHECK_REL for x in checks.values())}
-
-
+    frac = lambda t: nbytes / (t * 1e-3) / read_bw
+    return {"Sk": sk, **shape, "page": a.page, "runs": len(runs), "ms": ms,
+            "paged_ms": paged_ms, "sdpa_ms": sdpa_ms, "kv_bytes": nbytes,
+            "GB_s": nbytes / (ms * 1e-3) / 1e9, "paged_GB_s": nbytes / (paged_ms * 1e-3) / 1e9,
+            "sdpa_GB_s": nbytes / (sdpa_ms * 1e-3) / 1e9, "read_fraction": frac(ms),
+            "paged_read_fraction": frac(paged_ms), "pass": frac(ms) >= TARGETS["decode"],
+            "paged_pass": frac(paged_ms) >= TARGETS["decode"], "checks": checks,
+            "correct": all(x["rel"] <= CHECK_REL for x in checks.values())}
 
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def tables(rows: list[dict[str, Any]], dec: list[dict[str, Any]], copy_bw: float) -> list[str]:
+def tables(rows: list[dict[str, Any]], dec: list[dict[str, Any]], bw: dict[str, float]
+           ) -> list[str]:
     errs = lambda r: ", ".join(f"{n} {x['max_abs_err']:.1e}" for n, x in r["checks"].items())
-    lines = ["| S | D | H | causal | fwd TFLOP/s (SDPA) | fwd ratio | bwd TFLOP/s (SDPA) | "
-             "bwd ratio | max abs err vs SDPA |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['S']} | {r['D']} | {r['H']} | {r['causal']} | {r['fwd_tflops']:.0f} "
-              f"({r['sdpa_fwd_tflops']:.0f}) | {r['fwd_ratio']:.2f} {verdict(r['fwd_pass'])} | "
-              f"{r['bwd_tflops']:.0f} ({r['sdpa_bwd_tflops']:.0f}) | {r['bwd_ratio']:.2f} "
-              f"{verdict(r['bwd_pass'])} | {errs(r)}{'' if r['correct'] else ' MISMATCH'} |"
-              for r in rows]
-    dc = DECODE
-    lines += ["", f"Decode (B={dc['B']}, Sq={dc['Sq']}, {dc['Hq']} q heads, {dc['Hkv']} KV heads "
-              f"x {dc['D']}, {str(DTYPE).removeprefix('torch.')}); copy bandwidth "
-              f"{copy_bw / 1e9:.0f} GB/s (bytes copied per second)", "",
-              "| Sk | ms | GB/s (K+V read) | SDPA GB/s | of copy bw | max abs err vs SDPA |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['Sk']:,} | {r['ms']:.3f} | {r['GB_s']:.0f} | {r['sdpa_GB_s']:.0f} | "
-              f"{r['copy_fraction']:.0%} {verdict(r['pass'])} | {errs(r)}"
+    lines = ["| S | D | Hq | Hkv | causal | fwd TFLOP/s (SDPA) | fwd ratio | bwd TFLOP/s (SDPA) "
+             "| bwd ratio | max abs err vs SDPA |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['S']} | {r['D']} | {r['Hq']} | {r['Hkv']} | {r['causal']} | "
+              f"{r['fwd_tflops']:.0f} ({r['sdpa_fwd_tflops']:.0f}) | {r['fwd_ratio']:.2f} "
+              f"{verdict(r['fwd_pass'])} | {r['bwd_tflops']:.0f} ({r['sdpa_bwd_tflops']:.0f}) | "
+              f"{r['bwd_ratio']:.2f} {verdict(r['bwd_pass'])} | {errs(r)}"
+              f"{'' if r['correct'] else ' MISMATCH'} |" for r in rows]
+    lines += ["", f"Decode (B=1, one query token, {str(DTYPE).removeprefix('torch.')}); read "
+              f"bandwidth {bw['read_bytes_per_s'] / 1e9:.0f} GB/s (x.sum(), bytes read per "
+              f"second); copy {bw['copy_rw_bytes_per_s'] / 1e9:.0f} GB/s (read + written)", "",
+              "| Sk | Hq | Hkv | D | contiguous ms | GB/s (of read bw) | paged runs | paged ms | "
+              "paged GB/s (of read bw) | SDPA GB/s | max abs err vs SDPA |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['Sk']:,} | {r['Hq']} | {r['Hkv']} | {r['D']} | {r['ms']:.3f} | "
+              f"{r['GB_s']:.0f} ({r['read_fraction']:.0%} {verdict(r['pass'])}) | {r['runs']} | "
+              f"{r['paged_ms']:.3f} | {r['paged_GB_s']:.0f} ({r['paged_read_fraction']:.0%} "
+              f"{verdict(r['paged_pass'])}) | {r['sdpa_GB_s']:.0f} | {errs(r)}"
               f"{'' if r['correct'] else ' MISMATCH'} |" for r in dec]
     return lines
 
 
 def report(a: argparse.Namespace, rows: list[dict[str, Any]], dec: list[dict[str, Any]],
-           copy_bw: float) -> None:
+           bw: dict[str, float]) -> None:
     import triton
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(), "machine": platform.platform(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "cuda": torch.version.cuda, "triton": triton.__version__,
                          "git": git_commit()},
-            "config": {**vars(a), "decode": DECODE, "dtype": str(DTYPE), "B": 1},
-            "targets": TARGETS, "copy_bytes_per_s": copy_bw}
+            "config": {**vars(a), "dtype": str(DTYPE), "B": 1}, "targets": TARGETS, **bw}
     ok = (all(r["fwd_pass"] and r["bwd_pass"] and r["correct"] for r in rows)
-          and all(r["pass"] and r["correct"] for r in dec))
-    lines = tables(rows, dec, copy_bw)
+          and all(r["pass"] and r["paged_pass"] and r["correct"] for r in dec))
+    lines = tables(rows, dec, bw)
     summary = (f"All targets met and outputs match SDPA: {verdict(ok)} (forward >= "
                f"{TARGETS['fwd']}x SDPA flash, backward >= {TARGETS['bwd']}x, decode >= "
-               f"{TARGETS['decode']:.0%} of copy bandwidth; errors within {CHECK_REL} of "
-               f"max |ref|).")
+               f"{TARGETS['decode']:.0%} of read bandwidth, contiguous and paged; errors "
+               f"within {CHECK_REL} of max |ref|).")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join([
         "# Triton kernels vs PyTorch SDPA (flash backend)", "",
         f"- date: {meta['date']}", f"- device: {meta['device']}",
         f"- versions: {meta['versions']}", f"- config: {meta['config']}",
-        "- FLOPs: forward 4*B*H*S^2*D (x0.5 causal), backward 2.5x forward; ratio = SDPA "
-        "time / Triton time. Triton gradients are fp32, SDPA's bf16.",
-        "- copy bandwidth: bytes copied per second of a 2 GiB device copy, i.e. (read + "
-        "written) / 2; decode GB/s counts the K+V bytes read once.", "",
+        "- FLOPs: forward 4*B*Hq*S^2*D (x0.5 causal), backward 2.5x forward; ratio = SDPA "
+        "time / Triton time. Triton gradients are fp32, SDPA's bf16; SDPA runs GQA on K/V "
+        "expanded beforehand.",
+        "- read bandwidth: bytes read per second by x.sum() of 2 GiB; decode GB/s counts the "
+        "K+V bytes read once; paged decode time includes its host-side split table.", "",
         *lines, "", summary, ""]))
     out.with_suffix(".json").write_text(json.dumps(
         {**meta, "attention": rows, "decode": dec, "all_pass": ok}, indent=2) + "\n")
@@ -227,47 +265,53 @@ def report(a: argparse.Namespace, rows: list[dict[str, Any]], dec: list[dict[str
     print(f"wrote {out}, {out.with_suffix('.json')}", flush=True)
 
 
-def main() -> None:
+def main() -> int:
     a = parse()
     cases, contexts = attention_cases(a), [int(x) for x in a.contexts.split(",")]
+    shapes = decode_shapes(a)
     why = None
     if not torch.cuda.is_available():
-        why = "CUDA is not available"
+        why = "CUDA is not available (this benchmark times compiled kernels on a GPU)"
     else:
         try:
             import triton  # noqa: F401
         except ImportError:
             why = "triton is not installed"
     if why:
-        print(f"{why}: nothing measured, no report written. Would run:")
+        print(f"{why}: nothing measured, no report written. Would run:", file=sys.stderr)
         for c in cases:
             print(f"  attention fwd+bwd vs SDPA flash, bf16, B=1, S={c['S']}, D={c['D']}, "
-                  f"H={c['H']}, causal={c['causal']}")
-        for sk in contexts:
-            print(f"  decode_partial, bf16, Sk={sk}, {DECODE}, vs copy bandwidth")
-        return
+                  f"Hq={c['Hq']}, Hkv={c['Hkv']}, causal={c['causal']}", file=sys.stderr)
+        for sh in shapes:
+            for sk in contexts:
+                print(f"  decode_partial + decode_runs (runs of {a.page}), bf16, Sk={sk}, {sh}, "
+                      "vs read bandwidth", file=sys.stderr)
+        return 2
     try:
         from tqdm import tqdm
-        bar = tqdm(total=1 + len(cases) + len(contexts))
+        bar = tqdm(total=1 + len(cases) + len(contexts) * len(shapes))
         tick = lambda msg: (bar.set_description(msg), bar.update(1))
     except ImportError:
         bar, tick = None, lambda msg: print(msg, flush=True)
-    copy_bw = copy_bandwidth(a)
-    tick("copy bandwidth")
+    bw = bandwidths(a)
+    torch.cuda.empty_cache()  # the 4 GiB of the bandwidth probes
+    tick("bandwidth")
     rows = []
     for c in cases:
         rows.append(bench_attention(c, a))
         torch.cuda.empty_cache()
-        tick(f"attention S={c['S']} D={c['D']} causal={c['causal']}")
+        tick(f"attention S={c['S']} D={c['D']} Hkv={c['Hkv']} causal={c['causal']}")
     dec = []
-    for sk in contexts:
-        dec.append(bench_decode(sk, copy_bw, a))
-        torch.cuda.empty_cache()
-        tick(f"decode Sk={sk}")
+    for sh in shapes:
+        for sk in contexts:
+            dec.append(bench_decode(sh, sk, bw["read_bytes_per_s"], a))
+            torch.cuda.empty_cache()
+            tick(f"decode {sh} Sk={sk}")
     if bar:
         bar.close()
-    report(a, rows, dec, copy_bw)
+    report(a, rows, dec, bw)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

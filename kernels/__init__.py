@@ -1,12 +1,16 @@
 """Triton kernels for ringmem, installed as `ringmem.kernels`.
 
-* `attention`: flash-attention forward and backward for one ring block, causal masks
-  given by absolute position offsets, GQA without expanding K/V (`attention_fwd`,
-  `attention_bwd`).
-* `decode`: split-KV decode (`decode_partial`): the forward kernel over several key
-  splits, combined by the fused merge.
-* `merge`: the fused log-sum-exp merge of stacked partials (`merge_stacked`).
+* `attention`: flash-attention forward for one ring block, causal masks given by absolute
+  position offsets, GQA without expanding K/V (`attention_fwd`; `attention_bwd` from
+  `backward` re-exported).
+* `backward`: delta, dK/dV and dQ kernels (`attention_bwd`), fp32 gradients.
+* `decode`: split-KV decode of contiguous K/V (`decode_partial`) and of a paged pool's run
+  list in one launch (`decode_runs`), combined by the fused merge.
+* `merge`: the fused log-sum-exp merge of stacked partials (`merge_stacked`, `merge_rows`).
+* `configs`: tile sets per GPU arch / head dim / dtype (autotuned on CUDA, one fixed tile
+  under the interpreter), checked offline by `benchmarks/compile_kernels.py`.
 
+All kernels address memory with int64 offsets and run fp32 dots in IEEE fp32 (no TF32).
 Within the library only the "triton" backend (`ringmem.backends.triton_backend`) uses
 them, importing them lazily, so the core runs without triton installed.
 """

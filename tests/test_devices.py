@@ -12,7 +12,7 @@ from ringmem.cache import CacheConfig, ShardedKVCache
 from ringmem.eviction import H2O, EvictionPolicy
 from ringmem.reference import reference_attention
 
-from _devices import DEVICES, half, no_host_sync
+from _devices import DEVICES, half_dtype, no_host_sync
 from _tolerance import check_close
 
 
@@ -27,7 +27,7 @@ def _backend_or_skip(name: str, device: str, dtype: torch.dtype, d: int) -> None
 @pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
 @pytest.mark.parametrize("wide", [False, True], ids=["fp32", "half"])
 def test_ring_one_rank_on_device(device: str, backend: str, wide: bool) -> None:
-    dtype = half(device) if wide else torch.float32
+    dtype = half_dtype(device) if wide else torch.float32
     d = 64
     _backend_or_skip(backend, device, dtype, d)
     g = torch.Generator().manual_seed(3)

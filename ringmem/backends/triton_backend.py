@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..partial import Partial, empty
-from .base import Backend, block_partial, gather_runs
+from ..partial import Partial, acc_dtype, empty
+from .base import Backend
 
 
 class TritonBackend(Backend):
@@ -48,9 +48,11 @@ class TritonBackend(Backend):
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]],
                scale: float) -> Partial:
-        """Split-KV partial of one query against the runs of the pools."""
-        from ..kernels.decode import decode_partial
+        """Split-KV partial of one query against the runs of the pools, read in place (one
+        launch over every run, then the fused merge)."""
+        from ..kernels.decode import decode_runs
         if not runs:
             return empty(q.shape[:1], q.shape[-1], q.dtype, q.device)
-        kk, vv = gather_runs(k, v, runs)
-        return block_partial(q, decode_partial(q[None, None], kk, vv, scale))
+        out, lse = decode_runs(q, k, v, runs, scale)
+        ad = acc_dtype(q.dtype)
+        return Partial(out.to(ad), lse.to(ad))

@@ -30,7 +30,8 @@ class CacheConfig:
     merge: str = "allgather"
     """Cross-rank decode merge: one all-gather, or two all-reduces."""
     decode_backend: str = "paged"
-    """"paged" reads the pages in place; a ring backend name ("torch", "sdpa") gathers them."""
+    """The backend of decode's local pass. "paged" reads the pages in place: Triton's
+    run-list kernel on CUDA, the torch backend's pass elsewhere; a backend name picks one."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "q_heads", "kv_heads", "head_dim", "capacity", "page_size",

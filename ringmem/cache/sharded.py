@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ..agree import agree
-from ..backends import get_backend
+from ..backends import Backend, get_backend
 from ..comm import Group, group_rank_world
 from ..eviction.actions import HardDrop
 from ..eviction.budget import EvictionPolicy
@@ -78,9 +78,7 @@ class ShardedKVCache:
         self.index = CacheIndex(num_layers=c.num_layers, max_seqs=c.max_seqs,
                                 world=self.world, kv_heads=c.kv_heads, page_size=c.page_size,
                                 num_pages=num_pages, capacity=c.capacity)
-        # "paged" (the default) is the torch backend's decode: the pages read in place
-        self.decoder = get_backend("torch" if c.decode_backend == "paged" else
-                                   c.decode_backend, self.device, c.dtype, c.head_dim)
+        self.decoder = _decoder(c, self.device)
         self.tiers: TieredPages | None = None
         error = None
         try:  # directories and threads: may fail on one rank only
@@ -277,3 +275,17 @@ def _check_parts(config: object, eviction: object, tiers: object) -> None:
         raise ValueError(f"with tiers= the cache demotes evicted entries itself; "
                          f"eviction.action must be the default HardDrop, got "
                          f"{type(eviction.action).__name__}")
+
+
+def _decoder(c: CacheConfig, device: torch.device) -> Backend:
+    """The backend of decode's local pass. "paged" (the default) reads the pages in place:
+    Triton's run-list kernel on CUDA (one launch per sequence, whatever the page layout),
+    else the torch backend's pass."""
+    if c.decode_backend != "paged":
+        return get_backend(c.decode_backend, device, c.dtype, c.head_dim)
+    if device.type == "cuda":
+        try:
+            return get_backend("triton", device, c.dtype, c.head_dim)
+        except ValueError:  # no triton, or a dtype / head dim its kernels do not take
+            pass
+    return get_backend("torch", device, c.dtype, c.head_dim)

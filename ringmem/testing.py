@@ -59,6 +59,8 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
                 for p in ctx.processes:
                     if p.is_alive():
                         p.kill()
+                for p in ctx.processes:  # reap them: no zombie outlives the test
+                    p.join(10)
                 raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world} ranks did not "
                                    f"finish within {timeout:.0f} s (hang?)")
     finally:

@@ -94,3 +94,18 @@ def _odd_failures(rank: int, world: int) -> None:
 
 def test_failures_of_any_type_stop_every_rank() -> None:
     spawn(_odd_failures, 2, timeout=60)
+
+
+def _unshard_exact(rank: int, world: int) -> None:
+    # the old fixed-width rows compared dtypes coarsely and only 5 dims: these reached gloo
+    x = torch.zeros(1, 4, 2, dtype=torch.int32 if rank == 0 else torch.int64)
+    with pytest.raises(ValueError, match="dtype \\(rank 0: torch.int32, rank 1: torch.int64\\)"):
+        ringmem.unshard(x, layout="stripe")
+    y = torch.zeros(1, 4, 1, 1, 1, 2 + rank)
+    with pytest.raises(ValueError, match="x.shape \\(rank 0: \\(1, 4, 1, 1, 1, 2\\), rank 1: "
+                                         "\\(1, 4, 1, 1, 1, 3\\)\\)"):
+        ringmem.unshard(y, layout="stripe")
+
+
+def test_unshard_compares_exact_dtype_and_every_dim() -> None:
+    spawn(_unshard_exact, 2, timeout=60)

@@ -17,27 +17,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..partial import Partial, acc_dtype, empty, merge
-
-
-def gather_runs(k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]]
-                ) -> tuple[Tensor, Tensor]:
-    """Pools k, v [Hkv, slots, D] and slot ranges -> k, v [1, n, Hkv, D] (views for one
-    run, else copies)."""
-    if len(runs) == 1:
-        lo, hi = runs[0]
-        kk, vv = k[:, lo:hi], v[:, lo:hi]
-    else:
-        kk = torch.cat([k[:, lo:hi] for lo, hi in runs], 1)
-        vv = torch.cat([v[:, lo:hi] for lo, hi in runs], 1)
-    return kk.permute(1, 0, 2).unsqueeze(0), vv.permute(1, 0, 2).unsqueeze(0)
-
-
-def block_partial(q: Tensor, result: tuple[Tensor, Tensor]) -> Partial:
-    """A [1, 1, Hq, D] / [1, Hq, 1] block result as Partial(out [Hq, D], lse [Hq])."""
-    o, l = result
-    ad = acc_dtype(q.dtype)
-    return Partial(o[0, 0].to(ad), l[0, :, 0].to(ad))
+from ..partial import Partial, empty, merge
 
 
 @runtime_checkable

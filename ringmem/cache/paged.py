@@ -163,8 +163,13 @@ class PagedStore:
         return k.permute(1, 0, 2).unsqueeze(0), v.permute(1, 0, 2).unsqueeze(0), p
 
     def head_slots(self, seq: int, head: int) -> Tensor:
-        """Pool slot indices of head `head`'s tokens of `seq`, in logical order."""
-        return self.slots(seq, 0, self.hlens[seq][head])
+        """Pool slot indices of head `head`'s tokens of `seq`, in logical order (built on
+        the pool's device from the host-side page table: no host-device copy)."""
+        dev = self.pos.device
+        runs = self.runs(seq, head)
+        if not runs:
+            return torch.zeros(0, dtype=torch.int64, device=dev)
+        return torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in runs])
 
     def keep(self, seq: int, masks: list[Tensor]) -> None:
         """Keep, per head h, the tokens where masks[h] ([hlens[seq][h]] bool, logical order)

@@ -17,13 +17,12 @@ from .paged import PagedStore
 
 def _where(st: PagedStore, seq: int, h: int) -> slice | Tensor:
     """Head h's slots of `seq`: a slice when they are one run (views, no copy of K/V), else
-    an index built on the device from the host-side page table (no host sync)."""
+    their index (`PagedStore.head_slots`)."""
     runs = st.runs(seq, h)
     if len(runs) <= 1:
         lo, hi = runs[0] if runs else (0, 0)
         return slice(lo, hi)
-    dev = st.pos.device
-    return torch.cat([torch.arange(lo, hi, device=dev) for lo, hi in runs])
+    return st.head_slots(seq, h)
 
 
 class ShardedView:

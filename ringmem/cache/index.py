@@ -39,10 +39,6 @@ class CacheIndex:
     def held(self, layer: int, seq: int) -> int:
         return sum(self.counts(layer, seq))
 
-    def head_totals(self, layer: int, seq: int) -> list[int]:
-        """Per KV head: tokens held over all ranks."""
-        return [sum(col) for col in zip(*self.head_counts[layer][seq])]
-
     def pages_used(self, layer: int, rank: int, extra: list[int] | None = None) -> int:
         """Pages `rank` uses in `layer`, with extra[seq] more tokens per sequence."""
         ps, out = self.page_size, 0

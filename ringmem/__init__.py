@@ -1,5 +1,6 @@
 """ringmem: exact distributed long-context attention over a sequence-parallel ring."""
-from .api import SCHEDULES, ring_attention, shard, unshard
+from .api import SCHEDULES, ring_attention
+from .sharding import shard, unshard
 from .backends import BACKENDS
 from .comm import CommStats
 from .layouts import LAYOUTS

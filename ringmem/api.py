@@ -1,4 +1,4 @@
-"""Public entry points: ring_attention, shard, unshard."""
+"""Public entry point: ring_attention (shard / unshard live in `sharding`)."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,16 @@ from torch import Tensor
 
 from .agree import agree
 from .backends import check_backend_name, get_backend
-from .comm import CommStats, Group, RingComm, gather_rows, group_rank_world
-from .layouts import check_layout, global_permutation, local_len_error, positions
-from .layouts import split_len
+from .comm import CommStats, Group, RingComm, group_rank_world
+from .layouts import check_layout, local_len_error
+from .masking import make_mask
+from .partial import acc_dtype
 from .plan import Interconnect, plan, resolve_interconnect
 from .ring import RingSpec, ring_backward, ring_forward
+from .routing import best_hop
+from .sharding import packing_digest, shard, unshard
+
+__all__ = ["SCHEDULES", "ring_attention", "shard", "unshard"]
 
 SCHEDULES = ("auto", "kv", "q")
 
@@ -26,8 +31,28 @@ def _shape(x: object) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, Tensor) else (-1,)
 
 
+def _check_extras(q: Tensor, sinks: object, softcap: object) -> float:
+    """Checks sinks and softcap; returns the softcap (0.0: none)."""
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a positive float or None, got {softcap!r}")
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, Tensor):
+            raise TypeError(f"sinks must be a torch.Tensor of shape [Hq] or None, got "
+                            f"{type(sinks).__name__}")
+        if tuple(sinks.shape) != (q.shape[2],) or not sinks.dtype.is_floating_point:
+            raise ValueError(f"sinks must be a floating tensor of shape [Hq]=[{q.shape[2]}] "
+                             f"(one logit per query head), got {sinks.dtype} "
+                             f"{tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    return float(softcap or 0.0)
+
+
 def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, interconnect,
-              grad, stats):
+              grad, stats, cu_seqlens=None, window=(-1, -1), sinks=None, softcap=None):
     """Local checks; returns (spec, error). Errors name the argument and the value."""
     if stats is not None and not isinstance(stats, CommStats):
         return None, TypeError(f"stats must be a ringmem.CommStats or None, "
@@ -69,32 +94,47 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
         if hkv == 0 or hq % hkv:
             raise ValueError(f"the number of query heads (q.shape[2]={hq}) must be a multiple "
                              f"of the number of key/value heads (k.shape[2]={hkv})")
-        err = local_len_error(layout, sq, world) if causal else None  # positions matter
+        mask = make_mask(causal, window, cu_seqlens, bq, layout, world, sq)
+        if not mask.plain and sq != sk:
+            raise ValueError(f"cu_seqlens and window need q and k of one local length (self-"
+                             f"attention over one sequence), got {sq} and {sk}")
+        err = local_len_error(layout, sq, world) if causal or not mask.plain else None
         if err:
             raise ValueError(f"q.shape[1]={sq}: {err}")
+        cap = _check_extras(q, sinks, softcap)
         scale = 1.0 / math.sqrt(dq) if softmax_scale is None else float(softmax_scale)
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"softmax_scale must be a positive finite number, got "
                              f"{softmax_scale!r}")
-        impl = get_backend(backend, q.device, q.dtype, dq)
+        impl = get_backend(backend, q.device, q.dtype, dq, bands=mask.window[0] >= 0,
+                           softcap=cap > 0)
         ic = resolve_interconnect(interconnect, q.device.type)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         return None, e
     resolved = schedule
     if schedule == "auto":  # deterministic in the (rank-agreed) shapes and options
         resolved = plan(tuple(q.shape), tuple(k.shape), world=world, dtype=q.dtype,
-                        causal=causal, layout=layout, interconnect=ic,
-                        device_type=q.device.type, backward=grad).choice
-    return RingSpec(layout=layout, causal=causal, scale=scale, backend=impl,
-                    schedule=resolved), None
+                        layout=layout, interconnect=ic, device_type=q.device.type,
+                        backward=grad, mask=mask).choice
+    return RingSpec(layout=layout, mask=mask, scale=scale, backend=impl, schedule=resolved,
+                    softcap=cap, hop=best_hop(layout, world, sq, sk, mask, resolved)), None
+
+
+def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """One more term in every row's softmax denominator: exp(sink) of the row's head."""
+    new = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
+    w = torch.exp(lse - new).transpose(1, 2).unsqueeze(-1)  # [B, S, Hq, 1]
+    return (out.to(lse.dtype) * w).to(out.dtype), new
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, spec: RingSpec, group: Group,
-                stats: CommStats | None):
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, spec: RingSpec,
+                group: Group, stats: CommStats | None):
         out, lse = ring_forward(q, k, v, spec, RingComm(group, "fwd", stats, q.device))
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            out, lse = _with_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.spec, ctx.group, ctx.stats = spec, group, stats
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -102,17 +142,26 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the ring backward is not itself traced
     def backward(ctx, dout: Tensor, _dlse: Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.spec,
                                    RingComm(ctx.group, "bwd", ctx.stats, q.device))
-        return dq, dk, dv, None, None, None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            # d sink = -sum over rows of p_sink * rowsum(dO * O): this rank's rows only
+            acc = acc_dtype(q.dtype)
+            delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, Hq, S]
+            dsinks = -(torch.exp(sinks.to(acc)[None, :, None] - lse) * delta).sum((0, 2))
+            dsinks = dsinks.to(sinks.dtype)
+        return dq, dk, dv, dsinks, None, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                    group: Group = None, layout: str = "zigzag", schedule: str = "auto",
                    backend: str = "auto", softmax_scale: float | None = None,
                    return_lse: bool = False, stats: CommStats | None = None,
-                   interconnect: str | Interconnect | None = None
+                   interconnect: str | Interconnect | None = None,
+                   cu_seqlens: object = None, window: tuple[int, int] = (-1, -1),
+                   sinks: Tensor | None = None, softcap: float | None = None
                    ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention over a sequence sharded across the ranks of `group`.
 
@@ -123,7 +172,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         causal: causal mask over *global* positions, as the layout assigns them.
         group: the sequence-parallel process group; None = default group (world size 1
             when torch.distributed is not initialised).
-        layout: "zigzag" (balanced causal work), "contiguous" or "stripe".
+        layout: "zigzag" (balanced causal work), "contiguous", "stripe", or "document"
+            (packed documents, each split head-tail over the ranks; needs cu_seqlens).
         schedule: "kv" (K/V travel, Q stays), "q" (TokenRing: Q travels, partial outputs
             return to their owner at the same time) or "auto" (cost model, `ringmem.plan`).
         backend: "sdpa" (PyTorch fused flash ops), "torch" (plain PyTorch, any dtype), "auto".
@@ -133,8 +183,20 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             (forward, and backward when it runs).
         interconnect: link model for schedule="auto": "nvlink", "pcie", "loopback" or an
             `Interconnect`; default by device (CUDA: nvlink, CPU: loopback).
+        cu_seqlens: packed documents, flash-attn offsets [0, ..., S] into the global row
+            (int32 tensor or ints; a list or 2-D tensor for one packing per batch row): a
+            token sees only its own document. Blocks whose documents never meet are skipped.
+        window: (left, right) sliding window in positions, -1 unbounded (flash-attn's
+            window_size): key j is seen from query i iff i - left <= j <= i + right. Steps
+            outside every window are neither computed nor sent (use layout "contiguous").
+        sinks: [Hq] learnable logits, one per query head, added to every row's softmax
+            denominator (GPT-OSS). Its gradient is this rank's rows' share: sum it over the
+            group like any replicated parameter's.
+        softcap: logits become softcap * tanh(logits / softcap) (Gemma 2); backends
+            without it are refused by name ("auto" picks one that has it).
 
-    Returns out [B, S_local, Hq, D] in q's dtype (and lse). Differentiable in q, k, v.
+    Returns out [B, S_local, Hq, D] in q's dtype (and lse, sinks included). Differentiable
+    in q, k, v (and sinks). Rows that see no key (pads) give out 0 and lse -inf.
     Every rank must call with the same shapes, dtype and options: a difference raises the
     same ValueError on every rank.
 
@@ -145,10 +207,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     """
     rank, world = group_rank_world(group)
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                           for t in (q, k, v))
+                                           for t in (q, k, v, sinks))
     try:  # any failure while validating, of any type, is raised on every rank together
         spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale,
-                                world, interconnect, grad, stats)
+                                world, interconnect, grad, stats, cu_seqlens, window, sinks,
+                                softcap)
     except Exception as e:  # noqa: BLE001 (re-raised by agree, after the exchange)
         spec, error = None, e
     if world > 1:
@@ -160,58 +223,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             "schedule": _plain(schedule),
             "resolved schedule": spec.schedule if spec else None,
             "backend": _plain(backend), "softmax_scale": spec.scale if spec else None,
-            "requires grad": int(grad)})
+            "requires grad": int(grad),
+            "window": spec.mask.window if spec else None,
+            "cu_seqlens": packing_digest(spec.mask.docs) if spec else None,
+            "softcap": spec.softcap if spec else None,
+            "sinks.shape": _shape(sinks) if sinks is not None else None})
     elif error is not None:
         raise error
-    out, lse = _RingAttention.apply(q, k, v, spec, group, stats)
+    out, lse = _RingAttention.apply(q, k, v, sinks, spec, group, stats)
     return (out, lse) if return_lse else out
-
-
-def _check_dim(x: Tensor, dim: int) -> int:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim={dim!r} is out of range for a {x.dim()}-D tensor")
-    return dim % x.dim()
-
-
-def shard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag") -> Tensor:
-    """This rank's shard of the full tensor `x` along `dim` (global positions per `layout`).
-
-    x: [..., S, ...] with S divisible by the layout's chunk count (world, or 2*world for
-    zigzag). Returns [..., S / world, ...]. Differentiable.
-    """
-    dim = _check_dim(x, dim)
-    check_layout(layout)
-    rank, world = group_rank_world(group)
-    local = split_len(layout, x.shape[dim], world)
-    idx = positions(layout, rank, world, local).to(x.device)
-    return x.index_select(dim, idx)
-
-
-def unshard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag") -> Tensor:
-    """The full tensor, on every rank, from each rank's shard `x` along `dim` (inverse of
-    `shard`). Shards must have the same shape and dtype on every rank. Not differentiable.
-    """
-    rank, world = group_rank_world(group)
-    error = None
-    try:  # collected, not raised: a bad call on one rank must not strand the others
-        dim = _check_dim(x, dim)
-        check_layout(layout)
-        err = local_len_error(layout, x.shape[dim], world)
-        if err:
-            raise ValueError(f"x.shape[{dim}]={x.shape[dim]}: {err}")
-    except (TypeError, ValueError) as e:
-        error = e
-    ok = error is None
-    agree("unshard", group, error, **{"x.shape": tuple(x.shape) if ok else None,
-             "dtype": x.dtype if isinstance(x, Tensor) else None,
-             "dim": dim if ok else None, "layout": layout if ok else None})
-    if world == 1:
-        return x
-    rows = gather_rows(x.reshape(-1), group, world)  # [world, numel]
-    gathered = torch.cat(rows.reshape(world, *x.shape).unbind(0), dim=dim)
-    perm = global_permutation(layout, world, x.shape[dim]).to(x.device)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    return gathered.index_select(dim, inverse)

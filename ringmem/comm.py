@@ -1,7 +1,7 @@
 """Ring communication: one small object, asynchronous P2P, the same code on gloo and NCCL.
 
-Two channels: `move` passes the travelling half of the attention problem one hop backward
-(rank r -> r-1), `ret` returns results straight to their owner on a second process group, so
+Two channels: `move` passes the travelling half of the attention problem one hop (backward,
+rank r -> r-1, or forward), `ret` returns results straight to their owner on a second process group, so
 both directions of every link carry data at once and neither queues behind the other.
 """
 from __future__ import annotations
@@ -153,8 +153,10 @@ class RingComm:
                                        "sent": _nbytes(send), "recv": _nbytes(recv)})
         return dist.batch_isend_irecv(ops) if ops else []
 
-    def move(self, step: int, send: list[Tensor], recv: list[Tensor]) -> list[dist.Work]:
-        return self._post(step, "move", self._g, send, -1, recv, +1)
+    def move(self, step: int, send: list[Tensor], recv: list[Tensor],
+             hop: int = 1) -> list[dist.Work]:
+        """hop=+1: send to rank-1, receive from rank+1; hop=-1: the other way round."""
+        return self._post(step, "move", self._g, send, -hop, recv, +hop)
 
     def p2p(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
             frm: int) -> list[dist.Work]:

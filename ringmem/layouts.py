@@ -2,7 +2,8 @@
 
 Every layout yields, per rank, a sorted tensor of global positions. Everything causal in
 ringmem (which blocks are full, diagonal, empty) is derived from these positions, never
-special-cased per layout.
+special-cased per layout. The "document" layout (packed documents, each split head-tail
+across the ranks) depends on the packing: see `ringmem.packing`.
 """
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from functools import lru_cache
 
 import torch
 
-LAYOUTS = ("contiguous", "zigzag", "stripe")
+from .packing import chunks, document_positions
+
+LAYOUTS = ("contiguous", "zigzag", "stripe", "document")
+PLAIN_LAYOUTS = LAYOUTS[:3]  # the layouts that need no packing
 
 
 def check_layout(layout: object) -> str:
@@ -23,7 +27,7 @@ def local_len_error(layout: str, local_len: int, world: int) -> str | None:
     """Why `layout` cannot hold `local_len` tokens per rank on `world` ranks, or None."""
     if local_len < 1:
         return f"the local sequence length must be >= 1, got {local_len}"
-    if layout == "zigzag" and world > 1 and local_len % 2:
+    if layout in ("zigzag", "document") and world > 1 and local_len % 2:
         return (f"layout 'zigzag' splits each rank's tokens into two chunks, so the local "
                 f"sequence length must be even, got {local_len} (world size {world})")
     return None
@@ -43,25 +47,34 @@ def _positions(layout: str, rank: int, world: int, local_len: int) -> torch.Tens
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def positions(layout: str, rank: int, world: int, local_len: int) -> torch.Tensor:
-    """Global positions (int64, CPU, ascending) of the `local_len` tokens that `rank` owns."""
+def positions(layout: str, rank: int, world: int, local_len: int,
+              docs: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Global positions (int64, CPU, ascending) of the `local_len` tokens that `rank` owns.
+
+    The "document" layout needs `docs`, the row's cu_seqlens; its positions index the
+    padded row (`ringmem.packing`)."""
     check_layout(layout)
     err = local_len_error(layout, local_len, world)
     if err:
         raise ValueError(err)
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    if layout == "document":
+        if docs is None:
+            raise ValueError("layout 'document' needs the packing (cu_seqlens)")
+        return document_positions(docs, rank, world, local_len * world)
     return _positions(layout, rank, world, local_len)
 
 
-def global_permutation(layout: str, world: int, local_len: int) -> torch.Tensor:
+def global_permutation(layout: str, world: int, local_len: int,
+                       docs: tuple[int, ...] | None = None) -> torch.Tensor:
     """perm such that full[perm] == cat(shard_0, ..., shard_{P-1}) along the sequence."""
-    return torch.cat([positions(layout, r, world, local_len) for r in range(world)])
+    return torch.cat([positions(layout, r, world, local_len, docs) for r in range(world)])
 
 
 def chunk_count(layout: str, world: int) -> int:
     """Equal chunks the layout splits a sequence into: its length must be a multiple."""
-    return 2 * world if layout == "zigzag" and world > 1 else world
+    return chunks(world) if layout in ("zigzag", "document") else world
 
 
 def split_len(layout: str, seq_len: int, world: int) -> int:

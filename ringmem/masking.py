@@ -1,16 +1,19 @@
-"""Decompose the causal relation between a query block and a key block into backend calls.
+"""Decompose the mask between a query block and a key block into backend calls.
 
-Given the ascending global positions of a local query block and of a visiting key block,
-query i sees key j iff k_pos[j] <= q_pos[i]. Because both are ascending, row i sees a
-prefix of c_i keys and c is non-decreasing: a staircase. A staircase splits into
-rectangles that a block backend computes natively:
+Every mask is a predicate on global positions (`Mask`): causal (key <= query), a sliding
+window (query - left <= key <= query + right), documents (same packed document, pads in
+none). Given the ascending positions of a local query block and a visiting key block, each
+query row i sees one contiguous run of keys [s_i, e_i), and both edges are non-decreasing in
+i (documents, causality and windows all move forward with the query). Such a staircase
+splits into rectangles a block backend computes natively, each a `Piece` with a band
+lo <= j - i <= hi in its own coordinates (None: unbounded):
 
-* a *full* piece: rows [a, b) x keys [0, c)             (no mask)
-* a *causal* piece: rows [a, b) x keys [kc, kc + b - a)  (square, key j visible iff j <= i)
+* full: no band (None, None)
+* causal: a square with (None, 0), key j visible iff j <= i (top-left aligned)
+* band: a lower edge as well (only windows make one)
 
-Rows with c_i == 0 see nothing and get no piece. Every layout and every ring step reduces
-to one or two pieces: zigzag's own block is one causal piece, its other blocks one full
-piece each; stripe blocks are causal pieces shifted by at most one row.
+Rows that see nothing get no piece; a block with no pieces is skipped by the routing. Every
+layout and ring step of a plain causal mask reduces to one or two full/causal pieces.
 """
 from __future__ import annotations
 
@@ -18,65 +21,237 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from torch import Tensor
 
 from .layouts import positions
+from .packing import Packing, doc_bounds, normalize, padded_len
+
+_FAR = 1 << 62  # an unbounded edge, in positions
+
+
+@dataclass(frozen=True)
+class Mask:
+    """The attention predicate of one call, identical on every rank."""
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)  # (left, right), -1 unbounded (flash-attn)
+    docs: Packing | None = None  # cu_seqlens per batch row (one entry: every row)
+
+    @property
+    def plain(self) -> bool:
+        """Only the causal flag: positions do not matter when not causal."""
+        return self.window == (-1, -1) and self.docs is None
+
+    @property
+    def per_row(self) -> bool:
+        return self.docs is not None and len(self.docs) > 1
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One backend call: query rows `q`, key rows `k`, with a square causal mask or none."""
+    """One backend call: query rows `q`, key rows `k`, the band lo <= j - i <= hi, batch
+    rows `b` (None: all)."""
     q: slice
     k: slice
-    causal: bool
+    lo: int | None = None
+    hi: int | None = None
+    b: slice | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.lo is None and self.hi == 0
+
+    @property
+    def band(self) -> tuple[int | None, int | None]:
+        return self.lo, self.hi
 
 
-def staircase_pieces(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[Piece, ...]:
-    """Pieces covering exactly the pairs (i, j) with k_pos[j] <= q_pos[i]."""
-    n = q_pos.numel()
-    c = torch.searchsorted(k_pos, q_pos, right=True)
-    idx = torch.arange(n)
-    # rows where a constant run (same c) or a diagonal run (c grows by one per row) breaks
-    const_breaks = (torch.nonzero(c[1:] != c[:-1]).flatten() + 1).tolist() + [n]
-    diag_breaks = (torch.nonzero((c - idx)[1:] != (c - idx)[:-1]).flatten() + 1).tolist() + [n]
-    counts = c.tolist()
+def check_window(window: object) -> tuple[int, int]:
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in window)):
+        raise TypeError(f"window must be a (left, right) pair of ints (-1: unbounded), got "
+                        f"{window!r}")
+    if min(window) < -1:
+        raise ValueError(f"window sizes must be >= 0 or -1 (unbounded), got {tuple(window)}")
+    return int(window[0]), int(window[1])
+
+
+def make_mask(causal: bool, window: object, cu_seqlens: object, batch: int, layout: str,
+              world: int, local_len: int) -> Mask:
+    """The checked `Mask` of one call; errors name the argument and the value."""
+    left, right = check_window(window)
+    if causal:
+        right = -1  # the causal bound (key <= query) is already tighter than any right >= 0
+    if cu_seqlens is None:
+        if layout == "document":
+            raise ValueError("layout 'document' needs cu_seqlens (the packed documents)")
+        return Mask(causal, (left, right), None)
+    if layout != "document":
+        return Mask(causal, (left, right), normalize(cu_seqlens, batch, local_len * world))
+    docs = normalize(cu_seqlens, batch, None)
+    need = padded_len(docs, world)
+    if need != local_len * world:
+        raise ValueError(f"cu_seqlens: layout 'document' pads these documents to {need} "
+                         f"positions ({need // world} per rank, see ringmem.shard), but the "
+                         f"local sequence length is {local_len}")
+    return Mask(causal, (left, right), docs)
+
+
+def as_mask(mask: bool | tuple[int | None, int | None]) -> tuple[int | None, int | None]:
+    """A backend's mask argument as a band: True = causal square, False = full."""
+    if isinstance(mask, bool):
+        return (None, 0) if mask else (None, None)
+    return mask
+
+
+def causal_flag(mask: bool | tuple[int | None, int | None], who: str) -> bool:
+    """A full / causal-square mask as a flag, for ops with only `is_causal`; a real band is
+    an error (such a backend reports `unsupported(..., bands=True)`)."""
+    band = as_mask(mask)
+    if band not in ((None, None), (None, 0)):
+        raise ValueError(f"backend {who!r} cannot compute the band mask {band} (lo <= j - i "
+                         f"<= hi): it runs full and causal blocks only")
+    return band == (None, 0)
+
+
+def band_mask(band: tuple[int | None, int | None], n: int, m: int,
+              device: torch.device | str = "cpu") -> Tensor:
+    """Boolean [n, m]: True where key j is visible from query i."""
+    lo, hi = as_mask(band)
+    diff = torch.arange(m, device=device)[None, :] - torch.arange(n, device=device)[:, None]
+    keep = torch.ones(n, m, dtype=torch.bool, device=device)
+    if lo is not None:
+        keep &= diff >= lo
+    if hi is not None:
+        keep &= diff <= hi
+    return keep
+
+
+def _piece(a: int, z: int, s: list[int], e: list[int], s_diag: int | None, e_diag: bool,
+           b: slice | None) -> list[Piece]:
+    """Rows [a, z) whose key runs are [s_i, e_i): full/causal pieces when the lower edge
+    stays put, else one band piece."""
+    ks, ke = s[a], e[z - 1]
+    if s_diag is None:  # lower edge constant: at most full + causal square + full
+        if not e_diag:
+            return [Piece(slice(a, z), slice(ks, ke), b=b)]
+        t = next((i for i in range(a + 1, z) if e[i] == e[i - 1]), z)  # diagonal ends
+        kc = e[a] - 1
+        out = [Piece(slice(a, z), slice(ks, kc), b=b)] if kc > ks else []
+        out.append(Piece(slice(a, t), slice(kc, kc + t - a), None, 0, b))
+        if t < z:
+            out.append(Piece(slice(t, z), slice(kc, ke), b=b))
+        return out
+    lo = (s[s_diag] - ks) - (s_diag - a)
+    hi = e[a] - ks - 1 if e_diag else None
+    if hi is not None and hi + 1 >= ke - ks:
+        hi = None
+    return [Piece(slice(a, z), slice(ks, ke), lo, hi, b)]
+
+
+def run_pieces(s: Tensor, e: Tensor, b: slice | None = None,
+               bands: bool = True) -> tuple[Piece, ...]:
+    """Pieces covering exactly the pairs (i, j) with s[i] <= j < e[i] (s, e non-decreasing).
+    bands=False: only full and causal pieces (a moving lower edge starts a new piece)."""
+    n = s.numel()
+    if n == 0:
+        return ()
+    sl, el = s.tolist(), e.tolist()
+    ok = (e > s).tolist()
+    ds, de = (s[1:] - s[:-1]).tolist(), (e[1:] - e[:-1]).tolist()
     pieces: list[Piece] = []
-    a = int(torch.searchsorted(c, torch.tensor(0), right=True))  # skip rows that see nothing
-    ci = di = 0
-    while a < n:
-        while const_breaks[ci] <= a:
-            ci += 1
-        while diag_breaks[di] <= a:
-            di += 1
-        end_const, end_diag = const_breaks[ci], diag_breaks[di]
-        if end_const >= end_diag:  # a full rectangle covers at least as many rows
-            pieces.append(Piece(slice(a, end_const), slice(0, counts[a]), False))
-            a = end_const
-        else:
-            kc = counts[a] - 1
-            if kc > 0:
-                pieces.append(Piece(slice(a, end_diag), slice(0, kc), False))
-            pieces.append(Piece(slice(a, end_diag), slice(kc, kc + end_diag - a), True))
-            a = end_diag
+    a = None  # first row of the open piece
+    s_diag: int | None = None  # first row where the lower edge moved
+    e_diag = e_flat = False   # the upper edge has moved / has stopped moving
+    for i in range(n + 1):
+        if a is not None and i < n and ok[i] and ds[i - 1] in (0, 1) and de[i - 1] in (0, 1):
+            s_ok = (ds[i - 1] == 1 and bands) or (ds[i - 1] == 0 and s_diag is None)
+            e_ok = de[i - 1] == 0 or not e_flat
+            if s_ok and e_ok:
+                if ds[i - 1] == 1 and s_diag is None:
+                    s_diag = i
+                e_diag |= de[i - 1] == 1
+                e_flat |= de[i - 1] == 0
+                continue
+        if a is not None:
+            pieces += _piece(a, i, sl, el, s_diag, e_diag, b)
+            a = None
+        if i < n and ok[i]:
+            a, s_diag, e_diag, e_flat = i, None, False, False
     return tuple(pieces)
+
+
+def staircase_pieces(q_pos: Tensor, k_pos: Tensor) -> tuple[Piece, ...]:
+    """Pieces covering exactly the pairs (i, j) with k_pos[j] <= q_pos[i]."""
+    e = torch.searchsorted(k_pos, q_pos, right=True)
+    return run_pieces(torch.zeros_like(e), e)
+
+
+def key_runs(q_pos: Tensor, k_pos: Tensor, mask: Mask,
+             bounds: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """(s, e): the keys of query row i are k[s_i:e_i] (ascending positions)."""
+    lo = torch.full_like(q_pos, -_FAR)
+    hi = torch.full_like(q_pos, _FAR)
+    if bounds is not None:  # the query's own document; pads see nothing
+        starts, ends = bounds
+        d = torch.searchsorted(starts, q_pos, right=True) - 1
+        dc = d.clamp(min=0)
+        real = (d >= 0) & (q_pos < ends[dc])
+        lo = torch.where(real, starts[dc], lo)
+        hi = torch.where(real, ends[dc], torch.full_like(hi, -_FAR))
+    left, right = mask.window
+    if mask.causal:
+        hi = torch.minimum(hi, q_pos + 1)
+    if left >= 0:
+        lo = torch.maximum(lo, q_pos - left)
+    if right >= 0:
+        hi = torch.minimum(hi, q_pos + right + 1)
+    s = torch.searchsorted(k_pos, lo)
+    e = torch.searchsorted(k_pos, hi)
+    return s, torch.maximum(e, s)
 
 
 @lru_cache(maxsize=4096)
 def block_pieces(layout: str, world: int, q_rank: int, q_len: int, kv_rank: int,
-                 kv_len: int, causal: bool) -> tuple[Piece, ...]:
+                 kv_len: int, mask: Mask | bool) -> tuple[Piece, ...]:
     """Pieces for the query block of `q_rank` against the key block of `kv_rank`."""
+    if isinstance(mask, bool):
+        mask = Mask(causal=mask)
     if q_len == 0 or kv_len == 0:  # e.g. a rank that holds no cached prefix yet
         return ()
-    if not causal:
-        return (Piece(slice(0, q_len), slice(0, kv_len), False),)
-    return staircase_pieces(positions(layout, q_rank, world, q_len),
-                            positions(layout, kv_rank, world, kv_len))
+    if mask.plain and not mask.causal:
+        return (Piece(slice(0, q_len), slice(0, kv_len)),)
+    total = q_len * world
+    rows = mask.docs if mask.docs is not None else (None,)
+    out: list[Piece] = []
+    for r, cu in enumerate(rows):
+        qp = positions(layout, q_rank, world, q_len, cu)
+        kp = positions(layout, kv_rank, world, kv_len, cu)
+        bounds = None if cu is None else doc_bounds(cu, layout == "document", world, total)
+        b = slice(r, r + 1) if mask.per_row else None
+        out += run_pieces(*key_runs(qp, kp, mask, bounds), b, bands=mask.window[0] >= 0)
+    return tuple(out)
 
 
-def pieces_mask(pieces: tuple[Piece, ...], q_len: int, kv_len: int) -> torch.Tensor:
-    """Boolean [q_len, kv_len] mask that `pieces` cover (for tests and debugging)."""
-    mask = torch.zeros(q_len, kv_len, dtype=torch.bool)
+def pieces_mask(pieces: tuple[Piece, ...], q_len: int, kv_len: int,
+                batch: int = 1) -> Tensor:
+    """Boolean mask that `pieces` cover: [q_len, kv_len], or [batch, q_len, kv_len] when
+    batch > 1 (for tests and debugging). Overlapping pieces would be a bug: counted."""
+    count = torch.zeros(batch, q_len, kv_len, dtype=torch.int32)
     for p in pieces:
         rows, cols = p.q.stop - p.q.start, p.k.stop - p.k.start
-        block = torch.ones(rows, cols, dtype=torch.bool)
-        mask[p.q, p.k] |= block.tril() if p.causal else block
-    return mask
+        b = p.b if p.b is not None else slice(0, batch)
+        count[b, p.q, p.k] += band_mask(p.band, rows, cols).int()
+    if count.max() > 1:
+        raise AssertionError("pieces overlap")
+    return count.bool()[0] if batch == 1 else count.bool()
+
+
+def pairs(p: Piece) -> int:
+    """(query, key) pairs one piece computes, per batch row it covers."""
+    n, m = p.q.stop - p.q.start, p.k.stop - p.k.start
+    if p.lo is None and p.hi is None:
+        return n * m
+    r = torch.arange(n)
+    lo = torch.zeros(n, dtype=torch.int64) if p.lo is None else (r + p.lo).clamp(0, m)
+    hi = torch.full((n,), m) if p.hi is None else (r + p.hi + 1).clamp(0, m)
+    return int((hi - lo).clamp(min=0).sum())

@@ -21,7 +21,8 @@ from functools import lru_cache
 
 import torch
 
-from .routing import Geometry, held, step_block, used
+from .masking import Mask, make_mask, pairs
+from .routing import Geometry, best_hop, held, step_block, used
 
 SCHEDULE_NAMES = ("kv", "q")
 
@@ -98,12 +99,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def _piece_pairs(pieces) -> int:
-    total = 0
-    for p in pieces:
-        n, m = p.q.stop - p.q.start, p.k.stop - p.k.start
-        total += n * (n + 1) // 2 if p.causal else n * m
-    return total
+def _piece_pairs(pieces, batch: int) -> float:
+    """(query, key) pairs computed, averaged over the batch rows (a piece may cover one)."""
+    return sum(pairs(p) * ((p.b.stop - p.b.start) / batch if p.b is not None else 1)
+               for p in pieces)
 
 
 def _link_time(ic: Interconnect, world: int, msgs: list[tuple[int, int, int]]) -> float:
@@ -131,11 +130,12 @@ def _link_time(ic: Interconnect, world: int, msgs: list[tuple[int, int, int]]) -
 
 @lru_cache(maxsize=1024)
 def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: tuple,
-              itemsize: int, acc_size: int, causal: bool, backward: bool, ic: Interconnect,
+              itemsize: int, acc_size: int, mask: Mask, backward: bool, ic: Interconnect,
               flops: float) -> Estimate:
     b, sq, hq, d = q_shape
     skv, hkv = kv_shape[1], kv_shape[2]
-    geo = Geometry.uniform(layout, world, sq, skv, causal, schedule)
+    geo = Geometry.uniform(layout, world, sq, skv, mask, schedule,
+                           best_hop(layout, world, sq, skv, mask, schedule))
     # bytes per row (Q side) or key (K/V side) of what moves and what returns
     q_row = {"fwd": b * hq * d * itemsize,
              "bwd": b * hq * (3 * d * itemsize + acc_size)}  # q, dout, out, lse
@@ -158,18 +158,18 @@ def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: 
             for r in range(world):
                 sent = recv = 0
                 if step + 1 < world:
-                    out_b = ln(held(geo, (r + step) % world, step + 1)) * move_row
+                    out_b = ln(held(geo, geo.owner(r, step), step + 1)) * move_row
                     sent += out_b
-                    recv += ln(held(geo, (r + step + 1) % world, step + 1)) * move_row
-                    msgs.append((r, (r - 1) % world, out_b))
+                    recv += ln(held(geo, geo.owner(r, step + 1), step + 1)) * move_row
+                    msgs.append((r, geo.holder(r, 1), out_b))
                 if step > 0 and rrow:
                     out_b = ln(used(geo, r, step)) * rrow
                     sent += out_b
-                    recv += ln(used(geo, (r - step) % world, step)) * rrow
-                    msgs.append((r, (r + step) % world, out_b))
+                    recv += ln(used(geo, geo.holder(r, step), step)) * rrow
+                    msgs.append((r, geo.owner(r, step), out_b))
                 per_rank[r][step] = (sent, recv)
             t_comm = _link_time(ic, world, msgs)
-            t_comp = max(_piece_pairs(step_block(geo, r, step)[2]) for r in range(world)) * work
+            t_comp = max(_piece_pairs(step_block(geo, r, step)[2], b) for r in range(world)) * work
             # the next transfer and this step's return overlap this step's compute
             time_s += max(t_comm, t_comp) if ic.overlap else t_comm + t_comp
             comm_s += t_comm
@@ -181,10 +181,14 @@ def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: 
 def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
          dtype: torch.dtype = torch.bfloat16, causal: bool = True, layout: str = "zigzag",
          interconnect: str | Interconnect | None = None, device_type: str = "cuda",
-         flops: float | None = None, backward: bool = False) -> Plan:
+         flops: float | None = None, backward: bool = False,
+         window: tuple[int, int] = (-1, -1), cu_seqlens: object = None,
+         mask: Mask | None = None) -> Plan:
     """Predict both schedules for one call and choose the faster.
 
-    q_shape [B, S_local, Hq, D], kv_shape [B, S_local_kv, Hkv, D] are the per-rank shards.
+    q_shape [B, S_local, Hq, D], kv_shape [B, S_local_kv, Hkv, D] are the per-rank shards;
+    `window` and `cu_seqlens` as for `ring_attention` (skipped blocks cost nothing); a
+    prepared `mask` (`ringmem.masking.Mask`) replaces causal, window and cu_seqlens.
     Returns a Plan with per-schedule bytes per rank per step and predicted times; `str(plan)`
     explains the choice. Within 1% predicted time (both hidden behind compute), the schedule
     with less communication wins: it leaves more slack. Exact ties go to `kv`.
@@ -199,8 +203,10 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
         raise ValueError(f"flops must be > 0, got {flops}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
+    if mask is None:
+        mask = make_mask(causal, window, cu_seqlens, q_shape[0], layout, world, q_shape[1])
     ests = {s: _estimate(s, layout, world, tuple(q_shape), tuple(kv_shape), itemsize, acc,
-                         causal, backward, ic, float(rate)) for s in SCHEDULE_NAMES}
+                         mask, backward, ic, float(rate)) for s in SCHEDULE_NAMES}
     t_kv, t_q = ests["kv"].time_s, ests["q"].time_s
     if math.isclose(t_kv, t_q, rel_tol=0.01):
         best = "q" if ests["q"].comm_s < ests["kv"].comm_s else "kv"

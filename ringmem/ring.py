@@ -17,6 +17,7 @@ from torch import Tensor
 from .backends import Backend
 from .comm import RingComm
 from .partial import Partial, acc_dtype, merge_into
+from .masking import Mask
 from .routing import Geometry, held, split_rows, step_block, used
 
 Side = list[tuple[Tensor, int]]  # tensors of one side with their sequence dims
@@ -27,17 +28,27 @@ Template = list[tuple[tuple[int, ...], int, torch.dtype]]  # shape, seq dim, wir
 class RingSpec:
     """Everything the loop needs besides tensors; identical on every rank (checked upstream)."""
     layout: str
-    causal: bool
+    mask: Mask
     scale: float
     backend: Backend
     schedule: str  # "kv" or "q" (resolved)
+    softcap: float = 0.0  # 0: none
+    hop: int = 1  # ring direction (see `routing`)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mask, bool):  # a plain causal flag
+            object.__setattr__(self, "mask", Mask(causal=self.mask))
+
+    @property
+    def causal(self) -> bool:
+        return self.mask.causal
 
     def geometry(self, world: int, q_local: int, kv_local: int,
                  kv_lens: tuple[int, ...] | None = None) -> Geometry:
         """Equal local lengths on every rank, unless per-rank `kv_lens` are given."""
         return Geometry(self.layout, world, (q_local,) * world,
                         kv_lens if kv_lens is not None else (kv_local,) * world,
-                        self.causal, self.schedule)
+                        self.mask, self.schedule, self.hop)
 
 
 def _resized(shape: tuple[int, ...], dim: int, n: int) -> list[int]:
@@ -64,9 +75,11 @@ class _Acc:
                                  device=self.device))
         return ts
 
-    def add(self, start: int, parts: list[Tensor]) -> None:
+    def add(self, start: int, parts: list[Tensor], rows: slice | None = None) -> None:
+        """Add results for rows/keys [start, ...) (and batch rows `rows`, None: all)."""
         d0 = self.template[0][1]
-        if self.tensors is None and start == 0 and parts[0].shape[d0] == self.n:
+        if (self.tensors is None and start == 0 and parts[0].shape[d0] == self.n
+                and rows is None):
             # the first result over every row is the accumulator (saves a zero fill + merge)
             self.tensors = [p.to(self.dtype).contiguous() for p in parts]
             return
@@ -74,6 +87,8 @@ class _Acc:
             self.tensors = self._alloc()
         views = [t.narrow(d, start, p.shape[d])
                  for t, (_, d, _), p in zip(self.tensors, self.template, parts)]
+        if rows is not None:  # batch is dim 0 of every result
+            views = [v[rows] for v in views]
         if self.kind == "lse":
             # out [B, S, H, D], lse [B, H, S]: the lse's transpose lines up with out
             merge_into(Partial(views[0], views[1].transpose(1, 2)),
@@ -122,10 +137,13 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
                 off = in_off if side == mv else 0
                 ins[side] = [t.narrow(d, sl.start - off, sl.stop - sl.start)
                              for t, (_, d) in zip(ts, sides[side])]
-            res = block(ins["q"], ins["kv"], p.causal)
+                if p.b is not None:  # a batch row with its own packing
+                    ins[side] = [t[p.b] for t in ins[side]]
+            res = block(ins["q"], ins["kv"], p.band)
             for side, sl in spans.items():
                 if res.get(side) is not None:
-                    target[side].add(sl.start - (out_off if side == mv else 0), res[side])
+                    target[side].add(sl.start - (out_off if side == mv else 0), res[side],
+                                     p.b)
 
     def finish(pend) -> None:
         if pend is not None:
@@ -139,15 +157,15 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
     for step in range(world):
         move_works, recv_bufs, recv_span = None, [], None
         if step + 1 < world:
-            send_span = held(geo, (rank + step) % world, step + 1)
-            recv_span = held(geo, (rank + step + 1) % world, step + 1)
+            send_span = held(geo, geo.owner(rank, step), step + 1)
+            recv_span = held(geo, geo.owner(rank, step + 1), step + 1)
             send = [] if send_span is None else [
                 t.narrow(d, send_span[0] - held_lo, send_span[1] - send_span[0]).contiguous()
                 for t, (_, d) in zip(held_ts, sides[mv])]
             if recv_span is not None:
                 recv_bufs = [torch.empty(_resized(t.shape, d, recv_span[1] - recv_span[0]),
                                          dtype=t.dtype, device=t.device) for t, d in sides[mv]]
-            move_works = comm.move(step, send, recv_bufs)
+            move_works = comm.move(step, send, recv_bufs, geo.hop)
         if step == 0:
             compute(own_first, 0, accs)
         else:
@@ -157,10 +175,10 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
                 target[mv] = _Acc(kinds[mv], templates[mv], span[1] - span[0], dtype, device)
             compute(step_block(geo, rank, step)[2], held_lo, target, span[0] if span else 0)
             if returns:
-                in_span = used(geo, (rank - step) % world, step)
+                in_span = used(geo, geo.holder(rank, step), step)
                 out = target[mv].wire() if span is not None else []
                 bufs = [] if in_span is None else accs[mv].empty_wire(in_span[1] - in_span[0])
-                works = comm.ret(step, out, +step, bufs, -step)
+                works = comm.ret(step, out, geo.hop * step, bufs, -geo.hop * step)
                 finish(pending)
                 pending = (works, bufs, in_span, out)
         if move_works is not None:
@@ -173,6 +191,12 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
     return {s: a.result() for s, a in accs.items()}
 
 
+def _extra(spec: RingSpec) -> dict:
+    """Backend keywords beyond the protocol's core (only when used: every backend takes
+    the core call)."""
+    return {"softcap": spec.softcap} if spec.softcap else {}
+
+
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, spec: RingSpec, comm: RingComm,
                  kv_lens: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
     """q [B, S, Hq, D], k/v [B, S, Hkv, D] (local shards) -> out (q.dtype), lse [B, Hq, S].
@@ -181,8 +205,9 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, spec: RingSpec, comm: RingComm
     b, s, hq, d = q.shape
     acc = acc_dtype(q.dtype)
 
-    def block(qs, kvs, causal):
-        return {"q": list(spec.backend.fwd(qs[0], kvs[0], kvs[1], spec.scale, causal))}
+    def block(qs, kvs, band):
+        return {"q": list(spec.backend.fwd(qs[0], kvs[0], kvs[1], spec.scale, band,
+                                           **_extra(spec)))}
 
     res = _ring(comm, spec.geometry(comm.world, s, k.shape[1], kv_lens),
                 {"q": [(q, 1)], "kv": [(k, 1), (v, 1)]},
@@ -199,9 +224,9 @@ def ring_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     b, s, hq, d = q.shape
     acc = acc_dtype(q.dtype)
 
-    def block(qs, kvs, causal):
+    def block(qs, kvs, band):
         dq, dk, dv = spec.backend.bwd(qs[1], qs[0], kvs[0], kvs[1], qs[2], qs[3], spec.scale,
-                                      causal)
+                                      band, **_extra(spec))
         return {"q": [dq], "kv": [dk, dv]}
 
     kv_t = [(tuple(k.shape), 1, acc)] * 2

@@ -1,8 +1,11 @@
 """Who computes what at each ring step, and which rows/keys travel (pure, cached).
 
 Both schedules share one shape. The *moving* side (K/V for `kv`, Q for `q`) travels one hop
-backward per step (rank r -> r-1), so at step i rank r holds the moving side of owner r+i
-and computes it against its own stationary side. A travelling buffer carries only the span
+per step in the direction `hop` (+1: rank r -> r-1, so at step i rank r holds the moving
+side of owner r+i; -1: the other way round) and is computed against the holder's own
+stationary side. A mask that only looks back a short way (a causal sliding window) picks
+the direction that reaches its few needed owners first, and everything after them is
+empty: nothing computed, nothing sent. A travelling buffer carries only the span
 of rows (Q) or keys (K/V) that its remaining holders need; under zigzag that trims it to
 half once the ring wraps. Results that belong to the moving side (out/lse for `q`; dq for
 `q`, dk/dv for `kv` in the backward) return straight to their owner.
@@ -12,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .masking import Piece, block_pieces
+from .masking import Mask, Piece, block_pieces
 
 Span = tuple[int, int]  # [lo, hi) of rows or keys
 
@@ -23,23 +26,41 @@ class Geometry:
     world: int
     q_lens: tuple[int, ...]   # local query length of each rank
     kv_lens: tuple[int, ...]  # local key length of each rank
-    causal: bool
+    mask: Mask
     moving: str  # "q" or "kv": which side travels
+    hop: int = 1  # +1: the moving side goes r -> r-1 (holds owner r+i at step i); -1: r -> r+1
+
+    @property
+    def causal(self) -> bool:
+        return self.mask.causal
 
     def __post_init__(self) -> None:
+        if isinstance(self.mask, bool):
+            object.__setattr__(self, "mask", Mask(causal=self.mask))
+        if self.hop not in (1, -1):
+            raise ValueError(f"hop must be +1 or -1, got {self.hop!r}")
         if self.moving not in ("q", "kv"):
             raise ValueError(f"moving must be 'q' or 'kv', got {self.moving!r}")
         if len(self.q_lens) != self.world or len(self.kv_lens) != self.world:
             raise ValueError(f"need one q and kv length per rank, got {self.q_lens}, "
                              f"{self.kv_lens} for world {self.world}")
-        if self.causal and (len(set(self.q_lens + self.kv_lens)) != 1):
-            raise ValueError(f"causal blocks need equal local lengths on every rank, got q "
-                             f"{self.q_lens} and kv {self.kv_lens}")
+        if not self.mask.plain or self.causal:
+            if len(set(self.q_lens + self.kv_lens)) != 1:
+                raise ValueError(f"masks over positions need equal local lengths on every "
+                                 f"rank, got q {self.q_lens} and kv {self.kv_lens}")
 
     @classmethod
-    def uniform(cls, layout: str, world: int, q_len: int, kv_len: int, causal: bool,
-                moving: str) -> Geometry:
-        return cls(layout, world, (q_len,) * world, (kv_len,) * world, causal, moving)
+    def uniform(cls, layout: str, world: int, q_len: int, kv_len: int, mask: Mask | bool,
+                moving: str, hop: int = 1) -> Geometry:
+        return cls(layout, world, (q_len,) * world, (kv_len,) * world, mask, moving, hop)
+
+    def owner(self, rank: int, step: int) -> int:
+        """Whose moving side `rank` holds at `step`."""
+        return (rank + self.hop * step) % self.world
+
+    def holder(self, owner: int, step: int) -> int:
+        """Who holds `owner`'s moving side at `step`."""
+        return (owner - self.hop * step) % self.world
 
 
 def _side(p: Piece, side: str) -> slice:
@@ -56,10 +77,10 @@ def span_of(pieces: tuple[Piece, ...], side: str) -> Span | None:
 @lru_cache(maxsize=8192)
 def step_block(geo: Geometry, rank: int, step: int) -> tuple[int, int, tuple[Piece, ...]]:
     """(query owner, key owner, pieces) of the block `rank` computes at `step`."""
-    m = (rank + step) % geo.world
+    m = geo.owner(rank, step)
     qo, ko = (rank, m) if geo.moving == "kv" else (m, rank)
     return qo, ko, block_pieces(geo.layout, geo.world, qo, geo.q_lens[qo], ko,
-                                geo.kv_lens[ko], geo.causal)
+                                geo.kv_lens[ko], geo.mask)
 
 
 @lru_cache(maxsize=8192)
@@ -74,16 +95,34 @@ def held(geo: Geometry, owner: int, step: int) -> Span | None:
     and every later holder need (None: nothing travels)."""
     if step == 0:
         return 0, (geo.q_lens if geo.moving == "q" else geo.kv_lens)[owner]
-    spans = [used(geo, (owner - s) % geo.world, s) for s in range(step, geo.world)]
+    spans = [used(geo, geo.holder(owner, s), s) for s in range(step, geo.world)]
     spans = [s for s in spans if s is not None]
     if not spans:
         return None
     return min(s[0] for s in spans), max(s[1] for s in spans)
 
 
+def last_step(geo: Geometry) -> int:
+    """The last step at which any rank computes (later steps are empty everywhere)."""
+    return max((s for s in range(geo.world) for r in range(geo.world)
+                if step_block(geo, r, s)[2]), default=0)
+
+
+@lru_cache(maxsize=1024)
+def best_hop(layout: str, world: int, q_len: int, kv_len: int, mask: Mask,
+             moving: str) -> int:
+    """The ring direction that finishes soonest: +1 unless a window makes the other
+    direction reach every needed block in fewer steps (ties: +1, today's direction)."""
+    if mask.window == (-1, -1) or world <= 2:
+        return 1
+    last = {h: last_step(Geometry.uniform(layout, world, q_len, kv_len, mask, moving, h))
+            for h in (1, -1)}
+    return -1 if last[-1] < last[1] else 1
+
+
 def split_rows(pieces: tuple[Piece, ...], at: int) -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
     """Split pieces into query rows < at and >= at (a causal square splits into a smaller
-    causal square, and a full block plus a causal square)."""
+    causal square, and a full block plus a causal square; a band shifts its offsets)."""
     first: list[Piece] = []
     second: list[Piece] = []
     for p in pieces:
@@ -92,12 +131,13 @@ def split_rows(pieces: tuple[Piece, ...], at: int) -> tuple[tuple[Piece, ...], t
             first.append(p)
         elif a >= at:
             second.append(p)
-        elif not p.causal:
-            first.append(Piece(slice(a, at), p.k, False))
-            second.append(Piece(slice(at, b), p.k, False))
-        else:
+        elif p.causal:
             mid = p.k.start + (at - a)
-            first.append(Piece(slice(a, at), slice(p.k.start, mid), True))
-            second.append(Piece(slice(at, b), slice(p.k.start, mid), False))
-            second.append(Piece(slice(at, b), slice(mid, p.k.stop), True))
+            first.append(Piece(slice(a, at), slice(p.k.start, mid), None, 0, p.b))
+            second.append(Piece(slice(at, b), slice(p.k.start, mid), b=p.b))
+            second.append(Piece(slice(at, b), slice(mid, p.k.stop), None, 0, p.b))
+        else:
+            shift = lambda x: None if x is None else x - (at - a)  # noqa: E731
+            first.append(Piece(slice(a, at), p.k, p.lo, p.hi, p.b))
+            second.append(Piece(slice(at, b), p.k, shift(p.lo), shift(p.hi), p.b))
     return tuple(first), tuple(second)

@@ -23,17 +23,20 @@ def check_backend_name(name: object) -> str:
     return name
 
 
-def get_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Backend:
-    """The backend `name` (or the fastest available for `"auto"`), checked against the inputs."""
+def get_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, *,
+                bands: bool = False, softcap: bool = False) -> Backend:
+    """The backend `name` (or the fastest available for `"auto"`), checked against the
+    inputs and the features the call needs (band masks for windows, a logit softcap)."""
     check_backend_name(name)
+    needs = {"bands": bands, "softcap": softcap}
     if name == "auto":
         for cand in _AUTO_ORDER.get(device.type, ("torch",)):
-            if _REGISTRY[cand].unsupported(device, dtype, head_dim) is None:
+            if _REGISTRY[cand].unsupported(device, dtype, head_dim, **needs) is None:
                 return _REGISTRY[cand]
         raise ValueError(f"no backend supports device={device}, dtype={dtype}, "
-                         f"head_dim={head_dim}")
+                         f"head_dim={head_dim}, {needs}")
     backend = _REGISTRY[name]
-    why = backend.unsupported(device, dtype, head_dim)
+    why = backend.unsupported(device, dtype, head_dim, **needs)
     if why:
         raise ValueError(f"backend {name!r} cannot run these inputs: {why}")
     return backend

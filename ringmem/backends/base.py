@@ -2,7 +2,11 @@
 
 Tensors are [B, S, H, D] (flash-attn layout); K/V may have fewer heads than Q (GQA/MQA:
 query head h uses key head h // (Hq // Hkv)). `causal=True` means a square block with key
-j visible from query i iff j <= i. lse is [B, Hq, Sq], natural log, fp32 (fp64 for fp64).
+j visible from query i iff j <= i; a band (lo, hi) means lo <= j - i <= hi (None: unbounded;
+`ringmem.masking`), which backends that report `unsupported(..., bands=True) is None` take.
+`softcap` (> 0) caps logits as softcap * tanh(s / softcap) (Gemma 2), for backends that
+report `unsupported(..., softcap=True) is None`. lse is [B, Hq, Sq], natural log, fp32
+(fp64 for fp64).
 
 `decode` (one query against a paged K/V pool) has a default: `fwd` once per run of slots,
 on views of the pool (no copy), with the G query heads of each KV head as G query rows, so
@@ -19,20 +23,24 @@ from torch import Tensor
 
 from ..partial import Partial, empty, merge
 
+Mask = bool | tuple[int | None, int | None]  # causal flag, or a band (lo, hi)
+
 
 @runtime_checkable
 class Backend(Protocol):
     name: str
 
-    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-        """Why this backend cannot run these inputs, or None when it can."""
+    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int, *,
+                    bands: bool = False, softcap: bool = False) -> str | None:
+        """Why this backend cannot run these inputs (with band masks / a softcap when
+        asked), or None when it can."""
 
-    def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
-            causal: bool) -> tuple[Tensor, Tensor]:
+    def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: Mask, *,
+            softcap: float = 0.0) -> tuple[Tensor, Tensor]:
         """(out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] fp32)."""
 
     def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-            scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+            scale: float, causal: Mask, *, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         """(dq, dk, dv) of this block given the *global* out and lse of the query rows.
 
         Gradients may come back in q.dtype or wider; the ring accumulates them in fp32.

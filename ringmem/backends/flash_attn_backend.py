@@ -39,7 +39,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .base import Backend
+from ..masking import causal_flag
+from .base import Backend, Mask
 
 _MODULE = "flash_attn.flash_attn_interface"
 _HALF = (torch.float16, torch.bfloat16)
@@ -129,7 +130,10 @@ class FlashAttnBackend(Backend):
     def __init__(self, deterministic: bool = False) -> None:
         self.deterministic = deterministic
 
-    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int, *,
+                    bands: bool = False, softcap: bool = False) -> str | None:
+        if bands or softcap:  # flash-attn has both; not wired (no GPU with flash-attn here)
+            return "ringmem calls flash_attn for full and causal blocks only (no window, softcap)"
         _, why = _interface()
         if why:
             return why
@@ -152,7 +156,8 @@ class FlashAttnBackend(Backend):
         return mod
 
     def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
-            causal: bool) -> tuple[Tensor, Tensor]:
+            causal: Mask) -> tuple[Tensor, Tensor]:
+        causal = causal_flag(causal, self.name)
         _check(q, k, causal)
         b, sq, hq, d = q.shape
         if sq == 0 or k.shape[1] == 0:  # flash-attn gives lse = +inf for no keys; ringmem -inf
@@ -173,7 +178,8 @@ class FlashAttnBackend(Backend):
         return out, lse[..., :sq]
 
     def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-            scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+            scale: float, causal: Mask) -> tuple[Tensor, Tensor, Tensor]:
+        causal = causal_flag(causal, self.name)
         _check(q, k, causal)
         if q.shape[1] == 0 or k.shape[1] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Backend
+from ..masking import as_mask, band_mask, causal_flag
+from .base import Backend, Mask
 
 _aten = torch.ops.aten
 
@@ -34,10 +35,29 @@ def _reduce_kv(dx: Tensor, groups: int) -> Tensor:
     return dx.reshape(b, s, h // groups, groups, d).sum(3, dtype=torch.float32)
 
 
+def _cpu_mask(mask: Mask, q: Tensor):
+    """(is_causal, k -> additive bias or None) for the CPU op: a band becomes an explicit
+    bias in q's dtype (the op wants that dtype), -inf outside the band."""
+    band = as_mask(mask)
+    if band in ((None, None), (None, 0)):
+        return band == (None, 0), lambda k: None
+
+    def bias(k: Tensor) -> Tensor:
+        keep = band_mask(band, q.shape[1], k.shape[1], q.device)
+        return torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~keep, float("-inf"))
+    return False, bias
+
+
 class SdpaBackend(Backend):
     name = "sdpa"
 
-    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int, *,
+                    bands: bool = False, softcap: bool = False) -> str | None:
+        if softcap:
+            return "PyTorch's fused attention ops have no logit softcap"
+        if bands and device.type != "cpu":
+            return "the CUDA flash op takes no mask: window bands need another backend"
         if device.type == "cpu":
             return None if dtype.is_floating_point else f"dtype {dtype} is not a float dtype"
         if device.type == "cuda":
@@ -49,11 +69,13 @@ class SdpaBackend(Backend):
         return f"no fused flash op for device type {device.type!r}"
 
     def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
-            causal: bool) -> tuple[Tensor, Tensor]:
+            causal: Mask) -> tuple[Tensor, Tensor]:
         if q.device.type == "cpu":
+            causal, bias = _cpu_mask(causal, q)
             out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
-                _t(q), _t(k), _t(v), 0.0, causal, scale=scale)
+                _t(q), _t(k), _t(v), 0.0, causal, attn_mask=bias(k), scale=scale)
             return _t(out), lse
+        causal = causal_flag(causal, self.name)
         g = q.shape[2] // k.shape[2]
         q, k, v = (_unit_last(x) for x in (q, k, v))
         res = _aten._scaled_dot_product_flash_attention(
@@ -61,12 +83,15 @@ class SdpaBackend(Backend):
         return _t(res[0]), res[1][..., : q.shape[1]]
 
     def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-            scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+            scale: float, causal: Mask) -> tuple[Tensor, Tensor, Tensor]:
         lse = lse.contiguous()
         if q.device.type == "cpu":
+            causal, bias = _cpu_mask(causal, q)
             dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                _t(dout), _t(q), _t(k), _t(v), _t(out), lse, 0.0, causal, scale=scale)
+                _t(dout), _t(q), _t(k), _t(v), _t(out), lse, 0.0, causal,
+                attn_mask=bias(k), scale=scale)
             return _t(dq), _t(dk), _t(dv)
+        causal = causal_flag(causal, self.name)
         g = q.shape[2] // k.shape[2]
         sq, sk = q.shape[1], k.shape[1]
         dout, q, k, v, out = (_unit_last(x) for x in (dout, q, k, v, out))

@@ -13,14 +13,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..masking import causal_flag
 from ..partial import Partial, acc_dtype, empty
-from .base import Backend
+from .base import Backend, Mask
 
 
 class TritonBackend(Backend):
     name = "triton"
 
-    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int, *,
+                    bands: bool = False, softcap: bool = False) -> str | None:
+        if bands:
+            return "the Triton kernels compute full and causal blocks only (no window bands)"
+        if softcap:
+            return "the Triton kernels have no logit softcap"
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install 'ringmem[triton]')"
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -37,14 +43,14 @@ class TritonBackend(Backend):
                 f"{device.type!r}")
 
     def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
-            causal: bool) -> tuple[Tensor, Tensor]:
+            causal: Mask) -> tuple[Tensor, Tensor]:
         from ..kernels.attention import attention_fwd
-        return attention_fwd(q, k, v, scale, causal)
+        return attention_fwd(q, k, v, scale, causal_flag(causal, self.name))
 
     def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-            scale: float, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+            scale: float, causal: Mask) -> tuple[Tensor, Tensor, Tensor]:
         from ..kernels.attention import attention_bwd
-        return attention_bwd(dout, q, k, v, out, lse, scale, causal)
+        return attention_bwd(dout, q, k, v, out, lse, scale, causal_flag(causal, self.name))
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]],
                scale: float) -> Partial:

@@ -72,12 +72,15 @@ def resolve_interconnect(ic: str | Interconnect | None, device_type: str) -> Int
 
 @dataclass
 class Estimate:
-    """One schedule's prediction. steps[phase][rank][step] = (bytes sent, bytes received)."""
+    """One schedule's prediction. steps[phase][rank][step] = (bytes sent, bytes received);
+    pairs[rank][step] = (query, key) pairs that rank computes at that step, over the batch
+    (the same in both phases)."""
     schedule: str
     steps: dict[str, list[list[tuple[int, int]]]]
     time_s: float
     comm_s: float
     compute_s: float
+    pairs: list[list[int]] = field(default_factory=list)
 
     def bytes(self, phase: str | None = None) -> int:
         """Total bytes sent by all ranks (in `phase`, or both)."""
@@ -169,13 +172,16 @@ def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: 
                     msgs.append((r, geo.owner(r, step), out_b))
                 per_rank[r][step] = (sent, recv)
             t_comm = _link_time(ic, world, msgs)
-            t_comp = max(_piece_pairs(step_block(geo, r, step)[2], b) for r in range(world)) * work
+            work_pairs = [_piece_pairs(step_block(geo, r, step)[2], b) for r in range(world)]
+            t_comp = max(work_pairs) * work
             # the next transfer and this step's return overlap this step's compute
             time_s += max(t_comm, t_comp) if ic.overlap else t_comm + t_comp
             comm_s += t_comm
             compute_s += t_comp
         steps[phase] = per_rank
-    return Estimate(schedule, steps, time_s, comm_s, compute_s)
+    pairs = [[round(_piece_pairs(step_block(geo, r, s)[2], b) * b) for s in range(world)]
+             for r in range(world)]
+    return Estimate(schedule, steps, time_s, comm_s, compute_s, pairs)
 
 
 def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,

@@ -127,8 +127,11 @@ def unshard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigz
              "cu_seqlens": packing_digest(docs) if ok else None})
     if world == 1 and layout != "document":
         return x
-    rows = gather_rows(x.reshape(-1), group, world)  # [world, numel]
-    gathered = torch.cat(rows.reshape(world, *x.shape).unbind(0), dim=dim)
+    if world == 1:
+        gathered = x
+    else:
+        rows = gather_rows(x.reshape(-1), group, world)  # [world, numel]
+        gathered = torch.cat(rows.reshape(world, *x.shape).unbind(0), dim=dim)
     n = x.shape[dim]
     if layout != "document":
         return gathered.index_select(dim, _inverse(global_permutation(layout, world, n), x))

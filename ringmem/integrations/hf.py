@@ -42,6 +42,11 @@ from ..api import ring_attention, shard
 from ..comm import Group, group_rank_world
 
 
+CU_SEQLENS_KW = "ringmem_cu_seqlens"
+"""Model-forward keyword that carries packed documents' offsets (global, per row) to the
+ring: `model(input_ids=..., position_ids=..., ringmem_cu_seqlens=cu)`; transformers passes
+unknown keywords through to the attention function."""
+
 PENDING_ATTR = "_ringmem_pending"
 """Attribute `RingmemCache.update` sets on the key tensor it returns: a weak reference to the
 cache, whose pending (layer, key) the attention function then takes."""
@@ -85,10 +90,11 @@ class RingAttention:
                              f"use_cache=False)")
         if attention_mask is not None:
             self._check_right_padding(attention_mask, kwargs.get("position_ids"))
+        # packed documents: the trainer passes the rows' offsets through the model's kwargs
         out = ring_attention(query.transpose(1, 2), key.transpose(1, 2),
                              value.transpose(1, 2), causal=True, group=self.group,
                              layout=self.layout, schedule=self.schedule, backend=self.backend,
-                             softmax_scale=scaling)
+                             softmax_scale=scaling, cu_seqlens=kwargs.get(CU_SEQLENS_KW))
         return out, None
 
     def _check_right_padding(self, mask: Tensor, position_ids: Tensor | None) -> None:

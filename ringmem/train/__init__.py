@@ -1,0 +1,1 @@
+"""Context-parallel training: config, packed data, the FSDP2 run, DCP checkpoints."""

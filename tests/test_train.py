@@ -124,3 +124,19 @@ def test_train_config_errors() -> None:
     with pytest.raises(ValueError, match="config asks for world_size=4, torchrun started 2"):
         from_dict(TrainConfig, {"world_size": 4}).mesh(2)
     assert dataclasses.asdict(from_dict(TrainConfig, {"dp": 2})).get("dp") == 2
+
+
+@pytest.mark.slow
+def test_smollm2_context_parallel_matches_cp1(tmp_path) -> None:
+    """The real SmolLM2-135M: CP=2 gives CP=1's loss and gradients at step 1, and the same
+    losses over 2 more steps (fp32 noise bound from a second CP=1 backend)."""
+    require_demo()
+    over = dict(model="smollm2-135m", seq_len=256, batch=1, max_documents=8, lr=1e-4,
+                min_lr=1e-5)
+    ref = _run(tmp_path, "s1", 1, steps=2, **over)
+    alt = _run(tmp_path, "s1t", 1, backend="torch", **over)
+    got = _run(tmp_path, "s2", 2, steps=2, **over)
+    bound = 8 * _max_err(alt["grads"], ref["grads"]) + 1e-6
+    assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
+    assert _max_err(got["grads"], ref["grads"]) <= bound
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got["curve"], ref["curve"]))

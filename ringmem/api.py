@@ -31,7 +31,7 @@ def _shape(x: object) -> tuple[int, ...]:
     return tuple(x.shape) if isinstance(x, Tensor) else (-1,)
 
 
-def _check_extras(q: Tensor, sinks: object, softcap: object) -> float:
+def check_extras(q: Tensor, sinks: object, softcap: object) -> float:
     """Checks sinks and softcap; returns the softcap (0.0: none)."""
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
@@ -101,7 +101,7 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
         err = local_len_error(layout, sq, world) if causal or not mask.plain else None
         if err:
             raise ValueError(f"q.shape[1]={sq}: {err}")
-        cap = _check_extras(q, sinks, softcap)
+        cap = check_extras(q, sinks, softcap)
         scale = 1.0 / math.sqrt(dq) if softmax_scale is None else float(softmax_scale)
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"softmax_scale must be a positive finite number, got "

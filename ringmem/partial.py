@@ -91,32 +91,39 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, *,
            runs: Sequence[tuple[int, int]] | None = None,
            head_runs: Sequence[Sequence[tuple[int, int]]] | None = None,
            valid: Tensor | None = None, chunk: int = 8192,
-           logits: list[Tensor] | None = None) -> Partial:
+           logits: list[Tensor] | None = None, softcap: float = 0.0) -> Partial:
     """One query's partial attention over K/V pools, per KV head.
 
     q [Hq, D]; k, v [Hkv, n, D]. Which keys: `runs` (slot ranges [lo, hi) shared by every
     head, read in place), `head_runs` (per-head ranges, heads holding different tokens),
     or `valid` [Hkv, n] bool (gathered entries with holes), or all n. Returns
     Partial(out [Hq, D], lse [Hq]) in acc dtype. `logits`: an empty list receives, per KV
-    head, the scaled scores [G, n_h] in the order read (eviction uses them).
+    head, the scaled scores [G, n_h] in the order read (eviction uses them). `softcap` > 0:
+    scores become softcap * tanh(score / softcap) (Gemma 2).
     """
     if head_runs is not None:  # one pass per head, each over its own tokens
         g = q.shape[0] // k.shape[0]
         parts = [attend(q[h * g:(h + 1) * g], k[h:h + 1], v[h:h + 1], scale, runs=r,
-                        chunk=chunk, logits=logits) for h, r in enumerate(head_runs)]
+                        chunk=chunk, logits=logits, softcap=softcap)
+                 for h, r in enumerate(head_runs)]
         return Partial(torch.cat([p.out for p in parts]), torch.cat([p.lse for p in parts]))
     if valid is not None:
-        return _attend_masked(q, k, v, valid, scale)
+        return _attend_masked(q, k, v, valid, scale, softcap)
     return _attend_runs(q, k, v, scale, [(0, k.shape[1])] if runs is None else runs, chunk,
-                        logits)
+                        logits, softcap)
 
 
-def _attend_masked(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float) -> Partial:
+def _cap(s: Tensor, softcap: float) -> Tensor:
+    return torch.tanh(s / softcap) * softcap if softcap else s
+
+
+def _attend_masked(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float,
+                   softcap: float = 0.0) -> Partial:
     hq, d = q.shape
     hkv = k.shape[0]
     ad = acc_dtype(k.dtype)
     qg = (q.to(ad) * scale).reshape(hkv, hq // hkv, d)
-    s = torch.bmm(qg, k.to(ad).transpose(1, 2))  # [Hkv, G, n]
+    s = _cap(torch.bmm(qg, k.to(ad).transpose(1, 2)), softcap)  # [Hkv, G, n]
     s = s.masked_fill(~valid.to(s.device).unsqueeze(1), float("-inf"))
     p = from_scores(s, v.to(ad))
     return Partial(p.out.reshape(hq, d), p.lse.reshape(hq))
@@ -124,7 +131,7 @@ def _attend_masked(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float)
 
 def _attend_runs(q: Tensor, k: Tensor, v: Tensor, scale: float,
                  runs: Sequence[tuple[int, int]], chunk: int,
-                 logits: list[Tensor] | None) -> Partial:
+                 logits: list[Tensor] | None, softcap: float = 0.0) -> Partial:
     """Online softmax over the runs, one 2-D matmul per head and token chunk: each head's
     range is contiguous, while a batched matmul over the strided head dim copies its
     operands (measured 4x slower)."""
@@ -142,7 +149,7 @@ def _attend_runs(q: Tensor, k: Tensor, v: Tensor, scale: float,
             s = torch.empty(hkv, g, n, dtype=k.dtype, device=q.device)
             for h in range(hkv):
                 torch.matmul(qg[h], k[h, c:c + n].T, out=s[h])
-            s = s.to(ad)  # [Hkv, G, n]
+            s = _cap(s.to(ad), softcap)  # [Hkv, G, n]
             if logits is not None:
                 kept.append(s)
             m_new = torch.maximum(m, s.amax(-1))

@@ -82,7 +82,9 @@ class TorchBackend(Backend):
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]],
                scale: float, *, head_runs: Sequence[Sequence[tuple[int, int]]] | None = None,
-               logits: list[Tensor] | None = None) -> Partial:
+               logits: list[Tensor] | None = None, softcap: float = 0.0) -> Partial:
         """Reads the pages in place (no gather); `head_runs` for heads that hold different
-        tokens, `logits` to keep each key's score (see `ringmem.partial.attend`)."""
-        return attend(q, k, v, scale, runs=runs, head_runs=head_runs, logits=logits)
+        tokens, `logits` to keep each key's score, `softcap` to cap the scores (see
+        `ringmem.partial.attend`)."""
+        return attend(q, k, v, scale, runs=runs, head_runs=head_runs, logits=logits,
+                      softcap=softcap)

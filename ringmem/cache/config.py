@@ -32,6 +32,10 @@ class CacheConfig:
     decode_backend: str = "paged"
     """The backend of decode's local pass. "paged" reads the pages in place: Triton's
     run-list kernel on CUDA, the torch backend's pass elsewhere; a backend name picks one."""
+    windows: tuple[int, ...] = ()
+    """Per layer, the sliding window's left size (a query at p sees keys p - left .. p;
+    -1: full causal attention); empty: every layer full. A windowed layer keeps only the
+    last `left` tokens of each sequence (`window.py`), in pools sized for that."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "q_heads", "kv_heads", "head_dim", "capacity", "page_size",
@@ -45,8 +49,29 @@ class CacheConfig:
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
         check_layout(self.layout)
+        w = self.windows
+        if not isinstance(w, tuple) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                               and x >= -1 for x in w):
+            raise ValueError(f"windows must be a tuple of ints >= -1 (one per layer, -1: "
+                             f"full attention), got {w!r}")
+        if w and len(w) != self.num_layers:
+            raise ValueError(f"windows must have one entry per layer ({self.num_layers}), "
+                             f"got {len(w)}")
         if self.merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
         if self.decode_backend != "paged":
             get_backend(self.decode_backend, torch.device(self.device), self.dtype,
                         self.head_dim)
+
+    def window(self, layer: int) -> int:
+        """The left window size of `layer` (-1: full causal attention)."""
+        return self.windows[layer] if self.windows else -1
+
+    def layer_pages(self, layer: int) -> int:
+        """Pages per rank of `layer`'s pool: a windowed layer holds at most its window per
+        sequence, so its pool is no larger than that (at least one page)."""
+        full = -(-self.capacity // self.page_size)
+        left = self.window(layer)
+        if left < 0:
+            return full
+        return max(1, min(full, self.max_seqs * -(-left // self.page_size)))

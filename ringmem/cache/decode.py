@@ -22,12 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..api import check_extras
 from ..backends import get_backend
 from ..comm import Group, control_group, gather_rows
 from ..eviction.coordinator import DecodeStep
 from ..partial import Partial, attend, empty, merge, merge_weighted
 from .checks import check_index, check_scale, check_tensor
 from .config import MERGES
+from .window import evict
 
 if TYPE_CHECKING:
     from .sharded import ShardedKVCache
@@ -61,9 +63,11 @@ def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
     return o, torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m)
 
 def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
-                softmax_scale: float | None) -> Tensor:
+                softmax_scale: float | None, softcap: float | None = None,
+                sinks: Tensor | None = None) -> Tensor:
     """`ShardedKVCache.decode` (see there)."""
     c, b, idx = cache.config, cache.config.max_seqs, cache.index
+    cap, drops = 0.0, None
     try:
         layer = check_index("layer", layer, c.num_layers)
         check_tensor("q", q, c, c.q_heads, 1)
@@ -73,18 +77,23 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
             raise ValueError(f"decode takes all {b} sequences (batch {b}), got q.shape "
                              f"{tuple(q.shape)}, k.shape {tuple(k.shape)}")
         scale = check_scale(softmax_scale, c.head_dim)
+        cap = check_extras(q, sinks, softcap)
+        if cache.windows.windowed(layer):  # the token leaving the window, per sequence
+            drops = [cache.windows.drops(layer, s, idx.seen[layer][s] + 1 - c.window(layer))
+                     for s in range(b)]
         # demoted pages: flush, rank by bound, fetch (errors ride the merge below)
         recalled = None if cache.tiers is None else cache.tiers.prepare(layer, q, scale)
         error = None
     except Exception as e:  # noqa: BLE001 (any type: raised on every rank below)
         error = e
     if error is None:
-        owners, full = idx.place_decode(layer)
+        owners, full = idx.place_decode(layer, drops)
         wants = cache.eviction is not None and cache.eviction.wants_logits
         logits: list[list[Tensor] | None] = [[] if wants else None for _ in range(b)]
-        parts = [local_partial(cache, layer, s, q[s, 0], scale, logits[s]) for s in range(b)]
+        parts = [local_partial(cache, layer, s, q[s, 0], scale, logits[s], cap)
+                 for s in range(b)]
         if recalled is not None:
-            parts = [recall(p, page, q[s, 0], scale) for s, (p, page)
+            parts = [recall(p, page, q[s, 0], scale, cap) for s, (p, page)
                      in enumerate(zip(parts, recalled))]
         lengths = [*idx.seen[layer], *(idx.held(layer, s) for s in range(b))]
     else:
@@ -93,7 +102,13 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
         lengths = [-1] * 2 * b
     check_step(cache, layer, lengths, full, error, scale if error is None else 0.0)
     merged = cross_rank(cache, parts)
-    total, l_new = own_token(merged, q, k, v, scale)
+    total, l_new = own_token(merged, q, k, v, scale, cap)
+    if sinks is not None:  # one more term in the denominator: a partial with out 0
+        total = merge([total, Partial(torch.zeros_like(total.out),
+                                      sinks.to(total.lse.dtype).expand_as(total.lse))])
+    if drops is not None:  # attended: now the oldest token leaves the window
+        for s in range(b):
+            evict(cache, layer, s, drops[s])
     store = bind(store_token, cache, layer, k, v, owners)
     if cache.eviction is not None:
         cache.eviction.on_decode(layer, DecodeStep(q[:, 0], total.lse, l_new, logits,
@@ -106,22 +121,26 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
 
 
 def local_partial(cache: ShardedKVCache, layer: int, seq: int, q: Tensor, scale: float,
-                  logits: list[Tensor] | None) -> Partial:
+                  logits: list[Tensor] | None, softcap: float = 0.0) -> Partial:
     """q [Hq, D] against this rank's hot pages of (layer, seq)."""
     store = cache.stores[layer]
     runs = store.runs(seq)
-    if logits is not None or not store.uniform(seq):  # per-key scores, per-head tokens
+    # per-key scores, per-head tokens, capped scores: the torch pass has them all
+    if logits is not None or not store.uniform(seq) or softcap:
         torch_be = get_backend("torch", q.device, q.dtype, q.shape[-1])
         hr = None if store.uniform(seq) else store.head_runs(seq)
-        return torch_be.decode(q, store.k, store.v, runs, scale, head_runs=hr, logits=logits)
+        return torch_be.decode(q, store.k, store.v, runs, scale, head_runs=hr, logits=logits,
+                               softcap=softcap)
     return cache.decoder.decode(q, store.k, store.v, runs, scale)
 
 
-def recall(part: Partial, page: Gathered | None, q: Tensor, scale: float) -> Partial:
+def recall(part: Partial, page: Gathered | None, q: Tensor, scale: float,
+           softcap: float = 0.0) -> Partial:
     """Merge the exact partial over pending + recalled demoted entries into `part`."""
     if page is None:
         return part
-    return merge([part, attend(q, page.k, page.v, scale, valid=page.pos >= 0)])
+    return merge([part, attend(q, page.k, page.v, scale, valid=page.pos >= 0,
+                               softcap=softcap)])
 
 
 def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str | None,
@@ -161,8 +180,8 @@ def cross_rank(cache: ShardedKVCache, parts: list[Partial]) -> Partial:
     return Partial(*merge_across_ranks(out, lse, cache.group, cache.world,
                                        cache.config.merge))
 
-def own_token(merged: Partial, q: Tensor, k: Tensor, v: Tensor, scale: float
-              ) -> tuple[Partial, Tensor]:
+def own_token(merged: Partial, q: Tensor, k: Tensor, v: Tensor, scale: float,
+              softcap: float = 0.0) -> tuple[Partial, Tensor]:
     """The new token's own term (identical on every rank) merged in; returns the total
     and the new token's scaled scores l_new [B, Hq]."""
     acc = merged.out.dtype
@@ -170,6 +189,8 @@ def own_token(merged: Partial, q: Tensor, k: Tensor, v: Tensor, scale: float
     kn = k[:, 0].to(acc).repeat_interleave(groups, 1)
     vn = v[:, 0].to(acc).repeat_interleave(groups, 1)
     l_new = (q[:, 0].to(acc) * scale * kn).sum(-1)
+    if softcap:
+        l_new = torch.tanh(l_new / softcap) * softcap
     return merge([merged, Partial(vn, l_new)]), l_new
 
 
@@ -178,6 +199,11 @@ def store_token(cache: ShardedKVCache, layer: int, k: Tensor, v: Tensor, owners:
     """The owner stores seq's new token (initial scores `init` [1, Hkv]); every rank
     counts it."""
     pos = cache.index.seen[layer][seq]
+    if cache.config.window(layer) == 0:  # no later query sees this token: never stored
+        cache.index.advance(layer, seq, 1)
+        return
+    if cache.windows.windowed(layer):
+        cache.windows.add(layer, seq, owners[seq], [pos])
     if owners[seq] == cache.rank:  # a fill, not a host->device copy (no sync)
         cache.stores[layer].append(seq, k[seq], v[seq],
                                    torch.full((1,), pos, dtype=torch.int64, device=k.device),

@@ -20,9 +20,12 @@ class CacheIndex:
     """Replicated per layer / seq / rank / KV head token counts and next positions."""
 
     def __init__(self, *, num_layers: int, max_seqs: int, world: int, kv_heads: int,
-                 page_size: int, num_pages: int, capacity: int) -> None:
+                 page_size: int, num_pages: int, capacity: int,
+                 layer_pages: list[int] | None = None) -> None:
         self.world, self.kv_heads, self.page_size = world, kv_heads, page_size
         self.num_pages, self.capacity = num_pages, capacity
+        # pages per rank of each layer's pool (windowed layers have smaller pools)
+        self.layer_pages = layer_pages or [num_pages] * num_layers
         self.head_counts = [[self._zeros() for _ in range(max_seqs)]
                             for _ in range(num_layers)]
         self.split = [[False] * max_seqs for _ in range(num_layers)]
@@ -48,33 +51,41 @@ class CacheIndex:
         return out
 
     # ------------------------------------------------------------ decisions
-    def check_room(self, layer: int, seq: int, adds: list[int]) -> None:
-        """Raise (on every rank alike) if adding adds[r] tokens of `seq` overflows a rank."""
-        ps, total = self.page_size, self.num_pages
+    def check_room(self, layer: int, seq: int, adds: list[int],
+                   drops: list[int] | None = None) -> None:
+        """Raise (on every rank alike) if adding adds[r] tokens of `seq` overflows a rank
+        (after dropping drops[r] of its tokens: a sliding window's eviction)."""
+        ps, total = self.page_size, self.layer_pages[layer]
         counts = self.counts(layer, seq)
         for r, n in enumerate(adds):
-            need = -(-max(0, n - (-counts[r] % ps)) // ps)
-            used = self.pages_used(layer, r)
+            drop = drops[r] if drops else 0
+            held = counts[r] - drop
+            need = -(-max(0, n - (-held % ps)) // ps)
+            used = self.pages_used(layer, r) - -(-counts[r] // ps) + -(-held // ps)
             if used + need > total:
                 raise ValueError(f"KV cache capacity exceeded: layer {layer}, sequence {seq} "
                                  f"needs {need} more page(s) on rank {r}, which has "
                                  f"{total - used} of {total} free "
                                  f"(capacity {self.capacity} tokens per rank)")
 
-    def place_decode(self, layer: int) -> tuple[list[int], str | None]:
+    def place_decode(self, layer: int, drops: list[list[int]] | None = None
+                     ) -> tuple[list[int], str | None]:
         """The rank that stores each sequence's new token (least loaded, lowest rank on
-        ties) and the capacity error this would cause, if any."""
-        seqs = len(self.seen[layer])
+        ties) and the capacity error this would cause, if any. drops[seq][rank]: tokens a
+        sliding window evicts first."""
+        seqs, pages = len(self.seen[layer]), self.layer_pages[layer]
         after = [self.counts(layer, s) for s in range(seqs)]
+        if drops is not None:
+            after = [[c - d for c, d in zip(row, dr)] for row, dr in zip(after, drops)]
         owners, full = [], None
         for s in range(seqs):
             owner = min(range(self.world), key=lambda r: (after[s][r], r))
             after[s][owner] += 1
             owners.append(owner)
             used = sum(-(-a[owner] // self.page_size) for a in after)
-            if full is None and used > self.num_pages:
+            if full is None and used > pages:
                 full = (f"KV cache capacity exceeded: layer {layer}, sequence {s} needs a new "
-                        f"page on rank {owner}, which has all {self.num_pages} pages in use "
+                        f"page on rank {owner}, which has all {pages} pages in use "
                         f"(capacity {self.capacity} tokens per rank)")
         return owners, full
 
@@ -83,6 +94,11 @@ class CacheIndex:
         """`rank` stored n more tokens of `seq` in every KV head."""
         row = self.head_counts[layer][seq][rank]
         row[:] = [x + n for x in row]
+
+    def remove(self, layer: int, seq: int, rank: int, n: int) -> None:
+        """`rank` dropped n tokens of `seq` from every KV head (a sliding window)."""
+        row = self.head_counts[layer][seq][rank]
+        row[:] = [x - n for x in row]
 
     def advance(self, layer: int, seq: int, n: int) -> None:
         self.seen[layer][seq] += n

@@ -11,12 +11,15 @@ import torch
 from torch import Tensor
 
 from ..agree import agree
+from ..api import check_extras
 from ..backends import Backend, get_backend
 from ..comm import RingComm
 from ..layouts import positions
+from ..masking import Mask
 from ..partial import Partial, merge
 from ..ring import RingSpec, ring_forward
 from .checks import check_index, check_scale, check_tensor
+from .window import evict, window_prefix
 
 if TYPE_CHECKING:
     from .sharded import ShardedKVCache
@@ -24,43 +27,69 @@ if TYPE_CHECKING:
 
 def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, *,
                   seq: int, n_valid: int | None, softmax_scale: float | None,
-                  backend: str) -> Tensor:
+                  backend: str, softcap: float | None = None,
+                  sinks: Tensor | None = None) -> Tensor:
     """`ShardedKVCache.prefill_chunk` (see there)."""
     c, idx = cache.config, cache.index
     n_loc = q.shape[1] if isinstance(q, Tensor) and q.dim() == 4 else -1
-    layer, seq, start, n_valid, scale, impl = _checked(cache, layer, q, k, v, seq, n_valid,
-                                                       softmax_scale, backend, n_loc)
-    held = [int((start + positions(c.layout, r, cache.world, n_loc) < start + n_valid).sum())
-            for r in range(cache.world)]
-    idx.check_room(layer, seq, held)  # before any work, identically on every rank
+    layer, seq, start, n_valid, scale, impl, cap = _checked(
+        cache, layer, q, k, v, seq, n_valid, softmax_scale, backend, n_loc, softcap, sinks)
+    left = c.window(layer)
+    end = start + n_valid  # the next position once this chunk is cached
+    # a windowed layer keeps only positions >= end - left: the chunk's older tokens are
+    # never stored, and the cached ones older than that are dropped once attended
+    low = end - left if left >= 0 else 0
+    kept = [_kept(start + positions(c.layout, r, cache.world, n_loc), low, end)
+            for r in range(cache.world)]  # per rank: positions of the chunk it stores
+    held = [len(x) for x in kept]
+    drops = cache.windows.drops(layer, seq, low) if left >= 0 else None
+    idx.check_room(layer, seq, held, drops)  # before any work, identically on every rank
+    pos = start + positions(c.layout, cache.rank, cache.world, n_loc)
     parts = []
-    if start > 0:  # the cached prefix, spread over the ranks: the chunk's Q travels
+    if start > 0 and left >= 0:  # the window before the chunk, gathered (small)
+        prefix = window_prefix(cache, layer, seq, q, pos, left, scale, cap)
+        if prefix is not None:
+            parts.append(prefix)
+    elif start > 0:  # the cached prefix, spread over the ranks: the chunk's Q travels
         parts.append(_prefix_pass(cache, layer, seq, q, RingSpec(c.layout, False, scale,
-                                                                 impl, "q")))
-    spec = RingSpec(c.layout, True, scale, impl, "kv")
+                                                                 impl, "q", softcap=cap)))
+    spec = RingSpec(c.layout, Mask(causal=True, window=(left, -1)), scale, impl, "kv",
+                    softcap=cap)
     parts.append(ring_forward(q, k, v, spec, RingComm(cache.group, "fwd", None, q.device)))
     # ring results are out [1, S, H, D], lse [1, H, S]: the lse's transpose lines up
-    out, lse = merge([Partial(o, l.transpose(1, 2)) for o, l in parts]) if len(parts) > 1 \
-        else (parts[0][0], parts[0][1].transpose(1, 2))
+    parts = [Partial(o, l.transpose(1, 2)) for o, l in parts]
+    if sinks is not None:  # one more term in every row's denominator: out 0, lse = sink
+        lead = parts[0].lse.shape
+        parts.append(Partial(torch.zeros_like(parts[0].out),
+                             sinks.to(parts[0].lse.dtype).expand(lead)))
+    out, lse = merge(parts) if len(parts) > 1 else parts[0]
+    if drops is not None:
+        evict(cache, layer, seq, drops)
     # cache the real tokens of my part; every rank counts every rank's
-    pos = start + positions(c.layout, cache.rank, cache.world, n_loc)
-    keep = pos < start + n_valid
+    keep = (pos < end) & (pos >= low)
     mine = keep.nonzero().flatten().to(k.device)
     cache.stores[layer].append(seq, k[0, mine], v[0, mine], pos[keep].to(k.device))
     for r in range(cache.world):
         idx.add(layer, seq, r, held[r])
+        if left >= 0:
+            cache.windows.add(layer, seq, r, kept[r])
     idx.advance(layer, seq, n_valid)
     if cache.eviction is not None:  # the observation window, then maybe a compression
         cache.eviction.on_prefill(layer, seq, q[0, mine], lse[0, mine], pos[keep], scale)
     return out.to(q.dtype)
 
 
+def _kept(pos: Tensor, low: int, end: int) -> list[int]:
+    return pos[(pos >= low) & (pos < end)].tolist()
+
+
 def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, seq: int,
-             n_valid: int | None, softmax_scale: float | None, backend: str, n_loc: int
-             ) -> tuple[int, int, int, int, float, Backend]:
+             n_valid: int | None, softmax_scale: float | None, backend: str, n_loc: int,
+             softcap: float | None, sinks: Tensor | None
+             ) -> tuple[int, int, int, int, float, Backend, float]:
     """The arguments checked on every rank together (one `agree`): (layer, seq, start,
-    n_valid, scale, backend)."""
-    c, error, impl = cache.config, None, None
+    n_valid, scale, backend, softcap (0.0: none))."""
+    c, error, impl, cap = cache.config, None, None, 0.0
     try:  # collected, then raised on every rank together by `agree`
         layer = check_index("layer", layer, c.num_layers)
         seq = check_index("seq", seq, c.max_seqs)
@@ -75,7 +104,9 @@ def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
         if not isinstance(n_valid, int) or not 0 < n_valid <= chunk:
             raise ValueError(f"n_valid must be an int in [1, {chunk}], got {n_valid!r}")
         scale = check_scale(softmax_scale, c.head_dim)
-        impl = get_backend(backend, q.device, q.dtype, c.head_dim)
+        cap = check_extras(q, sinks, softcap)
+        impl = get_backend(backend, q.device, q.dtype, c.head_dim,
+                           bands=c.window(layer) >= 0, softcap=cap > 0)
         start = cache.index.seen[layer][seq]
         if cache.tiers is not None:  # a full tier store fails here, on every rank
             cache.tiers.flush(layer, seq)
@@ -83,8 +114,9 @@ def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
         error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
     agree("prefill_chunk", cache.group, error, layer=layer, seq=seq,
           start=start, **{"q.shape": tuple(q.shape) if error is None else None},
-          n_valid=n_valid, softmax_scale=scale, backend=backend)
-    return layer, seq, start, n_valid, scale, impl
+          n_valid=n_valid, softmax_scale=scale, backend=backend, softcap=cap,
+          **{"sinks.shape": tuple(sinks.shape) if isinstance(sinks, Tensor) else None})
+    return layer, seq, start, n_valid, scale, impl, cap
 
 
 def _prefix_pass(cache: ShardedKVCache, layer: int, seq: int, q: Tensor,

@@ -48,6 +48,7 @@ from .paged import PagedStore
 from .prefill import prefill_chunk
 from .tiers import Demote, TieredPages, TierPolicy
 from .view import ShardedView
+from .window import WindowTracker
 
 if TYPE_CHECKING:
     from ..eviction.actions import EvictionAction
@@ -71,13 +72,16 @@ class ShardedKVCache:
         self.rank, self.world = group_rank_world(group)
         self.device = torch.device(c.device)
         num_pages = -(-c.capacity // c.page_size)
-        self.stores = [PagedStore(num_pages=num_pages, page_size=c.page_size,
+        pages = [c.layer_pages(layer) for layer in range(c.num_layers)]
+        self.stores = [PagedStore(num_pages=n, page_size=c.page_size,
                                   kv_heads=c.kv_heads, head_dim=c.head_dim,
                                   max_seqs=c.max_seqs, dtype=c.dtype, device=self.device)
-                       for _ in range(c.num_layers)]
+                       for n in pages]
         self.index = CacheIndex(num_layers=c.num_layers, max_seqs=c.max_seqs,
                                 world=self.world, kv_heads=c.kv_heads, page_size=c.page_size,
-                                num_pages=num_pages, capacity=c.capacity)
+                                num_pages=num_pages, capacity=c.capacity, layer_pages=pages)
+        self.windows = WindowTracker([c.window(i) for i in range(c.num_layers)], self.world,
+                                     c.max_seqs)
         self.decoder = _decoder(c, self.device)
         self.tiers: TieredPages | None = None
         error = None
@@ -96,7 +100,7 @@ class ShardedKVCache:
         agree("ShardedKVCache", group, error,
               dims=(c.num_layers, c.q_heads, c.kv_heads, c.head_dim),
               capacity=(c.capacity, c.page_size, c.max_seqs), dtype=c.dtype,
-              layout=c.layout, merge=c.merge,
+              layout=c.layout, merge=c.merge, windows=c.windows,
               **{"eviction policy": None if eviction is None else eviction.signature(),
                  "tiers (on, recall)": None if tiers is None else tiers.signature()})
 
@@ -134,16 +138,21 @@ class ShardedKVCache:
     # ---------------------------------------------------------------- prefill / decode
     def prefill_chunk(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *, seq: int = 0,
                       n_valid: int | None = None, softmax_scale: float | None = None,
-                      backend: str = "auto") -> Tensor:
+                      backend: str = "auto", softcap: float | None = None,
+                      sinks: Tensor | None = None) -> Tensor:
         """Attend this rank's shard of the next prompt chunk, then cache its K/V.
 
         q [1, C/P, Hq, D], k/v [1, C/P, Hkv, D]: this rank's part of a chunk of C tokens, split
         by `config.layout` (use `shard_chunk`). The chunk follows the `seq_len` tokens already
         cached. `n_valid`: real tokens in the chunk (the rest is padding at its end: not
-        cached, and no real token attends to it). Returns out [1, C/P, Hq, D].
+        cached, and no real token attends to it). `softcap`: logits become softcap *
+        tanh(logits / softcap); `sinks` [Hq]: one more logit per head in every row's softmax
+        denominator. A windowed layer (`config.windows`) sees only its window and keeps
+        only the last `left` tokens. Returns out [1, C/P, Hq, D].
         """
         return prefill_chunk(self, layer, q, k, v, seq=seq, n_valid=n_valid,
-                             softmax_scale=softmax_scale, backend=backend)
+                             softmax_scale=softmax_scale, backend=backend, softcap=softcap,
+                             sinks=sinks)
 
     def shard_chunk(self, x: Tensor, dim: int = 1) -> Tensor:
         """This rank's part of a full chunk tensor, split as `prefill_chunk` expects."""
@@ -155,7 +164,8 @@ class ShardedKVCache:
         return x.index_select(dim, idx.to(x.device))
 
     def decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *,
-               softmax_scale: float | None = None) -> Tensor:
+               softmax_scale: float | None = None, softcap: float | None = None,
+               sinks: Tensor | None = None) -> Tensor:
         """One decode step for every sequence: q [B, 1, Hq, D], k/v [B, 1, Hkv, D], the same
         on every rank (B = max_seqs). Returns out [B, 1, Hq, D]: exact attention of each new
         query over its sequence's cached tokens plus the new token, which is then cached on
@@ -164,14 +174,20 @@ class ShardedKVCache:
         Errors (bad input, full cache, ranks disagreeing on the step, a full or damaged
         tier store) are raised on every rank after the one collective of the step, so no
         rank is left waiting in it. With tiers, each rank also attends its pending and
-        recalled demoted entries before that merge.
+        recalled demoted entries before that merge. `softcap` and `sinks` as in
+        `prefill_chunk`; a windowed layer attends to its window and then drops the token
+        that leaves it.
         """
-        return decode_step(self, layer, q, k, v, softmax_scale)
+        return decode_step(self, layer, q, k, v, softmax_scale, softcap, sinks)
 
     # ---------------------------------------------------------------- low level
     def extend_local(self, layer: int, seq: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """Append tokens to *this rank's* shard only (k, v [n, Hkv, D], pos [n]); every rank
-        must then call `sync()` so all ranks see the new counts."""
+        must then call `sync()` so all ranks see the new counts. Not for windowed layers
+        (their replicated positions would be wrong)."""
+        if self.windows.windowed(self._layer(layer)):
+            raise ValueError(f"layer {layer} has a sliding window (config.windows): "
+                             f"extend_local cannot place its tokens; use prefill_chunk")
         self.stores[self._layer(layer)].append(self._seq(seq), k, v, pos)
 
     def sync(self) -> None:
@@ -184,6 +200,7 @@ class ShardedKVCache:
         for store in self.stores:
             store.reset(seq)
         self.index.reset(seq)
+        self.windows.reset(seq)
         if self.eviction is not None:
             self.eviction.reset(seq)
         if self.tiers is not None:  # the only way demoted pages are deleted
@@ -239,6 +256,7 @@ class ShardedKVCache:
         hot pages, demoted pages, bookkeeping, eviction state. Returns this rank's
         manifest path."""
         from .checkpoint import save_cache
+        _no_windows(self.config, "save")
         return save_cache(self, root, model_id=model_id, fsync=fsync)
 
     @classmethod
@@ -249,6 +267,7 @@ class ShardedKVCache:
         dims, page size, capacity, eviction policy and the files are all checked; any
         mismatch or damage raises on every rank."""
         from .checkpoint import load_cache
+        _no_windows(config, "load")
         cache = cls(config, group=group, eviction=eviction, tiers=tiers)
         try:
             load_cache(cache, root, model_id=model_id)
@@ -262,6 +281,23 @@ class ShardedKVCache:
         return sum(t.numel() * t.element_size() for s in self.stores
                    for t in (s.k, s.v, s.pos, s.score))
 
+    def window_saved_bytes(self) -> int:
+        """Bytes this rank saves because windowed layers' pools hold only their window
+        (against full-capacity pools for every layer)."""
+        full, saved = self.index.num_pages, 0
+        for s in self.stores:
+            per_page = sum(t.numel() * t.element_size()
+                           for t in (s.k, s.v, s.pos, s.score)) // s.num_pages
+            saved += (full - s.num_pages) * per_page
+        return saved
+
+
+def _no_windows(config: CacheConfig, what: str) -> None:
+    # the replicated window positions are not in the checkpoint format yet
+    if any(w >= 0 for w in config.windows):
+        raise ValueError(f"cannot {what} a checkpoint of a cache with sliding-window layers "
+                         f"(config.windows={config.windows})")
+
 
 def _check_parts(config: object, eviction: object, tiers: object) -> None:
     if not isinstance(config, CacheConfig):
@@ -271,6 +307,9 @@ def _check_parts(config: object, eviction: object, tiers: object) -> None:
                         f"{type(eviction).__name__}")
     if tiers is not None and not isinstance(tiers, TierPolicy):
         raise TypeError(f"tiers must be a TierPolicy or None, got {type(tiers).__name__}")
+    if any(w >= 0 for w in config.windows) and (eviction is not None or tiers is not None):
+        raise ValueError("a cache with sliding-window layers (config.windows) takes no "
+                         "eviction= or tiers= (a windowed layer already keeps only its window)")
     if tiers is not None and eviction is not None and not isinstance(eviction.action, HardDrop):
         raise ValueError(f"with tiers= the cache demotes evicted entries itself; "
                          f"eviction.action must be the default HardDrop, got "

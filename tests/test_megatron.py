@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 import types
@@ -269,3 +270,17 @@ def test_train_launcher_smoke() -> None:
     losses = [float(l.split("loss ")[1].split()[0]) for l in res.stdout.splitlines()
               if l.startswith("step ")]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses), res.stdout
+
+
+@pytest.mark.parametrize("args,world,message", [
+    (["--dp", "3"], 4, "mesh dp=3 x cp=1 x tp=1 x pp=1 = 3 ranks, but torchrun started 4"),
+    (["--seq-len", "62"], 2, "seq_len=62 must be divisible by 2*cp=4"),
+])
+def test_train_launcher_refuses_bad_mesh(args: list[str], world: int, message: str) -> None:
+    cmd = [sys.executable, str(ROOT / "launch" / "train_megatron.py"), "--config",
+           "configs/train_megatron_tiny.toml", *args]
+    env = {**os.environ, "WORLD_SIZE": str(world)}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    lines = res.stderr.strip().splitlines()  # one line, nothing built
+    assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0].startswith(f"train_megatron: {message}"), lines

@@ -2,8 +2,9 @@
 
 A tiny GQA GPTModel (same seed, same weights everywhere) gives the same loss and the same
 gradient of every parameter at CP=1, 2 and 4 (gloo ranks), with plain batches (Megatron's own
-`get_batch_on_this_cp_rank` split) and with packed THD batches (`packed_seq_params`, padded
-sequences, split per sequence as Transformer Engine's `thd_get_partitioned_indices` does).
+`get_batch_on_this_cp_rank` split), with packed THD batches (`packed_seq_params`, padded
+sequences, split per sequence as Transformer Engine's `thd_get_partitioned_indices` does),
+and with a sliding window on one layer plus learnable sink logits.
 Tolerances come from a baseline: the same model in float64 with a dense reference attention
 is the truth, the same model in float32 with that dense attention is the error budget
 (flash-attention's rule, `_tolerance.check_close`). Skipped without megatron-core.
@@ -31,51 +32,56 @@ if importlib.util.find_spec("megatron") is None or \
     pytest.skip("megatron-core is not installed (pip install --no-deps megatron-core==0.16.1)",
                 allow_module_level=True)
 
+from ringmem.integrations.megatron import RingmemCoreAttention  # megatron stays unimported
+
 ROOT = Path(__file__).resolve().parents[1]
+CASES = ("plain", "packed", "window")  # window: plain batches, sliding window and sinks
 SEQ, BATCH, VOCAB = 32, 2, 64
 REAL = [13, 8, 19]  # packed sequences' real lengths; padded to multiples of 8 (2 * CP=4)
 PADDED = [16, 8, 24]
 # fp32 gradients: ringmem's attention sums in another order than the dense baseline; over
-# two layers the max-error ratio against the float64 truth measured up to 1.8x at CP=1-4
-# (most tensors under 1.5x), so gradients get 3x. The loss is within a unit of rounding of
-# the truth (the dense fp32 loss often rounds exactly), which check_close's rounding term
-# covers; it keeps flash-attn's 2x. A wrong layout gives ratios of 1e6.
+# two layers the max-error ratio against the float64 truth measured up to 2.5x at CP=1-4 for
+# the sink logits (ringmem's closed-form gradient vs autograd) and under 1.9x for every other
+# tensor, so gradients get 3x. The loss is within a unit of rounding of the truth (the dense
+# fp32 loss often rounds exactly), which check_close's rounding term covers; it keeps
+# flash-attn's 2x. A wrong layout gives ratios of 1e6.
 FACTOR_GRAD, FACTOR_LOSS = 3.0, 2.0
 
 
-class DenseCoreAttention(torch.nn.Module):
-    """Megatron core attention as a dense float-anything reference (one process only)."""
-
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
-                 cp_comm_type=None, softmax_scale=None, pg_collection=None) -> None:
-        super().__init__()
-        self.scale = softmax_scale
+class DenseCoreAttention(RingmemCoreAttention):
+    """Megatron core attention as a dense reference in any dtype (one process only). Built
+    like ringmem's (same options, same sink parameter: the same weights), computed apart."""
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         from ringmem.reference import dense_mask, masked_reference
 
+        sinks = self.softmax_offset
         if packed_seq_params is not None:  # [t, h, d]; pads see their own sequence only
             cu = packed_seq_params.cu_seqlens_q_padded.tolist()
-            keep = dense_mask(query.shape[0], causal=True, cu_seqlens=cu)
+            keep = dense_mask(query.shape[0], causal=True, window=self.window, cu_seqlens=cu)
             out, _ = masked_reference(query[None], key[None], value[None], keep,
-                                      softmax_scale=self.scale)
+                                      softmax_scale=self.softmax_scale, sinks=sinks)
             return out[0].flatten(1)
-        keep = dense_mask(query.shape[0], causal=True)
+        keep = dense_mask(query.shape[0], causal=True, window=self.window)
         out, _ = masked_reference(*(t.transpose(0, 1) for t in (query, key, value)), keep,
-                                  softmax_scale=self.scale)
+                                  softmax_scale=self.softmax_scale, sinks=sinks)
         return out.transpose(0, 1).flatten(2)
 
 
-def _model(cp: int, dense: bool):
+def _model(cp: int, dense: bool, case: str):
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
     from ringmem.integrations.megatron import ringmem_layer_spec
 
+    # "window": layer 1 sees a sliding window, layer 2 everything (window_attn_skip_freq),
+    # and learnable sink logits (softmax_type "learnable") in both
+    extra = (dict(window_size=(5, 0), window_attn_skip_freq=2, softmax_type="learnable")
+             if case == "window" else {})
     config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
                                num_query_groups=2, use_cpu_initialization=True,
                                context_parallel_size=cp, attention_dropout=0.0,
-                               hidden_dropout=0.0, softmax_scale=0.3)
+                               hidden_dropout=0.0, softmax_scale=0.3, **extra)
     spec = ringmem_layer_spec(backend="auto", schedule="auto")
     if dense:
         spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
@@ -165,12 +171,13 @@ def _baseline(rank: int, world: int, path: str) -> None:
     """CP=1: float64 dense truth, float32 dense baseline, and ringmem's float32 result."""
     _setup(world)
     out, fails = {}, []
-    for packed in (False, True):
-        ref = _loss_and_grads(_model(1, True), packed, 0, 1, torch.float64)
-        base = _loss_and_grads(_model(1, True), packed, 0, 1, torch.float32)
-        got = _loss_and_grads(_model(1, False), packed, 0, 1, torch.float32)
-        fails += _compare(got, ref, base, f"CP=1 packed={packed}")
-        out[packed] = (ref, base)
+    for case in CASES:
+        packed = case == "packed"
+        ref = _loss_and_grads(_model(1, True, case), packed, 0, 1, torch.float64)
+        base = _loss_and_grads(_model(1, True, case), packed, 0, 1, torch.float32)
+        got = _loss_and_grads(_model(1, False, case), packed, 0, 1, torch.float32)
+        fails += _compare(got, ref, base, f"CP=1 {case}")
+        out[case] = (ref, base)
     torch.save(out, path)
     assert not fails, "\n".join(fails)
 
@@ -179,9 +186,10 @@ def _context_parallel(rank: int, world: int, path: str) -> None:
     _setup(world)
     saved = torch.load(path)
     fails = []
-    for packed in (False, True):
-        got = _loss_and_grads(_model(world, False), packed, rank, world, torch.float32)
-        fails += _compare(got, *saved[packed], f"CP={world} rank={rank} packed={packed}")
+    for case in CASES:
+        got = _loss_and_grads(_model(world, False, case), case == "packed", rank, world,
+                              torch.float32)
+        fails += _compare(got, *saved[case], f"CP={world} rank={rank} {case}")
     assert not fails, "\n".join(fails)
 
 
@@ -243,6 +251,8 @@ def test_unsupported_options_are_refused() -> None:
         make(cp_comm_type="a2a")
     with pytest.raises(ValueError, match="mask types"):
         make(attn_mask_type=AttnMaskType.arbitrary)
+    with pytest.raises(ValueError, match="needs packed sequences"):
+        make(attn_mask_type=AttnMaskType.padding_causal)(q, q, q, None)
     with pytest.raises(ValueError, match="attention_bias"):
         make()(q, q, q, None, attention_bias=torch.zeros(1))
     with pytest.raises(ValueError, match="KV-cache inference"):

@@ -66,12 +66,14 @@ def cpu_shim() -> None:
             module.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank
 
 
-def _mask_types() -> tuple[Any, Any]:
+def _mask_types() -> tuple[Any, Any, Any]:
+    """(causal, full, padded) mask types. Self-attention has as many keys as queries, so
+    bottom-right causal is causal; padding is expressible only as packed sequences."""
     from megatron.core.transformer.enums import AttnMaskType
 
     causal = (AttnMaskType.causal, AttnMaskType.causal_bottom_right, AttnMaskType.padding_causal)
     full = (AttnMaskType.no_mask, AttnMaskType.padding)
-    return causal, full
+    return causal, full, (AttnMaskType.padding, AttnMaskType.padding_causal)
 
 
 def _default_cp_group() -> Group:
@@ -143,15 +145,19 @@ class RingmemCoreAttention(torch.nn.Module):
                                  interconnect=interconnect)
 
     @staticmethod
-    def _check_mask_type(mask_type: Any) -> bool:
-        """True if causal; ValueError for masks ringmem cannot express."""
-        causal, full = _mask_types()
-        if mask_type in causal:
-            return True
-        if mask_type in full:
-            return False
-        raise ValueError(f"RingmemCoreAttention supports causal, padding_causal, no_mask and "
-                         f"padding mask types (padding as packed sequences), got {mask_type}")
+    def _check_mask_type(mask_type: Any, packed: bool | None = None) -> bool:
+        """True if causal; ValueError for masks ringmem cannot express (packed None: not
+        known yet, at construction)."""
+        causal, full, padded = _mask_types()
+        if mask_type not in causal and mask_type not in full:
+            raise ValueError(f"RingmemCoreAttention supports causal, padding_causal, no_mask "
+                             f"and padding mask types (padding as packed sequences), got "
+                             f"{mask_type}")
+        if packed is False and mask_type in padded:
+            raise ValueError(f"RingmemCoreAttention: mask type {mask_type} needs packed "
+                             f"sequences (packed_seq_params, qkv_format 'thd'); padding masks "
+                             f"as tensors are not read")
+        return mask_type in causal
 
     def _init_sinks(self, config: Any, pg_collection: Any) -> None:
         """softmax_type: "off-by-one" is a zero sink logit per head, "learnable" a trained
@@ -188,13 +194,13 @@ class RingmemCoreAttention(torch.nn.Module):
         type plus, for packed batches, the sequences of `packed_seq_params`."""
         if attention_bias is not None:
             raise ValueError("RingmemCoreAttention does not support attention_bias")
-        causal = self._check_mask_type(attn_mask_type if attn_mask_type is not None
-                                       else self.attn_mask_type)
         group = self.cp_group
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if packed_seq_params is not None and not thd:
             raise ValueError(f"RingmemCoreAttention: packed_seq_params.qkv_format must be "
                              f"'thd', got {packed_seq_params.qkv_format!r}")
+        causal = self._check_mask_type(attn_mask_type if attn_mask_type is not None
+                                       else self.attn_mask_type, thd)
         if thd:
             group = _packed_group(packed_seq_params, group)
         if query.shape[0] != key.shape[0]:

@@ -3,6 +3,7 @@
     ringmem infer [--nproc N] [infer options]     long-document inference (default: the demo)
     ringmem prefill [--nproc N] --config F        sharded attention prefill / training step
     ringmem train [--nproc N] --config F          context-parallel training (FSDP2 x CP)
+    ringmem train --engine megatron --config F    megatron-core GPTModel, ringmem as its CP
 
 `--nproc` defaults to the number of GPUs, or 2 on a CPU machine. torchrun's multi-node
 flags (--nnodes, --node-rank, --rdzv-endpoint, --rdzv-backend, --rdzv-id, --max-restarts)
@@ -18,6 +19,7 @@ import sys
 
 JOBS = {"infer": "ringmem.launch.infer", "prefill": "ringmem.launch.prefill",
         "train": "ringmem.launch.train"}
+ENGINES = {"hf": "ringmem.launch.train", "megatron": "ringmem.launch.train_megatron"}
 TORCHRUN_FLAGS = ("--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--rdzv-id",
                   "--max-restarts")
 
@@ -50,10 +52,17 @@ def command(job: str, nproc: int, rest: list[str]) -> list[str]:
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
     flags, rest = _split_torchrun(rest)
+    module = JOBS[job]
+    if job == "train" and "--engine" in rest:  # `--engine megatron`: the other launcher
+        i = rest.index("--engine")
+        engine = rest[i + 1] if i + 1 < len(rest) else ""
+        if engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {sorted(ENGINES)}, got {engine!r}")
+        module, rest = ENGINES[engine], rest[:i] + rest[i + 2:]
     multi = any(f.startswith(("--nnodes", "--rdzv")) for f in flags)
     return [sys.executable, "-m", "torch.distributed.run",
             *([] if multi else ["--standalone"]), *flags,
-            f"--nproc-per-node={nproc}", "-m", JOBS[job], *rest]
+            f"--nproc-per-node={nproc}", "-m", module, *rest]
 
 
 def main(argv: list[str] | None = None) -> int:

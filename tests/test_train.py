@@ -140,3 +140,15 @@ def test_smollm2_context_parallel_matches_cp1(tmp_path) -> None:
     assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
     assert _max_err(got["grads"], ref["grads"]) <= bound
     assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got["curve"], ref["curve"]))
+
+
+def test_cli_train_command() -> None:
+    from ringmem.cli import command
+    cmd = command("train", 2, ["--config", "c.toml", "--nnodes", "2", "--rdzv-endpoint=h:1"])
+    assert "--standalone" not in cmd and "--nnodes=2" in cmd and "--rdzv-endpoint=h:1" in cmd
+    assert cmd[-3:] == ["ringmem.launch.train", "--config", "c.toml"]
+    cmd = command("train", 4, ["--engine", "megatron", "--config", "m.toml"])
+    assert "--standalone" in cmd and cmd[-3:] == ["ringmem.launch.train_megatron", "--config",
+                                                  "m.toml"]
+    with pytest.raises(ValueError, match="--engine must be one of"):
+        command("train", 2, ["--engine", "deepspeed"])

@@ -26,6 +26,15 @@ _HEADER = 4  # error flag, overflow (needed words), crc of the field names, word
 _NONE, _INT, _BOOL, _FLOAT, _STR, _SEQ = range(6)
 
 
+class PeerError(ValueError):
+    """Raised by `agree` on the ranks whose own validation passed when other ranks' failed;
+    `ranks` lists those ranks (each raised its own error)."""
+
+    def __init__(self, message: str, ranks: list[int]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
+
+
 def _encode(v: object, out: list[int]) -> None:
     """Append the words of one value (tag first) to `out`."""
     if v is None:
@@ -106,8 +115,8 @@ def agree(op: str, group: Group, error: BaseException | None, /, *,
     if bad:
         if error is not None:
             raise error
-        raise ValueError(f"{op}: rank(s) {bad} rejected their inputs (see the error raised "
-                         f"there); every rank stops so that none waits forever")
+        raise PeerError(f"{op}: rank(s) {bad} rejected their inputs (see the error raised "
+                        f"there); every rank stops so that none waits forever", bad)
     over = [(r, t[1]) for r, t in enumerate(table) if t[1]]
     if over:
         raise ValueError(f"{op}: the cross-rank signature needs {max(n for _, n in over)} "

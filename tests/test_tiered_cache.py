@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ringmem.cache import CacheConfig, PageCorruptError, ShardedKVCache, TierPolicy
 from ringmem.partial import attend
 from ringmem.eviction import H2O, EvictionPolicy, KeyNorm, SnapKV, StreamingLLM
+from ringmem.generations import current
 from ringmem.testing import spawn
 
 HQ, HKV, D, G, PS = 4, 2, 8, 2, 4
@@ -293,7 +293,7 @@ def _save_load(rank: int, world: int, root: str) -> None:
         with pytest.raises(ValueError, match=msg):
             ShardedKVCache.load(root, args.pop("config"), **args)
     if rank == 1:  # one damaged byte in rank 1's layer record
-        rec = next(Path(root).glob("rank00001/*/layer00001.rec"))
+        rec = next(current(root).glob("rank00001/*/layer00001.rec"))
         raw = bytearray(rec.read_bytes())
         raw[-3] ^= 0x10
         rec.write_bytes(raw)

@@ -81,7 +81,8 @@ def _launch(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 
 def _params(ckpt: Path, out: Path) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    dcp_to_torch_save(str(ckpt), str(out))
+    from ringmem.generations import current
+    dcp_to_torch_save(str(current(ckpt)), str(out))  # the generation the manifest names
     return torch.load(out, weights_only=False)["model"]
 
 

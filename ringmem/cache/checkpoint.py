@@ -1,10 +1,13 @@
 """Save and load a whole `ShardedKVCache` (every rank's shard), to resume a long document
 without prefilling it again (`ShardedKVCache.save` / `ShardedKVCache.load`).
 
-Each rank writes its shard with `persist.save_shard` (checksummed records, an atomic
-manifest): per layer the hot pools (k, v, pos, score), the demoted tier pages and pending
-entries (`tiers.pages.TieredPages.export`) and the eviction coordinator's observation window;
-the JSON state carries the page tables, the replicated per-rank counts, the config fields
+A checkpoint is a directory of generations (`ringmem.generations`): a save writes every
+rank's shard into a new generation and one manifest switch commits all of them, so a save
+that fails on any rank (full disk, bad input) leaves the previous checkpoint current and
+whole. Each rank writes its shard with `persist.save_shard` (checksummed records): per
+layer the hot pools (k, v, pos, score), the demoted tier pages and pending entries
+(`tiers.pages.TieredPages.export`) and the eviction coordinator's observation window; the
+JSON state carries the page tables, the replicated per-rank counts, the config fields
 the manifest does not, and the coordinator's counters. Loading verifies every file, then
 that model id, layout, world size, rank, dtype, dims, page size, capacity, eviction policy
 and tiers match, then that all ranks loaded the same replicated state. Both are
@@ -17,13 +20,11 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..agree import agree
+from .. import generations
 from .tiers.persist import load_shard, save_shard
 
 if TYPE_CHECKING:
     from .sharded import ShardedKVCache
-
-_ERRORS = (ValueError, TypeError, KeyError, OSError)
 
 
 def _model_id(model_id: object) -> str:
@@ -48,10 +49,10 @@ def _config_state(cache: ShardedKVCache) -> dict[str, Any]:
 
 def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
                fsync: bool = True) -> Path:
-    """Write this rank's shard under `root` (collective); returns its manifest path."""
-    error, path = None, Path()
-    try:
-        model_id = _model_id(model_id)
+    """Write every rank's shard as a new generation of `root` and switch to it atomically
+    across ranks (collective, `generations.save`); returns this rank's shard manifest."""
+    def prepare() -> tuple[dict[str, Any], list[dict]]:
+        _model_id(model_id)
         c, st = cache.config, cache.stores
         layers = [{"k": s.k, "v": s.v, "pos": s.pos, "score": s.score} for s in st]
         tiers = []
@@ -74,28 +75,30 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
                           "lens": [s.lens for s in st], "store_split": [s.split for s in st],
                           "head_counts": cache.index.head_counts,
                           "split": cache.index.split, "tiers": tiers or None, "eviction": ev}}
-        path = save_shard(root, meta, layers, fsync=fsync)
-    except _ERRORS as e:
-        error = e
-    agree("ShardedKVCache.save", cache.group, error, model_id=str(model_id))
-    return path
+        return meta, layers
+
+    def write(gen: Path, staged: tuple[dict[str, Any], list[dict]]) -> Path:
+        return save_shard(gen, *staged, fsync=fsync)
+
+    return generations.save(root, write, group=cache.group, op="ShardedKVCache.save",
+                            prepare=prepare, fsync=fsync, model_id=str(model_id))
 
 
 def load_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str) -> None:
-    """Fill a freshly built cache from the checkpoint under `root` (collective)."""
-    error = None
-    try:
+    """Fill a freshly built cache from the generation `root`'s manifest names (collective).
+    A checkpoint from before generations (rank<r>.json directly under root) also loads."""
+    def read(gen: Path) -> None:
         c = cache.config
         expect = {"model_id": _model_id(model_id), "layout": c.layout,
                   "world_size": cache.world, "rank": cache.rank, "dtype": c.dtype,
                   "num_layers": c.num_layers, "kv_heads": c.kv_heads,
                   "head_dim": c.head_dim, "page_size": c.page_size}
-        shard = load_shard(root, expect, device=cache.device)
+        shard = load_shard(gen, expect, device=cache.device)
         _restore(cache, shard.meta, shard.layers)
-    except _ERRORS as e:
-        error = e
-    agree("ShardedKVCache.load", cache.group, error,
-          **{"replicated state crc": None if error else _replicated_crc(cache)})
+
+    generations.load(root, read, group=cache.group, op="ShardedKVCache.load",
+                     legacy=lambda r: (r / f"rank{cache.rank:05d}.json").exists(),
+                     fields=lambda _: {"replicated state crc": _replicated_crc(cache)})
 
 
 def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> None:

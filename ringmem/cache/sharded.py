@@ -252,9 +252,10 @@ class ShardedKVCache:
             self.tiers.close()
 
     def save(self, root: str | Path, *, model_id: str, fsync: bool = True) -> Path:
-        """Checkpoint every rank's shard under `root` (collective; see `checkpoint.py`):
-        hot pages, demoted pages, bookkeeping, eviction state. Returns this rank's
-        manifest path."""
+        """Checkpoint every rank's shard as a new generation of `root`, committed for all
+        ranks at once (collective; see `checkpoint.py`): hot pages, demoted pages,
+        bookkeeping, eviction state. A failure on any rank raises on every rank and keeps
+        the previous checkpoint. Returns this rank's shard manifest path."""
         from .checkpoint import save_cache
         _no_windows(self.config, "save")
         return save_cache(self, root, model_id=model_id, fsync=fsync)

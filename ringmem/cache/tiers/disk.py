@@ -112,24 +112,31 @@ class DiskFiles:
             finally:
                 os.close(fd)
 
-    def remove(self, key: PageKey) -> None:
-        """Delete `key`'s file (or drop its pending copy)."""
+    def remove(self, key: PageKey, *, missing_ok: bool = False) -> None:
+        """Delete `key`'s file (or drop its pending copy). missing_ok: a file already gone
+        (removed underneath the store) is not an error."""
         if key in self._pending:
             _, buf, ev = self._pending.pop(key)
             self.staging.give(buf, ev)
             return
-        self.path(key).unlink()
+        self.path(key).unlink(missing_ok=missing_ok)
 
     def close(self) -> None:
-        """Remove the directory (its pages must be removed first)."""
+        """Remove the directory (its pages must be removed first). Files or the directory
+        already removed underneath (a cleaned scratch disk) are fine: they were scratch."""
         self.staging.wait_all()
         if self._crc_pool is not None:
             self._crc_pool.shutdown()
             self._crc_pool = None
-        if self.dir.exists():
-            for tmp in self.dir.glob("*.tmp"):
-                tmp.unlink()
+        try:
+            for tmp in self.dir.glob("*.tmp"):  # a write cut short
+                tmp.unlink(missing_ok=True)
             self.dir.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise OSError(f"disk tier: cannot remove {self.dir} ({e.strerror}): it holds "
+                          f"files the store did not write") from e
 
     def _views(self, buf: Tensor, n: int) -> Page:
         """A page of n slots laid out in `buf`: each tensor contiguous, 64-byte aligned."""

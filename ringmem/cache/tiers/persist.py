@@ -2,8 +2,10 @@
 (`records.py`).
 
 A shard checkpoint is what one rank needs to resume a long document without prefilling it
-again: `<root>/rank<r>.json` (the manifest, the commit point, replaced atomically) and one
-record per layer under `<root>/rank<r>/<save id>/`. Loading checks the manifest's own CRC,
+again: `<root>/rank<r>.json` (the manifest, this rank's commit point, replaced atomically)
+and one record per layer under `<root>/rank<r>/<save id>/`. `ShardedKVCache.save` puts the
+shards of all ranks into one generation directory (`ringmem.generations`), committed for
+all ranks at once. Loading checks the manifest's own CRC,
 then that model id, layout, world size, rank, dtype (and any other field the caller
 expects) match, then every record, then that the positions held are the ones the manifest
 describes.
@@ -70,12 +72,16 @@ def save_shard(root: str | Path, meta: Mapping[str, Any],
     manifest["crc32"] = _manifest_crc(manifest)
     path = root / f"rank{m['rank']:05d}.json"
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)  # the commit point: before it the old checkpoint stays whole
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)  # this rank's commit point (`generations`: all ranks at once)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a partial manifest behind
+        raise
     if fsync:
         fsync_dir(root)
     for old in data.iterdir():  # earlier saves, and leftovers of interrupted ones

@@ -285,9 +285,17 @@ class TierStore:
                     self.summaries.remove(key)
 
     def close(self) -> None:
-        """Delete every page and this rank's disk directory (spilled pages are scratch)."""
+        """Delete every page and this rank's disk directory (spilled pages are scratch, so
+        files already removed underneath the store are not an error)."""
         with self._lock:
-            self.delete(list(self._host) + list(self._disk))
+            for key in list(self._host) + list(self._disk):
+                if key in self._host:
+                    self._pool.give(self._host.pop(key)[0])
+                else:
+                    del self._disk[key]
+                    self._files.remove(key, missing_ok=True)
+                if key in self.summaries:
+                    self.summaries.remove(key)
             self._pool.wait_all()  # no copy may still use the segments released here
             self._pool = HostPool(**self._pool.spec)
             if self._files is not None:

@@ -20,6 +20,7 @@ from .sharding import packing_digest, shard, unshard
 __all__ = ["SCHEDULES", "ring_attention", "shard", "unshard"]
 
 SCHEDULES = ("auto", "kv", "q")
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _plain(x: object) -> object:
@@ -87,6 +88,9 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
         (bq, sq, hq, dq), (bk, sk, hkv, dk) = q.shape, k.shape
         if sq == 0:
             raise ValueError(f"q has no tokens (q.shape {tuple(q.shape)})")
+        if dq == 0 or hq == 0 or bq == 0:
+            raise ValueError(f"q must have a batch, heads and a head dim of at least 1, got "
+                             f"q.shape {tuple(q.shape)}")
         if (bq, dq) != (bk, dk) or (causal and sq != sk):
             raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, "
                              f"head dim and (when causal) local sequence length "
@@ -103,9 +107,9 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
             raise ValueError(f"q.shape[1]={sq}: {err}")
         cap = check_extras(q, sinks, softcap)
         scale = 1.0 / math.sqrt(dq) if softmax_scale is None else float(softmax_scale)
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"softmax_scale must be a positive finite number, got "
-                             f"{softmax_scale!r}")
+        if not math.isfinite(scale) or scale < _TINY:  # a subnormal scale gives NaN
+            raise ValueError(f"softmax_scale must be a positive finite number (>= {_TINY:.3g}"
+                             f"), got {softmax_scale!r}")
         impl = get_backend(backend, q.device, q.dtype, dq, bands=mask.window[0] >= 0,
                            softcap=cap > 0)
         ic = resolve_interconnect(interconnect, q.device.type)
@@ -196,7 +200,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             without it are refused by name ("auto" picks one that has it).
 
     Returns out [B, S_local, Hq, D] in q's dtype (and lse, sinks included). Differentiable
-    in q, k, v (and sinks). Rows that see no key (pads) give out 0 and lse -inf.
+    in q, k, v (and sinks). Rows that see no key (pads) give out 0 and lse -inf. Non-finite
+    inputs propagate on every backend: a row is NaN if its query row holds NaN/inf or a
+    key/value it sees holds NaN (an inf key or value follows IEEE arithmetic).
     Every rank must call with the same shapes, dtype and options: a difference raises the
     same ValueError on every rank.
 

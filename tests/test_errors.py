@@ -21,7 +21,7 @@ BAD_CALLS = {
     "scale type": (lambda q, k, v: ringmem.ring_attention(q, k, v, softmax_scale="0.1"),
                    TypeError, "softmax_scale must be a float"),
     "scale value": (lambda q, k, v: ringmem.ring_attention(q, k, v, softmax_scale=-1.0),
-                    ValueError, "softmax_scale must be a positive finite number, got -1.0"),
+                    ValueError, r"softmax_scale must be a positive finite number \(>= 1.18e-38\), got -1.0"),
     "3-D q": (lambda q, k, v: ringmem.ring_attention(q[0], k, v),
               ValueError, r"q must be 4-D \[B, S_local, H, D\], got shape \(8, 4, 16\)"),
     "int dtype": (lambda q, k, v: ringmem.ring_attention(q.long(), k.long(), v.long()),

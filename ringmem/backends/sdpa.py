@@ -70,6 +70,15 @@ class SdpaBackend(Backend):
 
     def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
             causal: Mask) -> tuple[Tensor, Tensor]:
+        out, lse = self._fwd(q, k, v, scale, causal)
+        # ringmem's rule for non-finite inputs is IEEE propagation (the torch reference,
+        # flash-attn): a query row holding NaN/inf gives NaN. The CPU op returns zeros there.
+        bad = ~torch.isfinite(q).all(-1)  # [B, S, H], elementwise: no host sync
+        return (out.masked_fill(bad.unsqueeze(-1), float("nan")),
+                lse.masked_fill(bad.transpose(1, 2), float("nan")))
+
+    def _fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
+             causal: Mask) -> tuple[Tensor, Tensor]:
         if q.device.type == "cpu":
             causal, bias = _cpu_mask(causal, q)
             out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(

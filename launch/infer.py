@@ -10,7 +10,6 @@ token, decode tokens/s and cache statistics. gloo on CPU, NCCL when CUDA is avai
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import sys
@@ -20,12 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ringmem.config import InferConfig, from_dict, load_config
+from ringmem.config import ArgumentParser, InferConfig, from_dict, load_config
 from ringmem.layouts import chunk_count
+from ringmem.timeouts import exit_on_comm_error, init_process_group, resolve
 
 
 def parse(argv: list[str] | None = None) -> InferConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="TOML file (see configs/); defaults: the demo")
     p.add_argument("--model")
     p.add_argument("--document")
@@ -39,6 +39,7 @@ def parse(argv: list[str] | None = None) -> InferConfig:
     p.add_argument("--allocation", help="with --eviction: uniform, adaptive or global")
     p.add_argument("--snapkv-kernel", type=int, dest="snapkv_kernel",
                    help="with --eviction snapkv: pooling width (odd)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for a peer (RINGMEM_TIMEOUT)")
     args = vars(p.parse_args(argv))
     path = args.pop("config")
     if path is None:
@@ -47,10 +48,12 @@ def parse(argv: list[str] | None = None) -> InferConfig:
     return load_config(InferConfig, path, **args)
 
 
-def check_inputs(cfg: InferConfig, world: int) -> Path:
-    """Every cheap check, before any process group, model or document is loaded."""
+def check_inputs(cfg: InferConfig, world: int | None) -> Path:
+    """Every cheap check, before any process group, model or document is loaded (also run
+    by the console command before torchrun starts; world None: unknown, elastic)."""
     from ringmem.demo import models
-    if cfg.world_size is not None and cfg.world_size != world:
+    resolve(cfg.timeout)  # a malformed RINGMEM_TIMEOUT fails here, not in every rank
+    if world is not None and cfg.world_size is not None and cfg.world_size != world:
         raise ValueError(f"config asks for world_size={cfg.world_size}, torchrun started "
                          f"{world}")
     if cfg.document is not None and not Path(cfg.document).is_file():
@@ -91,19 +94,29 @@ class _Clock:
         pass
 
 
+def check(argv: list[str] | None, world: int | None) -> InferConfig:
+    cfg = parse(argv)
+    check_inputs(cfg, world)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = parse(argv)
-        check_inputs(cfg, world)
+        cfg = check(argv, world)
     except ValueError as e:
         sys.exit(f"infer: {e}")
+    with exit_on_comm_error("infer"):
+        job(cfg, world)
+
+
+def job(cfg: InferConfig, world: int) -> None:
     from ringmem.demo import haystack, models
     from ringmem.integrations import hf, hf_cache
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    init_process_group("nccl" if cuda else "gloo", timeout=cfg.timeout)
     rank, device = dist.get_rank(), "cuda" if cuda else "cpu"
     try:  # the prompt is checked with the tokenizer alone, before any weights exist
         tok = models.load_tokenizer(cfg.model)

@@ -6,7 +6,6 @@ gloo on CPU, NCCL when CUDA is available. Prints per-rank step time, tokens/s an
 """
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -17,32 +16,51 @@ import torch
 import torch.distributed as dist
 
 import ringmem
-from ringmem.config import PrefillConfig, load_config
+from ringmem.config import ArgumentParser, PrefillConfig, load_config
+from ringmem.layouts import split_len
+from ringmem.timeouts import exit_on_comm_error, init_process_group, resolve
 
 
-def parse() -> PrefillConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None = None) -> PrefillConfig:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="TOML file (see configs/)")
     p.add_argument("--seq-len", type=int, dest="seq_len")
     p.add_argument("--steps", type=int)
     p.add_argument("--backend")
-    args = p.parse_args()
+    p.add_argument("--timeout", type=float, help="seconds to wait for a peer (RINGMEM_TIMEOUT)")
+    args = p.parse_args(argv)
     over = {k: v for k, v in vars(args).items() if k != "config"}
     return load_config(PrefillConfig, args.config, **over)
 
 
-def main() -> None:
+def check(argv: list[str] | None, world: int | None) -> PrefillConfig:
+    """The config and everything checkable without a process group (also run by the
+    console command before torchrun starts); world None: unknown (elastic)."""
+    cfg = parse(argv)
+    resolve(cfg.timeout)  # a malformed RINGMEM_TIMEOUT fails here, not in every rank
+    if world is not None:
+        if cfg.world_size is not None and cfg.world_size != world:
+            raise ValueError(f"config asks for world_size={cfg.world_size}, torchrun "
+                             f"started {world}")
+        split_len(cfg.layout, cfg.seq_len, world)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = parse()
+        cfg = check(argv, world)
     except ValueError as e:
         sys.exit(f"prefill: {e}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.world_size is not None and cfg.world_size != world:
-        sys.exit(f"prefill: config asks for world_size={cfg.world_size}, torchrun started {world}")
+    with exit_on_comm_error("prefill"):
+        job(cfg, world)
+
+
+def job(cfg: PrefillConfig, world: int) -> None:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    init_process_group("nccl" if cuda else "gloo", timeout=cfg.timeout)
     rank = dist.get_rank()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = getattr(torch, cfg.dtype)

@@ -10,7 +10,6 @@ exactly. The config is checked whole before any model or data is loaded.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -21,11 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ringmem.config import ArgumentParser
+from ringmem.timeouts import exit_on_comm_error, init_process_group, resolve
 from ringmem.train.config import TrainConfig, load
 
 
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool, int | None]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="TOML file (see configs/train_*.toml)")
     p.add_argument("--model")
     p.add_argument("--data")
@@ -36,6 +37,7 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool, int | None]
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint")
     p.add_argument("--stop-at", type=int, dest="stop_at",
                    help="checkpoint and stop at this step (the schedule still spans --steps)")
+    p.add_argument("--timeout", type=float, help="seconds to wait for a peer (RINGMEM_TIMEOUT)")
     args = p.parse_args(argv)
     over = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "stop_at")}
     return load(args.config, **over), args.resume, args.stop_at
@@ -61,23 +63,40 @@ def plot(log: Path, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def check(argv: list[str] | None, world: int | None) -> tuple[TrainConfig, bool, int]:
+    """(config, resume, stop_at): every check before a process group or model exists (also
+    run by the console command before torchrun starts; world None: unknown, elastic)."""
+    cfg, resume, stop_at = parse(argv)
+    resolve(cfg.timeout)  # a malformed RINGMEM_TIMEOUT fails here, not in every rank
+    stop_at = cfg.steps if stop_at is None else stop_at
+    if not 1 <= stop_at <= cfg.steps:
+        raise ValueError(f"--stop-at must be in [1, steps={cfg.steps}], got {stop_at}")
+    if world is not None:
+        cfg.mesh(world)
+    ckpt = Path(cfg.out_dir) / "checkpoint"
+    if resume and not ckpt.is_dir():
+        raise ValueError(f"--resume: no checkpoint at {ckpt}")
+    return cfg, resume, stop_at
+
+
 def main(argv: list[str] | None = None) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg, resume, stop_at = parse(argv)
-        stop_at = cfg.steps if stop_at is None else stop_at
-        if not 1 <= stop_at <= cfg.steps:
-            raise ValueError(f"--stop-at must be in [1, steps={cfg.steps}], got {stop_at}")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg, resume, stop_at = check(argv, world)
         dp, cp = cfg.mesh(world)
-        ckpt = Path(cfg.out_dir) / "checkpoint"
-        if resume and not ckpt.is_dir():
-            raise ValueError(f"--resume: no checkpoint at {ckpt}")
     except ValueError as e:
         sys.exit(f"train: {e}")
+    with exit_on_comm_error("train"):
+        job(cfg, resume, stop_at, world, dp, cp)
+
+
+def job(cfg: TrainConfig, resume: bool, stop_at: int, world: int, dp: int,
+        cp: int) -> None:
+    ckpt = Path(cfg.out_dir) / "checkpoint"
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    init_process_group("nccl" if cuda else "gloo", timeout=cfg.timeout)
     from ringmem.train import loop, state
     rank = dist.get_rank()
     run = loop.build(cfg, world)

@@ -10,7 +10,6 @@ Prints the loss of every step. Needs `pip install --no-deps megatron-core==0.16.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import os
@@ -23,7 +22,8 @@ import torch.distributed as dist
 
 from ringmem.api import SCHEDULES
 from ringmem.backends import BACKENDS
-from ringmem.config import load_config
+from ringmem.config import ArgumentParser, check_timeout, load_config
+from ringmem.timeouts import exit_on_comm_error, init_process_group, resolve
 
 DATA = ("pattern", "random")
 DTYPES = ("float32", "bfloat16")
@@ -65,8 +65,11 @@ class TrainMegatronConfig:
     world_size: int | None = None
     """If set, the job refuses to start on any other number of ranks."""
     seed: int = 0
+    timeout: float | None = None
+    """Seconds any rank waits for a peer before failing; unset: RINGMEM_TIMEOUT, else 300."""
 
     def __post_init__(self) -> None:
+        check_timeout(self)
         for name in ("seq_len", "batch", "docs", "layers", "hidden", "heads", "kv_heads",
                      "vocab", "steps", "dp"):
             if getattr(self, name) < 1:
@@ -103,16 +106,30 @@ def mesh(cfg: TrainMegatronConfig, world: int) -> tuple[int, int]:
     return cfg.dp, cp
 
 
-def parse() -> TrainMegatronConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None = None) -> TrainMegatronConfig:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="TOML file (see configs/)")
     p.add_argument("--steps", type=int)
     p.add_argument("--seq-len", type=int, dest="seq_len")
     p.add_argument("--dp", type=int)
     p.add_argument("--backend")
-    args = p.parse_args()
+    p.add_argument("--timeout", type=float, help="seconds to wait for a peer (RINGMEM_TIMEOUT)")
+    args = p.parse_args(argv)
     over = {k: v for k, v in vars(args).items() if k != "config"}
     return load_config(TrainMegatronConfig, args.config, **over)
+
+
+def check(argv: list[str] | None, world: int | None) -> TrainMegatronConfig:
+    """The config, the mesh and megatron-core's presence, before any process group (also
+    run by the console command before torchrun starts; world None: unknown, elastic)."""
+    cfg = parse(argv)
+    resolve(cfg.timeout)  # a malformed RINGMEM_TIMEOUT fails here, not in every rank
+    if world is not None:
+        mesh(cfg, world)
+    if importlib.util.find_spec("megatron") is None:
+        raise ValueError("megatron-core is not installed "
+                         "(pip install --no-deps megatron-core==0.16.1)")
+    return cfg
 
 
 def _row(cfg: TrainMegatronConfig, g: torch.Generator, n: int) -> torch.Tensor:
@@ -263,23 +280,20 @@ def train(cfg: TrainMegatronConfig, dp: int, cp: int, device: torch.device) -> N
     parallel_state.destroy_model_parallel()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = parse()
-        dp, cp = mesh(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        cfg = check(argv, world)
+        dp, cp = mesh(cfg, world)
     except ValueError as e:
         sys.exit(f"train_megatron: {e}")
-    if importlib.util.find_spec("megatron") is None:
-        sys.exit("train_megatron: megatron-core is not installed "
-                 "(pip install --no-deps megatron-core==0.16.1)")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    try:
+    init_process_group("nccl" if cuda else "gloo", timeout=cfg.timeout)
+    with exit_on_comm_error("train_megatron"):
         train(cfg, dp, cp, torch.device("cuda") if cuda else torch.device("cpu"))
-    finally:
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ the same error, so a bad input on one rank is an error everywhere instead of a h
 mismatch (different shapes, dtypes, layouts...) is reported with the decoded values of
 every rank.
 
+The row also carries the operation's name (`op`), so ranks that disagree about which
+operation they are in (one skipped or reordered a call) fail fast with both names instead of
+reading each other's fields or hanging; a peer that is frozen, dead or in an operation that
+does not agree (a barrier) makes the gather time out with an error naming `op` and the peer.
+
 The row has a fixed capacity (`max_words` words, the same on every rank, or the gather
 itself would mismatch). A signature that does not fit is never truncated: its rank marks
 the row as overflowing and every rank raises.
@@ -20,9 +25,18 @@ from collections.abc import Sequence
 import torch
 
 from .comm import Group, control_group, gather_rows, group_rank_world
+from .timeouts import CommError
 
 CAPACITY = 128  # words per row after the header; a larger signature raises, never truncates
-_HEADER = 4  # error flag, overflow (needed words), crc of the field names, words used
+_OP_WORDS = 4  # the operation's name, shown in a mismatch (first 32 bytes)
+# error flag, overflow (needed words), crc of the field names, words used, crc of the op,
+# then the op's name: the same length for every op, so any two agree() calls can compare
+HEADER = 5 + _OP_WORDS
+
+
+class OperationMismatchError(CommError):
+    """Ranks reached the agreement step of different operations (a rank skipped, added or
+    reordered a collective call)."""
 _NONE, _INT, _BOOL, _FLOAT, _STR, _SEQ = range(6)
 
 
@@ -84,6 +98,16 @@ def _decode(words: Sequence[int], i: int) -> tuple[object, int]:
     raise ValueError(f"agree: corrupt row (tag {tag} at word {i})")
 
 
+def _op_words(op: str) -> list[int]:
+    b = op.encode()[:8 * _OP_WORDS].ljust(8 * _OP_WORDS, b"\0")
+    return [int.from_bytes(b[i:i + 8], "little", signed=True) for i in range(0, len(b), 8)]
+
+
+def _op_name(row: Sequence[int]) -> str:
+    raw = b"".join(x.to_bytes(8, "little", signed=True) for x in row[5:HEADER])
+    return raw.rstrip(b"\0").decode(errors="replace")
+
+
 def agree(op: str, group: Group, error: BaseException | None, /, *,
           max_words: int = CAPACITY, **fields: object) -> None:
     """Raise on every rank if any rank failed validation or the fields differ across ranks.
@@ -91,8 +115,9 @@ def agree(op: str, group: Group, error: BaseException | None, /, *,
     `fields` (name -> int, bool, float, str, dtype, device, None or a tuple of these) must
     have the same names on every rank; `error` is this rank's own validation error (raised
     here, after the exchange, so that no peer is left waiting). One all-gather of
-    `max_words` + 4 int64 words on the CPU (`comm.control_group`: gloo, a twin of an NCCL
-    group), so the check never synchronises the host with the GPU.
+    `max_words` + `HEADER` int64 words on the CPU (`comm.control_group`: gloo, a twin of an
+    NCCL group), so the check never synchronises the host with the GPU. Ranks in different
+    operations raise `OperationMismatchError` naming both.
     """
     _, world = group_rank_world(group)
     if world == 1:
@@ -107,10 +132,17 @@ def agree(op: str, group: Group, error: BaseException | None, /, *,
         error, words = error or e, []
     need = len(words) if len(words) > max_words else 0
     names = zlib.crc32("\0".join(fields).encode())
-    row = [int(error is not None), need, names, len(words) if not need else 0]
+    row = [int(error is not None), need, names, len(words) if not need else 0,
+           zlib.crc32(op.encode()), *_op_words(op)]
     row += (words if not need else []) + [0] * (max_words - (0 if need else len(words)))
     mine = torch.tensor(row, dtype=torch.int64)
-    table = gather_rows(mine, control_group(group), world).tolist()
+    table = gather_rows(mine, control_group(group), world,
+                        op=f"{op} (cross-rank agreement)").tolist()
+    if len({t[4] for t in table}) > 1:
+        shown = ", ".join(f"rank {r}: {_op_name(t)}" for r, t in enumerate(table))
+        raise OperationMismatchError(f"{op}: ranks are in different operations ({shown}): a "
+                                     f"rank skipped, added or reordered a call", op=op,
+                                     peers=[r for r, t in enumerate(table) if t[4] != row[4]])
     bad = [r for r, t in enumerate(table) if t[0]]
     if bad:
         if error is not None:
@@ -126,7 +158,7 @@ def agree(op: str, group: Group, error: BaseException | None, /, *,
         raise ValueError(f"{op}: ranks passed different field names (a caller's bug)")
     per_rank = []
     for t in table:
-        body, vals, i = t[_HEADER:_HEADER + t[3]], [], 0
+        body, vals, i = t[HEADER:HEADER + t[3]], [], 0
         while i < len(body):
             x, i = _decode(body, i)
             vals.append(x)

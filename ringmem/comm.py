@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .timeouts import group_timeout, wait_works
+
 Group = dist.ProcessGroup | None
 
 _RETURN_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -34,11 +36,21 @@ def group_rank_world(group: Group) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
-def gather_rows(x: Tensor, group: Group, world: int) -> Tensor:
-    """All-gather a 1-D tensor from every rank into [world, n] (one collective)."""
+def gather_rows(x: Tensor, group: Group, world: int, op: str = "all-gather") -> Tensor:
+    """All-gather a 1-D tensor from every rank into [world, n] (one collective).
+
+    On the CPU (gloo) the host wait is bounded by `timeouts.current()` and a failure names
+    `op` and the peers; a device gather is left asynchronous (its group's timeout applies).
+    """
     out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x.contiguous(), group=group)
+    if x.device.type != "cpu" or not dist.is_initialized():
+        gather(out, x.contiguous(), group=group)
+        return out.reshape(world, -1)
+    work = gather(out, x.contiguous(), group=group, async_op=True)
+    me = dist.get_rank()
+    peers = [p for p in dist.get_process_group_ranks(group or dist.group.WORLD) if p != me]
+    wait_works([work], [("all-gather", p) for p in peers], op=op, rank=me, timed=True)
     return out.reshape(world, -1)
 
 
@@ -66,7 +78,7 @@ def cpu_twin(group: dist.ProcessGroup) -> dist.ProcessGroup:
     synchronisation: the group's name is derived from its ranks, not from a per-process
     counter that non-members would have to advance too)."""
     return dist.new_group(dist.get_process_group_ranks(group), backend="gloo",
-                          use_local_synchronization=True)
+                          use_local_synchronization=True, timeout=group_timeout())
 
 
 RET_TAG = 1  # returns use their own tag when they share the ring's group
@@ -85,7 +97,7 @@ def _return_group(group: dist.ProcessGroup, device: torch.device) -> dist.Proces
         return group
     rg = _RETURN_GROUPS.get(group)
     if rg is None:
-        rg = dist.new_group(dist.get_process_group_ranks(group))
+        rg = dist.new_group(dist.get_process_group_ranks(group), timeout=group_timeout())
         # NCCL needs every rank in a communicator's first operation; a return exchange may
         # be empty on some ranks, so open it with a collective all members take part in
         dist.all_reduce(torch.zeros(1, device=device), group=rg)
@@ -121,6 +133,16 @@ def _nbytes(ts: list[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+class Transfers(list):
+    """The works of one posted batch, with what `RingComm.wait` needs to name a failure:
+    the step, the channel and a (what, peer rank) label per transfer."""
+
+    def __init__(self, works: list, step: int, channel: str,
+                 labels: list[tuple[str, int]]) -> None:
+        super().__init__(works)
+        self.step, self.channel, self.labels = step, channel, labels
+
+
 @dataclass
 class RingComm:
     """Posts transfers without blocking; `wait` blocks only on the buffers about to be used.
@@ -134,6 +156,7 @@ class RingComm:
     device: torch.device = torch.device("cpu")  # where the tensors live (NCCL: the GPU)
     rank: int = 0
     world: int = 1
+    op: str = "ring_attention"  # named in errors, with the phase, step and peer
 
     def __post_init__(self) -> None:
         self.rank, self.world = group_rank_world(self.group)
@@ -145,21 +168,24 @@ class RingComm:
         return dist.get_global_rank(self._g, (self.rank + offset) % self.world)
 
     def _post(self, step: int, channel: str, group: dist.ProcessGroup, send: list[Tensor],
-              to: int, recv: list[Tensor], frm: int, tag: int = 0) -> list[dist.Work]:
-        ops = [dist.P2POp(dist.isend, t, self._peer(to), group, tag) for t in send]
-        ops += [dist.P2POp(dist.irecv, t, self._peer(frm), group, tag) for t in recv]
+              to: int, recv: list[Tensor], frm: int, tag: int = 0) -> Transfers:
+        dst, src = (self._peer(to), self._peer(frm)) if send or recv else (0, 0)
+        ops = [dist.P2POp(dist.isend, t, dst, group, tag) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, src, group, tag) for t in recv]
         if self.stats is not None:
             self.stats.records.append({"phase": self.phase, "step": step, "channel": channel,
                                        "sent": _nbytes(send), "recv": _nbytes(recv)})
-        return dist.batch_isend_irecv(ops) if ops else []
+        labels = ([(f"{channel} send", dst)] * len(send) +
+                  [(f"{channel} receive", src)] * len(recv))
+        return Transfers(dist.batch_isend_irecv(ops) if ops else [], step, channel, labels)
 
     def move(self, step: int, send: list[Tensor], recv: list[Tensor],
-             hop: int = 1) -> list[dist.Work]:
+             hop: int = 1) -> Transfers:
         """hop=+1: send to rank-1, receive from rank+1; hop=-1: the other way round."""
         return self._post(step, "move", self._g, send, -hop, recv, +hop)
 
     def p2p(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
-            frm: int) -> list[dist.Work]:
+            frm: int) -> Transfers:
         """Send to / receive from arbitrary ranks (offsets within the group) on the ring's
         own group: point-to-point moves outside the ring loop (cache rebalancing)."""
         return self._post(step, "p2p", self._g, send, to, recv, frm)
@@ -170,12 +196,17 @@ class RingComm:
             self._ret_g = _return_group(self._g, self.device)
 
     def ret(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
-            frm: int) -> list[dist.Work]:
+            frm: int) -> Transfers:
         self.prepare_returns()
         tag = RET_TAG if self._ret_g is self._g else 0
         return self._post(step, "ret", self._ret_g, send, to, recv, frm, tag)
 
-    @staticmethod
-    def wait(works: list[dist.Work] | None) -> None:
-        for w in works or ():
-            w.wait()
+    def wait(self, works: Transfers | list[dist.Work] | None) -> None:
+        """Wait for posted transfers; on gloo bounded by `timeouts.current()`. A failure
+        raises `CommError` / `CommTimeoutError` naming the op, phase, step and peer."""
+        if not works:
+            return
+        step = getattr(works, "step", None)
+        labels = getattr(works, "labels", None) or [("transfer", -1)]
+        wait_works(works, labels, op=self.op, rank=dist.get_rank(), phase=self.phase,
+                   step=step, timed=self.device.type == "cpu")

@@ -5,11 +5,12 @@ raised before any heavy work starts.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -37,6 +38,21 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         return cls(**data)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ValueError instead of printing usage and exiting, so that a bad
+    option is one line from the console command, before torchrun starts (--help still
+    prints and exits)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def check_timeout(cfg: Any) -> None:
+    """`timeout` (seconds, or None: RINGMEM_TIMEOUT or the default) must be positive."""
+    if cfg.timeout is not None and not 0 < cfg.timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {cfg.timeout}")
 
 
 def load_config(cls: type[T], path: str | Path, **overrides: Any) -> T:
@@ -77,9 +93,12 @@ class PrefillConfig:
     world_size: int | None = None
     """If set, the job refuses to start on any other number of ranks."""
     seed: int = 0
+    timeout: float | None = None
+    """Seconds any rank waits for a peer before failing; unset: RINGMEM_TIMEOUT, else 300."""
 
     def __post_init__(self) -> None:
         from . import SCHEDULES
+        check_timeout(self)
         _positive(self, "seq_len", "batch", "heads", "kv_heads", "head_dim", "steps")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
@@ -146,8 +165,11 @@ class InferConfig:
     (one pool over every layer and KV head)."""
     snapkv_kernel: int = 7
     """With eviction = "snapkv": the max-pooling width in positions (odd)."""
+    timeout: float | None = None
+    """Seconds any rank waits for a peer before failing; unset: RINGMEM_TIMEOUT, else 300."""
 
     def __post_init__(self) -> None:
+        check_timeout(self)
         from .eviction.budget import ALLOCATIONS
         from .eviction.scorers import BY_NAME
         if self.eviction is not None and self.eviction not in BY_NAME:

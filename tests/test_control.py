@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import ringmem
-from ringmem.agree import CAPACITY, agree
+from ringmem.agree import CAPACITY, HEADER, agree
 from ringmem.cache import CacheConfig, ShardedKVCache
 from ringmem.comm import control_group, cpu_twin
 from ringmem.testing import spawn
@@ -31,7 +31,7 @@ def _record(log: list) -> None:
 def _checks_per_call(rank: int, world: int) -> None:
     log: list = []
     _record(log)
-    row = CAPACITY + 4
+    row = CAPACITY + HEADER
     q, k, v = (torch.randn(1, 8, h, 16) for h in (4, 2, 2))
     for n in (3, 2):  # two call signatures, several calls each: one check per call
         log.clear()

@@ -19,11 +19,11 @@ def main() -> None:
     comm = RingComm(None, "fwd", None, dev)
     x = torch.arange(1000, dtype=torch.float32, device=dev)
     y = torch.empty_like(x)
-    RingComm.wait(comm.move(0, [x], [y]))  # to rank - 1 = itself
+    comm.wait(comm.move(0, [x], [y]))  # to rank - 1 = itself
     assert torch.equal(x, y), "send-to-self"
     comm.prepare_returns()  # the second group over every rank (a collective)
     z = torch.empty_like(x)
-    RingComm.wait(comm.ret(0, [x * 2], 0, [z], 0))
+    comm.wait(comm.ret(0, [x * 2], 0, [z], 0))
     assert torch.equal(z, x * 2), "return group"
     cg = control_group(None)
     assert dist.get_backend(cg) == "gloo", dist.get_backend(cg)

@@ -48,7 +48,7 @@ def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
     b, h, d = out.shape
     if how == "allgather":
         packed = torch.cat([out.flatten().double(), lse.flatten().double()])
-        rows = gather_rows(packed, group, world)
+        rows = gather_rows(packed, group, world, op="decode (merge)")
         outs = rows[:, :b * h * d].to(out.dtype).reshape(world, b, h, d)
         lses = rows[:, b * h * d:].to(lse.dtype).reshape(world, b, h)
         return merge_weighted(outs, lses)
@@ -156,7 +156,8 @@ def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str 
         bits = struct.unpack("<q", struct.pack("<d", scale))[0]  # exact, as an int64
         row = torch.tensor([layer if error is None else -1, bits, *lengths,
                             int(full is not None), int(error is not None)], dtype=torch.int64)
-        rows = gather_rows(row, control_group(cache.group), cache.world)
+        rows = gather_rows(row, control_group(cache.group), cache.world,
+                           op="decode (step check)")
         if bool(rows[:, -1].any()):
             if error is not None:
                 raise error

@@ -55,7 +55,8 @@ def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
                                                                  impl, "q", softcap=cap)))
     spec = RingSpec(c.layout, Mask(causal=True, window=(left, -1)), scale, impl, "kv",
                     softcap=cap)
-    parts.append(ring_forward(q, k, v, spec, RingComm(cache.group, "fwd", None, q.device)))
+    parts.append(ring_forward(q, k, v, spec, RingComm(cache.group, "fwd", None, q.device,
+                                                     op="prefill_chunk")))
     # ring results are out [1, S, H, D], lse [1, H, S]: the lse's transpose lines up
     parts = [Partial(o, l.transpose(1, 2)) for o, l in parts]
     if sinks is not None:  # one more term in every row's denominator: out 0, lse = sink
@@ -124,7 +125,7 @@ def _prefix_pass(cache: ShardedKVCache, layer: int, seq: int, q: Tensor,
     """The chunk's queries against the cached prefix on every rank (ring, Q travels);
     once per KV head when heads hold different tokens (per-head eviction)."""
     store, c, idx = cache.stores[layer], cache.config, cache.index
-    comm = RingComm(cache.group, "fwd", None, q.device)
+    comm = RingComm(cache.group, "fwd", None, q.device, op="prefill_chunk (prefix)")
     if not idx.split[layer][seq]:
         kp, vp, _ = store.view(seq)
         return ring_forward(q, kp, vp, spec, comm, kv_lens=tuple(idx.counts(layer, seq)))

@@ -82,12 +82,12 @@ class ShardedView:
         if self.rank not in (src, dst):
             return
         st, d = self.stores[layer], self.dims
-        comm = RingComm(self.group, "rebalance", None, self.device)
+        comm = RingComm(self.group, "rebalance", None, self.device, op="cache rebalance")
         if self.rank == src:
             idx = [st.head_slots(seq, h)[keep:] for h in range(d.kv_heads)]
             bufs = [torch.cat([t[h, i] for h, i in enumerate(idx)]).contiguous()
                     for t in (st.k, st.v, st.pos, st.score)]
-            RingComm.wait(comm.p2p(0, bufs, dst - src, [], 0))
+            comm.wait(comm.p2p(0, bufs, dst - src, [], 0))
             st.keep(seq, [torch.arange(hl, device=st.pos.device) < keep
                           for hl in st.hlens[seq]])
             return
@@ -96,5 +96,5 @@ class ShardedView:
                 torch.empty(tot, d.head_dim, dtype=st.v.dtype, device=dev),
                 torch.empty(tot, dtype=torch.int64, device=dev),
                 torch.empty(tot, dtype=torch.float32, device=dev)]
-        RingComm.wait(comm.p2p(0, [], 0, bufs, src - dst))
+        comm.wait(comm.p2p(0, [], 0, bufs, src - dst))
         st.append_heads(seq, *(list(b.split(n)) for b in bufs))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import DTYPES, from_dict, load_config  # noqa: F401  (re-exported for launchers)
+from ..config import DTYPES, check_timeout, from_dict, load_config  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,8 +46,11 @@ class TrainConfig:
     """If set, the job refuses to start on any other number of ranks."""
     max_documents: int = 0
     """Use only the first N documents after shuffling (0: all): small test runs."""
+    timeout: float | None = None
+    """Seconds any rank waits for a peer before failing; unset: RINGMEM_TIMEOUT, else 300."""
 
     def __post_init__(self) -> None:
+        check_timeout(self)
         from ..backends import BACKENDS
         for name in ("seq_len", "batch", "grad_accum", "dp", "steps"):
             if getattr(self, name) < 1:

@@ -35,8 +35,8 @@ from ..sharding import shard
 from ..comm import Group, group_rank_world
 from ..packing import chunks
 
-_CP_COMM_TYPES = (None, "p2p")  # Megatron's ring; a2a / allgather would be a different
-# algorithm, so asking for one is refused rather than silently run as a ring
+_CP_COMM_TYPE = "p2p"  # Megatron's ring (None means the same); a2a / allgather would be a
+# different algorithm, so asking for one is refused rather than silently run as a ring
 
 
 def cpu_shim() -> None:
@@ -116,7 +116,7 @@ class RingmemCoreAttention(torch.nn.Module):
             raise ValueError(f"RingmemCoreAttention has no attention dropout: set "
                              f"TransformerConfig(attention_dropout=0.0), got "
                              f"{config.attention_dropout}")
-        if cp_comm_type not in _CP_COMM_TYPES:
+        if cp_comm_type not in (None, _CP_COMM_TYPE):
             raise ValueError(f"RingmemCoreAttention runs a ring (cp_comm_type 'p2p'), got "
                              f"cp_comm_type={cp_comm_type!r}")
         self._check_mask_type(attn_mask_type)

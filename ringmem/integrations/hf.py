@@ -93,6 +93,7 @@ class RingAttention:
                              f"queries: a transformers cache is in use; generate with "
                              f"ringmem.integrations.hf_cache.RingmemCache (or pass "
                              f"use_cache=False)")
+        query, key, value = _one_dtype(query, key, value)
         cu = self._packing(kwargs, attention_mask, self.group, self.layout)
         if attention_mask is not None:
             self._check_right_padding(attention_mask, kwargs.get("position_ids"))
@@ -127,6 +128,17 @@ class RingAttention:
                              f"tokenizer.padding_side='right', or generate with a "
                              f"RingmemCache")
         self._checked = (mask, mask._version)
+
+
+def _one_dtype(*ts: Tensor) -> tuple[Tensor, ...]:
+    """Under autocast, RoPE leaves q/k in fp32 beside a bf16 v: compute in the autocast
+    dtype, as PyTorch's own attention does."""
+    if len({t.dtype for t in ts}) == 1:
+        return ts
+    dev = ts[0].device.type
+    want = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+            else ts[0].dtype)
+    return tuple(t.to(want) for t in ts)
 
 
 def _take_pending(layer: int, key: Tensor) -> Any:

@@ -25,8 +25,9 @@ from ringmem.kernels.configs import Tile
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-CONSTEXPRS = {"CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_R", "PREC"}
-FLOATS = {"qk_scale", "scale"}
+CONSTEXPRS = {"HAS_LO", "HAS_HI", "SOFTCAP", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_R",
+              "PREC"}
+FLOATS = {"qk_scale", "scale", "cap"}
 
 
 @dataclass(frozen=True)
@@ -37,21 +38,40 @@ class Spec:
     fn: Any
     ptrs: dict[str, str]
     meta: Callable[[int, torch.dtype, Tile], dict[str, Any]]
-    tuned: bool  # whether `configs.TILES[name]` holds its autotune set
+    tuned: bool  # whether `configs.TILES[tiles or name]` holds its autotune set
+    tiles: str | None = None  # the TILES entry when not `name` (a variant of a kernel)
+    variant: str = "base"  # its set in `configs.VARIANT_TILES` ("band", "cap")
+
+    @property
+    def set_name(self) -> str:
+        return self.tiles or self.name
 
 
 def _attn_meta(d: int, dtype: torch.dtype, t: Tile) -> dict[str, Any]:
-    return {"CAUSAL": True, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
-            "BLOCK_D": configs.block_d(d), "PREC": configs.dot_precision(dtype)}
+    """The causal variant (upper band edge only), what every plain ring step runs."""
+    return {"HAS_LO": False, "HAS_HI": True, "SOFTCAP": False, "BLOCK_M": t.block_m,
+            "BLOCK_N": t.block_n, "BLOCK_D": configs.block_d(d),
+            "PREC": configs.dot_precision(dtype)}
+
+
+def _band_meta(d: int, dtype: torch.dtype, t: Tile) -> dict[str, Any]:
+    """The "band" variant at its largest: both edges (a sliding-window piece)."""
+    return dict(_attn_meta(d, dtype, t), HAS_LO=True)
+
+
+def _cap_meta(d: int, dtype: torch.dtype, t: Tile) -> dict[str, Any]:
+    """The "cap" variant at its largest: both band edges and the softcap."""
+    return dict(_band_meta(d, dtype, t), SOFTCAP=True)
 
 
 def _decode_meta(d: int, dtype: torch.dtype, t: Tile) -> dict[str, Any]:
-    return dict(_attn_meta(d, dtype, t), CAUSAL=False)
+    return dict(_attn_meta(d, dtype, t), HAS_HI=False)
 
 
 def _runs_meta(d: int, dtype: torch.dtype, t: Tile) -> dict[str, Any]:
     m = _decode_meta(d, dtype, t)
-    del m["CAUSAL"]
+    for flag in ("HAS_LO", "HAS_HI", "SOFTCAP"):
+        del m[flag]
     return m
 
 
@@ -63,6 +83,13 @@ SPECS = {
     "dkdv": Spec("dkdv", backward._bwd_dkdv_kernel, {**GRAD_IN, "DK": "fp32", "DV": "fp32"},
                  _attn_meta, True),
     "dq": Spec("dq", backward._bwd_dq_kernel, {**GRAD_IN, "DQ": "fp32"}, _attn_meta, True),
+    # the larger variants, on their own sets (`configs.VARIANT_TILES`)
+    **{f"{k}_{var}": Spec(f"{k}_{var}", fn, ptrs, meta, True, k, var)
+       for k, fn, ptrs in (("fwd", attention._fwd_kernel, {**QKV, "O": "in", "LSE": "fp32"}),
+                           ("dkdv", backward._bwd_dkdv_kernel,
+                            {**GRAD_IN, "DK": "fp32", "DV": "fp32"}),
+                           ("dq", backward._bwd_dq_kernel, {**GRAD_IN, "DQ": "fp32"}))
+       for var, meta in (("band", _band_meta), ("cap", _cap_meta))},
     "delta": Spec("delta", backward._bwd_delta_kernel,
                   {"O": "in", "DO": "in", "DELTA": "fp32"},
                   lambda d, dt, t: {"BLOCK_M": t.block_m, "BLOCK_D": configs.block_d(d)},

@@ -3,7 +3,9 @@
 Compiles every kernel (forward, backward dK/dV, backward dQ, delta, decode, paged run-list
 decode, merge) for each head dim (64, 128, 256) and dtype (fp16, bf16, fp32) and each config
 of its autotune set (`ringmem.kernels.configs.TILES`; with --explore also the candidates
-below), and reports per kernel/config: tile, warps, stages, registers per thread, stack,
+below). Forward and backward compile in their causal variant and, as *_band and *_cap on
+their variant sets (`configs.VARIANT_TILES`), with both band edges and with both edges and
+the softcap. It reports per kernel/config: tile, warps, stages, registers per thread, stack,
 spill instructions (local loads/stores in SASS), shared memory, the MMA path (wgmma =
 HGMMA in SASS, mma.sync = HMMA, none = FMA) and whether an MMA runs in TF32.
 
@@ -100,10 +102,11 @@ def jobs(a: argparse.Namespace, arch: int) -> list[tuple[str, int, str, Tile, bo
                 if not SPECS[kernel].tuned:
                     out += [(kernel, d, dt, t, True) for t in fixed_tiles(kernel, d, DTYPES[dt])]
                     continue
-                chosen = configs.tiles_for(kernel, arch, d, DTYPES[dt])
+                spec = SPECS[kernel]
+                chosen = configs.tiles_for(spec.set_name, arch, d, DTYPES[dt], spec.variant)
                 out += [(kernel, d, dt, t, True) for t in chosen]
                 if a.explore:
-                    cands = CANDIDATES[kernel][dt == "fp32"][d]
+                    cands = CANDIDATES[spec.set_name][dt == "fp32"][d]
                     out += [(kernel, d, dt, t, False) for t in cands if t not in chosen]
     return out
 
@@ -119,7 +122,12 @@ def problems(r: dict[str, Any], arch: int) -> list[str]:
         why.append(f"smem > {configs.SMEM_LIMIT[arch] // 1024} KB")
     if r["dtype"] == "fp32" and r["tf32"]:
         why.append("tf32")
-    if arch == 90 and r["dtype"] != "fp32" and r["kernel"] in ("fwd", "dkdv", "dq") \
+    spec = SPECS[r["kernel"]]
+    tile = Tile(r["block_m"], r["block_n"], r["num_warps"], r["num_stages"])
+    # a variant's substitute for an emptied set may lack wgmma (none is spill-free there)
+    substitute = spec.variant != "base" and tile not in configs.tiles_for(
+        spec.set_name, arch, r["D"], DTYPES[r["dtype"]])
+    if arch == 90 and r["dtype"] != "fp32" and spec.tuned and not substitute \
             and r["mma"] != "wgmma":
         why.append("no wgmma")
     return why
@@ -160,11 +168,12 @@ def markdown(arch: int, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str
              "loads/stores (LDL/STL) in the SASS; shared memory = what the launch requests "
              f"(limit {configs.SMEM_LIMIT[arch]} B per block); MMA: wgmma = HGMMA in the SASS, "
              "mma.sync = HMMA, none = FMA (fp32 dots are IEEE, `input_precision=\"ieee\"`); "
-             "tf32 = an MMA instruction of the PTX names tf32. Causal variants (the larger "
-             "code); decode/runs at their 16-row tile and their largest BLOCK_M (64 query heads "
-             "per KV head). `set` = in the kernel's autotune set for this arch (fixed-config "
-             "kernels: always); rows not in a set are the candidates the sets were picked "
-             "from, with what rules them out.", "",
+             "tf32 = an MMA instruction of the PTX names tf32. fwd/dkdv/dq: causal variants; "
+             "*_band: both band edges; *_cap: both edges and the softcap (their own sets, "
+             "`VARIANT_TILES`); decode/runs at their 16-row tile and their largest BLOCK_M "
+             "(64 query heads per KV head). `set` = in the kernel's autotune set for this "
+             "arch (fixed-config kernels: always); rows not in a set are the candidates the "
+             "sets were picked from, with what rules them out.", "",
              "| kernel | D | dtype | tile | warps | stages | regs | stack | spills | smem KB "
              "| MMA | wgmma | tf32 | set | problems |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

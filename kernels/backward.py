@@ -4,6 +4,12 @@ Three kernels: delta = rowsum(dO * O), dK/dV per key tile (summed over every que
 the G heads that share the KV head), dQ per tile of packed query rows. Both big kernels
 recompute the probabilities from the *global* lse. Gradients accumulate and return in fp32.
 Offsets are int64, fp32 dots IEEE; dK/dV and dQ have their own autotune sets.
+
+The mask is the forward's band (lo <= (k_offset + j) - (q_offset + i) <= hi, either edge
+optional, `attention.py`): dQ visits only the key tiles its rows' band reaches, dK/dV only
+the query tiles whose band reaches its keys (a lower edge bounds them from above, an upper
+edge from below). With a softcap the logit gradient passes through the cap:
+dS_raw = dS * (1 - tanh^2).
 """
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .configs import (LOG2E, Tile, autotune_configs, block_d, check_index_range,
-                      default_tile, dot_precision, interpreting, prune_for, unit_last)
+from .band import Mask, _band, _key_range, _logits, band_args, scale_args
+from .configs import (TUNE_KEY, Tile, autotune_configs, block_d, check_index_range,
+                      default_tile, dot_precision, interpreting, prune_for, unit_last,
+                      variant)
 
 DELTA_BLOCK_M = 64
 
@@ -38,7 +46,7 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, sos, soh, sdb, sds, sdh, H, Sq, D,
 def _load_rows(Q, DO, LSE, DELTA, b, hk, rows, offs_d, d_ok, sqb, sqs, sqh, sdb, sds, sdh,
                slb, slh, Sq, G, H):
     """q, dO, lse, delta of packed query rows (row r = token r // G, head hk * G + r % G);
-    b and hk are int64, so every offset is; tok (int32) is for the causal mask."""
+    b and hk are int64, so every offset is; tok (int32) is for the band mask."""
     tok = rows // G
     t64, head = tok.to(tl.int64), hk * G + rows % G
     row_ok = rows < Sq * G
@@ -53,23 +61,26 @@ def _load_rows(Q, DO, LSE, DELTA, b, hk, rows, offs_d, d_ok, sqb, sqs, sqh, sdb,
 
 
 @triton.jit
-def _probs(q, k, lse, tok, cols, row_ok, col_ok, q_off, k_off, qk_scale,
-           CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """Softmax probabilities of a tile, recomputed from the global lse (0 where masked)."""
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [M, N], log2 units
-    ok = row_ok[:, None] & col_ok[None, :] & (lse != float("-inf"))[:, None]
-    if CAUSAL:
-        ok = ok & ((k_off + cols)[None, :] <= (q_off + tok)[:, None])
-    return tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+def _probs(q, k, lse, tok, cols, row_ok, col_ok, band_lo, band_hi, qk_scale, cap,
+           HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr,
+           PREC: tl.constexpr):
+    """Softmax probabilities of a tile, recomputed from the global lse (0 where masked),
+    and tanh of the capped logits (see `_logits`)."""
+    s, t = _logits(tl.dot(q, tl.trans(k), input_precision=PREC), qk_scale, cap,
+                   SOFTCAP)  # [M, N], log2 units
+    ok = _band(row_ok[:, None] & col_ok[None, :] & (lse != float("-inf"))[:, None], cols,
+               tok, band_lo, band_hi, HAS_LO, HAS_HI, False)
+    return tl.where(ok, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0), t
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
                      slb, slh, sgb, sgs, sgh,
-                     Sq, Sk, Hkv, G, D, q_off, k_off, scale, qk_scale,
-                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                     Sq, Sk, Hkv, G, D, band_lo, band_hi, scale, qk_scale, cap,
+                     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr):
     """dK, dV of one key tile, summed over every query row (all G heads) that sees it."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // Hkv).to(tl.int64), (pid_bh % Hkv).to(tl.int64)
@@ -86,13 +97,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
-    if CAUSAL:  # queries before the tile's first key position see none of it
-        first_tok = tl.maximum(k_off + pid_n * BLOCK_N - q_off, 0)
-        lo = (first_tok * G) // BLOCK_M * BLOCK_M
+    hi = Sq * G
+    if HAS_HI:  # tokens before the tile's first key - band_hi see none of it
+        first = tl.minimum(tl.maximum(pid_n * BLOCK_N - band_hi, 0), Sq)
+        lo = (first * G) // BLOCK_M * BLOCK_M
+    if HAS_LO:  # nor tokens after its last key - band_lo (bounded first: no overflow)
+        last_key = tl.minimum((pid_n + 1) * BLOCK_N, Sk) - 1
+        hi = tl.minimum(last_key - band_lo + 1, Sq) * G
     # transposed formulation (keys x rows): p^T and dS^T come out of the dots in the layout
     # the next dots take, no register transposes (fewer registers, no spills)
     offs_m = tl.arange(0, BLOCK_M)
-    for start in range(lo, Sq * G, BLOCK_M):
+    for start in range(lo, hi, BLOCK_M):
         rows = start + offs_m
         tok = rows // G
         t64, head = tok.to(tl.int64), hk * G + rows % G
@@ -103,14 +118,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(LSE + b * slb + head * slh + t64, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + (b * H + head) * Sq + t64, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, q_t, input_precision=PREC) * qk_scale  # [N, M], log2 units
-        ok = col_ok[:, None] & row_ok[None, :] & (lse != float("-inf"))[None, :]
-        if CAUSAL:
-            ok = ok & ((k_off + cols)[:, None] <= (q_off + tok)[None, :])
+        s_t, t_t = _logits(tl.dot(k, q_t, input_precision=PREC), qk_scale, cap,
+                           SOFTCAP)  # [N, M], log2 units
+        ok = _band(col_ok[:, None] & row_ok[None, :] & (lse != float("-inf"))[None, :],
+                   cols, tok, band_lo, band_hi, HAS_LO, HAS_HI, True)
         p_t = tl.where(ok, tl.exp2(s_t - lse[None, :] * 1.4426950408889634), 0.0)
+        pd_t = p_t  # dS = p (dp - delta), times the cap's derivative (1 - tanh^2) taken
+        if SOFTCAP:  # now: t_t then dies before the dots (2.4x the registers otherwise)
+            pd_t = p_t * (1.0 - t_t * t_t)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = pd_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PREC)
     ptr = b * sgb + c64[:, None] * sgs + hk * sgh + offs_d[None, :]
     tl.store(DK + ptr, dk * scale, mask=col_ok[:, None] & d_ok[None, :])
@@ -121,9 +139,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
                    slb, slh, sgb, sgs, sgh,
-                   Sq, Sk, Hkv, G, D, q_off, k_off, scale, qk_scale,
-                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                   Sq, Sk, Hkv, G, D, band_lo, band_hi, scale, qk_scale, cap,
+                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SOFTCAP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PREC: tl.constexpr):
     """dQ of one tile of packed query rows, over every key it sees."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hk = (pid_bh // Hkv).to(tl.int64), (pid_bh % Hkv).to(tl.int64)
@@ -135,12 +154,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
         Q, DO, LSE, DELTA, b, hk, rows, offs_d, d_ok, sqb, sqs, sqh, sdb, sds, sdh, slb, slh,
         Sq, G, H)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = Sk
-    if CAUSAL:
-        last = tl.minimum((pid_m + 1) * BLOCK_M, Sq * G) - 1
-        hi = tl.minimum(Sk, q_off + last // G - k_off + 1)
+    lo, hi = _key_range(0, Sk, (pid_m * BLOCK_M) // G,
+                        (tl.minimum((pid_m + 1) * BLOCK_M, Sq * G) - 1) // G, band_lo,
+                        band_hi, HAS_LO, HAS_HI, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, hi, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         c64 = cols.to(tl.int64)
         col_ok = cols < Sk
@@ -148,8 +166,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(V + b * svb + c64[:, None] * svs + hk * svh + offs_d[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        p = _probs(q, k, lse, tok, cols, row_ok, col_ok, q_off, k_off, qk_scale, CAUSAL,
-                   PREC)
+        p, t = _probs(q, k, lse, tok, cols, row_ok, col_ok, band_lo, band_hi, qk_scale, cap,
+                      HAS_LO, HAS_HI, SOFTCAP, PREC)
+        if SOFTCAP:  # through softcap * tanh(s / softcap); t dies before the dot
+            p = p * (1.0 - t * t)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -157,10 +177,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
              dq * scale, mask=row_ok[:, None] & d_ok[None, :])
 
 
-_dkdv_tuned = triton.autotune(configs=autotune_configs("dkdv"), key=["BLOCK_D", "CAUSAL"],
+_dkdv_tuned = triton.autotune(configs=autotune_configs("dkdv"), key=TUNE_KEY,
                               prune_configs_by={"early_config_prune": prune_for("dkdv", "Q")}
                               )(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(configs=autotune_configs("dq"), key=["BLOCK_D", "CAUSAL"],
+_dq_tuned = triton.autotune(configs=autotune_configs("dq"), key=TUNE_KEY,
                             prune_configs_by={"early_config_prune": prune_for("dq", "Q")}
                             )(_bwd_dq_kernel)
 
@@ -172,7 +192,8 @@ def _launch_grad(kernel: str, args: tuple, n_rows: int, rows_block: str, n_prog:
     raw, tuned = {"dkdv": (_bwd_dkdv_kernel, _dkdv_tuned), "dq": (_bwd_dq_kernel, _dq_tuned)}[
         kernel]
     if tile is None and interpreting():
-        tile = default_tile(kernel, meta["BLOCK_D"], dtype)
+        tile = default_tile(kernel, meta["BLOCK_D"], dtype,
+                            variant(meta["HAS_LO"], meta["SOFTCAP"]))
     if tile is None:
         tuned[lambda m: (triton.cdiv(n_rows, m[rows_block]), n_prog)](*args, **meta)
     else:
@@ -181,11 +202,12 @@ def _launch_grad(kernel: str, args: tuple, n_rows: int, rows_block: str, n_prog:
 
 
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  scale: float, causal: bool = False, q_offset: int = 0,
-                  k_offset: int = 0, *, dkdv_tile: Tile | None = None,
+                  scale: float, causal: Mask = False, q_offset: int = 0,
+                  k_offset: int = 0, *, softcap: float = 0.0, dkdv_tile: Tile | None = None,
                   dq_tile: Tile | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (fp32) of one block given the *global* out and lse of its query rows.
-    `dkdv_tile` / `dq_tile` force launch configurations (default: autotuned)."""
+    """Gradients (fp32) of one block given the *global* out and lse of its query rows;
+    mask and softcap as in `attention_fwd`. `dkdv_tile` / `dq_tile` force launch
+    configurations (default: autotuned)."""
     from .attention import check_qkv
     check_qkv(q, k, v)
     if dout.shape != q.shape or out.shape != q.shape:
@@ -209,8 +231,11 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1))
-    tail = (sq, sk, hkv, g, d, q_offset, k_offset, scale, scale * LOG2E)
-    meta = dict(CAUSAL=causal, BLOCK_D=bd, PREC=dot_precision(q.dtype))
+    has_lo, band_lo, has_hi, band_hi = band_args(causal, q_offset, k_offset, sq, sk)
+    qk_scale, cap, capped = scale_args(scale, softcap)
+    tail = (sq, sk, hkv, g, d, band_lo, band_hi, scale, qk_scale, cap)
+    meta = dict(HAS_LO=has_lo, HAS_HI=has_hi, SOFTCAP=capped, BLOCK_D=bd,
+                PREC=dot_precision(q.dtype))
     _launch_grad("dkdv", (q, k, v, dout, lse, delta, dk, dv, *common, dk.stride(0),
                           dk.stride(1), dk.stride(2), *tail), sk, "BLOCK_N", b * hkv, meta,
                  dkdv_tile, q.dtype)

@@ -11,6 +11,11 @@ host before launch.
 
 Under the Triton interpreter (CPU) nothing is autotuned: the first tile of the sm_90 set is
 used, and the tests run every tile of every set explicitly.
+
+The constexpr flags HAS_LO / HAS_HI / SOFTCAP (`band.py`) select the compiled variant of
+the attention kernels, so they are part of every autotune key (`TUNE_KEY`); a lower band
+edge or the softcap adds code, and where that makes tiles spill the variant has its own set
+(`VARIANT_TILES`, chosen by `variant`).
 """
 from __future__ import annotations
 
@@ -25,6 +30,9 @@ from torch import Tensor
 LOG2E = 1.4426950408889634
 HEAD_DIM_CLASSES = (64, 128, 256)
 ARCHS = (80, 90)
+# what an autotuned launch is keyed on: the compiled variant (head dim, band edges, softcap);
+# Triton adds the tensors' dtypes itself
+TUNE_KEY = ["BLOCK_D", "HAS_LO", "HAS_HI", "SOFTCAP"]
 # largest shared memory one block may use (bytes): 227 KB on sm_90, 163 KB on sm_80
 SMEM_LIMIT = {90: 232448, 80: 166912}
 
@@ -100,6 +108,27 @@ TILES: dict[str, dict[tuple[int, int, str], tuple[Tile, ...]]] = {
         (80, 256, "fp32"): (T(32, 16, 8, 2), T(16, 32, 8, 2)),
     },
 }
+# The larger variants of the attention kernels (`variant`): a lower band edge ("band",
+# sliding-window pieces) or the softcap ("cap") adds code that makes some tiles of the base
+# set spill. Where a set differs, its variant set is given here: the base set without those
+# tiles, or (dK/dV with the softcap at D = 256 on sm_90, where no wgmma tile is spill-free)
+# a substitute. Measured offline (`benchmarks/compile_kernels.py`, the *_band / *_cap
+# kernels) with both band edges, the lower edge alone, and the softcap with two, one or no
+# edges; every other set is shared.
+VARIANT_TILES: dict[tuple[str, str], dict[tuple[int, int, str], tuple[Tile, ...]]] = {
+    ("fwd", "band"): {(90, 128, "fp32"): (T(16, 64, 4, 2),),
+                      (80, 128, "half"): (T(64, 128, 8, 2),),
+                      (80, 128, "fp32"): (T(16, 32, 4, 2),)},
+    ("fwd", "cap"): {(80, 128, "half"): (T(64, 128, 8, 2),),
+                     (80, 128, "fp32"): (T(16, 32, 4, 2),),
+                     (80, 256, "fp32"): (T(16, 32, 8, 2),)},
+    ("dkdv", "band"): {(90, 128, "half"): (T(64, 64, 8, 2), T(32, 128, 8, 2))},
+    ("dkdv", "cap"): {(90, 64, "half"): (T(64, 64, 8, 2), T(32, 128, 8, 2)),
+                      (90, 128, "half"): (T(32, 128, 8, 2),),
+                      (90, 256, "half"): (T(32, 32, 8, 2),),
+                      (80, 128, "half"): (T(64, 64, 8, 2), T(128, 32, 8, 2))},
+}
+VARIANTS = ("base", "band", "cap")
 # Decode: a fixed BLOCK_N per (head-dim class, dtype class), so that the host cuts key
 # splits into whole tiles; BLOCK_M covers the packed query rows at launch, from 16 up to
 # the cap (larger tiles of these shapes spill).
@@ -150,13 +179,21 @@ def arch_of(device: torch.device) -> int:
     return 80
 
 
-def tiles_for(kernel: str, arch: int, bd: int, dtype: torch.dtype) -> tuple[Tile, ...]:
-    return TILES[kernel][(arch, head_dim_class(bd), dtype_class(dtype))]
+def variant(has_lo: bool, softcap: bool) -> str:
+    """The tile-set variant of a launch: "cap" (softcap), "band" (a lower edge) or "base"
+    (full, causal: an upper edge only)."""
+    return "cap" if softcap else "band" if has_lo else "base"
 
 
-def default_tile(kernel: str, bd: int, dtype: torch.dtype) -> Tile:
+def tiles_for(kernel: str, arch: int, bd: int, dtype: torch.dtype,
+              var: str = "base") -> tuple[Tile, ...]:
+    key = (arch, head_dim_class(bd), dtype_class(dtype))
+    return VARIANT_TILES.get((kernel, var), {}).get(key, TILES[kernel][key])
+
+
+def default_tile(kernel: str, bd: int, dtype: torch.dtype, var: str = "base") -> Tile:
     """The deterministic choice where nothing is autotuned (the interpreter)."""
-    return tiles_for(kernel, 90, bd, dtype)[0]
+    return tiles_for(kernel, 90, bd, dtype, var)[0]
 
 
 def decode_tile(bd: int, rows: int, dtype: torch.dtype) -> Tile:
@@ -167,18 +204,22 @@ def decode_tile(bd: int, rows: int, dtype: torch.dtype) -> Tile:
 
 
 def autotune_configs(kernel: str) -> list[triton.Config]:
-    """Every distinct tile of a kernel's sets; `prune_for` narrows them per launch."""
-    seen = dict.fromkeys(t for tiles in TILES[kernel].values() for t in tiles)
+    """Every distinct tile of a kernel's sets (variants too); `prune_for` narrows them per
+    launch."""
+    sets = [*TILES[kernel].values(),
+            *(v for (k, _), d in VARIANT_TILES.items() if k == kernel for v in d.values())]
+    seen = dict.fromkeys(t for tiles in sets for t in tiles)
     return [t.config() for t in seen]
 
 
 def prune_for(kernel: str, lead: str) -> Callable[..., list[triton.Config]]:
-    """An `early_config_prune` keeping the configs of the launch's (arch, BLOCK_D, dtype);
-    `lead` names the tensor argument whose device and dtype decide."""
+    """An `early_config_prune` keeping the configs of the launch's (arch, BLOCK_D, dtype,
+    variant); `lead` names the tensor argument whose device and dtype decide."""
     def prune(configs: list[triton.Config], named_args: dict[str, Any],
               **kwargs: Any) -> list[triton.Config]:
         x: Tensor = named_args[lead]
-        allowed = set(tiles_for(kernel, arch_of(x.device), kwargs["BLOCK_D"], x.dtype))
+        var = variant(kwargs.get("HAS_LO", False), kwargs.get("SOFTCAP", False))
+        allowed = set(tiles_for(kernel, arch_of(x.device), kwargs["BLOCK_D"], x.dtype, var))
         keep = [c for c in configs
                 if Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                         c.num_stages) in allowed]
@@ -195,3 +236,4 @@ def check_index_range(name: str, n: int) -> None:
     """Row and key indices stay int32 inside a tile (only offsets are widened to int64)."""
     if n >= 2**31:
         raise ValueError(f"{name} must be < 2**31, got {n}")
+

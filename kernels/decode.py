@@ -86,8 +86,8 @@ def _runs_kernel(Q, K, V, RANGES, STARTS, O, LSE, sqh, skh, sks, svh, svs, sop, 
         lo = tl.load(RANGES + 2 * r).to(tl.int32)  # slots < 2^31 (checked on the host)
         hi = tl.load(RANGES + 2 * r + 1).to(tl.int32)
         m_i, l_i, acc = _attend(m_i, l_i, acc, q, K + hk * skh, V + hk * svh, sks, svs,
-                                offs_d, d_ok, rows, row_ok, lo, hi, 0, 0, qk_scale, False,
-                                BLOCK_N, PREC)
+                                offs_d, d_ok, rows, row_ok, lo, hi, 0, 0, qk_scale, 1.0,
+                                False, False, False, BLOCK_N, PREC)
     out, lse = _finish(m_i, l_i, acc)
     tl.store(O + pid_p * sop + head[:, None] * soh + offs_d[None, :], out,
              mask=row_ok[:, None] & d_ok[None, :])

@@ -1,7 +1,8 @@
 """Block backend on ringmem's own Triton kernels (`ringmem.kernels`), imported lazily.
 
-On CUDA the kernels compile; on CPU they run only under TRITON_INTERPRET=1 (tests), where
-bfloat16 is computed wrongly by the interpreter and is therefore refused.
+Every mask piece runs natively: full, causal and window bands (lo <= j - i <= hi), and the
+logit softcap. On CUDA the kernels compile; on CPU they run only under TRITON_INTERPRET=1
+(tests), where bfloat16 is computed wrongly by the interpreter and is therefore refused.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..masking import causal_flag
+from ..masking import as_mask
 from ..partial import Partial, acc_dtype, empty
 from .base import Backend, Mask
 
@@ -23,10 +24,6 @@ class TritonBackend(Backend):
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int, *,
                     bands: bool = False, softcap: bool = False) -> str | None:
-        if bands:
-            return "the Triton kernels compute full and causal blocks only (no window bands)"
-        if softcap:
-            return "the Triton kernels have no logit softcap"
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed (pip install 'ringmem[triton]')"
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -42,15 +39,15 @@ class TritonBackend(Backend):
         return (f"Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU), got device "
                 f"{device.type!r}")
 
-    def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
-            causal: Mask) -> tuple[Tensor, Tensor]:
+    def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: Mask, *,
+            softcap: float = 0.0) -> tuple[Tensor, Tensor]:
         from ..kernels.attention import attention_fwd
-        return attention_fwd(q, k, v, scale, causal_flag(causal, self.name))
+        return attention_fwd(q, k, v, scale, as_mask(causal), softcap=softcap)
 
     def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-            scale: float, causal: Mask) -> tuple[Tensor, Tensor, Tensor]:
+            scale: float, causal: Mask, *, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
         from ..kernels.attention import attention_bwd
-        return attention_bwd(dout, q, k, v, out, lse, scale, causal_flag(causal, self.name))
+        return attention_bwd(dout, q, k, v, out, lse, scale, as_mask(causal), softcap=softcap)
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]],
                scale: float) -> Partial:

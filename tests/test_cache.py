@@ -230,3 +230,19 @@ def _prefill_pieces(cache, q, k, v, sizes: list[int]) -> list[str]:
 @pytest.mark.parametrize("world", [1, 3])
 def test_prefill_after_a_prefix_some_ranks_lack(world: int) -> None:
     spawn(_short_first_chunk, world, timeout=60)
+
+
+def _decode_inputs_differ(rank: int, world: int, merge: str) -> None:
+    cache = ShardedKVCache(_cfg(merge=merge, num_layers=1, max_seqs=1))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, h, D, generator=g, dtype=torch.float64)
+               for h in (HQ, HKV, HKV))
+    cache.decode(0, q, k, v)  # equal on every rank: fine
+    bad = q + (1e-3 if rank == 1 else 0.0)  # one rank decodes another token
+    with pytest.raises(ValueError, match="ranks passed different q/k/v to layer 0"):
+        cache.decode(0, bad, k, v)
+
+
+@pytest.mark.parametrize("merge", ["allgather", "allreduce"])
+def test_decode_refuses_inputs_that_differ_across_ranks(merge: str) -> None:
+    spawn(_decode_inputs_differ, 2, merge, timeout=120)

@@ -37,30 +37,55 @@ if TYPE_CHECKING:
 
 
 
+def digest(*ts: Tensor) -> Tensor:
+    """[sum, weighted sum, sum of |x|] of the tensors (float64, on their device): a cheap
+    fingerprint of inputs every rank must hold identically."""
+    x = torch.cat([t.detach().double().flatten() for t in ts])
+    w = torch.arange(x.numel(), device=x.device, dtype=torch.float64).remainder_(7).add_(1)
+    return torch.stack([x.sum(), (x * w).sum(), x.abs().sum()])
+
+
 def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
-                       how: str = "allgather") -> tuple[Tensor, Tensor]:
+                       how: str = "allgather", check: Tensor | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Exact merge of per-rank partials out [B, Hq, D], lse [B, Hq] (fp32): one all-gather,
-    or two all-reduces (max of lse, then the weighted sums). Nothing is read on the host."""
+    or two all-reduces (max of lse, then the weighted sums). Nothing is read on the host.
+
+    `check` (a `digest`) rides the same collective; the third result is a device flag:
+    True where the ranks' digests differ by more than rounding (1e-6 of the magnitude)."""
     if how not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
     if world == 1:
-        return out, lse
+        return out, lse, None
     b, h, d = out.shape
+    n = b * h * d
+    extra = [] if check is None else [check]
     if how == "allgather":
-        packed = torch.cat([out.flatten().double(), lse.flatten().double()])
+        packed = torch.cat([out.flatten().double(), lse.flatten().double(), *extra])
         rows = gather_rows(packed, group, world, op="decode (merge)")
-        outs = rows[:, :b * h * d].to(out.dtype).reshape(world, b, h, d)
-        lses = rows[:, b * h * d:].to(lse.dtype).reshape(world, b, h)
-        return merge_weighted(outs, lses)
+        outs = rows[:, :n].to(out.dtype).reshape(world, b, h, d)
+        lses = rows[:, n:n + b * h].to(lse.dtype).reshape(world, b, h)
+        flag = None
+        if check is not None:
+            got = rows[:, n + b * h:]
+            flag = ((got[:, :2] - got[0, :2]).abs() > 1e-6 * got[:, 2:].amax() + 1e-30).any()
+        return (*merge_weighted(outs, lses), flag)
     m = lse.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     w = torch.exp(lse - safe)  # this rank's weight, 0 where it saw nothing
-    body = torch.cat([(out * w.unsqueeze(-1)).flatten(), w.flatten()])
+    if check is not None:  # mean and mean square: a spread means the ranks differ
+        extra = [check.to(w.dtype), check.to(w.dtype) ** 2]
+    body = torch.cat([(out * w.unsqueeze(-1)).flatten(), w.flatten(), *extra])
     dist.all_reduce(body, group=group)
-    tot = body[b * h * d:].reshape(b, h)
-    o = body[:b * h * d].reshape(b, h, d) / tot.clamp_min(1e-30).unsqueeze(-1)
-    return o, torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m)
+    tot = body[n:n + b * h].reshape(b, h)
+    o = body[:n].reshape(b, h, d) / tot.clamp_min(1e-30).unsqueeze(-1)
+    flag = None
+    if check is not None:
+        s1, s2 = body[n + b * h:n + b * h + 3] / world, body[n + b * h + 3:] / world
+        spread = (s2[:2] - s1[:2] ** 2).clamp_min(0).sqrt()
+        flag = (spread > 1e-5 * s1[2].abs() + 1e-30).any()  # fp32 sums: a looser bound
+    return o, torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m), flag
 
 def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
                 softmax_scale: float | None, softcap: float | None = None,
@@ -68,6 +93,8 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
     """`ShardedKVCache.decode` (see there)."""
     c, b, idx = cache.config, cache.config.max_seqs, cache.index
     cap, drops = 0.0, None
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        previous_check(cache, layer)
     try:
         layer = check_index("layer", layer, c.num_layers)
         check_tensor("q", q, c, c.q_heads, 1)
@@ -101,7 +128,7 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
         parts = [empty((c.q_heads,), c.head_dim, c.dtype, cache.device)] * b
         lengths = [-1] * 2 * b
     check_step(cache, layer, lengths, full, error, scale if error is None else 0.0)
-    merged = cross_rank(cache, parts)
+    merged = cross_rank(cache, layer, parts, digest(q, k, v))
     total, l_new = own_token(merged, q, k, v, scale, cap)
     if sinks is not None:  # one more term in the denominator: a partial with out 0
         total = merge([total, Partial(torch.zeros_like(total.out),
@@ -174,12 +201,41 @@ def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str 
         raise ValueError(full)
 
 
-def cross_rank(cache: ShardedKVCache, parts: list[Partial]) -> Partial:
-    """The step's one device collective: every rank's partials [B, Hq, D] merged exactly."""
+def cross_rank(cache: ShardedKVCache, layer: int, parts: list[Partial],
+               check: Tensor) -> Partial:
+    """The step's one device collective: every rank's partials [B, Hq, D] merged exactly,
+    with the digest of q/k/v riding along (every rank must decode the same token). On the
+    CPU the flag is read at once; on a GPU it is read at the layer's next step (the host
+    then waits only for an event one step old), so both raise on every rank alike."""
     out = torch.stack([p.out for p in parts])
     lse = torch.stack([p.lse for p in parts])
-    return Partial(*merge_across_ranks(out, lse, cache.group, cache.world,
-                                       cache.config.merge))
+    o, l, flag = merge_across_ranks(out, lse, cache.group, cache.world, cache.config.merge,
+                                    check)
+    if flag is not None:
+        if flag.device.type == "cpu":
+            raise_if_differ(layer, flag)
+        else:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            cache.pending_checks[layer] = (host, event)
+    return Partial(o, l)
+
+
+def raise_if_differ(layer: int, flag: Tensor, when: str = "this") -> None:
+    if bool(flag):
+        raise ValueError(f"decode: the ranks passed different q/k/v to layer {layer} at "
+                         f"{when} step (every rank must decode the same token: run the same "
+                         f"model on the same input on every rank)")
+
+
+def previous_check(cache: ShardedKVCache, layer: int) -> None:
+    """The GPU flag of the layer's previous step (see `cross_rank`)."""
+    pending = cache.pending_checks.pop(layer, None)
+    if pending is not None:
+        pending[1].synchronize()
+        raise_if_differ(layer, pending[0], "the previous")
 
 def own_token(merged: Partial, q: Tensor, k: Tensor, v: Tensor, scale: float,
               softcap: float = 0.0) -> tuple[Partial, Tensor]:

@@ -84,6 +84,8 @@ class ShardedKVCache:
                                      c.max_seqs)
         self.decoder = _decoder(c, self.device)
         self.tiers: TieredPages | None = None
+        # per layer: (pinned flag, event) of a GPU decode step's cross-rank input check
+        self.pending_checks: dict[int, tuple[Tensor, object]] = {}
         error = None
         try:  # directories and threads: may fail on one rank only
             if tiers is not None:

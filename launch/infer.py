@@ -56,8 +56,20 @@ def check_inputs(cfg: InferConfig, world: int | None) -> Path:
     if world is not None and cfg.world_size is not None and cfg.world_size != world:
         raise ValueError(f"config asks for world_size={cfg.world_size}, torchrun started "
                          f"{world}")
-    if cfg.document is not None and not Path(cfg.document).is_file():
-        raise ValueError(f"document {cfg.document!r} does not exist")
+    if cfg.document is not None:
+        doc = Path(cfg.document)
+        if not doc.is_file():
+            raise ValueError(f"document {cfg.document!r} does not exist or is not a file")
+        raw = doc.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"document {cfg.document!r} is not UTF-8 text (byte {e.start})"
+                             ) from None
+        if "\x00" in text:
+            raise ValueError(f"document {cfg.document!r} holds NUL bytes: not a text file")
+        if not text.strip():
+            raise ValueError(f"document {cfg.document!r} is empty")
     if cfg.model != models.BUNDLED:
         models.local_path(cfg.model)
     return Path(cfg.document) if cfg.document else Path()

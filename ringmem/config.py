@@ -187,6 +187,9 @@ class InferConfig:
             raise ValueError(f"decode_every must be >= 0, got {self.decode_every}")
         _positive(self, "haystack_tokens", "max_context", "max_new_tokens", "chunk_size",
                   "page_size")
+        if self.max_new_tokens > self.max_context:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} exceeds "
+                             f"max_context={self.max_context}")
         if self.haystack_tokens > self.max_context:
             raise ValueError(f"haystack_tokens={self.haystack_tokens} exceeds "
                              f"max_context={self.max_context}")

@@ -62,8 +62,17 @@ def test_infer_demo_runs_end_to_end() -> None:
     (["--model", "/nonexistent/model"], "model path '/nonexistent/model' is not a transformers"),
     (["--document", "/nonexistent.txt"], "document '/nonexistent.txt' does not exist"),
     (["--haystack-tokens", "9000"], "haystack_tokens=9000 exceeds max_context=8192"),
+    (["--max-new-tokens", "100000"], "max_new_tokens=100000 exceeds max_context=8192"),
+    (["--document", "DIR"], "is not a file"),
+    (["--document", "EMPTY"], "is empty"),
+    (["--document", "BINARY"], "is not UTF-8 text"),
 ])
-def test_infer_rejects_bad_input_before_loading(args: list[str], message: str) -> None:
+def test_infer_rejects_bad_input_before_loading(args: list[str], message: str,
+                                               tmp_path) -> None:
+    files = {"DIR": tmp_path, "EMPTY": tmp_path / "e.txt", "BINARY": tmp_path / "b.bin"}
+    files["EMPTY"].write_text("  \n")
+    files["BINARY"].write_bytes(bytes([0xff, 0xfe, 0x00, 0x81]) * 10)
+    args = [str(files.get(a, a)) for a in args]
     res = _ringmem("infer", "--nproc", "1", *args)
     assert res.returncode != 0 and "infer: " in res.stderr and message in res.stderr, \
         res.stderr[-2000:]

@@ -162,7 +162,7 @@ def _errors(rank: int, world: int) -> None:
     if world > 1:
         # ranks that disagree on the step fail together (rank 0 decodes layer 1, which has
         # room; the others layer 0, which is full: nobody may raise alone and hang the rest)
-        with pytest.raises(ValueError, match="ranks disagree on the decode step"):
+        with pytest.raises(ValueError, match="decode: arguments differ across ranks: layer"):
             cache.decode(1 if rank == 0 else 0, q1, k1, v1)
         # a bad input on one rank only: that rank raises its error, the others stop too
         bad = q1.float() if rank == 1 else q1
@@ -246,3 +246,19 @@ def _decode_inputs_differ(rank: int, world: int, merge: str) -> None:
 @pytest.mark.parametrize("merge", ["allgather", "allreduce"])
 def test_decode_refuses_inputs_that_differ_across_ranks(merge: str) -> None:
     spawn(_decode_inputs_differ, 2, merge, timeout=120)
+
+
+def _decode_beside_ring(rank: int, world: int) -> None:
+    from ringmem.agree import OperationMismatchError
+    import ringmem
+    cache = ShardedKVCache(_cfg(num_layers=1, max_seqs=1))
+    q, k, v = (torch.zeros(1, 1, h, D, dtype=torch.float64) for h in (HQ, HKV, HKV))
+    with pytest.raises(OperationMismatchError, match="decode.*ring_attention|ring_attention.*decode"):
+        if rank == 0:
+            cache.decode(0, q, k, v)
+        else:
+            ringmem.ring_attention(*(torch.zeros(1, 4, 2, 8) for _ in range(3)))
+
+
+def test_decode_and_another_operation_fail_fast_on_both_ranks() -> None:
+    spawn(_decode_beside_ring, 2, timeout=60)

@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import struct
 from functools import partial as bind
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,8 @@ from torch import Tensor
 
 from ..api import check_extras
 from ..backends import get_backend
-from ..comm import Group, control_group, gather_rows
+from ..agree import CAPACITY, agree
+from ..comm import Group, gather_rows
 from ..eviction.coordinator import DecodeStep
 from ..partial import Partial, attend, empty, merge, merge_weighted
 from .checks import check_index, check_scale, check_tensor
@@ -173,30 +173,13 @@ def recall(part: Partial, page: Gathered | None, q: Tensor, scale: float,
 def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str | None,
                error: BaseException | None, scale: float) -> None:
     """Raise on every rank if any rank failed, the ranks disagree on the step (layer, the
-    softmax scale, each sequence's next position and cached length) or the cache is full:
-    one gather of a small CPU row (`comm.control_group`), before the device merge, never
-    reading the GPU."""
-    if cache.world == 1:
-        if error is not None:
-            raise error
-    else:
-        bits = struct.unpack("<q", struct.pack("<d", scale))[0]  # exact, as an int64
-        row = torch.tensor([layer if error is None else -1, bits, *lengths,
-                            int(full is not None), int(error is not None)], dtype=torch.int64)
-        rows = gather_rows(row, control_group(cache.group), cache.world,
-                           op="decode (step check)")
-        if bool(rows[:, -1].any()):
-            if error is not None:
-                raise error
-            bad = rows[:, -1].nonzero().flatten().tolist()
-            raise ValueError(f"decode: rank(s) {bad} rejected their inputs (see the error "
-                             f"raised there); every rank stops")
-        if not bool((rows == rows[0]).all()):
-            scales = [struct.unpack("<d", struct.pack("<q", b))[0] for b in rows[:, 1].tolist()]
-            raise ValueError(f"ranks disagree on the decode step (layer, each sequence's "
-                             f"next position, then cached length, per rank): "
-                             f"{rows[:, [0, *range(2, rows.shape[1] - 2)]].tolist()}; "
-                             f"softmax_scale per rank: {scales}")
+    softmax scale, each sequence's next position and cached length) or the cache is full.
+    One `agree` row on the CPU control group, before the device merge, never reading the
+    GPU; it carries the operation's name, so a rank in another operation fails fast."""
+    agree("decode", cache.group, error,
+          max_words=max(CAPACITY, 8 + 4 * len(lengths)),  # the same on every rank
+          **{"layer": layer if error is None else -1, "softmax_scale": scale,
+             "next positions, then cached lengths": tuple(lengths)})
     if full is not None:
         raise ValueError(full)
 

@@ -4,6 +4,7 @@ never another exception type, on every rank; non-finite inputs propagate the sam
 every backend."""
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 
@@ -118,7 +119,9 @@ def test_invalid_arguments_on_every_rank() -> None:
     spawn(_invalid_every_rank, 2, 7, timeout=120)
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", pytest.param("triton", marks=[
+    pytest.mark.triton, pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                           reason="needs triton")])])
 def test_non_finite_inputs_propagate(backend: str) -> None:
     """The documented rule: a row is NaN iff its query row is not finite or a key/value it
     sees is NaN (an inf key follows IEEE arithmetic)."""

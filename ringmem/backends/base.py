@@ -62,3 +62,12 @@ class Backend(Protocol):
             o, l = self.fwd(rows, kk, vv, scale, False)
             parts.append(Partial(o[0].permute(1, 0, 2).reshape(hq, d), l[0].reshape(hq)))
         return merge(parts)  # in acc dtype, one part or many
+
+
+def propagate_nonfinite(q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """ringmem's rule for non-finite inputs is IEEE propagation (the torch reference): a
+    query row holding NaN/inf gives NaN out and lse. For fused ops that return zeros or
+    -inf there instead; elementwise, no host sync."""
+    bad = ~torch.isfinite(q).all(-1)  # [B, S, H]
+    return (out.masked_fill(bad.unsqueeze(-1), float("nan")),
+            lse.masked_fill(bad.transpose(1, 2), float("nan")))

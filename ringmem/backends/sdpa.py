@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..masking import as_mask, band_mask, causal_flag
-from .base import Backend, Mask
+from .base import Backend, Mask, propagate_nonfinite
 
 _aten = torch.ops.aten
 
@@ -70,12 +70,7 @@ class SdpaBackend(Backend):
 
     def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
             causal: Mask) -> tuple[Tensor, Tensor]:
-        out, lse = self._fwd(q, k, v, scale, causal)
-        # ringmem's rule for non-finite inputs is IEEE propagation (the torch reference,
-        # flash-attn): a query row holding NaN/inf gives NaN. The CPU op returns zeros there.
-        bad = ~torch.isfinite(q).all(-1)  # [B, S, H], elementwise: no host sync
-        return (out.masked_fill(bad.unsqueeze(-1), float("nan")),
-                lse.masked_fill(bad.transpose(1, 2), float("nan")))
+        return propagate_nonfinite(q, *self._fwd(q, k, v, scale, causal))
 
     def _fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float,
              causal: Mask) -> tuple[Tensor, Tensor]:

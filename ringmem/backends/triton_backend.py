@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..masking import as_mask
 from ..partial import Partial, acc_dtype, empty
-from .base import Backend, Mask
+from .base import Backend, Mask, propagate_nonfinite
 
 
 class TritonBackend(Backend):
@@ -42,7 +42,8 @@ class TritonBackend(Backend):
     def fwd(self, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: Mask, *,
             softcap: float = 0.0) -> tuple[Tensor, Tensor]:
         from ..kernels.attention import attention_fwd
-        return attention_fwd(q, k, v, scale, as_mask(causal), softcap=softcap)
+        return propagate_nonfinite(q, *attention_fwd(q, k, v, scale, as_mask(causal),
+                                                     softcap=softcap))
 
     def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
             scale: float, causal: Mask, *, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:

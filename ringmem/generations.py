@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from .agree import PeerError, agree
+from .cache.tiers.records import fsync_dir
 from .comm import Group, group_rank_world
 
 MANIFEST = "MANIFEST.json"
@@ -135,7 +136,7 @@ def save(root: str | Path, write: Callable[[Path, P], T], *, group: Group, op: s
         out = write(gen, staged)
         write_file(gen / f"rank{rank}.ok", b"", fsync)
         if fsync:
-            _fsync_dir(gen)
+            fsync_dir(gen)
         _hook("written", rank)
     except Exception as e:
         error = e
@@ -168,7 +169,7 @@ def save(root: str | Path, write: Callable[[Path, P], T], *, group: Group, op: s
         if error is None:
             try:
                 if fsync:
-                    _fsync_dir(root)
+                    fsync_dir(root)
                 _hook("switched", rank)
                 _sweep(root, new)  # the previous generation, now superseded
             except Exception as e:  # committed: the next save or load sweeps what is left
@@ -269,13 +270,6 @@ def _remove(p: Path, strict: bool = False) -> None:
             raise
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the entries (renames, new files) of `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _crc(man: dict[str, Any]) -> int:

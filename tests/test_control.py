@@ -44,14 +44,16 @@ def _checks_per_call(rank: int, world: int) -> None:
     cache = ShardedKVCache(CacheConfig(num_layers=1, q_heads=4, kv_heads=2, head_dim=16,
                                        capacity=32, page_size=8, dtype=torch.float32))
     log.clear()
-    qd, kd, vd = (torch.randn(1, 1, h, 16) for h in (4, 2, 2))
+    g = torch.Generator().manual_seed(0)  # every rank decodes the same token
+    qd, kd, vd = (torch.randn(1, 1, h, 16, generator=g) for h in (4, 2, 2))
     cache.decode(0, qd, kd, vd)
     steps = [e for e in log if e[0] == torch.int64]
-    # layer, scale, per sequence next position and length, full, error
-    assert len(steps) == 1 and steps[0][1] == 1 + 1 + 2 + 2 and steps[0][2] == "cpu", log
+    # the step check is an agree() row (layer, scale, next positions and lengths), tagged
+    # "decode", so it has the length of every other operation's row
+    assert len(steps) == 1 and steps[0][1] == row and steps[0][2] == "cpu", log
     assert len(log) == 2, log  # + the all-gather merge of (out, lse)
     # the softmax scale must agree too (it used to be taken per rank, silently)
-    with pytest.raises(ValueError, match="softmax_scale per rank: \\[0.5, 0.25\\]"):
+    with pytest.raises(ValueError, match="softmax_scale \\(rank 0: 0.5, rank 1: 0.25\\)"):
         cache.decode(0, qd, kd, vd, softmax_scale=0.5 / (1 + rank))
 
 

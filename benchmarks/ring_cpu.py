@@ -11,17 +11,16 @@ import os
 import platform
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringmem
-from _common import cpu_model, git_commit
+from _common import cpu_model, fwd_bwd, git_commit, grad_leaves, timed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
@@ -50,37 +49,6 @@ def make_inputs(a: argparse.Namespace, seq: int) -> tuple[torch.Tensor, ...]:
     qkv = [torch.randn(shape, generator=g) for _ in range(3)]
     dout = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     return tuple(t.to(DTYPES[a.dtype]) for t in (*qkv, dout))
-
-
-def timed(fn: Callable[[], Any], repeats: int, warmup: bool = True,
-          over_ranks: bool = True) -> list[float]:
-    """Wall times of `repeats` calls; with over_ranks, the slowest rank's time per call."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        if over_ranks:
-            dist.barrier()  # start together so the max over ranks is the ring's wall time
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        if over_ranks:
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(dt.item())
-    return times
-
-
-def grad_leaves(ts: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    return [t.detach().clone().requires_grad_() for t in ts]
-
-
-def fwd_bwd(attn: Callable[..., torch.Tensor], leaves: list[torch.Tensor],
-            dout: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        for t in leaves:
-            t.grad = None  # fresh grads each repeat, not accumulated ones
-        attn(*leaves).backward(dout)
-    return run
 
 
 def max_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

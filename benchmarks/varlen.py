@@ -18,17 +18,16 @@ import math
 import platform
 import random
 import statistics
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringmem
-from _common import git_commit, machine
+from _common import fwd_bwd, git_commit, grad_leaves, machine, timed
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,33 +51,6 @@ def draw_lengths(rng: random.Random, total: int, lo: int, hi: int) -> list[int]:
     return out
 
 
-def timed(fn: Callable[[], Any], repeats: int, over_ranks: bool = True) -> float:
-    """Median wall time; with over_ranks, the slowest rank's time of each call."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if over_ranks:
-            dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        if over_ranks:
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(dt.item())
-    return statistics.median(times)
-
-
-def fwd_bwd(attn: Callable[..., torch.Tensor], ts: list[torch.Tensor],
-            dout: torch.Tensor) -> Callable[[], None]:
-    leaves = [t.detach().clone().requires_grad_() for t in ts]
-
-    def run() -> None:
-        for t in leaves:
-            t.grad = None
-        attn(*leaves).backward(dout)
-    return run
-
-
 def packed(a: argparse.Namespace, cu: list[int], seed: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     shape = (1, cu[-1], a.heads, a.dim)
@@ -90,10 +62,12 @@ def packed(a: argparse.Namespace, cu: list[int], seed: int) -> dict[str, Any]:
                 for a0, a1 in zip(cu, cu[1:])]
         sdpa = lambda d: F.scaled_dot_product_attention(*d[:3], is_causal=True)  # noqa: E731
         with torch.no_grad():
-            res["single fwd"] = timed(lambda: [sdpa(d) for d in docs], a.repeats, False)
+            res["single fwd"] = statistics.median(timed(lambda: [sdpa(d) for d in docs], a.repeats,
+                                             over_ranks=False))
         runs = [fwd_bwd(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True),
-                        d[:3], d[3]) for d in docs]
-        res["single fwd+bwd"] = timed(lambda: [r() for r in runs], a.repeats, False)
+                        grad_leaves(d[:3]), d[3]) for d in docs]
+        res["single fwd+bwd"] = statistics.median(timed(lambda: [r() for r in runs], a.repeats,
+                                             over_ranks=False))
         torch.set_num_threads(1)
     dist.barrier()
     world = dist.get_world_size()
@@ -102,8 +76,9 @@ def packed(a: argparse.Namespace, cu: list[int], seed: int) -> dict[str, Any]:
         ql, kl, vl, dl = (ringmem.shard(t, 1, **kw) for t in (q, k, v, dout))
         attn = lambda *t: ringmem.ring_attention(*t, causal=True, **kw)  # noqa: E731
         with torch.no_grad():
-            res[f"{layout} fwd"] = timed(lambda: attn(ql, kl, vl), a.repeats)
-        res[f"{layout} fwd+bwd"] = timed(fwd_bwd(attn, [ql, kl, vl], dl), a.repeats)
+            res[f"{layout} fwd"] = statistics.median(timed(lambda: attn(ql, kl, vl), a.repeats))
+        res[f"{layout} fwd+bwd"] = statistics.median(timed(fwd_bwd(attn, grad_leaves((ql, kl, vl)), dl),
+                                                a.repeats))
         est = ringmem.plan(tuple(ql.shape), tuple(kl.shape), world=world,
                            dtype=torch.float32, device_type="cpu", layout=layout,
                            cu_seqlens=cu).schedules["kv"]
@@ -122,9 +97,9 @@ def window_scaling(a: argparse.Namespace) -> list[dict[str, Any]]:
         attn = lambda *t: ringmem.ring_attention(  # noqa: E731
             *t, causal=True, layout="contiguous", window=(a.window - 1, -1))
         with torch.no_grad():
-            fwd = timed(lambda: attn(q, k, v), a.repeats)
-        rows.append({"seq": n, "fwd": fwd, "fwd+bwd": timed(fwd_bwd(attn, [q, k, v], dout),
-                                                             a.repeats)})
+            fwd = statistics.median(timed(lambda: attn(q, k, v), a.repeats))
+        rows.append({"seq": n, "fwd": fwd, "fwd+bwd": statistics.median(timed(
+            fwd_bwd(attn, grad_leaves((q, k, v)), dout), a.repeats))})
     return rows
 
 
@@ -211,7 +186,7 @@ def report(a: argparse.Namespace, packs: list[dict[str, Any]],
                          "ringmem": ringmem.__version__},
             "config": {**vars(a), "world": dist.get_world_size(), "threads per rank": 1,
                        "single-process threads": 2, "dtype": "float32", "backend": "auto"}}
-    lines = [f"# Packed documents and sliding windows (2 ranks, CPU)\n",
+    lines = ["# Packed documents and sliding windows (2 ranks, CPU)\n",
              f"- date: {meta['date']}, commit {meta['commit']}",
              f"- machine: {meta['machine']}", f"- versions: {meta['versions']}",
              f"- config: {meta['config']}\n",

@@ -150,6 +150,9 @@ def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: 
     phases = ("fwd", "bwd") if backward else ("fwd",)
     steps: dict[str, list[list[tuple[int, int]]]] = {}
     time_s = comm_s = compute_s = 0.0
+    # (q, k) pairs per rank and step, averaged over the batch: the same in every phase
+    work_pairs = [[_piece_pairs(step_block(geo, r, s)[2], b) for s in range(world)]
+                  for r in range(world)]
     for phase in phases:
         move_row = q_row[phase] if schedule == "q" else kv_row
         rrow = ret_row[(schedule, phase)]
@@ -172,15 +175,13 @@ def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: 
                     msgs.append((r, geo.owner(r, step), out_b))
                 per_rank[r][step] = (sent, recv)
             t_comm = _link_time(ic, world, msgs)
-            work_pairs = [_piece_pairs(step_block(geo, r, step)[2], b) for r in range(world)]
-            t_comp = max(work_pairs) * work
+            t_comp = max(work_pairs[r][step] for r in range(world)) * work
             # the next transfer and this step's return overlap this step's compute
             time_s += max(t_comm, t_comp) if ic.overlap else t_comm + t_comp
             comm_s += t_comm
             compute_s += t_comp
         steps[phase] = per_rank
-    pairs = [[round(_piece_pairs(step_block(geo, r, s)[2], b) * b) for s in range(world)]
-             for r in range(world)]
+    pairs = [[round(w * b) for w in per] for per in work_pairs]
     return Estimate(schedule, steps, time_s, comm_s, compute_s, pairs)
 
 

@@ -128,7 +128,8 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
         parts = [empty((c.q_heads,), c.head_dim, c.dtype, cache.device)] * b
         lengths = [-1] * 2 * b
     check_step(cache, layer, lengths, full, error, scale if error is None else 0.0)
-    merged = cross_rank(cache, layer, parts, digest(q, k, v))
+    merged = cross_rank(cache, layer, parts,
+                        digest(q, k, v) if cache.world > 1 else None)
     total, l_new = own_token(merged, q, k, v, scale, cap)
     if sinks is not None:  # one more term in the denominator: a partial with out 0
         total = merge([total, Partial(torch.zeros_like(total.out),
@@ -185,7 +186,7 @@ def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str 
 
 
 def cross_rank(cache: ShardedKVCache, layer: int, parts: list[Partial],
-               check: Tensor) -> Partial:
+               check: Tensor | None) -> Partial:
     """The step's one device collective: every rank's partials [B, Hq, D] merged exactly,
     with the digest of q/k/v riding along (every rank must decode the same token). On the
     CPU the flag is read at once; on a GPU it is read at the layer's next step (the host

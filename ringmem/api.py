@@ -12,14 +12,13 @@ from .comm import CommStats, Group, RingComm, group_rank_world
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
 from .partial import acc_dtype
-from .plan import Interconnect, plan, resolve_interconnect
+from .plan import Interconnect, plan, resolve_interconnect, ring_hop
 from .ring import RingSpec, ring_backward, ring_forward
-from .routing import best_hop
 from .sharding import packing_digest, shard, unshard
 
 __all__ = ["SCHEDULES", "ring_attention", "shard", "unshard"]
 
-SCHEDULES = ("auto", "kv", "q")
+SCHEDULES = ("auto", "kv", "q", "allgather")
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -121,7 +120,7 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
                         layout=layout, interconnect=ic, device_type=q.device.type,
                         backward=grad, mask=mask).choice
     return RingSpec(layout=layout, mask=mask, scale=scale, backend=impl, schedule=resolved,
-                    softcap=cap, hop=best_hop(layout, world, sq, sk, mask, resolved)), None
+                    softcap=cap, hop=ring_hop(layout, world, sq, sk, mask, resolved)), None
 
 
 def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:

@@ -184,6 +184,11 @@ class RingComm:
         """hop=+1: send to rank-1, receive from rank+1; hop=-1: the other way round."""
         return self._post(step, "move", self._g, send, -hop, recv, +hop)
 
+    def fetch(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
+              frm: int) -> Transfers:
+        """The all-gather schedule's direct transfer for `step` (offsets within the group)."""
+        return self._post(step, "fetch", self._g, send, to, recv, frm)
+
     def p2p(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
             frm: int) -> Transfers:
         """Send to / receive from arbitrary ranks (offsets within the group) on the ring's

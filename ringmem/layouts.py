@@ -48,11 +48,20 @@ def _positions(layout: str, rank: int, world: int, local_len: int) -> torch.Tens
 
 
 def positions(layout: str, rank: int, world: int, local_len: int,
-              docs: tuple[int, ...] | None = None) -> torch.Tensor:
+              docs: tuple[int, ...] | None = None, fold: int = 1) -> torch.Tensor:
     """Global positions (int64, CPU, ascending) of the `local_len` tokens that `rank` owns.
 
     The "document" layout needs `docs`, the row's cu_seqlens; its positions index the
-    padded row (`ringmem.packing`)."""
+    padded row (`ringmem.packing`). fold=u: the sequence was sharded over world * u ranks
+    and `rank` holds the union of ranks rank*u .. rank*u+u-1 (a Ulysses group after its
+    all-to-all), sorted."""
+    if fold > 1:
+        if local_len % fold:
+            raise ValueError(f"a fold of {fold} ranks needs a local length divisible by it, "
+                             f"got {local_len}")
+        parts = [positions(layout, rank * fold + i, world * fold, local_len // fold, docs)
+                 for i in range(fold)]
+        return torch.sort(torch.cat(parts)).values
     check_layout(layout)
     err = local_len_error(layout, local_len, world)
     if err:

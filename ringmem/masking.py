@@ -223,8 +223,9 @@ def key_runs(q_pos: Tensor, k_pos: Tensor, mask: Mask,
 
 @lru_cache(maxsize=4096)
 def block_pieces(layout: str, world: int, q_rank: int, q_len: int, kv_rank: int,
-                 kv_len: int, mask: Mask | bool) -> tuple[Piece, ...]:
-    """Pieces for the query block of `q_rank` against the key block of `kv_rank`."""
+                 kv_len: int, mask: Mask | bool, fold: int = 1) -> tuple[Piece, ...]:
+    """Pieces for the query block of `q_rank` against the key block of `kv_rank` (ranks of
+    `world` that each hold `fold` layout shards, see `layouts.positions`)."""
     if isinstance(mask, bool):
         mask = Mask(causal=mask)
     if q_len == 0 or kv_len == 0:  # e.g. a rank that holds no cached prefix yet
@@ -232,12 +233,13 @@ def block_pieces(layout: str, world: int, q_rank: int, q_len: int, kv_rank: int,
     if mask.plain and not mask.causal:
         return (Piece(slice(0, q_len), slice(0, kv_len)),)
     total = q_len * world
+    base = world * fold  # the ranks the layout was sharded over
     rows = mask.docs if mask.docs is not None else (None,)
     out: list[Piece] = []
     for r, cu in enumerate(rows):
-        qp = positions(layout, q_rank, world, q_len, cu)
-        kp = positions(layout, kv_rank, world, kv_len, cu)
-        bounds = None if cu is None else doc_bounds(cu, layout == "document", world, total)
+        qp = positions(layout, q_rank, world, q_len, cu, fold)
+        kp = positions(layout, kv_rank, world, kv_len, cu, fold)
+        bounds = None if cu is None else doc_bounds(cu, layout == "document", base, total)
         b = slice(r, r + 1) if mask.per_row else None
         out += run_pieces(*key_runs(qp, kp, mask, bounds), b, bands=mask.window[0] >= 0)
     return tuple(out)

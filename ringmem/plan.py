@@ -1,102 +1,119 @@
-"""Cost model for the ring schedules: bytes per step, predicted time, and the `auto` choice.
+"""Cost model for every parallel option: bytes per link per step, predicted time, `auto`.
 
-The byte counts come from the same routing rules the ring loop follows (`routing`), so they
-are exact, not estimates: `CommStats` of a real call equals `plan(...).schedules[s].steps`.
-Time is modelled per step as max(compute, communication) over ranks when the interconnect
-moves data beside the compute (GPU copy engines / NCCL), and as their sum when it does not
-(gloo on the CPU cores that also compute). Communication time is the most loaded link's
-bytes / bandwidth + latency:
+An option is a ring schedule (`kv`: K/V travel; `q`: TokenRing, Q travels and partial
+outputs return; `allgather`: each rank fetches the K/V spans it uses straight from their
+owners, all posted at once) combined with a Ulysses degree u (an all-to-all turns u
+ranks' sequence shards into a head split before the ring and back after it; u = world is
+pure Ulysses). The byte counts come from the same routing rules the ring loop and the
+all-to-alls follow (`routing`, `heads`), so they are exact, not estimates: `CommStats` of
+a real call equals the plan's `steps` (ring steps) and `a2a` (all-to-alls) of its option.
 
-* `mesh`: every ordered pair of ranks has its own full-duplex link (NVLink / NVSwitch node):
-  sending to two different peers costs the larger of the two, not the sum.
-* `ring`: links only between ring neighbours, full duplex (PCIe ring): a message to a rank
-  d hops away loads d links (shortest direction).
-* `bus`: all transfers share one channel (processes on one host, gloo loopback).
+Time: per ring step max(compute, communication) over ranks when the links move data beside
+the compute (GPU copy engines / NCCL), and their sum when they do not (gloo on the CPU cores
+that also compute); all-gather fetches are posted together and each step waits for its
+own; the all-to-alls are not overlapped. Link times come from `links.Cluster`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
+from .heads import heads_error, kv_heads
+from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
 from .routing import Geometry, best_hop, held, step_block, used
 
-SCHEDULE_NAMES = ("kv", "q")
+__all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "Message", "Plan", "plan",
+           "option_name", "parse_option", "ring_hop", "resolve_interconnect"]
 
-
-@dataclass(frozen=True, kw_only=True)
-class Interconnect:
-    """A link model. bandwidth: bytes/s per link and direction; latency: s per message;
-    overlap: transfers proceed while the ranks compute (False when the same cores copy)."""
-    name: str
-    topology: str  # "mesh", "ring" or "bus"
-    bandwidth: float
-    latency: float
-    overlap: bool = True
-
-    def __post_init__(self) -> None:
-        if self.topology not in ("mesh", "ring", "bus"):
-            raise ValueError(f"topology must be 'mesh', 'ring' or 'bus', got {self.topology!r}")
-        if not self.bandwidth > 0 or not self.latency >= 0:
-            raise ValueError(f"bandwidth must be > 0 and latency >= 0, got {self.bandwidth}, "
-                             f"{self.latency}")
-
-
-INTERCONNECTS = {
-    # H100 SXM NVLink 4 through NVSwitch: ~450 GB/s per direction peak, ~350 reached by P2P
-    "nvlink": Interconnect(name="nvlink", topology="mesh", bandwidth=350e9, latency=10e-6),
-    # PCIe Gen4 x16 between neighbours: ~25 GB/s per direction
-    "pcie": Interconnect(name="pcie", topology="ring", bandwidth=25e9, latency=20e-6),
-    # gloo between processes on one CPU host (measured: 256 MiB in ~0.16 s)
-    "loopback": Interconnect(name="loopback", topology="bus", bandwidth=1.6e9, latency=50e-6,
-                             overlap=False),
-}
+SCHEDULE_NAMES = ("kv", "q", "allgather")  # the ring schedules
 
 # block-attention throughput by device type (FLOP/s), used when none is given
 DEFAULT_FLOPS = {"cuda": 400e12, "cpu": 80e9}
 
 
-def resolve_interconnect(ic: str | Interconnect | None, device_type: str) -> Interconnect:
-    if ic is None:
-        return INTERCONNECTS["nvlink" if device_type == "cuda" else "loopback"]
-    if isinstance(ic, Interconnect):
-        return ic
-    if isinstance(ic, str) and ic in INTERCONNECTS:
-        return INTERCONNECTS[ic]
-    raise ValueError(f"interconnect must be one of {tuple(INTERCONNECTS)} or an Interconnect, "
-                     f"got {ic!r}")
+class Message(NamedTuple):
+    """One transfer of the plan. step: the ring step (-1: the all-to-all before the loop,
+    the ring's world size: the one after it); channel: "move" (posted at `step`, used at
+    step+1), "fetch" (all-gather: posted before step 0, used at `step`), "ret" (results
+    sent to their owner after computing `step`) or "a2a"; src/dst: ranks of the group."""
+    step: int
+    channel: str
+    src: int
+    dst: int
+    nbytes: int
+
+
+def option_name(ulysses: int, world: int, schedule: str) -> str:
+    """"kv" / "q" / "allgather" (no Ulysses), "ulysses" (all ranks), "ulysses2+kv", ..."""
+    if ulysses == 1:
+        return schedule
+    return "ulysses" if ulysses == world else f"ulysses{ulysses}+{schedule}"
+
+
+def parse_option(name: str, world: int) -> tuple[int, str]:
+    """(Ulysses degree, ring schedule) of an option name."""
+    if name in SCHEDULE_NAMES:
+        return 1, name
+    if name == "ulysses":
+        return world, "kv"
+    head, _, sched = name.partition("+")
+    if head.startswith("ulysses") and head[7:].isdigit() and sched in SCHEDULE_NAMES:
+        return int(head[7:]), sched
+    raise ValueError(f"not a parallel option: {name!r}")
+
+
+def ring_hop(layout: str, ring_world: int, q_len: int, kv_len: int, mask: Mask,
+             schedule: str, fold: int = 1) -> int:
+    """The ring direction the loop uses for this call (one rule for the plan and the loop)."""
+    return best_hop(layout, ring_world, q_len, kv_len, mask, "q" if schedule == "q" else "kv",
+                    fold)
 
 
 @dataclass
 class Estimate:
-    """One schedule's prediction. steps[phase][rank][step] = (bytes sent, bytes received);
-    pairs[rank][step] = (query, key) pairs that rank computes at that step, over the batch
-    (the same in both phases)."""
+    """One option's prediction. steps[phase][rank][step] = (bytes sent, bytes received) in
+    the ring loop; a2a[phase][rank] the same for the all-to-alls (zero without Ulysses);
+    messages[phase] every transfer; pairs[rank][step] = (query, key) pairs that rank computes
+    at that step, over the batch (the same in both phases); work[rank][step] its pieces as
+    (rows, keys, pairs per batch row); heads = (query heads, most K/V heads) per rank."""
     schedule: str
     steps: dict[str, list[list[tuple[int, int]]]]
     time_s: float
     comm_s: float
     compute_s: float
     pairs: list[list[int]] = field(default_factory=list)
+    ulysses: int = 1
+    ring: str = "kv"
+    a2a: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    messages: dict[str, list[Message]] = field(default_factory=dict)
+    work: list[list[tuple[tuple[int, int, int], ...]]] = field(default_factory=list)
+    heads: tuple[int, int] = (0, 0)
+    batch: int = 1
+    head_dim: int = 0
+    buffer_bytes: int = 0  # received inputs alive at once on the busiest rank, any phase
 
     def bytes(self, phase: str | None = None) -> int:
-        """Total bytes sent by all ranks (in `phase`, or both)."""
-        return sum(s for ph, ranks in self.steps.items() if phase in (None, ph)
+        """Total bytes sent by all ranks (in `phase`, or both), all-to-alls included."""
+        ring = sum(s for ph, ranks in self.steps.items() if phase in (None, ph)
                    for per in ranks for s, _ in per)
+        return ring + sum(s for ph, ranks in self.a2a.items() if phase in (None, ph)
+                          for s, _ in ranks)
 
 
 @dataclass
 class Plan:
     choice: str
-    schedules: dict[str, Estimate] = field(default_factory=dict)
+    schedules: dict[str, Estimate] = field(default_factory=dict)  # every option, by name
 
     def __str__(self) -> str:
-        lines = [f"ring schedule plan: choose {self.choice!r}"]
+        lines = [f"parallel plan: choose {self.choice!r}"]
         for name, e in self.schedules.items():
-            lines.append(f"  {name:>2}: {e.time_s * 1e3:9.3f} ms predicted (compute "
+            lines.append(f"  {name:>16}: {e.time_s * 1e3:9.3f} ms predicted (compute "
                          f"{e.compute_s * 1e3:.3f} ms, comm {e.comm_s * 1e3:.3f} ms), "
                          f"{e.bytes() / 2**20:.2f} MiB sent in all")
         return "\n".join(lines)
@@ -108,81 +125,168 @@ def _piece_pairs(pieces, batch: int) -> float:
                for p in pieces)
 
 
-def _link_time(ic: Interconnect, world: int, msgs: list[tuple[int, int, int]]) -> float:
-    """Seconds for one step's messages (src, dst, bytes) to all arrive."""
-    msgs = [m for m in msgs if m[2] > 0]
-    if not msgs:
-        return 0.0
-    load: dict = {}
-    if ic.topology == "bus":
-        load["bus"] = sum(b for _, _, b in msgs)
-    elif ic.topology == "mesh":
-        for s, d, b in msgs:
-            load[(s, d)] = load.get((s, d), 0) + b
-    else:  # ring: route along the shorter direction, hop by hop
-        for s, d, b in msgs:
-            fwd = (d - s) % world
-            step = 1 if fwd <= world - fwd else -1
-            x = s
-            while x != d:
-                nxt = (x + step) % world
-                load[(x, nxt)] = load.get((x, nxt), 0) + b
-                x = nxt
-    return max(load.values()) / ic.bandwidth + ic.latency
+def _a2a(u: int, ring_world: int, phase: str, sizes: dict, kvn: list[int]
+         ) -> tuple[list[Message], list[Message]]:
+    """Messages of the all-to-alls before (step -1) and after (step ring_world) the loop.
+    sizes: bytes per (rank pair) of the query-side tensors in and out, and per K/V head."""
+    before, after = [], []
+    for j in range(ring_world):
+        for i in range(u):
+            for i2 in range(u):
+                if i == i2:
+                    continue
+                a, z = j * u + i, j * u + i2
+                kv_in = sizes["kv_in"] * kvn[i2]   # K/V heads that i2 computes, to i2
+                before.append(Message(-1, "a2a", a, z, sizes["q_in"] + kv_in))
+                # results of i2's heads for i's rows go back to i
+                kv_out = sizes["kv_out"] * kvn[i2]
+                after.append(Message(ring_world, "a2a", z, a, sizes["q_out"] + kv_out))
+    return before, after
 
 
 @lru_cache(maxsize=1024)
-def _estimate(schedule: str, layout: str, world: int, q_shape: tuple, kv_shape: tuple,
-              itemsize: int, acc_size: int, mask: Mask, backward: bool, ic: Interconnect,
-              flops: float) -> Estimate:
+def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tuple,
+              itemsize: int, acc_size: int, mask: Mask, backward: bool, cluster: Cluster,
+              flops: float, return_lse: bool) -> Estimate:
+    u, schedule = parse_option(name, world)
+    r = world // u
     b, sq, hq, d = q_shape
     skv, hkv = kv_shape[1], kv_shape[2]
-    geo = Geometry.uniform(layout, world, sq, skv, mask, schedule,
-                           best_hop(layout, world, sq, skv, mask, schedule))
-    # bytes per row (Q side) or key (K/V side) of what moves and what returns
-    q_row = {"fwd": b * hq * d * itemsize,
-             "bwd": b * hq * (3 * d * itemsize + acc_size)}  # q, dout, out, lse
-    kv_row = 2 * b * hkv * d * itemsize
-    ret_row = {("q", "fwd"): b * hq * (d * itemsize + acc_size),  # partial out + lse
-               ("q", "bwd"): b * hq * d * acc_size,                # dq
-               ("kv", "fwd"): 0,
-               ("kv", "bwd"): 2 * b * hkv * d * acc_size}          # dk, dv
+    hl, kvn = hq // u, [len(h) for h in kv_heads(hq, hkv, u)]
+    moving = "q" if schedule == "q" else "kv"
+    geo = Geometry.uniform(layout, r, u * sq, u * skv, mask, moving,
+                           ring_hop(layout, r, u * sq, u * skv, mask, schedule, u), u,
+                           schedule == "allgather")
+    # bytes per row (Q side) or key (K/V side, per ulysses rank i) of what moves and returns
+    q_row = {"fwd": b * hl * d * itemsize, "bwd": b * hl * (3 * d * itemsize + acc_size)}
+    kv_row = [2 * b * n * d * itemsize for n in kvn]
+    ret_row = {("q", "fwd"): [b * hl * (d * itemsize + acc_size)] * u,  # partial out + lse
+               ("q", "bwd"): [b * hl * d * acc_size] * u,                # dq
+               ("kv", "fwd"): [0] * u,
+               ("kv", "bwd"): [2 * b * n * d * acc_size for n in kvn]}   # dk, dv
     phases = ("fwd", "bwd") if backward else ("fwd",)
-    steps: dict[str, list[list[tuple[int, int]]]] = {}
+    ln = lambda span: 0 if span is None else span[1] - span[0]  # noqa: E731
+    blocks = [[step_block(geo, j, s)[2] for s in range(r)] for j in range(r)]
+    ring_pairs = [[_piece_pairs(blocks[j][s], b) for s in range(r)] for j in range(r)]
+    steps, a2a, messages = {}, {}, {}
     time_s = comm_s = compute_s = 0.0
-    # (q, k) pairs per rank and step, averaged over the batch: the same in every phase
-    work_pairs = [[_piece_pairs(step_block(geo, r, s)[2], b) for s in range(world)]
-                  for r in range(world)]
+    buffers = 0
     for phase in phases:
-        move_row = q_row[phase] if schedule == "q" else kv_row
-        rrow = ret_row[(schedule, phase)]
-        ln = lambda span: 0 if span is None else span[1] - span[0]
-        per_rank = [[(0, 0)] * world for _ in range(world)]
-        work = 4 * b * hq * d * (2.5 if phase == "bwd" else 1.0) / flops  # s per (q, k) pair
-        for step in range(world):
-            msgs = []
-            for r in range(world):
-                sent = recv = 0
-                if step + 1 < world:
-                    out_b = ln(held(geo, geo.owner(r, step), step + 1)) * move_row
-                    sent += out_b
-                    recv += ln(held(geo, geo.owner(r, step + 1), step + 1)) * move_row
-                    msgs.append((r, geo.holder(r, 1), out_b))
-                if step > 0 and rrow:
-                    out_b = ln(used(geo, r, step)) * rrow
-                    sent += out_b
-                    recv += ln(used(geo, geo.holder(r, step), step)) * rrow
-                    msgs.append((r, geo.owner(r, step), out_b))
-                per_rank[r][step] = (sent, recv)
-            t_comm = _link_time(ic, world, msgs)
-            t_comp = max(work_pairs[r][step] for r in range(world)) * work
+        per_rank = [[(0, 0)] * r for _ in range(world)]
+        rrow = ret_row[(moving, phase)]
+        msgs: list[Message] = []
+        for s in range(r):
+            for j in range(r):
+                for i in range(u):
+                    p, row = j * u + i, q_row[phase] if moving == "q" else kv_row[i]
+                    sent = recv = 0
+                    nxt = s if schedule == "allgather" else s + 1
+                    if 0 < nxt < r and (schedule == "allgather" or s + 1 < r):
+                        own = j if schedule == "allgather" else geo.owner(j, s)
+                        to = geo.holder(j, nxt if schedule == "allgather" else 1)
+                        out_b = ln(held(geo, own, nxt)) * row
+                        sent += out_b
+                        recv += ln(held(geo, geo.owner(j, nxt), nxt)) * row
+                        ch = "fetch" if schedule == "allgather" else "move"
+                        msgs.append(Message(s, ch, p, to * u + i, out_b))
+                    if s > 0 and rrow[i]:
+                        out_b = ln(used(geo, j, s)) * rrow[i]
+                        sent += out_b
+                        recv += ln(used(geo, geo.holder(j, s), s)) * rrow[i]
+                        msgs.append(Message(s, "ret", p, geo.owner(j, s) * u + i, out_b))
+                    per_rank[p][s] = (sent, recv)
+        sizes = _a2a_sizes(phase, b, sq, skv, hl, d, itemsize, acc_size, return_lse)
+        pre, post = _a2a(u, r, phase, sizes, kvn) if u > 1 else ([], [])
+        totals = [[0, 0] for _ in range(world)]
+        for m in pre + post:
+            totals[m.src][0] += m.nbytes
+            totals[m.dst][1] += m.nbytes
+        a2a[phase] = [tuple(t) for t in totals]
+        work = 4 * b * hl * d * (2.5 if phase == "bwd" else 1.0) / flops  # s per (q, k) pair
+        comp = [max(ring_pairs[j][s] for j in range(r)) * work for s in range(r)]
+        t, c = _ring_time(schedule, r, msgs, comp, cluster)
+        t_a2a = cluster.time([m[2:] for m in pre]) + cluster.time([m[2:] for m in post])
+        time_s += t + t_a2a
+        comm_s += c + t_a2a
+        compute_s += sum(comp)
+        steps[phase], messages[phase] = per_rank, pre + msgs + post
+        buffers = max(buffers, _buffers(msgs, pre, world, r))
+    ranks = [(j, i) for j in range(r) for i in range(u)]
+    return Estimate(name, steps, time_s, comm_s, compute_s,
+                    [[round(w * b) for w in ring_pairs[j]] for j, _ in ranks], u, schedule,
+                    a2a, messages,
+                    [[tuple((p.q.stop - p.q.start, p.k.stop - p.k.start, pairs(p))
+                            for p in blocks[j][s]) for s in range(r)] for j, _ in ranks],
+                    (hl, max(kvn)), b, d, buffers)
+
+
+def _buffers(msgs: list[Message], pre: list[Message], world: int, r: int) -> int:
+    """Received inputs alive at once on the busiest rank: every fetch (all-gather) or two
+    consecutive moves (the one in use and the next), plus the all-to-all's head split."""
+    got = [[0] * (r + 1) for _ in range(world)]
+    fetch = [0] * world
+    for m in msgs:
+        if m.channel == "move":
+            got[m.dst][m.step] += m.nbytes
+        elif m.channel == "fetch":
+            fetch[m.dst] += m.nbytes
+    split = [0] * world
+    for m in pre:
+        split[m.dst] += m.nbytes
+    return max(fetch[p] + split[p] + max(a + z for a, z in zip(got[p], got[p][1:]))
+               for p in range(world))
+
+
+def _a2a_sizes(phase: str, b: int, sq: int, skv: int, hl: int, d: int, itemsize: int,
+               acc: int, return_lse: bool) -> dict:
+    """Bytes per rank pair of the all-to-alls: the query side's tensors (q in, out back;
+    backward: dout in, dq back) and K/V per head (k, v in; backward: dk, dv back)."""
+    q = b * sq * hl * d * itemsize
+    if phase == "fwd":
+        lse = b * hl * sq * acc if return_lse else 0
+        return {"q_in": q, "q_out": q + lse, "kv_in": 2 * b * skv * d * itemsize,
+                "kv_out": 0}
+    return {"q_in": q, "q_out": q, "kv_in": 0, "kv_out": 2 * b * skv * d * itemsize}
+
+
+def _ring_time(schedule: str, r: int, msgs: list[Message], comp: list[float],
+               cluster: Cluster) -> tuple[float, float]:
+    """(time, communication time) of the ring loop."""
+    at = lambda s, ch: [m[2:] for m in msgs if m.step == s and m.channel in ch]  # noqa: E731
+    if schedule != "allgather":
+        t = c = 0.0
+        for s in range(r):
             # the next transfer and this step's return overlap this step's compute
-            time_s += max(t_comm, t_comp) if ic.overlap else t_comm + t_comp
-            comm_s += t_comm
-            compute_s += t_comp
-        steps[phase] = per_rank
-    pairs = [[round(w * b) for w in per] for per in work_pairs]
-    return Estimate(schedule, steps, time_s, comm_s, compute_s, pairs)
+            tc = cluster.time(at(s, ("move", "ret")))
+            t += max(tc, comp[s]) if cluster.overlap else tc + comp[s]
+            c += tc
+        return t, c
+    # fetches all posted before step 0: step s's data arrive once it and the earlier ones
+    # have crossed their links; returns overlap the next step's compute
+    arrive = [cluster.time([m[2:] for m in msgs if m.channel == "fetch" and m.step <= s])
+              for s in range(r)]
+    rets = [cluster.time(at(s, ("ret",))) for s in range(r)]
+    if not cluster.overlap:
+        return arrive[-1] + sum(comp) + sum(rets), arrive[-1] + sum(rets)
+    t = 0.0
+    for s in range(r):
+        t = max(t, arrive[s]) + max(comp[s], rets[s - 1] if s else 0.0)
+    return t + rets[-1], arrive[-1] + sum(rets)
+
+
+def _degrees(ulysses: object, world: int, hq: int) -> tuple[int, ...]:
+    if ulysses == "auto":
+        return tuple(u for u in range(1, world + 1)
+                     if world % u == 0 and heads_error(hq, 0, u) is None)
+    us = ulysses if isinstance(ulysses, tuple) else (ulysses,)
+    for u in us:
+        if isinstance(u, bool) or not isinstance(u, int) or u < 1 or world % u:
+            raise ValueError(f"ulysses must be 'auto' or a degree dividing the world size "
+                             f"{world}, got {u!r}")
+        err = heads_error(hq, 0, u)
+        if err:
+            raise ValueError(err)
+    return tuple(us)
 
 
 def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
@@ -190,21 +294,33 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
          interconnect: str | Interconnect | None = None, device_type: str = "cuda",
          flops: float | None = None, backward: bool = False,
          window: tuple[int, int] = (-1, -1), cu_seqlens: object = None,
-         mask: Mask | None = None) -> Plan:
-    """Predict both schedules for one call and choose the faster.
+         mask: Mask | None = None, ulysses: int | str | tuple[int, ...] = 1,
+         schedule: str = "auto", inter_node: str | Interconnect | None = None,
+         gpus_per_node: int = 0, return_lse: bool = False) -> Plan:
+    """Predict every option for one call and choose the fastest.
 
     q_shape [B, S_local, Hq, D], kv_shape [B, S_local_kv, Hkv, D] are the per-rank shards;
     `window` and `cu_seqlens` as for `ring_attention` (skipped blocks cost nothing); a
     prepared `mask` (`ringmem.masking.Mask`) replaces causal, window and cu_seqlens.
-    Returns a Plan with per-schedule bytes per rank per step and predicted times; `str(plan)`
-    explains the choice. Within 1% predicted time (both hidden behind compute), the schedule
-    with less communication wins: it leaves more slack. Exact ties go to `kv`.
+    ulysses: a degree, a tuple of degrees or "auto" (every degree dividing the world and
+    the query heads); schedule: a ring schedule or "auto" (all of them). interconnect links
+    the ranks of a node, inter_node (e.g. "ib") the nodes of `gpus_per_node` ranks each
+    (0: one node). Returns a Plan with every option's bytes per rank per step and predicted
+    time; `str(plan)` explains the choice. Within 1% predicted time, the option with less
+    buffers (an all-gather holds every K/V span it uses at once), then the one with less
+    communication (it leaves more slack); exact ties go to the first listed.
     """
     if len(q_shape) != 4 or len(kv_shape) != 4:
         raise ValueError(f"q_shape and kv_shape must be [B, S, H, D], got {q_shape}, {kv_shape}")
-    if world < 1:
-        raise ValueError(f"world must be >= 1, got {world}")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be an int >= 1, got {world!r}")
+    if schedule != "auto" and schedule not in SCHEDULE_NAMES:
+        raise ValueError(f"schedule must be 'auto' or one of {SCHEDULE_NAMES}, got "
+                         f"{schedule!r}")
     ic = resolve_interconnect(interconnect, device_type)
+    inter = None if inter_node is None else resolve_interconnect(inter_node, device_type,
+                                                                  "inter_node")
+    cluster = Cluster(world, ic, inter, gpus_per_node)
     rate = flops if flops is not None else DEFAULT_FLOPS.get(device_type, DEFAULT_FLOPS["cpu"])
     if not rate > 0:
         raise ValueError(f"flops must be > 0, got {flops}")
@@ -212,11 +328,16 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
     acc = 8 if dtype == torch.float64 else 4
     if mask is None:
         mask = make_mask(causal, window, cu_seqlens, q_shape[0], layout, world, q_shape[1])
-    ests = {s: _estimate(s, layout, world, tuple(q_shape), tuple(kv_shape), itemsize, acc,
-                         mask, backward, ic, float(rate)) for s in SCHEDULE_NAMES}
-    t_kv, t_q = ests["kv"].time_s, ests["q"].time_s
-    if math.isclose(t_kv, t_q, rel_tol=0.01):
-        best = "q" if ests["q"].comm_s < ests["kv"].comm_s else "kv"
-    else:
-        best = "q" if t_q < t_kv else "kv"
-    return Plan(best, ests)
+    names = []
+    for u in _degrees(ulysses, world, q_shape[2]):
+        for s in (SCHEDULE_NAMES if schedule == "auto" else (schedule,)):
+            n = option_name(u, world, s)
+            if n not in names:
+                names.append(n)
+    ests = {n: _estimate(n, layout, world, tuple(q_shape), tuple(kv_shape), itemsize, acc,
+                         mask, backward, cluster, float(rate), return_lse) for n in names}
+    fastest = min(e.time_s for e in ests.values())
+    close = [n for n in names if math.isclose(ests[n].time_s, fastest, rel_tol=0.01)
+             or ests[n].time_s <= fastest]
+    return Plan(min(close, key=lambda n: (ests[n].buffer_bytes, ests[n].comm_s,
+                                          names.index(n))), ests)

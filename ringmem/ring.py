@@ -31,9 +31,10 @@ class RingSpec:
     mask: Mask
     scale: float
     backend: Backend
-    schedule: str  # "kv" or "q" (resolved)
+    schedule: str  # "kv", "q" or "allgather" (resolved)
     softcap: float = 0.0  # 0: none
     hop: int = 1  # ring direction (see `routing`)
+    fold: int = 1  # layout shards per rank (after a Ulysses all-to-all)
 
     def __post_init__(self) -> None:
         if isinstance(self.mask, bool):  # a plain causal flag
@@ -48,7 +49,8 @@ class RingSpec:
         """Equal local lengths on every rank, unless per-rank `kv_lens` are given."""
         return Geometry(self.layout, world, (q_local,) * world,
                         kv_lens if kv_lens is not None else (kv_local,) * world,
-                        self.mask, self.schedule, self.hop)
+                        self.mask, "q" if self.schedule == "q" else "kv", self.hop,
+                        self.fold, self.schedule == "allgather")
 
 
 def _resized(shape: tuple[int, ...], dim: int, n: int) -> list[int]:
@@ -126,6 +128,26 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
     held_ts, held_lo = [t for t, _ in sides[mv]], 0
     pending = None  # (works, buffers kept alive, received span) of the last return
 
+    def post(step: int, out_ts: list[Tensor], out_lo: int, send_span, recv_span, to: int,
+             frm: int):
+        """Post the send of `send_span` of `out_ts` (starting at row/key `out_lo`) and the
+        receive of `recv_span`; returns (works, receive buffers)."""
+        send = [] if send_span is None else [
+            t.narrow(d, send_span[0] - out_lo, send_span[1] - send_span[0]).contiguous()
+            for t, (_, d) in zip(out_ts, sides[mv])]
+        bufs = [] if recv_span is None else [
+            torch.empty(_resized(t.shape, d, recv_span[1] - recv_span[0]), dtype=t.dtype,
+                        device=t.device) for t, d in sides[mv]]
+        if geo.fetch:
+            return comm.fetch(step, send, to, bufs, frm), bufs
+        return comm.move(step, send, bufs, geo.hop), bufs
+
+    # all-gather: every fetch is posted before any compute (an all-to-all of exactly the
+    # spans each rank uses); each step waits only for its own
+    fetched = {s: (*post(s, held_ts, 0, held(geo, rank, s), held(geo, geo.owner(rank, s), s),
+                         -geo.hop * s, geo.hop * s), held(geo, geo.owner(rank, s), s))
+               for s in range(1, world)} if geo.fetch else {}
+
     def compute(pieces, in_off: int, target: dict[str, _Acc], out_off: int = 0) -> None:
         """Run `pieces`; the moving side's inputs start at row/key `in_off` of the held
         buffer, its results land at `out_off` of target[mv]."""
@@ -156,16 +178,15 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
         own_first, own_last = split_rows(own_first, geo.q_lens[rank] // 2)
     for step in range(world):
         move_works, recv_bufs, recv_span = None, [], None
-        if step + 1 < world:
-            send_span = held(geo, geo.owner(rank, step), step + 1)
+        if step in fetched:
+            works, bufs, span = fetched.pop(step)
+            comm.wait(works)
+            held_ts, held_lo = bufs, (span[0] if span else 0)
+        elif step + 1 < world and not geo.fetch:
             recv_span = held(geo, geo.owner(rank, step + 1), step + 1)
-            send = [] if send_span is None else [
-                t.narrow(d, send_span[0] - held_lo, send_span[1] - send_span[0]).contiguous()
-                for t, (_, d) in zip(held_ts, sides[mv])]
-            if recv_span is not None:
-                recv_bufs = [torch.empty(_resized(t.shape, d, recv_span[1] - recv_span[0]),
-                                         dtype=t.dtype, device=t.device) for t, d in sides[mv]]
-            move_works = comm.move(step, send, recv_bufs, geo.hop)
+            move_works, recv_bufs = post(step, held_ts, held_lo,
+                                         held(geo, geo.owner(rank, step), step + 1),
+                                         recv_span, -geo.hop, geo.hop)
         if step == 0:
             compute(own_first, 0, accs)
         else:

@@ -29,6 +29,8 @@ class Geometry:
     mask: Mask
     moving: str  # "q" or "kv": which side travels
     hop: int = 1  # +1: the moving side goes r -> r-1 (holds owner r+i at step i); -1: r -> r+1
+    fold: int = 1  # layout shards per rank (a Ulysses group's union, `layouts.positions`)
+    fetch: bool = False  # all-gather: each holder fetches what it uses straight from the owner
 
     @property
     def causal(self) -> bool:
@@ -51,8 +53,9 @@ class Geometry:
 
     @classmethod
     def uniform(cls, layout: str, world: int, q_len: int, kv_len: int, mask: Mask | bool,
-                moving: str, hop: int = 1) -> Geometry:
-        return cls(layout, world, (q_len,) * world, (kv_len,) * world, mask, moving, hop)
+                moving: str, hop: int = 1, fold: int = 1, fetch: bool = False) -> Geometry:
+        return cls(layout, world, (q_len,) * world, (kv_len,) * world, mask, moving, hop,
+                   fold, fetch)
 
     def owner(self, rank: int, step: int) -> int:
         """Whose moving side `rank` holds at `step`."""
@@ -80,7 +83,7 @@ def step_block(geo: Geometry, rank: int, step: int) -> tuple[int, int, tuple[Pie
     m = geo.owner(rank, step)
     qo, ko = (rank, m) if geo.moving == "kv" else (m, rank)
     return qo, ko, block_pieces(geo.layout, geo.world, qo, geo.q_lens[qo], ko,
-                                geo.kv_lens[ko], geo.mask)
+                                geo.kv_lens[ko], geo.mask, geo.fold)
 
 
 @lru_cache(maxsize=8192)
@@ -92,7 +95,10 @@ def used(geo: Geometry, rank: int, step: int) -> Span | None:
 @lru_cache(maxsize=8192)
 def held(geo: Geometry, owner: int, step: int) -> Span | None:
     """Span of `owner`'s moving side that its holder at `step` receives: what that holder
-    and every later holder need (None: nothing travels)."""
+    and every later holder need (None: nothing travels). A fetch carries only what that
+    holder uses."""
+    if geo.fetch and step > 0:
+        return used(geo, geo.holder(owner, step), step)
     if step == 0:
         return 0, (geo.q_lens if geo.moving == "q" else geo.kv_lens)[owner]
     spans = [used(geo, geo.holder(owner, s), s) for s in range(step, geo.world)]
@@ -110,13 +116,13 @@ def last_step(geo: Geometry) -> int:
 
 @lru_cache(maxsize=1024)
 def best_hop(layout: str, world: int, q_len: int, kv_len: int, mask: Mask,
-             moving: str) -> int:
+             moving: str, fold: int = 1) -> int:
     """The ring direction that finishes soonest: +1 unless a window makes the other
     direction reach every needed block in fewer steps (ties: +1, today's direction)."""
     if mask.window == (-1, -1) or world <= 2:
         return 1
-    last = {h: last_step(Geometry.uniform(layout, world, q_len, kv_len, mask, moving, h))
-            for h in (1, -1)}
+    last = {h: last_step(Geometry.uniform(layout, world, q_len, kv_len, mask, moving, h,
+                                          fold)) for h in (1, -1)}
     return -1 if last[-1] < last[1] else 1
 
 

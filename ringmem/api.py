@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -12,7 +13,10 @@ from .comm import CommStats, Group, RingComm, group_rank_world
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
 from .partial import acc_dtype
-from .plan import Interconnect, plan, resolve_interconnect, ring_hop
+from .heads import heads_error
+from .mesh import from_groups, mesh_groups, split_group
+from .plan import Interconnect, parse_option, plan, resolve_interconnect, ring_hop
+from .ulysses import fold_order, to_heads, to_seq
 from .ring import RingSpec, ring_backward, ring_forward
 from .sharding import packing_digest, shard, unshard
 
@@ -51,21 +55,42 @@ def check_extras(q: Tensor, sinks: object, softcap: object) -> float:
     return float(softcap or 0.0)
 
 
+def _degrees(ulysses: object, world: int, fixed: int | None) -> tuple[int, ...] | str:
+    """The Ulysses degrees a call may use (a mesh fixes one)."""
+    if fixed is not None:
+        if ulysses not in (1, "auto", fixed):
+            raise ValueError(f"ulysses={ulysses!r} differs from the mesh's Ulysses group "
+                             f"size {fixed}")
+        return (fixed,)
+    if ulysses == "auto":
+        return "auto"
+    if isinstance(ulysses, bool) or not isinstance(ulysses, int):
+        raise TypeError(f"ulysses must be an int degree or 'auto', got {ulysses!r}")
+    if ulysses < 1 or world % ulysses:
+        raise ValueError(f"ulysses must be a degree dividing the group size {world}, got "
+                         f"{ulysses}")
+    return (ulysses,)
+
+
 def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, interconnect,
-              grad, stats, cu_seqlens=None, window=(-1, -1), sinks=None, softcap=None):
-    """Local checks; returns (spec, error). Errors name the argument and the value."""
+              grad, stats, cu_seqlens=None, window=(-1, -1), sinks=None, softcap=None,
+              ulysses=1, fixed=None, return_lse=False):
+    """Local checks; returns (spec, Ulysses degree, error). The spec is the ring loop's
+    (over world / degree ranks). Errors name the argument and the value."""
     if stats is not None and not isinstance(stats, CommStats):
-        return None, TypeError(f"stats must be a ringmem.CommStats or None, "
-                               f"got {type(stats).__name__}")
+        return None, 1, TypeError(f"stats must be a ringmem.CommStats or None, "
+                                  f"got {type(stats).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            return None, TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            return None, 1, TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not isinstance(causal, bool):
-        return None, TypeError(f"causal must be a bool, got {causal!r}")
+        return None, 1, TypeError(f"causal must be a bool, got {causal!r}")
     if softmax_scale is not None and (isinstance(softmax_scale, bool)
                                       or not isinstance(softmax_scale, (int, float))):
-        return None, TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+        return None, 1, TypeError(f"softmax_scale must be a float or None, got "
+                                  f"{softmax_scale!r}")
     try:
+        degrees = _degrees(ulysses, world, fixed)
         check_layout(layout)
         if not isinstance(schedule, str) or schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -112,15 +137,34 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
         impl = get_backend(backend, q.device, q.dtype, dq, bands=mask.window[0] >= 0,
                            softcap=cap > 0)
         ic = resolve_interconnect(interconnect, q.device.type)
+        for u in degrees if degrees != "auto" else ():
+            err = heads_error(hq, hkv, u)
+            if err:
+                raise ValueError(f"q.shape[2]={hq}: {err}")
     except (ValueError, TypeError) as e:
-        return None, e
-    resolved = schedule
-    if schedule == "auto":  # deterministic in the (rank-agreed) shapes and options
-        resolved = plan(tuple(q.shape), tuple(k.shape), world=world, dtype=q.dtype,
-                        layout=layout, interconnect=ic, device_type=q.device.type,
-                        backward=grad, mask=mask).choice
+        return None, 1, e
+    u, resolved = (degrees[0] if degrees != "auto" else 1), schedule
+    if schedule == "auto" or degrees == "auto":  # deterministic in the agreed shapes/options
+        inter, per_node = _nodes(q, world)
+        choice = plan(tuple(q.shape), tuple(k.shape), world=world, dtype=q.dtype,
+                      layout=layout, interconnect=ic, device_type=q.device.type,
+                      backward=grad, mask=mask, ulysses=degrees if degrees == "auto" else u,
+                      schedule=schedule, inter_node=inter, gpus_per_node=per_node,
+                      return_lse=return_lse).choice
+        u, resolved = parse_option(choice, world)
+    r = world // u
     return RingSpec(layout=layout, mask=mask, scale=scale, backend=impl, schedule=resolved,
-                    softcap=cap, hop=ring_hop(layout, world, sq, sk, mask, resolved)), None
+                    softcap=cap, hop=ring_hop(layout, r, u * sq, u * sk, mask, resolved, u),
+                    fold=u), u, None
+
+
+def _nodes(q: Tensor, world: int) -> tuple[str | None, int]:
+    """(inter-node link, ranks per node) for the cost model: torchrun's LOCAL_WORLD_SIZE
+    smaller than the group means the group spans nodes (modelled as InfiniBand)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if q.device.type == "cuda" and 0 < local < world and world % local == 0:
+        return "ib", local
+    return None, 0
 
 
 def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,7 +208,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                    return_lse: bool = False, stats: CommStats | None = None,
                    interconnect: str | Interconnect | None = None,
                    cu_seqlens: object = None, window: tuple[int, int] = (-1, -1),
-                   sinks: Tensor | None = None, softcap: float | None = None
+                   sinks: Tensor | None = None, softcap: float | None = None,
+                   ulysses: int | str = 1, mesh: object = None
                    ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention over a sequence sharded across the ranks of `group`.
 
@@ -178,7 +223,17 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         layout: "zigzag" (balanced causal work), "contiguous", "stripe", or "document"
             (packed documents, each split head-tail over the ranks; needs cu_seqlens).
         schedule: "kv" (K/V travel, Q stays), "q" (TokenRing: Q travels, partial outputs
-            return to their owner at the same time) or "auto" (cost model, `ringmem.plan`).
+            return to their owner at the same time), "allgather" (each rank fetches the K/V
+            spans its queries' masks read straight from their owners, all at once; dK/dV
+            go back to their owners: Llama-3's / PyTorch CP's all-gather, trimmed) or
+            "auto" (cost model, `ringmem.plan`).
+        ulysses: Ulysses degree u: groups of u consecutive ranks exchange sequence shards for
+            head shards (all-to-all) around the ring loop, which then runs across the
+            groups (u = group size: pure Ulysses; 1: ring only). u must divide the group
+            size and the query heads; "auto": the cost model picks u and the schedule.
+        mesh: instead of `group`, a (ulysses_group, ring_group) pair or a DeviceMesh with
+            dims "ulysses" and "ring": the sequence is sharded over all u * r ranks in the
+            order ring_rank * u + ulysses_rank (`ringmem.mesh`).
         backend: "sdpa" (PyTorch fused flash ops), "torch" (plain PyTorch, any dtype), "auto".
         softmax_scale: defaults to 1/sqrt(D).
         return_lse: also return lse [B, Hq, S_local] (fp32; fp64 for fp64 inputs).
@@ -210,30 +265,57 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         q, k, v = (ringmem.shard(t, layout="zigzag") for t in (q_full, k_full, v_full))
         out = ringmem.ring_attention(q, k, v, causal=True)
     """
-    rank, world = group_rank_world(group)
+    fixed, sp = None, None
+    if mesh is not None:
+        if group is not None:
+            raise ValueError("give either group or mesh, not both")
+        sp = from_groups(*mesh_groups(mesh))
+        fixed, world = sp.u, sp.world
+    else:
+        _, world = group_rank_world(group)
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in (q, k, v, sinks))
     try:  # any failure while validating, of any type, is raised on every rank together
-        spec, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale,
-                                world, interconnect, grad, stats, cu_seqlens, window, sinks,
-                                softcap)
+        spec, u, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale,
+                                   world, interconnect, grad, stats, cu_seqlens, window,
+                                   sinks, softcap, ulysses, fixed, return_lse)
     except Exception as e:  # noqa: BLE001 (re-raised by agree, after the exchange)
-        spec, error = None, e
+        spec, u, error = None, 1, e
     if world > 1:
-        agree("ring_attention", group, error, **{
+        fields = {
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),
             "dtype": q.dtype if isinstance(q, Tensor) else None,
             "device type": q.device.type if isinstance(q, Tensor) else None,
             "causal": int(bool(causal)), "layout": _plain(layout),
             "schedule": _plain(schedule),
             "resolved schedule": spec.schedule if spec else None,
+            "ulysses": _plain(ulysses), "resolved ulysses": u if spec else None,
             "backend": _plain(backend), "softmax_scale": spec.scale if spec else None,
-            "requires grad": int(grad),
+            "requires grad": int(grad), "return_lse": int(bool(return_lse)),
             "window": spec.mask.window if spec else None,
             "cu_seqlens": packing_digest(spec.mask.docs) if spec else None,
             "softcap": spec.softcap if spec else None,
-            "sinks.shape": _shape(sinks) if sinks is not None else None})
+            "sinks.shape": _shape(sinks) if sinks is not None else None}
+        if sp is None:
+            agree("ring_attention", group, error, **fields)
+        else:  # every rank shares a Ulysses group or a ring with every other: both agree
+            try:
+                agree("ring_attention", sp.ulysses_group, error, **fields,
+                      **{"mesh ring rank": sp.r_rank})
+            except Exception as e:  # noqa: BLE001 (carried into the ring's agreement)
+                error = e
+            agree("ring_attention", sp.ring_group, error, **fields,
+                  **{"mesh ulysses rank": sp.u_rank})
     elif error is not None:
         raise error
-    out, lse = _RingAttention.apply(q, k, v, sinks, spec, group, stats)
+    if u == 1:
+        out, lse = _RingAttention.apply(q, k, v, sinks, spec, group if sp is None
+                                        else sp.ring_group, stats)
+        return (out, lse) if return_lse else out
+    sp = sp if sp is not None else split_group(group, u)
+    ctl = (sp.ulysses_group, sp.u_rank, stats, sp.r)
+    order = fold_order(layout, spec.mask, q.shape[0], sp.r, sp.r_rank, u, q.shape[1])
+    qs, ks, vs, sl = to_heads(q, k, v, sinks, q.shape[2], k.shape[2], ctl, order)
+    out, lse = _RingAttention.apply(qs, ks, vs, sl, spec, sp.ring_group, stats)
+    out, lse = to_seq(out, lse if return_lse else None, ctl, order)
     return (out, lse) if return_lse else out

@@ -1,0 +1,158 @@
+"""Ulysses re-sharding around the ring loop: all-to-all between sequence and head shards.
+
+Before the loop, each of a Ulysses group's u ranks sends every peer the peer's share of
+heads for its own tokens (K/V: only the K/V heads that peer's query heads read, see
+`heads.kv_heads`); each rank then holds all u ranks' tokens for hq/u heads, sorted into
+ascending global positions, and runs the ring loop across groups (`fold=u`). After it, the
+output goes back the same way. Both all-to-alls are autograd functions whose backward is the
+other one, so gradients take the mirrored path (a K/V head sent to two ranks has its two
+gradients summed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .comm import CommStats, Group
+from .heads import kv_heads
+from .layouts import positions
+from .masking import Mask
+from .timeouts import wait_works
+
+
+def _exchange(parts: list[Tensor], shapes: list[tuple[int, ...]], group: Group, me: int,
+              stats: CommStats | None, phase: str, step: int) -> list[Tensor]:
+    """One all-to-all: parts[i] goes to rank i of `group`, shapes[i] comes from rank i."""
+    dtype, device = parts[0].dtype, parts[0].device
+    send = torch.cat([p.reshape(-1) for p in parts])
+    sizes_in = [int(torch.Size(s).numel()) for s in shapes]
+    recv = torch.empty(sum(sizes_in), dtype=dtype, device=device)
+    size = send.element_size()
+    if stats is not None:
+        stats.records.append({
+            "phase": phase, "step": step, "channel": "a2a",
+            "sent": size * sum(p.numel() for i, p in enumerate(parts) if i != me),
+            "recv": size * sum(n for i, n in enumerate(sizes_in) if i != me)})
+    work = dist.all_to_all_single(recv, send, sizes_in, [p.numel() for p in parts],
+                                  group=group, async_op=True)
+    if device.type == "cpu":
+        peers = [dist.get_global_rank(group or dist.group.WORLD, i) for i in range(len(parts))
+                 if i != me]
+        wait_works([work], [("all-to-all", p) for p in peers], op="ulysses all-to-all",
+                   rank=dist.get_rank(), timed=True, phase=phase, step=step)
+    else:  # stream-ordered: the next kernel waits on the device, not the host
+        work.wait()
+    return [t.reshape(s) for t, s in zip(recv.split(sizes_in), shapes)]
+
+
+class _ToHeads(torch.autograd.Function):
+    """x [B, L, H, D] (this rank's tokens, all heads) -> [B, u*L, len(idx[me]), D] (every
+    group member's tokens, in member order, for the heads `idx[me]`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, idx: tuple[tuple[int, ...], ...], ctl: tuple) -> Tensor:
+        group, me, stats, r = ctl
+        ctx.idx, ctx.ctl, ctx.h = idx, ctl, x.shape[2]
+        b, n, _, d = x.shape
+        parts = [x[:, :, list(h)].permute(2, 0, 1, 3).contiguous() for h in idx]  # [h, B, L, D]
+        got = _exchange(parts, [(len(idx[me]), b, n, d)] * len(idx), group, me, stats, "fwd",
+                        -1)
+        return torch.cat(got, dim=2).permute(1, 2, 0, 3)  # [B, u*L, h, D]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        group, me, stats, r = ctx.ctl
+        u = len(ctx.idx)
+        b, ul, _, d = g.shape
+        n = ul // u
+        parts = [c.permute(2, 0, 1, 3).contiguous() for c in g.split(n, dim=1)]
+        got = _exchange(parts, [(len(h), b, n, d) for h in ctx.idx], group, me, stats, "bwd",
+                        r)
+        acc = torch.zeros(b, n, ctx.h, d, dtype=torch.promote_types(g.dtype, torch.float32),
+                          device=g.device)
+        for h, part in zip(ctx.idx, got):  # a head sent to two ranks: its gradients add
+            acc.index_add_(2, torch.tensor(h, device=g.device), part.permute(1, 2, 0, 3).to(
+                acc.dtype))
+        return acc.to(g.dtype), None, None
+
+
+class _ToSeq(torch.autograd.Function):
+    """y [B, u*L, hl, D] (this rank's heads, every member's tokens) -> [B, L, u*hl, D] (this
+    rank's tokens, all heads in member order); `dim` is the sequence dim (2 for an lse
+    [B, hl, u*L], whose heads are dim 1)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, ctl: tuple, dim: int, step: int) -> Tensor:
+        group, me, stats, r = ctl
+        ctx.ctl, ctx.dim = ctl, dim
+        u = group_size(group)
+        n = y.shape[dim] // u
+        parts = [c.contiguous() for c in y.split(n, dim=dim)]
+        got = _exchange(parts, [tuple(parts[0].shape)] * u, group, me, stats, "fwd", step)
+        return torch.cat(got, dim=3 - dim)  # the heads dim
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        group, me, stats, r = ctx.ctl
+        u = group_size(group)
+        hd = 2 if ctx.dim == 1 else 1  # the heads dim of g
+        parts = [c.contiguous() for c in g.split(g.shape[hd] // u, dim=hd)]
+        got = _exchange(parts, [tuple(parts[0].shape)] * u, group, me, stats, "bwd", -1)
+        return torch.cat(got, dim=ctx.dim), None, None, None
+
+
+def group_size(group: Group) -> int:
+    return dist.get_world_size(group)
+
+
+def fold_order(layout: str, mask: Mask, batch: int, r: int, j: int, u: int,
+               n: int) -> Tensor | None:
+    """Index [B, u*n] that sorts ring rank j's gathered tokens (member order) into
+    ascending global positions, or None when they already are."""
+    rows = mask.docs if mask.docs is not None else (None,)
+    out = []
+    for cu in rows:
+        pos = torch.cat([positions(layout, j * u + i, r * u, n, cu) for i in range(u)])
+        out.append(torch.argsort(pos, stable=True))
+    idx = torch.stack(out)
+    if torch.equal(idx, torch.arange(u * n).expand_as(idx)):
+        return None
+    return idx.expand(batch, -1) if idx.shape[0] == 1 else idx
+
+
+def _gather_rows(x: Tensor, idx: Tensor, dim: int = 1) -> Tensor:
+    """x with its sequence dim reordered per batch row by idx [B, S]."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape
+    full = list(x.shape)
+    return torch.take_along_dim(x, idx.to(x.device).reshape(shape).expand(full), dim=dim)
+
+
+def to_heads(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, hq: int, hkv: int,
+             ctl: tuple, order: Tensor | None):
+    """The pre-loop all-to-all: (q, k, v, sinks) for this rank's heads, every member's
+    tokens in ascending positions."""
+    group, me, stats, r = ctl
+    u = group_size(group)
+    hl = hq // u
+    qs = _ToHeads.apply(q, tuple(tuple(range(i * hl, (i + 1) * hl)) for i in range(u)), ctl)
+    idx = kv_heads(hq, hkv, u)
+    ks, vs = (_ToHeads.apply(t, idx, ctl) for t in (k, v))
+    if order is not None:
+        qs, ks, vs = (_gather_rows(t, order) for t in (qs, ks, vs))
+    sl = None if sinks is None else sinks[me * hl:(me + 1) * hl]
+    return qs, ks, vs, sl
+
+
+def to_seq(out: Tensor, lse: Tensor | None, ctl: tuple, order: Tensor | None):
+    """The post-loop all-to-all: out (and lse) back to this rank's tokens, all heads."""
+    if order is not None:
+        inv = torch.argsort(order, dim=1)
+        out = _gather_rows(out, inv)
+        lse = None if lse is None else _gather_rows(lse, inv, dim=2)
+    r = ctl[3]
+    out = _ToSeq.apply(out, ctl, 1, r)
+    if lse is not None:
+        lse = _ToSeq.apply(lse.contiguous(), ctl, 2, r)
+    return out, lse

@@ -65,7 +65,8 @@ def _run_case(rank: int, world: int, case: dict, seed: int) -> None:
         cus = [cu, _docs(rng, total, "random")] if layout != "document" else [
             cu, [0, 2, cu[-1]]]
     g = torch.Generator().manual_seed(seed)
-    q, k, v, dout = (torch.randn(batch, total, h, D, generator=g, dtype=torch.float64)
+    dim = case.get("dim", D)
+    q, k, v, dout = (torch.randn(batch, total, h, dim, generator=g, dtype=torch.float64)
                      for h in (hq, hkv, hkv, hq))
     sinks = torch.randn(hq, generator=g, dtype=torch.float64) if case["sinks"] else None
     rows = cus if batch > 1 and cu is not None else [cu] * batch
@@ -82,7 +83,8 @@ def _run_case(rank: int, world: int, case: dict, seed: int) -> None:
     out, lse = ringmem.ring_attention(ql, kl, vl, causal=causal, layout=layout,
                                       schedule=schedule, backend=case["backend"],
                                       cu_seqlens=cus, window=window, sinks=sl,
-                                      softcap=softcap, return_lse=True)
+                                      softcap=softcap, return_lse=True,
+                                      ulysses=case.get("ulysses", 1))
     out.backward(shard(dout))
     got = [ringmem.unshard(out.detach(), 1, **kw), ringmem.unshard(lse, 2, **kw),
            ringmem.unshard(ql.grad, 1, **kw), ringmem.unshard(kl.grad, 1, **kw),

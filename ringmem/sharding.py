@@ -10,6 +10,7 @@ from torch import Tensor
 from .agree import agree
 from .comm import Group, gather_rows, group_rank_world
 from .layouts import check_layout, global_permutation, local_len_error, positions, split_len
+from .mesh import from_groups, mesh_groups
 from .packing import Packing, normalize, padded_len, position_ids, rows_of, source_index
 
 
@@ -50,8 +51,8 @@ def _row_positions(layout: str, rank: int, world: int, local: int, docs: Packing
 
 
 def shard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag",
-          cu_seqlens: object = None,
-          return_position_ids: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+          cu_seqlens: object = None, return_position_ids: bool = False,
+          mesh: object = None) -> Tensor | tuple[Tensor, Tensor]:
     """This rank's shard of the full tensor `x` along `dim` (global positions per `layout`).
 
     x: [..., S, ...] with S divisible by the layout's chunk count (world, or 2*world for
@@ -62,11 +63,18 @@ def shard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag
     each document to a multiple of 2 * world inside ringmem (pad rows are zero; pass the
     same cu_seqlens to `ring_attention` and `unshard`). return_position_ids: also return the
     position of each local token inside its document, [1 or B, S_local] int64 (what RoPE
-    needs; 0 on pads).
+    needs; 0 on pads). mesh: a 2-D mesh as `ring_attention` takes it, instead of `group`:
+    the shard of sequence-parallel rank ring_rank * u + ulysses_rank of u * r.
     """
     dim = _check_dim(x, dim)
     check_layout(layout)
-    rank, world = group_rank_world(group)
+    if mesh is not None:
+        if group is not None:
+            raise ValueError("give either group or mesh, not both")
+        sp = from_groups(*mesh_groups(mesh))
+        rank, world = sp.sp_rank, sp.world
+    else:
+        rank, world = group_rank_world(group)
     docs, local = _packing(x, dim, cu_seqlens, layout, x.shape[dim], world)
     if return_position_ids and docs is None:
         raise ValueError("return_position_ids needs cu_seqlens (positions restart per document)")

@@ -109,7 +109,10 @@ def group_size(group: Group) -> int:
 def fold_order(layout: str, mask: Mask, batch: int, r: int, j: int, u: int,
                n: int) -> Tensor | None:
     """Index [B, u*n] that sorts ring rank j's gathered tokens (member order) into
-    ascending global positions, or None when they already are."""
+    ascending global positions, or None when they already are (or positions do not matter:
+    no mask)."""
+    if mask.plain and not mask.causal:
+        return None
     rows = mask.docs if mask.docs is not None else (None,)
     out = []
     for cu in rows:
@@ -118,11 +121,14 @@ def fold_order(layout: str, mask: Mask, batch: int, r: int, j: int, u: int,
     idx = torch.stack(out)
     if torch.equal(idx, torch.arange(u * n).expand_as(idx)):
         return None
-    return idx.expand(batch, -1) if idx.shape[0] == 1 else idx
+    return idx  # [1, u*n] (one packing for every row) or [B, u*n]
 
 
 def _gather_rows(x: Tensor, idx: Tensor, dim: int = 1) -> Tensor:
-    """x with its sequence dim reordered per batch row by idx [B, S]."""
+    """x with its sequence dim reordered by idx [1, S] (every row alike: one contiguous
+    index_select) or [B, S] (per batch row)."""
+    if idx.shape[0] == 1:
+        return x.index_select(dim, idx[0].to(x.device))
     shape = [1] * x.dim()
     shape[0], shape[dim] = idx.shape
     full = list(x.shape)

@@ -77,6 +77,9 @@ def _mesh_exact(rank: int, world: int, shape: tuple[int, int]) -> None:
     q, k, v = (torch.randn(2, s, h, 6, generator=gen, dtype=torch.float64) for h in (6, 3, 3))
     for layout, sched in itertools.product(PLAIN_LAYOUTS, ("kv", "q", "allgather")):
         loc = [ringmem.shard(t, layout=layout).requires_grad_() for t in (q, k, v)]
+        for t in (q, k, v):  # the mesh's sequence-parallel order is the group's here
+            assert torch.equal(ringmem.shard(t, layout=layout, mesh=(ug, rg)), ringmem.shard(
+                t, layout=layout))
         ref = ringmem.ring_attention(*loc, layout=layout, schedule=sched)
         ref.square().sum().backward()
         want = [ref.detach()] + [t.grad.clone() for t in loc]

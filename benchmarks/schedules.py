@@ -115,17 +115,9 @@ def timed(fn: Callable[..., Any], repeats: int) -> tuple[list[float], ringmem.Co
 
 def signature(stats: ringmem.CommStats, phase: str) -> tuple[tuple, tuple[int, int]]:
     """(ring steps with traffic as (step, sent, recv), all-to-all (sent, recv)) of a phase."""
-    ring: dict[int, tuple[int, int]] = {}
-    a2a = [0, 0]
-    for r in stats.records:
-        if r["phase"] != phase:
-            continue
-        if r["channel"] == "a2a":
-            a2a = [a2a[0] + r["sent"], a2a[1] + r["recv"]]
-        else:
-            a, b = ring.get(r["step"], (0, 0))
-            ring[r["step"]] = (a + r["sent"], b + r["recv"])
-    return tuple((i, *x) for i, x in sorted(ring.items()) if x != (0, 0)), tuple(a2a)
+    steps = stats.per_step(phase, ring=True)
+    return (tuple((i, *x) for i, x in sorted(steps.items()) if x != (0, 0)),
+            stats.total(phase, "a2a"))
 
 
 def planned(est: ringmem.plan.Estimate, phase: str, rank: int) -> tuple[tuple, tuple[int, int]]:

@@ -9,12 +9,12 @@ from torch import Tensor
 
 from .agree import agree
 from .backends import check_backend_name, get_backend
-from .comm import CommStats, Group, RingComm, group_rank_world
+from .comm import CommStats, Group, RingComm
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
 from .partial import acc_dtype
 from .heads import heads_error
-from .mesh import from_groups, mesh_groups, split_group
+from .mesh import sequence_rank, split_group
 from .plan import Interconnect, parse_option, plan, resolve_interconnect, ring_hop
 from .ulysses import fold_order, to_heads, to_seq
 from .ring import RingSpec, ring_backward, ring_forward
@@ -265,14 +265,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         q, k, v = (ringmem.shard(t, layout="zigzag") for t in (q_full, k_full, v_full))
         out = ringmem.ring_attention(q, k, v, causal=True)
     """
-    fixed, sp = None, None
-    if mesh is not None:
-        if group is not None:
-            raise ValueError("give either group or mesh, not both")
-        sp = from_groups(*mesh_groups(mesh))
-        fixed, world = sp.u, sp.world
-    else:
-        _, world = group_rank_world(group)
+    sp, _, world = sequence_rank(group, mesh)
+    fixed = sp.u if sp is not None else None
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in (q, k, v, sinks))
     try:  # any failure while validating, of any type, is raised on every rank together

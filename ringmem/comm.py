@@ -110,7 +110,7 @@ class CommStats:
     """Bytes this rank sent and received, per call phase, step and channel.
 
     Pass one to `ring_attention(..., stats=...)`; records are dicts with keys
-    phase ("fwd"/"bwd"), step, channel ("move"/"ret"), sent, recv.
+    phase ("fwd"/"bwd"), step, channel ("move", "ret", "fetch" or "a2a"), sent, recv.
     """
     records: list[dict] = field(default_factory=list)
 
@@ -119,11 +119,12 @@ class CommStats:
               and channel in (None, r["channel"])]
         return sum(r["sent"] for r in rs), sum(r["recv"] for r in rs)
 
-    def per_step(self, phase: str) -> dict[int, tuple[int, int]]:
-        """{step: (sent, recv)} summed over channels."""
+    def per_step(self, phase: str, ring: bool = False) -> dict[int, tuple[int, int]]:
+        """{step: (sent, recv)} summed over channels; ring=True: the ring loop's channels
+        only (Ulysses all-to-alls, channel "a2a", are at steps -1 and the ring's size)."""
         out: dict[int, tuple[int, int]] = {}
         for r in self.records:
-            if r["phase"] == phase:
+            if r["phase"] == phase and not (ring and r["channel"] == "a2a"):
                 s, v = out.get(r["step"], (0, 0))
                 out[r["step"]] = (s + r["sent"], v + r["recv"])
         return out

@@ -57,6 +57,16 @@ def mesh_groups(mesh: object) -> tuple[Group, Group]:
                     f"DeviceMesh with dims 'ulysses' and 'ring', got {type(mesh).__name__}")
 
 
+def sequence_rank(group: Group, mesh: object) -> tuple[SPMesh | None, int, int]:
+    """(the mesh or None, sequence-parallel rank, world) of a call given `group` or `mesh`."""
+    if mesh is None:
+        return (None, *group_rank_world(group))
+    if group is not None:
+        raise ValueError("give either group or mesh, not both")
+    sp = from_groups(*mesh_groups(mesh))
+    return sp, sp.sp_rank, sp.world
+
+
 def from_groups(ulysses_group: Group, ring_group: Group) -> SPMesh:
     (ur, u), (rr, r) = group_rank_world(ulysses_group), group_rank_world(ring_group)
     return SPMesh(ulysses_group, ring_group, u, r, ur, rr)

@@ -10,7 +10,7 @@ from torch import Tensor
 from .agree import agree
 from .comm import Group, gather_rows, group_rank_world
 from .layouts import check_layout, global_permutation, local_len_error, positions, split_len
-from .mesh import from_groups, mesh_groups
+from .mesh import sequence_rank
 from .packing import Packing, normalize, padded_len, position_ids, rows_of, source_index
 
 
@@ -68,13 +68,7 @@ def shard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag
     """
     dim = _check_dim(x, dim)
     check_layout(layout)
-    if mesh is not None:
-        if group is not None:
-            raise ValueError("give either group or mesh, not both")
-        sp = from_groups(*mesh_groups(mesh))
-        rank, world = sp.sp_rank, sp.world
-    else:
-        rank, world = group_rank_world(group)
+    _, rank, world = sequence_rank(group, mesh)
     docs, local = _packing(x, dim, cu_seqlens, layout, x.shape[dim], world)
     if return_position_ids and docs is None:
         raise ValueError("return_position_ids needs cu_seqlens (positions restart per document)")

@@ -127,17 +127,9 @@ def _bytes(rank: int, world: int) -> None:
                                schedule=sched, device_type="cpu", backward=True,
                                return_lse=lse).schedules[name]
             for phase in ("fwd", "bwd"):
-                ring: dict[int, tuple[int, int]] = {}
-                a2a = [0, 0]
-                for rec in stats.records:
-                    if rec["phase"] != phase:
-                        continue
-                    if rec["channel"] == "a2a":
-                        a2a = [a2a[0] + rec["sent"], a2a[1] + rec["recv"]]
-                        continue
-                    a, b = ring.get(rec["step"], (0, 0))
-                    ring[rec["step"]] = (a + rec["sent"], b + rec["recv"])
-                got = {i: x for i, x in ring.items() if x != (0, 0)}
+                got = {i: x for i, x in stats.per_step(phase, ring=True).items()
+                       if x != (0, 0)}
+                a2a = stats.total(phase, "a2a")
                 want = {i: x for i, x in enumerate(est.steps[phase][rank]) if x != (0, 0)}
                 if got != want or tuple(a2a) != est.a2a[phase][rank]:
                     fails.append(f"{name} {layout} causal={causal} H={hq}/{hkv} {dtype} "

@@ -18,36 +18,7 @@ from ringmem.masking import pieces_mask
 from ringmem.testing import spawn
 
 
-def _bytes_match_plan(rank: int, world: int) -> None:
-    fails = []
-    for layout, schedule, causal, (hq, hkv), dtype in itertools.product(
-            PLAIN_LAYOUTS, ("kv", "q"), (True, False), ((4, 4), (4, 1)),
-            (torch.float32, torch.bfloat16)):
-        g = torch.Generator().manual_seed(5)
-        s = 4 * world
-        q = torch.randn(2, s, hq, 8, generator=g).to(dtype)
-        k, v = (torch.randn(2, s, hkv, 8, generator=g).to(dtype) for _ in range(2))
-        leaves = [ringmem.shard(t, layout=layout).requires_grad_() for t in (q, k, v)]
-        stats = ringmem.CommStats()
-        out = ringmem.ring_attention(*leaves, causal=causal, layout=layout, schedule=schedule,
-                                     stats=stats)
-        out.sum().backward()
-        est = ringmem.plan(tuple(leaves[0].shape), tuple(leaves[1].shape), world=world,
-                           dtype=dtype, causal=causal, layout=layout, device_type="cpu",
-                           backward=True).schedules[schedule]
-        for phase in ("fwd", "bwd"):
-            got = stats.per_step(phase)
-            want = {i: sr for i, sr in enumerate(est.steps[phase][rank]) if sr != (0, 0)}
-            got = {i: sr for i, sr in got.items() if sr != (0, 0)}
-            if got != want:
-                fails.append(f"{layout} {schedule} causal={causal} Hq={hq} Hkv={hkv} {dtype} "
-                             f"{phase} rank {rank}: measured {got} != plan {want}")
-    assert not fails, "\n".join(fails)
-
-
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_measured_bytes_equal_the_cost_model(world: int) -> None:
-    spawn(_bytes_match_plan, world)
+# CommStats == plan for kv and q (and every other option): test_parallel.py
 
 
 def test_zigzag_trims_what_travels() -> None:

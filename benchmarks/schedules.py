@@ -268,11 +268,13 @@ GPU_CASES = (
      "q": (1, 8192 // 8, 32, 128), "kv": (1, 8192 // 8, 32, 128), "world": 8,
      "ic": "nvswitch", "inter": None, "per_node": 0, "flops": 200e12,
      "published": ["ulysses", "ulysses4+kv", "kv"]},
-    {"name": "2 nodes x 8 GPUs, NVSwitch inside, InfiniBand across (TransformerEngine: "
-             "a2a+p2p, i.e. Ulysses inside the node and the ring across, beats either alone)",
+    {"name": "2 nodes x 8 GPUs, NVSwitch inside, InfiniBand across (TransformerEngine / "
+             "Megatron hierarchical CP: a2a on intra-node links, p2p across nodes, beats "
+             "a2a across nodes; NeMo Megatron-Bridge docs, 'Hybrid / Hierarchical Context "
+             "Parallel')",
      "q": (1, 131072 // 16, 32, 128), "kv": (1, 131072 // 16, 8, 128), "world": 16,
      "ic": "nvswitch", "inter": "ib", "per_node": 8, "flops": 400e12,
-     "published": ["ulysses8+kv", "kv", "ulysses"]},
+     "published": ["ulysses8+kv", "ulysses"]},
 )
 
 

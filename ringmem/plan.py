@@ -27,13 +27,32 @@ from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
 from .routing import Geometry, best_hop, held, step_block, used
 
-__all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "Message", "Plan", "plan",
+__all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "KernelModel", "Message", "Plan", "plan",
            "option_name", "parse_option", "ring_hop", "resolve_interconnect"]
 
 SCHEDULE_NAMES = ("kv", "q", "allgather")  # the ring schedules
 
-# block-attention throughput by device type (FLOP/s), used when none is given
-DEFAULT_FLOPS = {"cuda": 400e12, "cpu": 80e9}
+
+@dataclass(frozen=True)
+class KernelModel:
+    """Time of one block-attention launch: launch + FLOPs / (flops * efficiency); a block
+    of n = min(rows, keys) reaches n / (n + half) of the peak rate (a fused kernel's tiles
+    and pipeline fill make small blocks slower: why splitting the work hurts)."""
+    flops: float
+    launch: float = 0.0
+    half: float = 0.0
+
+    def time(self, rows: int, keys: int, pairs: float, heads: int, dim: int, batch: float,
+             backward: bool) -> float:
+        f = 4 * pairs * heads * dim * batch * (2.5 if backward else 1.0)
+        n = min(rows, keys)
+        return self.launch + f / (self.flops * (n / (n + self.half) if self.half else 1.0))
+
+
+# by device type, used when none is given: H100-class flash attention (half speed at
+# 128-row blocks, ~5 us a launch), and one CPU core of this project's machines
+DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0), "cpu": KernelModel(80e9, 20e-6)}
+DEFAULT_FLOPS = {k: m.flops for k, m in DEFAULT_KERNELS.items()}
 
 
 class Message(NamedTuple):
@@ -147,7 +166,7 @@ def _a2a(u: int, ring_world: int, phase: str, sizes: dict, kvn: list[int]
 @lru_cache(maxsize=1024)
 def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tuple,
               itemsize: int, acc_size: int, mask: Mask, backward: bool, cluster: Cluster,
-              flops: float, return_lse: bool) -> Estimate:
+              kernel: KernelModel, return_lse: bool) -> Estimate:
     u, schedule = parse_option(name, world)
     r = world // u
     b, sq, hq, d = q_shape
@@ -202,8 +221,10 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
             totals[m.src][0] += m.nbytes
             totals[m.dst][1] += m.nbytes
         a2a[phase] = [tuple(t) for t in totals]
-        work = 4 * b * hl * d * (2.5 if phase == "bwd" else 1.0) / flops  # s per (q, k) pair
-        comp = [max(ring_pairs[j][s] for j in range(r)) * work for s in range(r)]
+        comp = [max(sum(kernel.time(p.q.stop - p.q.start, p.k.stop - p.k.start, pairs(p), hl,
+                                    d, b if p.b is None else p.b.stop - p.b.start,
+                                    phase == "bwd") for p in blocks[j][s])
+                    for j in range(r)) for s in range(r)]
         t, c = _ring_time(schedule, r, msgs, comp, cluster)
         t_a2a = cluster.time([m[2:] for m in pre]) + cluster.time([m[2:] for m in post])
         time_s += t + t_a2a
@@ -296,7 +317,8 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
          window: tuple[int, int] = (-1, -1), cu_seqlens: object = None,
          mask: Mask | None = None, ulysses: int | str | tuple[int, ...] = 1,
          schedule: str = "auto", inter_node: str | Interconnect | None = None,
-         gpus_per_node: int = 0, return_lse: bool = False) -> Plan:
+         gpus_per_node: int = 0, return_lse: bool = False,
+         kernel: KernelModel | None = None) -> Plan:
     """Predict every option for one call and choose the fastest.
 
     q_shape [B, S_local, Hq, D], kv_shape [B, S_local_kv, Hkv, D] are the per-rank shards;
@@ -305,7 +327,9 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
     ulysses: a degree, a tuple of degrees or "auto" (every degree dividing the world and
     the query heads); schedule: a ring schedule or "auto" (all of them). interconnect links
     the ranks of a node, inter_node (e.g. "ib") the nodes of `gpus_per_node` ranks each
-    (0: one node). Returns a Plan with every option's bytes per rank per step and predicted
+    (0: one node). kernel: the block time model (`KernelModel`, or any object with its
+    `time` method, e.g. a calibrated profile); default by device type, `flops` replacing
+    its rate. Returns a Plan with every option's bytes per rank per step and predicted
     time; `str(plan)` explains the choice. Within 1% predicted time, the option with less
     buffers (an all-gather holds every K/V span it uses at once), then the one with less
     communication (it leaves more slack); exact ties go to the first listed.
@@ -321,9 +345,12 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
     inter = None if inter_node is None else resolve_interconnect(inter_node, device_type,
                                                                   "inter_node")
     cluster = Cluster(world, ic, inter, gpus_per_node)
-    rate = flops if flops is not None else DEFAULT_FLOPS.get(device_type, DEFAULT_FLOPS["cpu"])
-    if not rate > 0:
-        raise ValueError(f"flops must be > 0, got {flops}")
+    if kernel is None:
+        kernel = DEFAULT_KERNELS.get(device_type, DEFAULT_KERNELS["cpu"])
+        if flops is not None:
+            if not flops > 0:
+                raise ValueError(f"flops must be > 0, got {flops}")
+            kernel = KernelModel(float(flops), kernel.launch, kernel.half)
     itemsize = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     if mask is None:
@@ -335,7 +362,7 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
             if n not in names:
                 names.append(n)
     ests = {n: _estimate(n, layout, world, tuple(q_shape), tuple(kv_shape), itemsize, acc,
-                         mask, backward, cluster, float(rate), return_lse) for n in names}
+                         mask, backward, cluster, kernel, return_lse) for n in names}
     fastest = min(e.time_s for e in ests.values())
     close = [n for n in names if math.isclose(ests[n].time_s, fastest, rel_tol=0.01)
              or ests[n].time_s <= fastest]

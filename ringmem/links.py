@@ -91,17 +91,24 @@ class Cluster:
     def time(self, msgs: list[tuple[int, int, int]]) -> float:
         """Seconds for messages (src, dst, bytes) posted together to all arrive: the most
         loaded link's bytes / bandwidth + that link's latency."""
-        msgs = [m for m in msgs if m[2] > 0 and m[0] != m[1]]
-        if not msgs:
-            return 0.0
-        load: dict = {}
+        return self.time_of(self.load(msgs))
+
+    def load(self, msgs: list[tuple[int, int, int]], into: dict | None = None) -> dict:
+        """Bytes per link of `msgs`, added to `into` (a running load) when given."""
+        load: dict = {} if into is None else into
         for s, d, b in msgs:
+            if b <= 0 or s == d:
+                continue
             inter = self.node(s) != self.node(d)
             ic = self.inter if inter else self.intra
             for key in _links(ic, self.world, s, d, self.per_node if not inter else 0):
                 k = (inter, key)
                 load[k] = (load.get(k, (0, ic))[0] + b, ic)
-        return max(b / ic.bandwidth + ic.latency for b, ic in load.values())
+        return load
+
+    @staticmethod
+    def time_of(load: dict) -> float:
+        return max((b / ic.bandwidth + ic.latency for b, ic in load.values()), default=0.0)
 
 
 def _links(ic: Interconnect, world: int, s: int, d: int, per_node: int) -> list:

@@ -273,20 +273,23 @@ def _a2a_sizes(phase: str, b: int, sq: int, skv: int, hl: int, d: int, itemsize:
 def _ring_time(schedule: str, r: int, msgs: list[Message], comp: list[float],
                cluster: Cluster) -> tuple[float, float]:
     """(time, communication time) of the ring loop."""
-    at = lambda s, ch: [m[2:] for m in msgs if m.step == s and m.channel in ch]  # noqa: E731
+    by_step: dict[tuple[int, str], list] = {}
+    for m in msgs:
+        by_step.setdefault((m.step, m.channel), []).append(m[2:])
+    at = lambda s, *chs: [x for ch in chs for x in by_step.get((s, ch), ())]  # noqa: E731
     if schedule != "allgather":
         t = c = 0.0
         for s in range(r):
             # the next transfer and this step's return overlap this step's compute
-            tc = cluster.time(at(s, ("move", "ret")))
+            tc = cluster.time(at(s, "move", "ret"))
             t += max(tc, comp[s]) if cluster.overlap else tc + comp[s]
             c += tc
         return t, c
     # fetches all posted before step 0: step s's data arrive once it and the earlier ones
     # have crossed their links; returns overlap the next step's compute
-    arrive = [cluster.time([m[2:] for m in msgs if m.channel == "fetch" and m.step <= s])
-              for s in range(r)]
-    rets = [cluster.time(at(s, ("ret",))) for s in range(r)]
+    load: dict = {}
+    arrive = [cluster.time_of(cluster.load(at(s, "fetch"), load)) for s in range(r)]
+    rets = [cluster.time(at(s, "ret")) for s in range(r)]
     if not cluster.overlap:
         return arrive[-1] + sum(comp) + sum(rets), arrive[-1] + sum(rets)
     t = 0.0

@@ -55,10 +55,10 @@ class _ToHeads(torch.autograd.Function):
         group, me, stats, r = ctl
         ctx.idx, ctx.ctl, ctx.h = idx, ctl, x.shape[2]
         b, n, _, d = x.shape
-        parts = [x[:, :, list(h)].permute(2, 0, 1, 3).contiguous() for h in idx]  # [h, B, L, D]
-        got = _exchange(parts, [(len(idx[me]), b, n, d)] * len(idx), group, me, stats, "fwd",
+        parts = [_heads(x, h) for h in idx]  # [B, L, h_i, D] each, contiguous
+        got = _exchange(parts, [(b, n, len(idx[me]), d)] * len(idx), group, me, stats, "fwd",
                         -1)
-        return torch.cat(got, dim=2).permute(1, 2, 0, 3)  # [B, u*L, h, D]
+        return torch.cat(got, dim=1)  # [B, u*L, h, D], member order
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -66,15 +66,21 @@ class _ToHeads(torch.autograd.Function):
         u = len(ctx.idx)
         b, ul, _, d = g.shape
         n = ul // u
-        parts = [c.permute(2, 0, 1, 3).contiguous() for c in g.split(n, dim=1)]
-        got = _exchange(parts, [(len(h), b, n, d) for h in ctx.idx], group, me, stats, "bwd",
+        parts = [c.contiguous() for c in g.split(n, dim=1)]
+        got = _exchange(parts, [(b, n, len(h), d) for h in ctx.idx], group, me, stats, "bwd",
                         r)
         acc = torch.zeros(b, n, ctx.h, d, dtype=torch.promote_types(g.dtype, torch.float32),
                           device=g.device)
         for h, part in zip(ctx.idx, got):  # a head sent to two ranks: its gradients add
-            acc.index_add_(2, torch.tensor(h, device=g.device), part.permute(1, 2, 0, 3).to(
-                acc.dtype))
+            acc.index_add_(2, torch.tensor(h, device=g.device), part.to(acc.dtype))
         return acc.to(g.dtype), None, None
+
+
+def _heads(x: Tensor, heads: tuple[int, ...]) -> Tensor:
+    """x[:, :, heads], contiguous (a slice when the heads are consecutive)."""
+    if list(heads) == list(range(heads[0], heads[0] + len(heads))):
+        return x.narrow(2, heads[0], len(heads)).contiguous()
+    return x[:, :, list(heads)].contiguous()
 
 
 class _ToSeq(torch.autograd.Function):

@@ -15,6 +15,7 @@ import ringmem
 from ringmem.heads import kv_heads
 from ringmem.layouts import PLAIN_LAYOUTS
 from ringmem.plan import option_name, parse_option
+from ringmem.reference import dense_mask, masked_reference
 from ringmem.testing import SpawnError, spawn
 
 from test_varlen import _run_case
@@ -83,6 +84,11 @@ def _mesh_exact(rank: int, world: int, shape: tuple[int, int]) -> None:
         ref = ringmem.ring_attention(*loc, layout=layout, schedule=sched)
         ref.square().sum().backward()
         want = [ref.detach()] + [t.grad.clone() for t in loc]
+        full = [t.clone().requires_grad_() for t in (q, k, v)]  # and vs the dense float64
+        dense = masked_reference(*full, dense_mask(s, causal=True))[0]
+        dense.square().sum().backward()
+        for a, b in zip(want, [dense.detach()] + [t.grad for t in full]):
+            assert (a - ringmem.shard(b, layout=layout)).abs().max() < 1e-12, (layout, sched)
         for mesh in ((ug, rg), dmesh):
             for t in loc:
                 t.grad = None

@@ -35,7 +35,13 @@ def test_launcher_rejects_world_size_mismatch() -> None:
 
 
 def test_prefill_checks_ulysses_against_the_world(tmp_path) -> None:
-    from ringmem.launch.prefill import check
+    import importlib.util
+    # by path, like torchrun runs it (an installed ringmem.launch may be another checkout's)
+    spec = importlib.util.spec_from_file_location("prefill_launcher",
+                                                  ROOT / "launch" / "prefill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    check = module.check
     path = tmp_path / "u.toml"
     path.write_text('ulysses = 4\nseq_len = 64\n')
     with pytest.raises(ValueError, match="ulysses=4 does not divide the world size 2"):

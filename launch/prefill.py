@@ -43,6 +43,8 @@ def check(argv: list[str] | None, world: int | None) -> PrefillConfig:
             raise ValueError(f"config asks for world_size={cfg.world_size}, torchrun "
                              f"started {world}")
         split_len(cfg.layout, cfg.seq_len, world)
+        if cfg.ulysses != "auto" and world % cfg.ulysses:
+            raise ValueError(f"ulysses={cfg.ulysses} does not divide the world size {world}")
     return cfg
 
 
@@ -70,7 +72,7 @@ def job(cfg: PrefillConfig, world: int) -> None:
     q, k, v = (ringmem.shard(torch.randn(s, generator=g, dtype=dtype), layout=cfg.layout)
                .to(device).requires_grad_(cfg.backward) for s in (shape_q, shape_kv, shape_kv))
     kwargs = dict(causal=cfg.causal, layout=cfg.layout, schedule=cfg.schedule,
-                  backend=cfg.backend)
+                  ulysses=cfg.ulysses, backend=cfg.backend)
     times = []
     for step in range(cfg.steps + 1):  # step 0 warms up
         dist.barrier()

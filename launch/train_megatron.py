@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ringmem.api import SCHEDULES
 from ringmem.backends import BACKENDS
-from ringmem.config import ArgumentParser, check_timeout, load_config
+from ringmem.config import ArgumentParser, check_timeout, check_ulysses, load_config
 from ringmem.timeouts import exit_on_comm_error, init_process_group, resolve
 
 DATA = ("pattern", "random")
@@ -59,7 +59,9 @@ class TrainMegatronConfig:
     dtype: str = "float32"
     """Parameters and activations: float32 or bfloat16."""
     schedule: str = "auto"
-    """ringmem schedule of the ring ("auto", "kv", "q")."""
+    """ringmem schedule of the ring ("auto", "kv", "q", "allgather")."""
+    ulysses: int | str = 1
+    """Ulysses degree inside each CP group (1: ring only): divides cp and heads; or "auto"."""
     backend: str = "auto"
     """ringmem block backend."""
     world_size: int | None = None
@@ -83,6 +85,8 @@ class TrainMegatronConfig:
                               ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if check_ulysses(self.ulysses) != "auto" and self.heads % self.ulysses:
+            raise ValueError(f"ulysses={self.ulysses} must divide heads={self.heads}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, "
                              f"{self.weight_decay}")
@@ -96,6 +100,9 @@ def mesh(cfg: TrainMegatronConfig, world: int) -> tuple[int, int]:
     if cfg.dp * cp != world:
         raise ValueError(f"mesh dp={cfg.dp} x cp={cp} x tp=1 x pp=1 = {cfg.dp * cp} ranks, "
                          f"but torchrun started {world}")
+    if cfg.ulysses != "auto" and cp % cfg.ulysses:
+        raise ValueError(f"ulysses={cfg.ulysses} does not divide the context-parallel degree "
+                         f"cp={cp}")
     chunk = 2 * cp if cp > 1 else 1
     if cfg.seq_len % chunk:
         raise ValueError(f"seq_len={cfg.seq_len} must be divisible by 2*cp={chunk} (Megatron "
@@ -213,7 +220,7 @@ def build_model(cfg: TrainMegatronConfig, cp: int, device: torch.device) -> torc
                                context_parallel_size=cp, use_cpu_initialization=True,
                                attention_dropout=0.0, hidden_dropout=0.0, params_dtype=dtype,
                                bf16=dtype == torch.bfloat16)
-    spec = ringmem_layer_spec(schedule=cfg.schedule, backend=cfg.backend)
+    spec = ringmem_layer_spec(schedule=cfg.schedule, ulysses=cfg.ulysses, backend=cfg.backend)
     torch.manual_seed(cfg.seed)  # identical weights on every rank (CPU initialisation)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=cfg.vocab,
                      max_sequence_length=cfg.seq_len,

@@ -55,6 +55,15 @@ def check_timeout(cfg: Any) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, got {cfg.timeout}")
 
 
+def check_ulysses(value: object, name: str = "ulysses") -> int | str:
+    """A Ulysses degree (`ring_attention(ulysses=)`): an int >= 1 or "auto"; returns it.
+    Whether it divides the ranks and heads is checked where those are known."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and value >= 1):
+        return value
+    raise ValueError(f"{name} must be an int >= 1 or 'auto', got {value!r}")
+
+
 def load_config(cls: type[T], path: str | Path, **overrides: Any) -> T:
     """Read a TOML file into `cls`; `overrides` (e.g. from the command line) win."""
     path = Path(path)
@@ -85,6 +94,10 @@ class PrefillConfig:
     causal: bool = True
     layout: str = "zigzag"
     schedule: str = "auto"
+    """Ring schedule: "auto" (cost model), "kv", "q" or "allgather" (`ring_attention`)."""
+    ulysses: int | str = 1
+    """Ulysses degree: groups of this many ranks trade sequence for heads around the ring
+    (1: ring only); must divide the world size and `heads`. "auto": the cost model picks."""
     backend: str = "auto"
     steps: int = 3
     """Timed steps after one warm-up step."""
@@ -102,6 +115,9 @@ class PrefillConfig:
         _positive(self, "seq_len", "batch", "heads", "kv_heads", "head_dim", "steps")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
+        if check_ulysses(self.ulysses) != "auto" and self.heads % self.ulysses:
+            raise ValueError(f"ulysses={self.ulysses} must divide heads={self.heads} (each "
+                             f"rank of a Ulysses group takes heads / ulysses query heads)")
         _common_choices(self, schedule=SCHEDULES)
 
 

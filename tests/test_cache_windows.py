@@ -35,7 +35,7 @@ def _dense(q, k, v, left, softcap, sinks):
 
 
 def _run(rank: int, world: int, windows: tuple[int, ...], softcap: float | None,
-         use_sinks: bool) -> None:
+         use_sinks: bool, options: dict | None = None) -> None:
     g = torch.Generator().manual_seed(5)
     n_prompt, n_dec, chunk = 19, 7, 4 * world
     total = n_prompt + n_dec
@@ -43,7 +43,8 @@ def _run(rank: int, world: int, windows: tuple[int, ...], softcap: float | None,
                for h in (HQ, HKV, HKV))
     sinks = torch.randn(HQ, generator=g, dtype=torch.float64) if use_sinks else None
     cfg = CacheConfig(num_layers=len(windows), q_heads=HQ, kv_heads=HKV, head_dim=D,
-                      capacity=64, page_size=4, dtype=torch.float64, windows=windows)
+                      capacity=64, page_size=4, dtype=torch.float64, windows=windows,
+                      **(options or {}))
     cache = ShardedKVCache(cfg)
     for layer, left in enumerate(windows):
         ref = _dense(q, k, v, left, softcap, sinks)
@@ -80,6 +81,35 @@ def test_windows_sinks_softcap_equal_dense(world: int) -> None:
 
 def test_plain_windows_no_extras() -> None:
     spawn(_run, 2, (6, -1), None, False, timeout=120)
+
+
+def _run_schedule(rank: int, world: int, layout: str, schedule: str) -> None:
+    """`_run` with prefill_schedule, recording the chunk passes' (schedule, hop)."""
+    from ringmem.cache import prefill
+    seen, real = set(), prefill.ring_forward
+
+    def recording(q, k, v, spec, *args, **kwargs):
+        seen.add((spec.schedule, spec.hop))
+        return real(q, k, v, spec, *args, **kwargs)
+    prefill.ring_forward = recording  # this rank's process only (spawn starts fresh ones)
+    _run(rank, world, (5, -1, 3), 7.0, True, dict(layout=layout, prefill_schedule=schedule))
+    # the causal self-attention passes; "q" also names the cached-prefix pass (unchanged)
+    want = {(schedule, 1)} | ({(schedule, -1)} if layout == "contiguous" else set())
+    assert {x for x in seen if x[0] == schedule} == want, seen
+    assert all(x[0] in (schedule, "q") for x in seen), seen
+
+
+@pytest.mark.parametrize("world,layout,schedule", [
+    (2, "stripe", "q"),
+    (3, "contiguous", "allgather")])  # windowed layers: ring_hop turns the ring (-1)
+def test_prefill_schedules_equal_dense(world: int, layout: str, schedule: str) -> None:
+    spawn(_run_schedule, world, layout, schedule, timeout=120)
+
+
+def test_prefill_schedule_checked() -> None:
+    with pytest.raises(ValueError, match="prefill_schedule must be one of .*got 'auto'"):
+        CacheConfig(num_layers=1, q_heads=HQ, kv_heads=HKV, head_dim=D, capacity=8,
+                    prefill_schedule="auto")
 
 
 def test_window_config_checked() -> None:

@@ -32,17 +32,17 @@ def _logits(kind: str, dtype: torch.dtype, ids: torch.Tensor, impl: str) -> torc
         return model(input_ids=ids).logits
 
 
-def _distributed(rank: int, world: int, kind: str, layout: str) -> None:
+def _distributed(rank: int, world: int, kind: str, layout: str, **options) -> None:
     ids = torch.randint(0, 128, (2, 8 * world), generator=torch.Generator().manual_seed(1))
     ref = _logits(kind, torch.float64, ids, "eager")
     base = _logits(kind, torch.float32, ids, "eager")
     model = _model(kind, torch.float32)
-    model.set_attn_implementation(hf.register(layout=layout))
+    model.set_attn_implementation(hf.register(layout=layout, **options))
     local_ids, pos = hf.shard_tokens(ids, layout=layout)
     with torch.no_grad():
         local = model(input_ids=local_ids, position_ids=pos).logits
     got = ringmem.unshard(local.contiguous(), layout=layout)
-    msg = check_close(f"{kind} {layout} logits", got, ref, base, torch.float32)
+    msg = check_close(f"{kind} {layout} {options} logits", got, ref, base, torch.float32)
     assert msg is None, msg
     assert torch.equal(got.argmax(-1), ref.argmax(-1)), "greedy next tokens differ"
 
@@ -52,6 +52,39 @@ def _distributed(rank: int, world: int, kind: str, layout: str) -> None:
 def test_distributed_prefill_logits_equal_single_process(kind: str, world: int,
                                                          layout: str) -> None:
     spawn(_distributed, world, kind, layout, timeout=300)
+
+
+def _distributed_options(rank: int, world: int, schedule: str, ulysses: int) -> None:
+    """register(schedule=, ulysses=) reach ring_attention (recorded, with its traffic) and
+    the logits stay the single-process model's."""
+    seen = []
+    real = hf.ring_attention
+
+    def recording(*args, **kwargs):
+        stats = ringmem.CommStats()
+        seen.append((kwargs["schedule"], kwargs["ulysses"], stats))
+        return real(*args, stats=stats, **kwargs)
+    hf.ring_attention = recording  # this rank's process only (spawn starts fresh ones)
+    _distributed(rank, world, "llama", "zigzag", schedule=schedule, ulysses=ulysses)
+    assert seen and all(s[:2] == (schedule, ulysses) for s in seen), [s[:2] for s in seen]
+    a2a = [r for _, _, st in seen for r in st.records if r["channel"] == "a2a"]
+    assert bool(a2a) == (ulysses > 1), f"ulysses={ulysses}: {len(a2a)} all-to-alls"
+
+
+@pytest.mark.parametrize("schedule,ulysses", [("allgather", 1), ("kv", 2)])
+def test_register_schedule_and_ulysses_reach_ring_attention(schedule: str,
+                                                            ulysses: int) -> None:
+    spawn(_distributed_options, 2, schedule, ulysses, timeout=300)
+
+
+def test_register_checks_its_options() -> None:
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"ulysses must be an int >= 1 or 'auto', got "
+                                             f"{bad!r}"):
+            hf.register(name="ringmem-bad", ulysses=bad)
+    with pytest.raises(ValueError, match=r"schedule must be one of .*got 'ring'"):
+        hf.register(name="ringmem-bad", schedule="ring")
+    assert hf.registered(hf.register(name="ringmem-ok", schedule="allgather", ulysses="auto"))
 
 
 def test_ring_path_right_padding_exact_left_padding_refused() -> None:

@@ -34,6 +34,21 @@ def test_launcher_rejects_world_size_mismatch() -> None:
     assert "config asks for world_size=2, torchrun started 1" in res.stderr
 
 
+def test_prefill_checks_ulysses_against_the_world(tmp_path) -> None:
+    import importlib.util
+    # by path, like torchrun runs it (an installed ringmem.launch may be another checkout's)
+    spec = importlib.util.spec_from_file_location("prefill_launcher",
+                                                  ROOT / "launch" / "prefill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    check = module.check
+    path = tmp_path / "u.toml"
+    path.write_text('ulysses = 4\nseq_len = 64\n')
+    with pytest.raises(ValueError, match="ulysses=4 does not divide the world size 2"):
+        check(["--config", str(path)], 2)
+    assert check(["--config", str(path)], 8).ulysses == 4
+
+
 def test_config_files_load() -> None:
     for path in sorted((ROOT / "configs").glob("prefill_*.toml")):
         assert isinstance(load_config(PrefillConfig, path), PrefillConfig)
@@ -104,6 +119,10 @@ def test_cli_command_line() -> None:
     ({"heads": 6, "kv_heads": 4}, "heads=6 must be a multiple of kv_heads=4"),
     ({"layout": "ring"}, "layout must be one of"),
     ({"dtype": "int8"}, "dtype must be one of"),
+    ({"ulysses": 0}, "ulysses must be an int >= 1 or 'auto', got 0"),
+    ({"ulysses": 3}, r"ulysses=3 must divide heads=8"),
+    ({"ulysses": True}, r"key 'ulysses' must be int \| str, got True"),
+    ({"schedule": "ring"}, r"schedule must be one of \('auto', 'kv', 'q', 'allgather'\)"),
 ])
 def test_bad_config(data: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):

@@ -69,7 +69,7 @@ class DenseCoreAttention(RingmemCoreAttention):
         return out.transpose(0, 1).flatten(2)
 
 
-def _model(cp: int, dense: bool, case: str):
+def _model(cp: int, dense: bool, case: str, ulysses: int = 1):
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
     from ringmem.integrations.megatron import ringmem_layer_spec
@@ -82,7 +82,7 @@ def _model(cp: int, dense: bool, case: str):
                                num_query_groups=2, use_cpu_initialization=True,
                                context_parallel_size=cp, attention_dropout=0.0,
                                hidden_dropout=0.0, softmax_scale=0.3, **extra)
-    spec = ringmem_layer_spec(backend="auto", schedule="auto")
+    spec = ringmem_layer_spec(backend="auto", schedule="auto", ulysses=ulysses)
     if dense:
         spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
     torch.manual_seed(0)  # the same weights for every model and rank
@@ -182,14 +182,17 @@ def _baseline(rank: int, world: int, path: str) -> None:
     assert not fails, "\n".join(fails)
 
 
-def _context_parallel(rank: int, world: int, path: str) -> None:
+def _context_parallel(rank: int, world: int, path: str, ulysses: int = 1) -> None:
     _setup(world)
     saved = torch.load(path)
     fails = []
     for case in CASES:
-        got = _loss_and_grads(_model(world, False, case), case == "packed", rank, world,
-                              torch.float32)
-        fails += _compare(got, *saved[case], f"CP={world} rank={rank} {case}")
+        model = _model(world, False, case, ulysses)
+        if ulysses > 1:  # the option reaches every layer's core attention
+            cores = [m for m in model.modules() if isinstance(m, RingmemCoreAttention)]
+            assert cores and all(m.ulysses == ulysses for m in cores), ulysses
+        got = _loss_and_grads(model, case == "packed", rank, world, torch.float32)
+        fails += _compare(got, *saved[case], f"CP={world} ulysses={ulysses} rank={rank} {case}")
     assert not fails, "\n".join(fails)
 
 
@@ -203,6 +206,11 @@ def baseline(tmp_path_factory) -> str:
 @pytest.mark.parametrize("world", [2, 4])
 def test_gpt_loss_and_grads_match_cp1(baseline: str, world: int) -> None:
     spawn(_context_parallel, world, baseline)
+
+
+def test_gpt_ulysses_matches_cp1(baseline: str) -> None:
+    """CP=2 as one Ulysses group (ringmem_layer_spec(ulysses=2)): the same loss and grads."""
+    spawn(_context_parallel, 2, baseline, 2)
 
 
 def test_thd_offsets_map_megatron_padding() -> None:
@@ -285,12 +293,23 @@ def test_train_launcher_smoke() -> None:
 @pytest.mark.parametrize("args,world,message", [
     (["--dp", "3"], 4, "mesh dp=3 x cp=1 x tp=1 x pp=1 = 3 ranks, but torchrun started 4"),
     (["--seq-len", "62"], 2, "seq_len=62 must be divisible by 2*cp=4"),
+    (["ulysses = 4"], 2, "ulysses=4 does not divide the context-parallel degree cp=2"),
+    (["ulysses = 3"], 3, "ulysses=3 must divide heads=4"),
+    (["ulysses = 0"], 2, "ulysses must be an int >= 1 or 'auto', got 0"),
 ])
-def test_train_launcher_refuses_bad_mesh(args: list[str], world: int, message: str) -> None:
+def test_train_launcher_refuses_bad_mesh(args: list[str], world: int, message: str,
+                                         tmp_path) -> None:
+    config = ROOT / "configs" / "train_megatron_tiny.toml"
+    if "=" in args[0]:  # a TOML line in place of the tiny config's own
+        line, args = args[0], args[1:]
+        key = line.split("=")[0]
+        lines = [x for x in config.read_text().splitlines() if not x.startswith(key)]
+        config = tmp_path / "tiny.toml"
+        config.write_text("\n".join([*lines, line]) + "\n")
     cmd = [sys.executable, str(ROOT / "launch" / "train_megatron.py"), "--config",
-           "configs/train_megatron_tiny.toml", *args]
+           str(config), *args]
     env = {**os.environ, "WORLD_SIZE": str(world)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     lines = res.stderr.strip().splitlines()  # one line, nothing built
     assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
-    assert lines[0].startswith(f"train_megatron: {message}"), lines
+    assert lines[0].startswith("train_megatron: ") and message in lines[0], lines

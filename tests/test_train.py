@@ -125,6 +125,41 @@ def _zigzag(tmp_path: Path) -> Path:
     return p
 
 
+def _steps(rank: int, world: int, cfgs: dict[str, TrainConfig], out: str) -> None:
+    """Step 1's loss and gradients of each config (one process each rank: the tokenizer
+    loads once); the registered attention must carry each config's options."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from ringmem.train import loop
+    res = {}
+    for name, cfg in cfgs.items():
+        run = loop.build(cfg, world)
+        attn = ALL_ATTENTION_FUNCTIONS[loop.ATTN_NAME]
+        assert (attn.schedule, attn.ulysses) == (cfg.schedule, cfg.ulysses), (name, vars(attn))
+        loss, _ = loop.backward(run)
+        res[name] = {"loss": loss, "grads": {n: p.grad.full_tensor().clone()
+                                             for n, p in run.model.named_parameters()}}
+    if rank == 0:
+        torch.save(res, out)
+
+
+def test_ulysses_training_step_equals_ring(tmp_path) -> None:
+    """CP=2 as one Ulysses group (all-to-all, heads split) gives the ring's loss and
+    gradients; the bound is the fp32 noise of the ring step on another block backend."""
+    require_demo()
+    over = dict(model=TINY, seq_len=128, batch=1, max_documents=8)
+    cfgs = {name: from_dict(TrainConfig, {**over, **extra}) for name, extra in (
+        ("ring", {}), ("ring_torch", dict(backend="torch")),
+        ("ulysses", dict(ulysses=2, schedule="kv")))}
+    out = str(tmp_path / "steps.pt")
+    spawn(_steps, 2, cfgs, out, timeout=300)
+    res = torch.load(out)
+    ref, alt, got = res["ring"], res["ring_torch"], res["ulysses"]
+    assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (got["loss"], ref["loss"])
+    bound = 8 * _max_err(alt["grads"], ref["grads"]) + 1e-6
+    err = _max_err(got["grads"], ref["grads"])
+    assert err <= bound, f"ulysses=2: gradient err {err:.3e} > {bound:.3e}"
+
+
 def test_train_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown key"):
         from_dict(TrainConfig, {"sequence": 4})
@@ -133,6 +168,20 @@ def test_train_config_errors() -> None:
     with pytest.raises(ValueError, match="config asks for world_size=4, torchrun started 2"):
         from_dict(TrainConfig, {"world_size": 4}).mesh(2)
     assert dataclasses.asdict(from_dict(TrainConfig, {"dp": 2})).get("dp") == 2
+    for bad in (0, -1, "two"):
+        with pytest.raises(ValueError, match=f"ulysses must be an int >= 1 or 'auto', got "
+                                             f"{bad!r}"):
+            from_dict(TrainConfig, {"ulysses": bad})
+    for bad in (True, 1.5):  # the TOML type check
+        with pytest.raises(ValueError, match=f"key 'ulysses' must be int | str, got {bad}"):
+            from_dict(TrainConfig, {"ulysses": bad})
+    with pytest.raises(ValueError, match="schedule must be one of .*got 'ring'"):
+        from_dict(TrainConfig, {"schedule": "ring"})
+    with pytest.raises(ValueError, match=r"ulysses=2 does not divide the context-parallel "
+                                         r"degree cp=3 \(world 6 // dp 2\)"):
+        from_dict(TrainConfig, {"ulysses": 2, "dp": 2}).mesh(6)
+    assert from_dict(TrainConfig, {"ulysses": 2, "dp": 2}).mesh(8) == (2, 4)
+    assert from_dict(TrainConfig, {"ulysses": "auto", "schedule": "allgather"}).mesh(3) == (1, 3)
 
 
 @pytest.mark.slow

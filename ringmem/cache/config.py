@@ -10,10 +10,14 @@ from ..layouts import check_layout
 
 MERGES = ("allgather", "allreduce")
 """Cross-rank decode merges: one all-gather, or two all-reduces."""
+PREFILL_SCHEDULES = ("kv", "q", "allgather")
+"""Ring schedules of a prefill chunk's causal self-attention (`ring_attention`'s, no "auto")."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class CacheConfig:
+    """A sharded KV cache's shape and options. No Ulysses degree: the pools are sharded by
+    sequence over the ranks with every head on each, so prefill stays a ring over them."""
     num_layers: int
     q_heads: int
     kv_heads: int
@@ -29,6 +33,9 @@ class CacheConfig:
     """How prefill chunks are split over ranks; stripe keeps counts equal to within a token."""
     merge: str = "allgather"
     """Cross-rank decode merge: one all-gather, or two all-reduces."""
+    prefill_schedule: str = "kv"
+    """Ring schedule of a prefill chunk's causal self-attention: "kv", "q" or "allgather"
+    (the pass over the cached prefix always moves the chunk's queries)."""
     decode_backend: str = "paged"
     """The backend of decode's local pass. "paged" reads the pages in place: Triton's
     run-list kernel on CUDA, the torch backend's pass elsewhere; a backend name picks one."""
@@ -59,6 +66,9 @@ class CacheConfig:
                              f"got {len(w)}")
         if self.merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        if self.prefill_schedule not in PREFILL_SCHEDULES:
+            raise ValueError(f"prefill_schedule must be one of {PREFILL_SCHEDULES}, got "
+                             f"{self.prefill_schedule!r}")
         if self.decode_backend != "paged":
             get_backend(self.decode_backend, torch.device(self.device), self.dtype,
                         self.head_dim)

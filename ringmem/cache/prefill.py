@@ -17,6 +17,7 @@ from ..comm import RingComm
 from ..layouts import positions
 from ..masking import Mask
 from ..partial import Partial, merge
+from ..plan import ring_hop
 from ..ring import RingSpec, ring_forward
 from .checks import check_index, check_scale, check_tensor
 from .window import evict, window_prefix
@@ -53,8 +54,11 @@ def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
     elif start > 0:  # the cached prefix, spread over the ranks: the chunk's Q travels
         parts.append(_prefix_pass(cache, layer, seq, q, RingSpec(c.layout, False, scale,
                                                                  impl, "q", softcap=cap)))
-    spec = RingSpec(c.layout, Mask(causal=True, window=(left, -1)), scale, impl, "kv",
-                    softcap=cap)
+    mask, sched = Mask(causal=True, window=(left, -1)), c.prefill_schedule
+    # "kv" keeps its +1 direction (ring_hop may pick -1 for a windowed layer); the other
+    # schedules take the direction ring_attention would
+    hop = 1 if sched == "kv" else ring_hop(c.layout, cache.world, n_loc, n_loc, mask, sched)
+    spec = RingSpec(c.layout, mask, scale, impl, sched, softcap=cap, hop=hop)
     parts.append(ring_forward(q, k, v, spec, RingComm(cache.group, "fwd", None, q.device,
                                                      op="prefill_chunk")))
     # ring results are out [1, S, H, D], lse [1, H, S]: the lse's transpose lines up

@@ -103,6 +103,7 @@ class ShardedKVCache:
               dims=(c.num_layers, c.q_heads, c.kv_heads, c.head_dim),
               capacity=(c.capacity, c.page_size, c.max_seqs), dtype=c.dtype,
               layout=c.layout, merge=c.merge, windows=c.windows,
+              prefill_schedule=c.prefill_schedule,
               **{"eviction policy": None if eviction is None else eviction.signature(),
                  "tiers (on, recall)": None if tiers is None else tiers.signature()})
 

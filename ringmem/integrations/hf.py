@@ -48,8 +48,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..api import ring_attention, shard
+from ..api import SCHEDULES, ring_attention, shard
 from ..comm import Group, group_rank_world
+from ..config import check_ulysses
 from .hf_masks import PackingReader, call_options
 
 
@@ -64,8 +65,13 @@ class RingAttention:
     distributed attention. Holds its options and, per registration, the last padding mask
     checked."""
 
-    def __init__(self, *, group: Group, layout: str, schedule: str, backend: str) -> None:
+    def __init__(self, *, group: Group, layout: str, schedule: str, backend: str,
+                 ulysses: int | str = 1) -> None:
+        # checked here, at registration, not at the first layer of the first forward
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.group, self.layout, self.schedule, self.backend = group, layout, schedule, backend
+        self.ulysses = check_ulysses(ulysses)
         self._checked: tuple[Tensor, int] | None = None  # (mask, its version): once a forward
         self._packing = PackingReader()  # the forward's documents, read once
 
@@ -100,8 +106,8 @@ class RingAttention:
         out = ring_attention(query.transpose(1, 2), key.transpose(1, 2),
                              value.transpose(1, 2), causal=True, group=self.group,
                              layout=self.layout, schedule=self.schedule, backend=self.backend,
-                             softmax_scale=scaling, cu_seqlens=cu, window=(window, 0),
-                             sinks=sinks, softcap=softcap)
+                             ulysses=self.ulysses, softmax_scale=scaling, cu_seqlens=cu,
+                             window=(window, 0), sinks=sinks, softcap=softcap)
         return out, None
 
     def _check_right_padding(self, mask: Tensor, position_ids: Tensor | None) -> None:
@@ -167,15 +173,21 @@ def _mask(batch_size: int, q_length: int, kv_length: int, *args: Any,
 
 
 def register(*, name: str = "ringmem", group: Group = None, layout: str = "zigzag",
-             schedule: str = "auto", backend: str = "auto") -> str:
+             schedule: str = "auto", backend: str = "auto", ulysses: int | str = 1) -> str:
     """Register ring attention (and its mask function) with transformers under `name`;
-    returns `name`, for `model.set_attn_implementation`."""
+    returns `name`, for `model.set_attn_implementation`.
+
+    `schedule` ("auto", "kv", "q", "allgather") and `ulysses` (Ulysses degree: an int
+    dividing the group size and the model's query heads, or "auto") are `ring_attention`'s,
+    for the cache-less ring path; generation through a `RingmemCache` ignores them (the
+    cache's prefill has its own `CacheConfig.prefill_schedule`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     AttentionInterface.register(name, RingAttention(group=group, layout=layout,
-                                                    schedule=schedule, backend=backend))
+                                                    schedule=schedule, backend=backend,
+                                                    ulysses=ulysses))
     AttentionMaskInterface.register(name, _mask)
     return name
 

@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..api import ring_attention
+from ..api import SCHEDULES, ring_attention
 from ..sharding import shard
 from ..comm import Group, group_rank_world
+from ..config import check_ulysses
 from ..packing import chunks
 
 _CP_COMM_TYPE = "p2p"  # Megatron's ring (None means the same); a2a / allgather would be a
@@ -93,8 +94,10 @@ class RingmemCoreAttention(torch.nn.Module):
     exact ring attention over the context-parallel group.
 
     Built by Megatron as `(config, layer_number, attn_mask_type, attention_type,
-    cp_comm_type=None, softmax_scale=None, pg_collection=None)`; `schedule`, `backend` and
-    `interconnect` are ringmem's (bind them with `with_options` or `ringmem_layer_spec`).
+    cp_comm_type=None, softmax_scale=None, pg_collection=None)`; `schedule`, `ulysses`,
+    `backend` and `interconnect` are ringmem's (bind them with `with_options` or
+    `ringmem_layer_spec`). `ulysses` (an int or "auto") splits the CP group into Ulysses
+    groups of that many ranks around the ring; it must divide CP and the local query heads.
     Supports causal and unmasked self-attention, GQA, `softmax_scale`, sliding windows
     (`config.window_size`, `window_attn_skip_freq`), `softmax_type` "off-by-one" and
     "learnable" (ringmem's sinks) and packed THD batches. Refuses, by name: attention
@@ -105,7 +108,7 @@ class RingmemCoreAttention(torch.nn.Module):
                  attention_type: str, cp_comm_type: str | None = None,
                  softmax_scale: float | None = None, pg_collection: Any = None, *,
                  schedule: str = "auto", backend: str = "auto",
-                 interconnect: Any = None) -> None:
+                 interconnect: Any = None, ulysses: int | str = 1) -> None:
         super().__init__()
         from megatron.core.transformer.utils import is_layer_window_attention
 
@@ -119,6 +122,10 @@ class RingmemCoreAttention(torch.nn.Module):
         if cp_comm_type not in (None, _CP_COMM_TYPE):
             raise ValueError(f"RingmemCoreAttention runs a ring (cp_comm_type 'p2p'), got "
                              f"cp_comm_type={cp_comm_type!r}")
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
+            raise ValueError(f"RingmemCoreAttention: schedule must be one of {SCHEDULES}, "
+                             f"got {schedule!r}")
+        self.ulysses = check_ulysses(ulysses)
         self._check_mask_type(attn_mask_type)
         self.config, self.layer_number = config, max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -138,11 +145,11 @@ class RingmemCoreAttention(torch.nn.Module):
 
     @classmethod
     def with_options(cls, *, schedule: str = "auto", backend: str = "auto",
-                     interconnect: Any = None) -> Any:
+                     interconnect: Any = None, ulysses: int | str = 1) -> Any:
         """This class with ringmem's options bound, to put in a layer spec (Megatron calls
         `core_attention(...)` with its own arguments only)."""
         return functools.partial(cls, schedule=schedule, backend=backend,
-                                 interconnect=interconnect)
+                                 interconnect=interconnect, ulysses=ulysses)
 
     @staticmethod
     def _check_mask_type(mask_type: Any, packed: bool | None = None) -> bool:
@@ -208,9 +215,9 @@ class RingmemCoreAttention(torch.nn.Module):
                              f"must hold the same tokens, got {query.shape[0]} and "
                              f"{key.shape[0]} (KV-cache inference is not supported)")
         kwargs = dict(causal=causal, group=group, schedule=self.schedule,
-                      backend=self.backend, softmax_scale=self.softmax_scale,
-                      interconnect=self.interconnect, window=self.window,
-                      sinks=self.softmax_offset)
+                      ulysses=self.ulysses, backend=self.backend,
+                      softmax_scale=self.softmax_scale, interconnect=self.interconnect,
+                      window=self.window, sinks=self.softmax_offset)
         if thd:  # [t, h, d] -> [1, t, h, d]: a view
             cu = thd_cu_seqlens(packed_seq_params, query.shape[0], group_rank_world(group)[1],
                                 causal)
@@ -287,10 +294,11 @@ def thd_cu_seqlens(params: Any, local_tokens: int, world: int, causal: bool) -> 
 
 
 def ringmem_layer_spec(*, schedule: str = "auto", backend: str = "auto",
-                       interconnect: Any = None, **local_spec_kwargs: Any) -> Any:
+                       interconnect: Any = None, ulysses: int | str = 1,
+                       **local_spec_kwargs: Any) -> Any:
     """`get_gpt_layer_local_spec(**local_spec_kwargs)` with `RingmemCoreAttention` as the core
-    attention (ringmem's schedule / backend / interconnect bound). Returns a ModuleSpec for
-    `GPTModel(transformer_layer_spec=...)`."""
+    attention (ringmem's schedule / backend / interconnect / ulysses bound). Returns a
+    ModuleSpec for `GPTModel(transformer_layer_spec=...)`."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     if local_spec_kwargs.get("multi_latent_attention"):
@@ -298,5 +306,5 @@ def ringmem_layer_spec(*, schedule: str = "auto", backend: str = "auto",
                          "keys and values have different head dims)")
     spec = get_gpt_layer_local_spec(**local_spec_kwargs)
     spec.submodules.self_attention.submodules.core_attention = RingmemCoreAttention.with_options(
-        schedule=schedule, backend=backend, interconnect=interconnect)
+        schedule=schedule, backend=backend, interconnect=interconnect, ulysses=ulysses)
     return spec

@@ -5,6 +5,7 @@ import dataclasses
 from pathlib import Path
 
 from ..config import DTYPES, check_timeout, from_dict, load_config  # noqa: F401  (re-exported)
+from ..config import check_ulysses
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -25,6 +26,11 @@ class TrainConfig:
     """Data-parallel degree; the context-parallel degree is world // dp."""
     layout: str = "document"
     """How a row is split over the CP ranks: "document" (per-document head-tail) or "zigzag"."""
+    schedule: str = "auto"
+    """Ring attention schedule: "auto" (cost model), "kv", "q" or "allgather"."""
+    ulysses: int | str = 1
+    """Ulysses degree inside each CP group (1: ring only): an int dividing cp and the model's
+    query heads, or "auto" (the cost model picks it with the schedule)."""
     steps: int = 20
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -51,6 +57,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_timeout(self)
+        from ..api import SCHEDULES
         from ..backends import BACKENDS
         for name in ("seq_len", "batch", "grad_accum", "dp", "steps"):
             if getattr(self, name) < 1:
@@ -68,6 +75,9 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.layout not in ("document", "zigzag"):
             raise ValueError(f"layout must be 'document' or 'zigzag', got {self.layout!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_ulysses(self.ulysses)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.data != "kjv":
@@ -87,6 +97,9 @@ class TrainConfig:
             raise ValueError(f"dp={self.dp} does not divide the world size {world} "
                              f"(dp x cp must equal it)")
         cp = world // self.dp
+        if self.ulysses != "auto" and cp % self.ulysses:
+            raise ValueError(f"ulysses={self.ulysses} does not divide the context-parallel "
+                             f"degree cp={cp} (world {world} // dp {self.dp})")
         if self.layout == "zigzag" and self.seq_len % (2 * cp if cp > 1 else 1):
             raise ValueError(f"seq_len={self.seq_len} is not a multiple of {2 * cp}, the "
                              f"zigzag layout's chunk count at cp={cp}")

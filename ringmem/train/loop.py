@@ -77,7 +77,8 @@ def build(cfg: TrainConfig, world: int) -> Run:
     model, tok = load_model(cfg.model, cfg.seed)
     model.to(device)
     model.set_attn_implementation(hf.register(name=ATTN_NAME, group=mesh.get_group("cp"),
-                                              layout=cfg.layout, backend=cfg.backend))
+                                              layout=cfg.layout, schedule=cfg.schedule,
+                                              ulysses=cfg.ulysses, backend=cfg.backend))
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flat = mesh["dp", "cp"]._flatten("dp_cp")

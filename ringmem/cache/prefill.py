@@ -55,9 +55,8 @@ def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
         parts.append(_prefix_pass(cache, layer, seq, q, RingSpec(c.layout, False, scale,
                                                                  impl, "q", softcap=cap)))
     mask, sched = Mask(causal=True, window=(left, -1)), c.prefill_schedule
-    # "kv" keeps its +1 direction (ring_hop may pick -1 for a windowed layer); the other
-    # schedules take the direction ring_attention would
-    hop = 1 if sched == "kv" else ring_hop(c.layout, cache.world, n_loc, n_loc, mask, sched)
+    # the direction that reaches a window's owners first, as ring_attention's loop
+    hop = ring_hop(c.layout, cache.world, n_loc, n_loc, mask, sched)
     spec = RingSpec(c.layout, mask, scale, impl, sched, softcap=cap, hop=hop)
     parts.append(ring_forward(q, k, v, spec, RingComm(cache.group, "fwd", None, q.device,
                                                      op="prefill_chunk")))

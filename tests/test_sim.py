@@ -222,3 +222,10 @@ def test_simulate_rejects_bad_arguments():
     e = est([[((1, 1, 1.0),)]], [])
     with pytest.raises(ValueError, match="bwd"):
         simulate_phase(e, "bwd", p, Network(1, link()))
+
+
+def test_decode_block_is_bound_by_its_reads():
+    p = prof(mem_bw=1e12)
+    # one query row against 1e6 keys of 8 K/V heads, d=128, bf16: 4.096 GB of K and V
+    t = p.block_s(1, 10**6, 10**6, 32, 1, 128, "fwd", kv_heads=8, itemsize=2)
+    assert t == pytest.approx((32 + 2 * 10**6 * 8) * 128 * 2 / 1e12)

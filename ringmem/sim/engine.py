@@ -53,9 +53,9 @@ def split_piece(piece: Piece) -> tuple[Piece, Piece]:
     return (a, keys, first), (rows - a, keys, pairs - first)
 
 
-def _pieces_s(prof: Profile, pieces, est: Any, phase: str) -> float:
-    return sum(prof.block_s(r, k, p, est.heads[0], est.batch, est.head_dim, phase)
-               for r, k, p in pieces)
+def _pieces_s(prof: Profile, pieces, est: Any, phase: str, itemsize: int) -> float:
+    return sum(prof.block_s(r, k, p, est.heads[0], est.batch, est.head_dim, phase,
+                            est.heads[1], itemsize) for r, k, p in pieces)
 
 
 def _epilogue(prof: Profile, impl: Impl, pieces, est: Any, phase: str, moving: str,
@@ -108,15 +108,15 @@ def simulate_phase(est: Any, phase: str, prof: Profile, net: Network, *, itemsiz
     fetches = [m for m in msgs if m.channel == "fetch"]
     returns = any(rets.values())
     q_local = max((pc[0] for p in range(world) for pc in est.work[p][0]), default=0)
-    comp = [[_pieces_s(prof, est.work[p][s], est, phase)
+    comp = [[_pieces_s(prof, est.work[p][s], est, phase, itemsize)
              + (_epilogue(prof, impl, est.work[p][s], est, phase, moving, q_local) if s else 0.0)
              for s in range(r)] for p in range(world)]
     last = [0.0] * world
     if returns:  # the own block: half now, half while the final return travels
         for p in range(world):
             halves = [split_piece(pc) for pc in est.work[p][0]]
-            comp[p][0] = _pieces_s(prof, [h[0] for h in halves], est, phase)
-            last[p] = _pieces_s(prof, [h[1] for h in halves], est, phase)
+            comp[p][0] = _pieces_s(prof, [h[0] for h in halves], est, phase, itemsize)
+            last[p] = _pieces_s(prof, [h[1] for h in halves], est, phase, itemsize)
     t0 = net.time(pre)
     arrive = [[t0] * (r + 1) for _ in range(world)]  # inputs of step s on rank p
     if fetches:  # posted together before step 0; step s's data behind the earlier steps'

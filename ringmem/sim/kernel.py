@@ -65,12 +65,9 @@ class Profile:
             raise ValueError(f"launch_s >= 0, units >= 1 and tile_rows >= 1 needed, got "
                              f"{self.launch_s!r}, {self.units!r}, {self.tile_rows!r}")
 
-    def block_s(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
-                phase: str) -> float:
-        """Seconds of one launch over `rows` x `keys` with `pairs` unmasked (query, key)
-        pairs per batch row, `heads` query heads."""
-        if pairs <= 0 or rows <= 0 or keys <= 0:
-            return 0.0
+    def terms(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
+              phase: str, kv_heads: int = 0, itemsize: int = 2) -> tuple[float, ...]:
+        """(launch, FLOP time, read time, backward-launch memory time) of one launch."""
         rate = self.fwd_flops if phase == "fwd" else self.bwd_flops
         if pairs < rows * keys:  # the mask cuts through the block
             rate *= self.causal_efficiency
@@ -78,8 +75,20 @@ class Profile:
         waves = math.ceil(work / self.units)
         rate *= work / (waves * self.units)  # the last wave's idle units
         mem = rows * heads * batch * d * self.bwd_launch_bytes if phase == "bwd" else 0.0
-        return (self.launch_s + piece_flops(rows, keys, pairs, heads, batch, d, phase) / rate
-                + mem / self.mem_bw)
+        reads = (rows * heads + 2 * keys * kv_heads) * batch * d * itemsize
+        return (self.launch_s, piece_flops(rows, keys, pairs, heads, batch, d, phase) / rate,
+                reads / self.mem_bw, mem / self.mem_bw)
+
+    def block_s(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
+                phase: str, kv_heads: int = 0, itemsize: int = 2) -> float:
+        """Seconds of one launch over `rows` x `keys` with `pairs` unmasked (query, key)
+        pairs per batch row, `heads` query heads: the slower of its FLOPs and its reads of
+        q and of K/V (`kv_heads`; what bounds decode, where rows = 1)."""
+        if pairs <= 0 or rows <= 0 or keys <= 0:
+            return 0.0
+        launch, flop_s, read_s, mem_s = self.terms(rows, keys, pairs, heads, batch, d, phase,
+                                                   kv_heads, itemsize)
+        return launch + max(flop_s, read_s) + mem_s
 
     def epilogue_s(self, elems: float, per_elem: float) -> float:
         """Seconds of a memory-bound pass over `elems` elements at `per_elem` bytes each."""
@@ -94,15 +103,13 @@ class Profile:
             raise ValueError(f"need 0 < fwd_s < fwd_bwd_s, got {fwd_s!r}, {fwd_bwd_s!r}")
         pairs = seq * (seq + 1) / 2 if causal else float(seq * seq)
         rates = {}
+        unit = replace(self, fwd_flops=1.0, bwd_flops=1.0)
         for phase, t in (("fwd", fwd_s), ("bwd", fwd_bwd_s - fwd_s)):
-            unit = replace(self, fwd_flops=1.0, bwd_flops=1.0)  # seconds per FLOP/s
-            fixed = replace(unit, fwd_flops=math.inf, bwd_flops=math.inf).block_s(
-                seq, seq, pairs, heads, batch, d, phase)
-            per = unit.block_s(seq, seq, pairs, heads, batch, d, phase) - fixed
-            if not t > fixed:
+            launch, per, _, mem = unit.terms(seq, seq, pairs, heads, batch, d, phase)
+            if not t > launch + mem:
                 raise ValueError(f"{phase} time {t!r} s is below the profile's fixed costs "
-                                 f"{fixed!r} s")
-            rates[phase] = per / (t - fixed)
+                                 f"{launch + mem!r} s")
+            rates[phase] = per / (t - launch - mem)  # compute-bound at these sizes
         return replace(self, fwd_flops=rates["fwd"], bwd_flops=rates["bwd"])
 
     def to_json(self) -> dict[str, Any]:

@@ -225,7 +225,9 @@ def test_simulate_rejects_bad_arguments():
 
 
 def test_decode_block_is_bound_by_its_reads():
-    p = prof(mem_bw=1e12)
-    # one query row against 1e6 keys of 8 K/V heads, d=128, bf16: 4.096 GB of K and V
+    p = prof(mem_bw=1e12, fwd_flops=1e15)
+    # FLOPs: 4 x 1e6 x 128 x 32 = 1.6e10 -> 16 us; one query row against 1e6 keys of 8 K/V heads, d=128, bf16: 4.096 GB of K and V
     t = p.block_s(1, 10**6, 10**6, 32, 1, 128, "fwd", kv_heads=8, itemsize=2)
     assert t == pytest.approx((32 + 2 * 10**6 * 8) * 128 * 2 / 1e12)
+    assert prof(mem_bw=1e15).block_s(1, 10**6, 10**6, 32, 1, 128, "fwd", 8) == \
+        pytest.approx(4 * 10**6 * 128 * 32 / 1e12)  # fast memory: compute-bound again

@@ -125,8 +125,8 @@ def fit(table: list[tuple], *, heads: int, dim: int, mem_bw: float, name: str,
                    sources=sources, notes=notes, table=tuple(tuple(t) for t in table))
 
 
-def calibrate(device: str = "cpu", *, threads: int | None = 1, heads: int = 8,
-              dim: int = 64, dtype: str | None = None, repeats: int = 3,
+def calibrate(device: str = "cpu", *, threads: int | None = 1, heads: int | None = None,
+              dim: int | None = None, dtype: str | None = None, repeats: int = 3,
               progress: Callable[[Iterable], Iterable] | None = None) -> Profile:
     """Measure and fit a profile of ringmem's auto backend on `device` (`threads` intra-op
     threads on CPU: 1 matches a torchrun rank)."""
@@ -139,7 +139,10 @@ def calibrate(device: str = "cpu", *, threads: int | None = 1, heads: int = 8,
         raise ValueError("device='cuda' but no CUDA device is visible")
     if threads is not None and device == "cpu":
         torch.set_num_threads(threads)
-    dtype = dtype or ("bf16" if device == "cuda" else "fp32")
+    gpu = device == "cuda"  # GPU: a Llama-like head shape; CPU: the CPU benchmarks' shape
+    dtype = dtype or ("bf16" if gpu else "fp32")
+    heads = heads or (32 if gpu else 8)
+    dim = dim or (128 if gpu else 64)
     table = measure(device, heads=heads, dim=dim, dtype=dtype, repeats=repeats,
                     progress=progress)
     bw = measure_merge_bw(device)

@@ -28,8 +28,9 @@ def write(res: dict[str, Any], out: Path, plots: list[Path]) -> None:
         "node on NVSwitch (h800-nvswitch), InfiniBand NDR between nodes (ib-ndr)",
         f"- attention: {c['hq']} q / {c['hkv']} kv heads, d={c['d']}, {c['dtype']}, causal, "
         f"batch 1, zigzag; quick={c['quick']}; {res['seconds']:.0f} s", "",
-        "Efficiency = one device's single launch over the whole sequence / GPUs / "
-        "simulated time (the ring-flash-attn 'theoretic' convention).", ""]
+        "Efficiency = the attention's FLOPs at the profile's unmasked attention rate, "
+        "shared by the GPUs, / simulated time (the fraction of the kernel's peak reached).",
+        ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Efficiency vs GPUs", "", "| GPUs | option | time ms | efficiency |",
               "|---|---|---|---|"]

@@ -231,3 +231,25 @@ def test_decode_block_is_bound_by_its_reads():
     assert t == pytest.approx((32 + 2 * 10**6 * 8) * 128 * 2 / 1e12)
     assert prof(mem_bw=1e15).block_s(1, 10**6, 10**6, 32, 1, 128, "fwd", 8) == \
         pytest.approx(4 * 10**6 * 128 * 32 / 1e12)  # fast memory: compute-bound again
+
+
+def test_measured_table_rate_interpolates_over_rows():
+    # 1e9 FLOP/s measured at 100 rows, 2e9 at 10000: 1.5e9 at 1000 (halfway in log rows)
+    table = (("fwd", 100, 100, 1e4, 1.0, 1e9), ("fwd", 10000, 100, 1e6, 1.0, 2e9))
+    p = prof(table=table)
+    assert p.table_rate("fwd", 1000) == pytest.approx(1.5e9)
+    assert p.table_rate("fwd", 1) == pytest.approx(1e9)       # clamped below
+    assert p.table_rate("bwd", 1000) is None                   # no bwd entries: roofline
+    assert p.block_s(1000, 10, 1e4, 1, 1, 1, "fwd") == pytest.approx(4e4 / 1.5e9)
+
+
+def test_fit_recovers_a_known_roofline():
+    from ringmem.sim.calibrate import fit
+    rate, launch = 5e10, 1e-3
+    table = [(ph, r, k, p, launch + f / rate / (0.8 if p < r * k else 1), f)
+             for ph in ("fwd", "bwd") for r, k, p in
+             ((512, 512, 512 * 512), (2048, 2048, 2048 * 2048), (2048, 2048, 2048 * 1024))
+             for f in (4.0 * p * 64 * 8,)]
+    p = fit(table, mem_bw=1e10, name="x")
+    assert p.fwd_flops == pytest.approx(rate) and p.launch_s == pytest.approx(launch)
+    assert p.causal_efficiency == pytest.approx(0.8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -16,12 +17,12 @@ from typing import Any
 from .kernel import Profile, piece_flops
 
 # (rows, keys, causal): small enough for < 2 minutes on 2 CPU cores at 8 heads, D=64
-CPU_GRID = {"fwd": ((512, 512, False), (1024, 1024, False), (2048, 2048, False),
+CPU_GRID = {"fwd": ((1, 32768, False), (64, 8192, False), (512, 512, False), (1024, 1024, False), (2048, 2048, False),
                     (2048, 4096, False), (4096, 4096, False), (1024, 1024, True),
                     (2048, 2048, True), (4096, 4096, True)),
-            "bwd": ((1024, 1024, False), (2048, 2048, False), (2048, 4096, False),
+            "bwd": ((1, 32768, False), (1024, 1024, False), (2048, 2048, False), (2048, 4096, False),
                     (2048, 2048, True), (4096, 4096, True))}
-CUDA_GRID = {ph: ((1024, 1024, False), (2048, 2048, False), (4096, 4096, False),
+CUDA_GRID = {ph: ((1, 65536, False), (1024, 1024, False), (2048, 2048, False), (4096, 4096, False),
                   (4096, 8192, False), (8192, 8192, False), (16384, 16384, False),
                   (2048, 2048, True), (8192, 8192, True), (16384, 16384, True))
              for ph in ("fwd", "bwd")}
@@ -52,7 +53,7 @@ def pairs_of(rows: int, keys: int, causal: bool) -> float:
 def measure(device: str = "cpu", *, heads: int = 8, dim: int = 64, dtype: str = "fp32",
             grid: dict | None = None, repeats: int = 3,
             progress: Callable[[Iterable], Iterable] | None = None) -> list[tuple]:
-    """[(phase, rows, keys, pairs, seconds)] of ringmem's auto backend on `device`."""
+    """[(phase, rows, keys, pairs, seconds, FLOPs)] of ringmem's auto backend on `device`."""
     import torch
 
     from ..backends import get_backend
@@ -77,7 +78,9 @@ def measure(device: str = "cpu", *, heads: int = 8, dim: int = 64, dtype: str = 
                 do = torch.randn_like(o)
                 t = _best_s(lambda: be.bwd(do, q, k, v, o, lse, scale, causal), repeats,
                               sync)
-        out.append((ph, rows, keys, pairs_of(rows, keys, causal), t))
+        pairs = pairs_of(rows, keys, causal)
+        flops = piece_flops(rows, keys, pairs, heads, 1, dim, ph)
+        out.append((ph, rows, keys, pairs, t, flops))
     return out
 
 
@@ -96,33 +99,32 @@ def measure_merge_bw(device: str = "cpu", elems: int = 1 << 22) -> float:
     return elems * (2 + 6 * 4) / t
 
 
-def fit(table: list[tuple], *, heads: int, dim: int, mem_bw: float, name: str,
-        units: int = 1, sources: tuple[str, ...] = (), notes: str = "") -> Profile:
-    """Least-squares roofline per phase over the unmasked entries (t = launch + F / rate),
-    then the causal efficiency as the median ratio of model to measured compute time of
-    the masked entries."""
-    rates, launch, ce = {}, [], []
+def fit(table: list[tuple], *, mem_bw: float, name: str, units: int = 1,
+        sources: tuple[str, ...] = (), notes: str = "") -> Profile:
+    """Least-squares roofline per phase over the large unmasked entries (t = launch +
+    F / rate); the profile keeps the table, from which the model interpolates the unmasked
+    rate over query rows (few rows, as in decode, run far slower); then the causal
+    efficiency as the median ratio of that rate's time to the measured compute time of the
+    masked entries."""
+    rates, launch = {}, []
     for ph in ("fwd", "bwd"):
-        pts = [(piece_flops(r, k, p, heads, 1, dim, ph), t) for f, r, k, p, t in table
-               if f == ph and p >= r * k]
+        pts = [(fl, t) for f, r, k, p, t, fl in table if f == ph and p >= r * k and r >= 512]
         if len(pts) < 2:
             raise ValueError(f"need >= 2 unmasked {ph} entries to fit, got {len(pts)}")
         n = len(pts)
         mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-        sxx = sum((x - mx) ** 2 for x, _ in pts)
-        slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
-        icpt = max(0.0, my - slope * mx)
+        slope = (sum((x - mx) * (y - my) for x, y in pts)
+                 / sum((x - mx) ** 2 for x, _ in pts))
         if not slope > 0:
             raise ValueError(f"{ph} times do not grow with FLOPs: {pts}")
         rates[ph] = 1 / slope
-        launch.append(icpt)
-        for f, r, k, p, t in table:
-            if f == ph and p < r * k and t > icpt:
-                ce.append(piece_flops(r, k, p, heads, 1, dim, ph) / rates[ph] / (t - icpt))
-    return Profile(name=name, fwd_flops=rates["fwd"], bwd_flops=rates["bwd"],
-                   causal_efficiency=min(1.5, statistics.median(ce)) if ce else 1.0,
+        launch.append(max(0.0, my - slope * mx))
+    prof = Profile(name=name, fwd_flops=rates["fwd"], bwd_flops=rates["bwd"],
                    launch_s=statistics.fmean(launch), mem_bw=mem_bw, units=units,
                    sources=sources, notes=notes, table=tuple(tuple(t) for t in table))
+    ce = [fl / prof.table_rate(f, r) / (t - prof.launch_s)
+          for f, r, k, p, t, fl in table if p < r * k and t > prof.launch_s]
+    return replace(prof, causal_efficiency=min(1.5, statistics.median(ce)) if ce else 1.0)
 
 
 def calibrate(device: str = "cpu", *, threads: int | None = 1, heads: int | None = None,
@@ -153,7 +155,7 @@ def calibrate(device: str = "cpu", *, threads: int | None = 1, heads: int | None
         name, units = f"{platform.processor() or 'cpu'} x {threads} thread(s) ({dtype})", 1
     note = (f"measured by ringmem.sim.calibrate: heads={heads}, D={dim}, {dtype}, "
             f"torch {torch.__version__}, repeats={repeats}")
-    prof = fit(table, heads=heads, dim=dim, mem_bw=bw, name=name, units=units, notes=note,
+    prof = fit(table, mem_bw=bw, name=name, units=units, notes=note,
                sources=("measured on this machine",))
     if not math.isfinite(prof.fwd_flops):
         raise ValueError(f"calibration failed: {prof}")

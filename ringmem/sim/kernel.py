@@ -52,7 +52,9 @@ class Profile:
     bwd_launch_bytes: float = 0.0  # B per query element (rows x heads x d) per bwd launch
     sources: tuple[str, ...] = ()
     notes: str = ""
-    table: tuple[tuple[str, int, int, float, float], ...] = ()  # measured: (phase, rows, keys, pairs, s)
+    # measured launches (phase, rows, keys, pairs, seconds, FLOPs): when present, the
+    # unmasked rate is interpolated over log(rows) from them instead of one fwd/bwd figure
+    table: tuple[tuple, ...] = ()
 
     def __post_init__(self) -> None:
         for n in ("fwd_flops", "bwd_flops", "mem_bw"):
@@ -68,7 +70,8 @@ class Profile:
     def terms(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
               phase: str, kv_heads: int = 0, itemsize: int = 2) -> tuple[float, ...]:
         """(launch, FLOP time, read time, backward-launch memory time) of one launch."""
-        rate = self.fwd_flops if phase == "fwd" else self.bwd_flops
+        rate = self.table_rate(phase, rows) or (self.fwd_flops if phase == "fwd"
+                                                 else self.bwd_flops)
         if pairs < rows * keys:  # the mask cuts through the block
             rate *= self.causal_efficiency
         work = math.ceil(rows / self.tile_rows) * heads * batch
@@ -78,6 +81,22 @@ class Profile:
         reads = (rows * heads + 2 * keys * kv_heads) * batch * d * itemsize
         return (self.launch_s, piece_flops(rows, keys, pairs, heads, batch, d, phase) / rate,
                 reads / self.mem_bw, mem / self.mem_bw)
+
+    def table_rate(self, phase: str, rows: int) -> float | None:
+        """Unmasked FLOP/s at `rows` query rows, interpolated linearly in log(rows) between
+        the measured launches (the nearest one outside their range); None without them."""
+        pts = sorted((r, f / max(t - self.launch_s, 1e-12))
+                     for ph, r, k, p, t, f in (e for e in self.table if len(e) == 6)
+                     if ph == phase and p >= r * k)
+        if not pts:
+            return None
+        if rows <= pts[0][0]:
+            return pts[0][1]
+        for (r0, a), (r1, b) in zip(pts, pts[1:]):
+            if rows <= r1:
+                w = 0.0 if r1 == r0 else math.log(rows / r0) / math.log(r1 / r0)
+                return a + w * (b - a)
+        return pts[-1][1]
 
     def block_s(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
                 phase: str, kv_heads: int = 0, itemsize: int = 2) -> float:

@@ -6,7 +6,8 @@ A `Profile` describes one device running one attention backend:
   blocks; the backward counted as 2.5x the forward's FLOPs, the Triton tutorial's
   convention), `causal_efficiency` (per-pair rate of a block whose mask cuts through it,
   relative to an unmasked one: diagonal tiles and uneven row lengths), wave quantisation
-  over `units` parallel units (SMs) of `tile_rows` query rows per head, and `launch_s` per
+  over `units` parallel units (SMs) of `tile_rows` query rows (forward) or keys
+  (backward) per head, and `launch_s` per
   launch (which makes two half blocks cost more than one whole one: the split penalty);
 * `mem_bw` (B/s) for memory-bound work: `bwd_launch_bytes` per query element of every
   backward launch (FlashAttention-2's dO.O preprocessing and fp32 dq accumulator: paid
@@ -48,7 +49,7 @@ class Profile:
     launch_s: float = 0.0       # per kernel launch
     mem_bw: float = 1e12        # B/s for the merge / gradient-sum epilogue
     units: int = 1              # parallel units (SMs); 1: no wave quantisation
-    tile_rows: int = 128        # query rows per unit of work, per head
+    tile_rows: int = 128        # query rows (fwd) / keys (bwd) per unit of work, per head
     bwd_launch_bytes: float = 0.0  # B per query element (rows x heads x d) per bwd launch
     sources: tuple[str, ...] = ()
     notes: str = ""
@@ -74,7 +75,8 @@ class Profile:
                                                  else self.bwd_flops)
         if pairs < rows * keys:  # the mask cuts through the block
             rate *= self.causal_efficiency
-        work = math.ceil(rows / self.tile_rows) * heads * batch
+        # FlashAttention-style grids: forward over query tiles, backward over key tiles
+        work = math.ceil((rows if phase == "fwd" else keys) / self.tile_rows) * heads * batch
         waves = math.ceil(work / self.units)
         rate *= work / (waves * self.units)  # the last wave's idle units
         mem = rows * heads * batch * d * self.bwd_launch_bytes if phase == "bwd" else 0.0

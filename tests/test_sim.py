@@ -253,3 +253,44 @@ def test_fit_recovers_a_known_roofline():
     p = fit(table, mem_bw=1e10, name="x")
     assert p.fwd_flops == pytest.approx(rate) and p.launch_s == pytest.approx(launch)
     assert p.causal_efficiency == pytest.approx(0.8)
+
+
+# ---- ringmem bench ---------------------------------------------------------------------
+
+def test_bench_commands():
+    import sys
+
+    from ringmem.sim.bench import script_command
+    cmd = script_command("ring", ["--seq", "1024"])
+    assert cmd[:3] == [sys.executable, "-m", "ringmem.torchrun"]
+    assert "--nproc-per-node=2" in cmd and cmd[-3:][1:] == ["--seq", "1024"]
+    assert cmd[-3].endswith("benchmarks/ring_cpu.py")
+    cmd = script_command("decode", ["--nproc", "3", "--quick"])
+    assert "--nproc-per-node=3" in cmd and cmd[-1] == "--quick"
+    assert script_command("validate", [])[-1].endswith("sim_validation.py")
+    with pytest.raises(ValueError, match="bench job"):
+        script_command("sideways", [])
+    with pytest.raises(ValueError, match="--nproc"):
+        script_command("ring", ["--nproc", "zero"])
+
+
+def test_cli_routes_bench(capsys):
+    from ringmem.cli import main
+    assert main(["bench", "--help"]) == 0
+    assert "ringmem bench sim" in capsys.readouterr().out
+    assert main(["bench", "sideways"]) == 2
+
+
+def test_bench_sim_quick_writes_report_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from ringmem.sim.sweeps import run_sweeps
+    assert run_sweeps(["--quick", "--out-dir", str(tmp_path)]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"sim_sweeps_quick.md", "sim_sweeps_quick.json", "sim_gpus.png", "sim_seq.png",
+            "sim_choice.png", "sim_decode.png"} <= names
+    import json
+    res = json.loads((tmp_path / "sim_sweeps_quick.json").read_text())
+    # strong scaling: more GPUs, less time; efficiency a fraction of the peak
+    kv = [r for r in res["gpus"] if r["option"] == "kv"]
+    assert all(a["time_s"] > b["time_s"] for a, b in zip(kv, kv[1:]))
+    assert all(0 < r["efficiency"] <= 1.0 for r in res["gpus"] + res["seq"])

@@ -226,7 +226,8 @@ def test_simulate_rejects_bad_arguments():
 
 def test_decode_block_is_bound_by_its_reads():
     p = prof(mem_bw=1e12, fwd_flops=1e15)
-    # FLOPs: 4 x 1e6 x 128 x 32 = 1.6e10 -> 16 us; one query row against 1e6 keys of 8 K/V heads, d=128, bf16: 4.096 GB of K and V
+    # FLOPs: 4 x 1e6 x 128 x 32 = 1.6e10 -> 16 us; reads: one query row against 1e6 keys
+    # of 8 K/V heads, d=128, bf16: 4.096 GB of K and V -> 4.1 ms
     t = p.block_s(1, 10**6, 10**6, 32, 1, 128, "fwd", kv_heads=8, itemsize=2)
     assert t == pytest.approx((32 + 2 * 10**6 * 8) * 128 * 2 / 1e12)
     assert prof(mem_bw=1e15).block_s(1, 10**6, 10**6, 32, 1, 128, "fwd", 8) == \
@@ -294,3 +295,17 @@ def test_bench_sim_quick_writes_report_and_plots(tmp_path):
     kv = [r for r in res["gpus"] if r["option"] == "kv"]
     assert all(a["time_s"] > b["time_s"] for a, b in zip(kv, kv[1:]))
     assert all(0 < r["efficiency"] <= 1.0 for r in res["gpus"] + res["seq"])
+
+
+@pytest.mark.parametrize("bw", [1e12, 1e8])  # compute-bound, then bandwidth-bound
+def test_reduces_to_plans_model_in_its_limit(bw):
+    # plan()'s own model: per step max(comm, compute) with no launch, merge or mask costs;
+    # on a symmetric zigzag ring the event simulation must give the same time
+    rate = 1e12
+    ic = Interconnect(name="t", topology="mesh", bandwidth=bw, latency=1e-6)
+    q = kv = (1, 1024, 4, 64)
+    ref = plan(q, kv, world=4, interconnect=ic, flops=rate, schedule="kv").schedules["kv"]
+    p = Profile(name="plain", fwd_flops=rate, bwd_flops=rate, mem_bw=1e30)
+    r = simulate(q, kv, world=4, profile=p, intra=ic, option="kv",
+                 impl=Impl("none", 0.0, 0.0))
+    assert r.time_s == pytest.approx(ref.time_s, rel=1e-9)

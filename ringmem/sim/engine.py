@@ -109,7 +109,8 @@ def simulate_phase(est: Any, phase: str, prof: Profile, net: Network, *, itemsiz
     returns = any(rets.values())
     q_local = max((pc[0] for p in range(world) for pc in est.work[p][0]), default=0)
     comp = [[_pieces_s(prof, est.work[p][s], est, phase, itemsize)
-             + (_epilogue(prof, impl, est.work[p][s], est, phase, moving, q_local) if s else 0.0)
+             + (_epilogue(prof, impl, est.work[p][s], est, phase, moving, q_local)
+                if s else 0.0)
              for s in range(r)] for p in range(world)]
     last = [0.0] * world
     if returns:  # the own block: half now, half while the final return travels
@@ -131,7 +132,6 @@ def simulate_phase(est: Any, phase: str, prof: Profile, net: Network, *, itemsiz
     ready = [t0] * world  # when each rank may start its next step
     ret_at: list[dict[int, float]] = [dict() for _ in range(world)]  # step -> arrival
     ret_cost: list[dict[int, float]] = [dict() for _ in range(world)]
-    send_busy = [0.0] * world
     for s in range(r):
         for p in range(world):
             start[p][s] = max(ready[p], arrive[p][s])
@@ -140,7 +140,7 @@ def simulate_phase(est: Any, phase: str, prof: Profile, net: Network, *, itemsiz
         if s:
             group += [(m, end[m.src][s - 1]) for m in rets[s - 1]]
         durs = net.durations([(m.src, m.dst, m.nbytes) for m, _ in group])
-        send_busy = [0.0] * world
+        send_busy = [0.0] * world  # without overlap: when each sender's copies end
         for (m, posted), d in zip(group, durs):
             if not net.overlap:  # the cores that compute also copy: after the compute
                 posted = max(posted, end[m.src][s] if m.channel == "move" else posted)
@@ -149,8 +149,8 @@ def simulate_phase(est: Any, phase: str, prof: Profile, net: Network, *, itemsiz
                 arrive[m.dst][s + 1] = max(arrive[m.dst][s + 1], posted + d)
             else:
                 ret_at[m.dst][m.step] = max(ret_at[m.dst].get(m.step, 0.0), posted + d)
-                ret_cost[m.dst][m.step] = (ret_cost[m.dst].get(m.step, 0.0)
-                                           + _ret_fold(prof, impl, m.nbytes, itemsize, acc, phase))
+                fold = _ret_fold(prof, impl, m.nbytes, itemsize, acc, phase)
+                ret_cost[m.dst][m.step] = ret_cost[m.dst].get(m.step, 0.0) + fold
         for p in range(world):
             t = max(end[p][s], send_busy[p])
             if s >= 2 and (s - 1) in ret_at[p]:

@@ -309,3 +309,15 @@ def test_reduces_to_plans_model_in_its_limit(bw):
     r = simulate(q, kv, world=4, profile=p, intra=ic, option="kv",
                  impl=Impl("none", 0.0, 0.0))
     assert r.time_s == pytest.approx(ref.time_s, rel=1e-9)
+
+
+def test_allgather_fetches_posted_at_once_share_the_ingress():
+    # rank 0 fetches 1 GB from rank 1 (used at step 1) and 1 GB from rank 2 (step 2), both
+    # posted before step 0 through one switch port: step 1's data after 1 s, step 2's
+    # after 2 s (its bytes queue behind step 1's); blocks of 4 ms each
+    work = [[((1, 1, 1e9),)] * 3 for _ in range(3)]
+    msgs = [Message(1, "fetch", 1, 0, 10**9), Message(2, "fetch", 2, 0, 10**9)]
+    r = simulate_phase(est(work, msgs, ring="allgather"), "fwd", prof(),
+                       Network(3, link("switch")))
+    assert r.start[0] == pytest.approx([0.0, 1.0, 2.0])
+    assert r.time_s == pytest.approx(2.004)

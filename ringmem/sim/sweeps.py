@@ -100,14 +100,15 @@ def decode_sweep(lib: Library, prof: Any, contexts: list[int], worlds: list[int]
                  ) -> list[dict]:
     """One new token against a sharded cache, as ringmem's decode does it: every rank
     attends to its C/W keys (the kernel time of plan()'s one-rank block), then the
-    partials (fp32 out + lse per query head) are all-gathered and merged."""
+    partials (out + lse per query head) are all-gathered and merged."""
     from .network import Network
     rows = []
     for c, w in progress([(c, w) for c in contexts for w in worlds], "sim: decode"):
         local = simulate((1, 1, HQ, D), (1, c // w, HKV, D), world=1, profile=prof,
                          option="kv", causal=False, intra=_link(lib, "h800-nvswitch"))
         net = _net(lib, w)
-        part = HQ * (D + 1) * 4
+        # `cache.decode.merge_across_ranks`: out, lse and a 3-number digest, packed as fp64
+        part = (HQ * D + HQ + 3) * 8
         msgs = [(a, b, part) for a in range(w) for b in range(w) if a != b]
         gather = Network(w, net["intra"], net.get("inter"), net.get("per_node", 0)).time(msgs)
         merge = prof.epilogue_s(w * HQ * D, 6 * 4)

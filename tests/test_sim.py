@@ -321,3 +321,20 @@ def test_allgather_fetches_posted_at_once_share_the_ingress():
                        Network(3, link("switch")))
     assert r.start[0] == pytest.approx([0.0, 1.0, 2.0])
     assert r.time_s == pytest.approx(2.004)
+
+
+def test_gpu_check_caps_and_dry_run():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import torch
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    caps = {m[0]: int(m[1]) for m in re.findall(r"^\s*step (\w+) (\d+) ", script.read_text(),
+                                                 re.M)}
+    assert "sim_calibrate" in caps and sum(caps.values()) <= 480, caps
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the dry run does not apply")
+    got = subprocess.run(["bash", str(script), "/tmp/ringmem_gpu_check_dry"],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0 and "needs a CUDA GPU" in got.stdout

@@ -2,7 +2,8 @@
 # One GPU check, <= 8 minutes on one H100/H200 including Triton JIT (each step has a time
 # cap; the caps add up to 480 s): the gpu tests, an NCCL world-size-1 smoke run of the
 # ring (send-to-self + the return group) and of
-# `ringmem prefill`, the kernel benchmark (D=64/128, GQA), decode at 128K-1M tokens, and
+# `ringmem prefill`, the kernel benchmark (D=64/128, GQA), decode at 128K-1M tokens, a
+# CUDA calibration of the simulator's kernel model (`ringmem bench calibrate`), and
 # the int32-overflow shapes last. Everything goes under one results folder.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]     (default: $OUT, else benchmarks/results/gpu_check)
@@ -63,7 +64,7 @@ skip() { echo "| $1 | skipped: $2 |  |" >> "$SUMMARY"; echo "== $1: skipped ($2)
 
 step install 30 $PY -m pip install --no-deps --no-build-isolation --no-index -q -e .
 if have pytest; then
-  step gpu_tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider --maxfail=20 tests
+  step gpu_tests 140 $PY -m pytest -q -m gpu -p no:cacheprovider --maxfail=20 tests
 else
   skip gpu_tests "pytest missing"
 fi
@@ -72,14 +73,17 @@ step nccl_ring 40 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
 step prefill 40 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m ringmem.launch.prefill --config configs/prefill_smoke.toml --backend auto
 if have triton; then
-  step kernels 110 $PY benchmarks/kernels.py --dims 64,128 --seqlens 4096,16384 \
+  step kernels 100 $PY benchmarks/kernels.py --dims 64,128 --seqlens 4096,16384 \
     --contexts 131072,1048576 --repeats 5 --out "$RES/kernels.md"
 else
   skip kernels "triton missing"
 fi
-step decode 70 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
+step decode 65 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
   benchmarks/decode.py --contexts 131072,524288,1048576 --steps 5 \
   --prefill-tokens 8192 --prefill-chunks 2048,8192 --out "$RES/decode.md"
+# block times over a grid of shapes -> the simulator's profile (ringmem/sim/calibrate.py)
+step sim_calibrate 25 $PY -m ringmem.cli bench calibrate --device cuda \
+  --out "$RES/sim_profile_cuda.json"
 if have triton; then
   step int64_shapes 40 $PY benchmarks/gpu/int64_shapes.py
 else

@@ -4,6 +4,9 @@
     ringmem prefill [--nproc N] --config F        sharded attention prefill / training step
     ringmem train [--nproc N] --config F          context-parallel training (FSDP2 x CP)
     ringmem train --engine megatron --config F    megatron-core GPTModel, ringmem as its CP
+    ringmem bench ring|decode|schedules|calibrate|validate|sim [...]
+                                                  benchmarks and simulator sweeps
+                                                  (`ringmem bench --help`)
 
 `--nproc` defaults to the number of GPUs, or 2 on a CPU machine. torchrun's multi-node
 flags (--nnodes, --node-rank, --rdzv-endpoint, --rdzv-backend, --rdzv-id, --max-restarts)
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    if argv[0] == "bench":  # no torchrun of its own: each benchmark starts what it needs
+        from .sim.bench import main as bench
+        return bench(argv[1:])
     args, rest = p.parse_known_args(argv)
     nproc = args.nproc if args.nproc is not None else default_nproc()
     try:

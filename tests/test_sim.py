@@ -1,0 +1,340 @@
+"""ringmem.sim against hand-computed cases, and its bytes against plan()."""
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from ringmem.links import Cluster, Interconnect
+from ringmem.plan import Message, plan
+from ringmem.sim import Network, Profile, load_library, simulate, simulate_phase, split_piece
+from ringmem.sim.kernel import Impl
+
+GB = 1e9
+
+
+def link(topology: str = "mesh", bw: float = 1 * GB, lat: float = 0.0,
+         overlap: bool = True) -> Interconnect:
+    return Interconnect(name="t", topology=topology, bandwidth=bw, latency=lat,
+                        overlap=overlap)
+
+
+def prof(**kw) -> Profile:
+    base = dict(name="t", fwd_flops=1e12, bwd_flops=1e12, mem_bw=1e30)
+    return Profile(**{**base, **kw})
+
+
+def est(work, msgs, heads=(1, 1), d=1, batch=1, ring="kv", phase="fwd"):
+    """A hand-made plan() Estimate: work[rank][step] pieces, messages of one phase."""
+    return SimpleNamespace(work=work, messages={phase: msgs}, heads=heads, head_dim=d,
+                           batch=batch, ring=ring)
+
+
+def secs(pairs: float, rate: float = 1e12) -> float:
+    return 4 * pairs / rate  # d = 1, one head
+
+
+# ---- kernel model ----------------------------------------------------------------------
+
+def test_block_time_roofline_launch_and_causal():
+    p = prof(launch_s=1e-5, causal_efficiency=0.5)
+    # 4 FLOPs per pair and channel: 1e6 pairs x 64 x 2 heads = 5.12e8 FLOPs
+    assert p.block_s(1000, 1000, 1e6, 2, 1, 64, "fwd") == pytest.approx(1e-5 + 5.12e-4)
+    # masked through: half the pairs at half the rate costs as much as the full block
+    assert p.block_s(1000, 1000, 5e5, 2, 1, 64, "fwd") == pytest.approx(1e-5 + 5.12e-4)
+    # backward: 2.5x the FLOPs
+    assert p.block_s(1000, 1000, 1e6, 2, 1, 64, "bwd") == pytest.approx(1e-5 + 1.28e-3)
+    assert p.block_s(0, 1000, 0, 2, 1, 64, "fwd") == 0.0
+
+
+def test_waves_and_split_penalty():
+    p = prof(units=4, tile_rows=128)
+    # 256 rows x 3 heads = 6 tiles on 4 units: 2 waves, 6/8 of the units busy
+    assert p.block_s(256, 100, 256 * 100, 3, 1, 1, "fwd") == pytest.approx(
+        4 * 256 * 100 * 3 / (1e12 * 6 / 8))
+    # two half launches pay the launch overhead twice
+    q = prof(launch_s=1e-3)
+    whole = q.block_s(100, 100, 1e4, 1, 1, 1, "fwd")
+    halves = [q.block_s(*h, 1, 1, 1, "fwd") for h in split_piece((100, 100, 1e4))]
+    assert sum(halves) == pytest.approx(whole + 1e-3)
+
+
+def test_split_piece_causal_diagonal():
+    n = 1000
+    first, second = split_piece((n, n, n * (n + 1) / 2))
+    # rows [0, 500) of a causal block see 1..500 keys: 125250 pairs (n^2/8 + n/4)
+    assert first[2] == pytest.approx(125000, rel=0.01)
+    assert first[2] + second[2] == n * (n + 1) / 2
+
+
+def test_profile_errors_name_the_argument():
+    with pytest.raises(ValueError, match="fwd_flops"):
+        prof(fwd_flops=0)
+    with pytest.raises(ValueError, match="causal_efficiency"):
+        prof(causal_efficiency=0)
+    with pytest.raises(ValueError, match="phase"):
+        prof().block_s(1, 1, 1, 1, 1, 1, "sideways")
+
+
+def test_calibration_reproduces_the_single_device_time():
+    p = prof(launch_s=1e-5, causal_efficiency=0.9, units=132, bwd_launch_bytes=14,
+             mem_bw=3e12).calibrated(8192, 32, 128, 1 / 591.5, 1 / 154.7)
+    pairs = 8192 * 8193 / 2
+    f = p.block_s(8192, 8192, pairs, 32, 1, 128, "fwd")
+    b = p.block_s(8192, 8192, pairs, 32, 1, 128, "bwd")
+    assert f == pytest.approx(1 / 591.5) and f + b == pytest.approx(1 / 154.7)
+
+
+# ---- link model ------------------------------------------------------------------------
+
+def test_duplex_and_half_duplex_contention():
+    full = Network(2, link("mesh"))
+    half = Network(2, link("mesh"), duplex=False)
+    both = [(0, 1, 10**9), (1, 0, 10**9)]
+    assert full.time(both) == pytest.approx(1.0)   # each direction its own link
+    assert half.time(both) == pytest.approx(2.0)   # one shared channel
+
+
+def test_switch_port_and_ring_hops_contention():
+    sw = Network(4, link("switch"))
+    # two sends out of rank 0 share its egress; a third pair is independent
+    d = sw.durations([(0, 1, 10**9), (0, 2, 10**9), (3, 2, 0)])
+    assert d[:2] == pytest.approx([2.0, 2.0])
+    ring = Network(4, link("ring", lat=1e-3))
+    # 0 -> 2 loads links 0-1 and 1-2; 1 -> 2 shares 1-2: both wait for 2 GB on it
+    d = ring.durations([(0, 2, 10**9), (1, 2, 10**9), (3, 0, 10**9)])
+    assert d == pytest.approx([2.001, 2.001, 1.001])
+
+
+def test_inter_node_links():
+    net = Network(4, link("mesh", bw=100 * GB), link("switch", bw=1 * GB), per_node=2)
+    assert net.time([(0, 1, 10**9)]) == pytest.approx(0.01)
+    assert net.time([(1, 2, 10**9)]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="inter"):
+        Network(4, link(), per_node=2)
+
+
+def test_group_time_matches_links_cluster():
+    rnd = random.Random(0)
+    for topo in ("mesh", "switch", "ring", "bus"):
+        ic = link(topo, bw=3 * GB, lat=2e-6)
+        for _ in range(20):
+            msgs = [(rnd.randrange(8), rnd.randrange(8), rnd.randrange(1, 10**8))
+                    for _ in range(rnd.randrange(1, 12))]
+            assert Network(8, ic).time(msgs) == pytest.approx(Cluster(8, ic).time(msgs))
+
+
+# ---- event simulation: hand-computed cases ---------------------------------------------
+
+def test_one_step_is_the_block():
+    e = est([[((100, 100, 5050),)]], [])
+    r = simulate_phase(e, "fwd", prof(), Network(1, link()))
+    assert r.time_s == pytest.approx(secs(5050))
+
+
+def two_steps(nbytes: int, pairs=(1e9, 1e9), overlap=True):
+    work = [[((1, 1, pairs[0]),), ((1, 1, pairs[1]),)] for _ in range(2)]
+    msgs = [Message(0, "move", 0, 1, nbytes), Message(0, "move", 1, 0, nbytes)]
+    return simulate_phase(est(work, msgs), "fwd", prof(),
+                          Network(2, link(lat=1e-3, overlap=overlap)))
+
+
+def test_two_steps_compute_bound():
+    # 4 ms per block; the 1 MB move (1 ms + 1 ms latency) hides under step 0
+    assert two_steps(10**6).time_s == pytest.approx(0.008)
+
+
+def test_two_steps_bandwidth_bound():
+    # 1 GB at 1 GB/s + 1 ms latency, then step 1's 4 ms
+    assert two_steps(10**9).time_s == pytest.approx(1.001 + 0.004)
+
+
+def test_two_steps_without_overlap_serialise():
+    assert two_steps(10**6, overlap=False).time_s == pytest.approx(0.004 + 0.002 + 0.004)
+
+
+def test_pure_compute_and_pure_bandwidth_limits():
+    # no bytes: the sum of the blocks; no compute: the transfer alone
+    assert two_steps(0, (3e9, 2e9)).time_s == pytest.approx(0.012 + 0.008)
+    assert two_steps(10**9, (0, 0)).time_s == pytest.approx(1.001)
+
+
+def test_contention_two_senders_one_receiver():
+    # ranks 1 and 2 both send 1 GB to rank 0 through a switch: rank 0's ingress is shared
+    work = [[((1, 1, 1.0),), ((1, 1, 1.0),)] for _ in range(3)]
+    msgs = [Message(0, "move", 1, 0, 10**9), Message(0, "move", 2, 0, 10**9)]
+    r = simulate_phase(est(work, msgs), "fwd", prof(), Network(3, link("switch")))
+    assert r.time_s == pytest.approx(2.0 + secs(1), rel=1e-6)
+
+
+def test_returns_overlap_the_second_half_of_the_own_block():
+    # TokenRing at 2 ranks: own block split in halves; the step-1 result (1 GB at
+    # 1 GB/s) returns while the second half (4 s) is computed: the return is hidden
+    blk = 1e12  # 4 s per full unmasked block (1 x 1e12 pairs)
+    work = [[((2, 1, blk),), ((2, 1, blk),)] for _ in range(2)]
+    msgs = [Message(0, "move", 0, 1, 1), Message(0, "move", 1, 0, 1),
+            Message(1, "ret", 0, 1, 10**9), Message(1, "ret", 1, 0, 10**9)]
+    r = simulate_phase(est(work, msgs, ring="q"), "fwd", prof(), Network(2, link()))
+    assert r.time_s == pytest.approx(2 + 4 + 2, rel=1e-6)  # half, step 1, half
+    # a return longer than the second half shows: 2 + 4 + 10
+    msgs[2:] = [Message(1, "ret", 0, 1, 10 * 10**9), Message(1, "ret", 1, 0, 10 * 10**9)]
+    r = simulate_phase(est(work, msgs, ring="q"), "fwd", prof(), Network(2, link()))
+    assert r.time_s == pytest.approx(2 + 4 + 10, rel=1e-6)
+
+
+def test_merge_epilogue_uses_the_implementation_bytes():
+    work = [[((1, 1, 0.0),), ((1000, 1, 0.0),)]]
+    e = est(work, [], heads=(2, 1), d=10)
+    p = prof(mem_bw=1e6)
+    # step 1 folds 1000 rows x 2 heads x 10 channels = 2e4 elements
+    r = simulate_phase(e, "fwd", p, Network(1, link()), impl=Impl("x", 50.0, 0.0))
+    assert r.time_s == pytest.approx(2e4 * 50 / 1e6)
+    ours = Impl.ringmem(2, 4)
+    assert (ours.fwd_merge, ours.bwd_sum) == (26, 18)
+
+
+# ---- one source of truth: the bytes are plan()'s --------------------------------------
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "stripe"])
+def test_simulated_bytes_equal_plan_for_every_schedule(layout):
+    q, kv, world = (1, 256, 8, 16), (1, 256, 2, 16), 4
+    p = load_library().profiles["A100-FA2"]
+    options = plan(q, kv, world=world, layout=layout, ulysses="auto",
+                   backward=True).schedules
+    assert {"kv", "q", "allgather", "ulysses", "ulysses2+kv", "ulysses2+q"} <= set(options)
+    for name, ref in options.items():
+        r = simulate(q, kv, world=world, profile=p, intra=link("switch", bw=100 * GB),
+                     option=name, layout=layout, backward=True)
+        for ph in ("fwd", "bwd"):
+            assert r.phases[ph].bytes == ref.bytes(ph) > 0, (name, ph)
+        assert r.time_s > 0
+
+
+def test_simulate_rejects_bad_arguments():
+    p = load_library().profiles["A100-FA2"]
+    with pytest.raises(ValueError, match="dtype"):
+        simulate((1, 64, 2, 8), (1, 64, 2, 8), world=2, profile=p, intra=link(),
+                 dtype="int8")
+    with pytest.raises(ValueError, match="option"):
+        simulate((1, 64, 2, 8), (1, 64, 2, 8), world=2, profile=p, intra=link(),
+                 option="sideways")
+    e = est([[((1, 1, 1.0),)]], [])
+    with pytest.raises(ValueError, match="bwd"):
+        simulate_phase(e, "bwd", p, Network(1, link()))
+
+
+def test_decode_block_is_bound_by_its_reads():
+    p = prof(mem_bw=1e12, fwd_flops=1e15)
+    # FLOPs: 4 x 1e6 x 128 x 32 = 1.6e10 -> 16 us; reads: one query row against 1e6 keys
+    # of 8 K/V heads, d=128, bf16: 4.096 GB of K and V -> 4.1 ms
+    t = p.block_s(1, 10**6, 10**6, 32, 1, 128, "fwd", kv_heads=8, itemsize=2)
+    assert t == pytest.approx((32 + 2 * 10**6 * 8) * 128 * 2 / 1e12)
+    assert prof(mem_bw=1e15).block_s(1, 10**6, 10**6, 32, 1, 128, "fwd", 8) == \
+        pytest.approx(4 * 10**6 * 128 * 32 / 1e12)  # fast memory: compute-bound again
+
+
+def test_measured_table_rate_interpolates_over_rows():
+    # 1e9 FLOP/s measured at 100 rows, 2e9 at 10000: 1.5e9 at 1000 (halfway in log rows)
+    table = (("fwd", 100, 100, 1e4, 1.0, 1e9), ("fwd", 10000, 100, 1e6, 1.0, 2e9))
+    p = prof(table=table)
+    assert p.table_rate("fwd", 1000) == pytest.approx(1.5e9)
+    assert p.table_rate("fwd", 1) == pytest.approx(1e9)       # clamped below
+    assert p.table_rate("bwd", 1000) is None                   # no bwd entries: roofline
+    assert p.block_s(1000, 10, 1e4, 1, 1, 1, "fwd") == pytest.approx(4e4 / 1.5e9)
+
+
+def test_fit_recovers_a_known_roofline():
+    from ringmem.sim.calibrate import fit
+    rate, launch = 5e10, 1e-3
+    table = [(ph, r, k, p, launch + f / rate / (0.8 if p < r * k else 1), f)
+             for ph in ("fwd", "bwd") for r, k, p in
+             ((512, 512, 512 * 512), (2048, 2048, 2048 * 2048), (2048, 2048, 2048 * 1024))
+             for f in (4.0 * p * 64 * 8,)]
+    p = fit(table, mem_bw=1e10, name="x")
+    assert p.fwd_flops == pytest.approx(rate) and p.launch_s == pytest.approx(launch)
+    assert p.causal_efficiency == pytest.approx(0.8)
+
+
+# ---- ringmem bench ---------------------------------------------------------------------
+
+def test_bench_commands():
+    import sys
+
+    from ringmem.sim.bench import script_command
+    cmd = script_command("ring", ["--seq", "1024"])
+    assert cmd[:3] == [sys.executable, "-m", "ringmem.torchrun"]
+    assert "--nproc-per-node=2" in cmd and cmd[-3:][1:] == ["--seq", "1024"]
+    assert cmd[-3].endswith("benchmarks/ring_cpu.py")
+    cmd = script_command("decode", ["--nproc", "3", "--quick"])
+    assert "--nproc-per-node=3" in cmd and cmd[-1] == "--quick"
+    assert script_command("validate", [])[-1].endswith("sim_validation.py")
+    with pytest.raises(ValueError, match="bench job"):
+        script_command("sideways", [])
+    with pytest.raises(ValueError, match="--nproc"):
+        script_command("ring", ["--nproc", "zero"])
+
+
+def test_cli_routes_bench(capsys):
+    from ringmem.cli import main
+    assert main(["bench", "--help"]) == 0
+    assert "ringmem bench sim" in capsys.readouterr().out
+    assert main(["bench", "sideways"]) == 2
+
+
+def test_bench_sim_quick_writes_report_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from ringmem.sim.sweeps import run_sweeps
+    assert run_sweeps(["--quick", "--out-dir", str(tmp_path)]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"sim_sweeps_quick.md", "sim_sweeps_quick.json", "sim_gpus.png", "sim_seq.png",
+            "sim_choice.png", "sim_decode.png"} <= names
+    import json
+    res = json.loads((tmp_path / "sim_sweeps_quick.json").read_text())
+    # strong scaling: more GPUs, less time; efficiency a fraction of the peak
+    kv = [r for r in res["gpus"] if r["option"] == "kv"]
+    assert all(a["time_s"] > b["time_s"] for a, b in zip(kv, kv[1:]))
+    assert all(0 < r["efficiency"] <= 1.0 for r in res["gpus"] + res["seq"])
+
+
+@pytest.mark.parametrize("bw", [1e12, 1e8])  # compute-bound, then bandwidth-bound
+def test_reduces_to_plans_model_in_its_limit(bw):
+    # plan()'s own model: per step max(comm, compute) with no launch, merge or mask costs;
+    # on a symmetric zigzag ring the event simulation must give the same time
+    rate = 1e12
+    ic = Interconnect(name="t", topology="mesh", bandwidth=bw, latency=1e-6)
+    q = kv = (1, 1024, 4, 64)
+    ref = plan(q, kv, world=4, interconnect=ic, flops=rate, schedule="kv").schedules["kv"]
+    p = Profile(name="plain", fwd_flops=rate, bwd_flops=rate, mem_bw=1e30)
+    r = simulate(q, kv, world=4, profile=p, intra=ic, option="kv",
+                 impl=Impl("none", 0.0, 0.0))
+    assert r.time_s == pytest.approx(ref.time_s, rel=1e-9)
+
+
+def test_allgather_fetches_posted_at_once_share_the_ingress():
+    # rank 0 fetches 1 GB from rank 1 (used at step 1) and 1 GB from rank 2 (step 2), both
+    # posted before step 0 through one switch port: step 1's data after 1 s, step 2's
+    # after 2 s (its bytes queue behind step 1's); blocks of 4 ms each
+    work = [[((1, 1, 1e9),)] * 3 for _ in range(3)]
+    msgs = [Message(1, "fetch", 1, 0, 10**9), Message(2, "fetch", 2, 0, 10**9)]
+    r = simulate_phase(est(work, msgs, ring="allgather"), "fwd", prof(),
+                       Network(3, link("switch")))
+    assert r.start[0] == pytest.approx([0.0, 1.0, 2.0])
+    assert r.time_s == pytest.approx(2.004)
+
+
+def test_gpu_check_caps_and_dry_run():
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import torch
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    caps = {m[0]: int(m[1]) for m in re.findall(r"^\s*step (\w+) (\d+) ", script.read_text(),
+                                                 re.M)}
+    assert "sim_calibrate" in caps and sum(caps.values()) <= 480, caps
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the dry run does not apply")
+    got = subprocess.run(["bash", str(script), "/tmp/ringmem_gpu_check_dry"],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0 and "needs a CUDA GPU" in got.stdout

@@ -280,11 +280,15 @@ def _ring_time(schedule: str, r: int, msgs: list[Message], comp: list[float],
     if schedule != "allgather":
         t = c = 0.0
         for s in range(r):
-            # the next transfer and this step's return overlap this step's compute
-            tc = cluster.time(at(s, "move", "ret"))
+            # step s computes while the next move and the previous step's return are in
+            # flight (a return is posted after its step's compute)
+            tc = cluster.time(at(s, "move") + at(s - 1, "ret"))
             t += max(tc, comp[s]) if cluster.overlap else tc + comp[s]
             c += tc
-        return t, c
+        last = cluster.time(at(r - 1, "ret")) if r > 1 else 0.0
+        # the last return overlaps the second half of the own block, computed last
+        t += max(0.0, last - comp[0] / 2) if cluster.overlap else last
+        return t, c + last
     # fetches all posted before step 0: step s's data arrive once it and the earlier ones
     # have crossed their links; returns overlap the next step's compute
     load: dict = {}

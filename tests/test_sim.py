@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from ringmem.links import Cluster, Interconnect
-from ringmem.plan import Message, plan
+from ringmem.plan import KernelModel, Message, plan
 from ringmem.sim import Network, Profile, load_library, simulate, simulate_phase, split_piece
 from ringmem.sim.kernel import Impl
 
@@ -304,7 +304,8 @@ def test_reduces_to_plans_model_in_its_limit(bw):
     rate = 1e12
     ic = Interconnect(name="t", topology="mesh", bandwidth=bw, latency=1e-6)
     q = kv = (1, 1024, 4, 64)
-    ref = plan(q, kv, world=4, interconnect=ic, flops=rate, schedule="kv").schedules["kv"]
+    ref = plan(q, kv, world=4, interconnect=ic, kernel=KernelModel(rate),
+               schedule="kv").schedules["kv"]
     p = Profile(name="plain", fwd_flops=rate, bwd_flops=rate, mem_bw=1e30)
     r = simulate(q, kv, world=4, profile=p, intra=ic, option="kv",
                  impl=Impl("none", 0.0, 0.0))

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import ringmem
+from ringmem.links import Interconnect
 from ringmem.plan import parse_option
 from _common import git_commit, machine
 
@@ -50,7 +51,7 @@ CONFIGS = (Config("MHA prefill", 8192, 8, 8), Config("GQA 4:1 prefill", 8192, 8,
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default="benchmarks/results/schedules.md")
     p.add_argument("--quick", action="store_true", help="sequence lengths / 8, repeats=1")
     a = p.parse_args()
@@ -98,18 +99,23 @@ def runner(cfg: Config, x: tuple[Tensor, ...], option: str, phase: str,
     return run
 
 
-def timed(fn: Callable[..., Any], repeats: int) -> tuple[list[float], ringmem.CommStats]:
-    """Warm-up (recording its bytes), then `repeats` runs timed as the slowest rank's."""
-    warm = ringmem.CommStats()
-    fn(warm)
-    times = []
+def timed(fns: dict[str, Callable[..., Any]], repeats: int
+          ) -> tuple[dict[str, list[float]], dict[str, ringmem.CommStats]]:
+    """Warm-up of each call (recording its bytes), then `repeats` rounds that run every
+    call once in turn (so drift hits all alike), each timed as the slowest rank's."""
+    warm = {}
+    for name, fn in fns.items():
+        warm[name] = ringmem.CommStats()
+        fn(warm[name])
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(dt.item())
+        for name, fn in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            times[name].append(dt.item())
     return times, warm
 
 
@@ -153,18 +159,19 @@ def bench_config(cfg: Config, repeats: int, rank: int, world: int) -> dict[str, 
                  for ph, p in plans.items()},
         "times": {}, "totals": {}, "match": {}, "mismatches": [], "auto_ran": {}}
     outs: dict[str, tuple[Tensor, list[Tensor]]] = {}
-    for s in (*options, "auto"):
-        for ph in PHASES:
-            res["times"][f"{s} {ph}"], warm = timed(runner(cfg, x, s, ph, world), repeats)
-            if s == "auto":  # which option auto ran, told by the bytes of its warm-up
-                parts = ("fwd",) if ph == "fwd" else ("fwd", "bwd")
-                ran = [n for n in options if all(
-                    signature(warm, p) == planned(plans["fwd+bwd"].schedules[n], p, rank)
-                    for p in parts)]
-                got = gather("+".join(ran) or "none")
-                res["auto_ran"][ph] = got[0] if len(set(got)) == 1 else "/".join(got)
-        if s == "auto":
-            continue
+    for ph in PHASES:
+        times, warm = timed({s: runner(cfg, x, s, ph, world) for s in (*options, "auto")},
+                            repeats)
+        for s, t in times.items():
+            res["times"][f"{s} {ph}"] = t
+        # which option auto ran, told by the bytes of its warm-up
+        parts = ("fwd",) if ph == "fwd" else ("fwd", "bwd")
+        ran = [n for n in options if all(
+            signature(warm["auto"], p) == planned(plans["fwd+bwd"].schedules[n], p, rank)
+            for p in parts)]
+        got = gather("+".join(ran) or "none")
+        res["auto_ran"][ph] = got[0] if len(set(got)) == 1 else "/".join(got)
+    for s in options:
         stats = ringmem.CommStats()  # one extra fwd+bwd: bytes, and outputs to compare
         outs[s] = runner(cfg, x, s, "fwd+bwd", world)(stats)
         est = plans["fwd+bwd"].schedules[s]
@@ -263,18 +270,21 @@ def describe(c: Config) -> str:
 # Published rankings the plan is checked against (qualitative: who wins); the measured
 # figures themselves are reproduced by the simulator's validation (benchmarks/sim_validation.py).
 GPU_CASES = (
-    {"name": "8 GPUs, one NVSwitch node (yunchang's 8xA100 table: Ulysses 8 > 4x2 hybrid > "
-             "zigzag ring 8, forward)",
-     "q": (1, 8192 // 8, 32, 128), "kv": (1, 8192 // 8, 32, 128), "world": 8,
-     "ic": "nvswitch", "inter": None, "per_node": 0, "flops": 200e12,
-     "published": ["ulysses", "ulysses4+kv", "kv"]},
-    {"name": "2 nodes x 8 GPUs, NVSwitch inside, InfiniBand across (TransformerEngine / "
-             "Megatron hierarchical CP: a2a on intra-node links, p2p across nodes, beats "
-             "a2a across nodes; NeMo Megatron-Bridge docs, 'Hybrid / Hierarchical Context "
-             "Parallel')",
+    {"name": "8xA100 NVSwitch, yunchang's forward table (131072 tokens, batch 2, 8 heads, "
+             "d=128, fp16, causal; iter/s: Ulysses 4 x ring 2 21.46, Ulysses 2 x ring 4 "
+             "21.20, Ulysses 8 21.00, zigzag ring 8 17.78; github.com/feifeibear/"
+             "long-context-attention, media/benchmark_results.png)",
+     "q": (2, 16384, 8, 128), "kv": (2, 16384, 8, 128), "world": 8, "dtype": torch.float16,
+     "ic": Interconnect(name="nvswitch-a100", topology="switch", bandwidth=240e9,
+                        latency=10e-6), "inter": None, "per_node": 0, "flops": 190e12,
+     "published": ["ulysses4+kv", "ulysses2+kv", "ulysses", "kv"]},
+    {"name": "2 nodes x 8 H100, NVSwitch inside, InfiniBand across (TransformerEngine / "
+             "Megatron hierarchical CP: a2a on intra-node links, p2p across nodes, scales "
+             "past a2a alone; NeMo Megatron-Bridge docs, 'Hybrid / Hierarchical Context "
+             "Parallel'); 131072 tokens, 32 q / 8 kv heads, d=128, bf16, causal",
      "q": (1, 131072 // 16, 32, 128), "kv": (1, 131072 // 16, 8, 128), "world": 16,
-     "ic": "nvswitch", "inter": "ib", "per_node": 8, "flops": 400e12,
-     "published": ["ulysses8+kv", "ulysses"]},
+     "dtype": torch.bfloat16, "ic": "nvswitch", "inter": "ib", "per_node": 8,
+     "flops": 400e12, "published": ["ulysses8+kv", "ulysses"]},
 )
 
 
@@ -282,25 +292,25 @@ def gpu_predictions() -> str:
     """The plan's ranking for GPU clusters, beside the published ones."""
     lines = []
     for c in GPU_CASES:
-        p = ringmem.plan(c["q"], c["kv"], world=c["world"], dtype=torch.bfloat16,
-                         causal=True, layout=LAYOUT, interconnect=c["ic"],
-                         inter_node=c["inter"], gpus_per_node=c["per_node"],
-                         flops=c["flops"], ulysses="auto")
+        p = ringmem.plan(c["q"], c["kv"], world=c["world"], dtype=c["dtype"], causal=True,
+                         layout=LAYOUT, interconnect=c["ic"], inter_node=c["inter"],
+                         gpus_per_node=c["per_node"], flops=c["flops"], ulysses="auto")
         ranked = sorted(p.schedules, key=lambda n: p.schedules[n].time_s)
         pub = c["published"]
         order = [n for n in ranked if n in pub]
-        agree = "yes" if order == pub else "no"
-        lines.append(md_table(
-            ["option", "predicted ms", "comm ms", "MiB sent"],
-            [[n, f"{p.schedules[n].time_s * 1e3:.3f}", f"{p.schedules[n].comm_s * 1e3:.3f}",
-              f"{p.schedules[n].bytes() / 2**20:.0f}"] for n in ranked]))
-        lines[-1] = (f"### {c['name']}\n\nq local {list(c['q'])}, kv local {list(c['kv'])}, "
-                     f"bf16 causal {LAYOUT}, forward, {c['flops'] / 1e12:.0f} TFLOP/s per GPU; "
-                     f"links {c['ic']}" + (f" + {c['inter']} across nodes of {c['per_node']}"
-                                           if c["inter"] else "") +
-                     f".\n\n{lines[-1]}\n\nPlan's choice: **{p.choice}**. Published order "
-                     f"{' > '.join(pub)}; predicted order of those: {' > '.join(order)}; "
-                     f"agree: **{agree}**.")
+        table = md_table(
+            ["option", "predicted ms", "predicted iter/s", "comm ms", "MiB sent"],
+            [[n, f"{p.schedules[n].time_s * 1e3:.3f}", f"{1 / p.schedules[n].time_s:.2f}",
+              f"{p.schedules[n].comm_s * 1e3:.3f}", f"{p.schedules[n].bytes() / 2**20:.0f}"]
+             for n in ranked])
+        ic = c["ic"] if isinstance(c["ic"], str) else c["ic"].name
+        lines.append(
+            f"### {c['name']}\n\nper GPU: q {list(c['q'])}, kv {list(c['kv'])}, {LAYOUT}, "
+            f"forward, {c['flops'] / 1e12:.0f} TFLOP/s; links {ic}"
+            + (f" + {c['inter']} across nodes of {c['per_node']}" if c["inter"] else "")
+            + f".\n\n{table}\n\nPlan's choice: **{p.choice}**. Published order "
+            f"{' > '.join(pub)}; predicted order of those: {' > '.join(order)}; same order: "
+            f"**{'yes' if order == pub else 'no'}**.")
     return "\n\n".join(lines)
 
 
@@ -333,7 +343,8 @@ def report(a: argparse.Namespace, configs: list[Config], results: list[dict[str,
           f"cpu_count: {m['cpu_count']}\n\n## Versions\n\n"
           + "\n".join(f"- {k}: {v}" for k, v in meta["versions"].items())
           + f"\n\n## Config\n\n{cfg}\n\n## Results\n\n{table}\n\n"
-          f"measured: median over {a.repeats} runs of the slowest rank's wall time (s); "
+          f"measured: median over {a.repeats} rounds (each runs every option once, in turn) of "
+          f"the slowest rank's wall time (s); "
           f"predicted: ringmem.plan on the local shapes, device_type=cpu (loopback), backward "
           f"as the phase (ms). within 5%: T(plan's choice) <= {SLACK} x T(fastest). Bytes "
           f"match plan: every option's ring steps and all-to-alls, every rank, both phases.\n\n"

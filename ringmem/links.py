@@ -68,13 +68,17 @@ def resolve_interconnect(ic: str | Interconnect | None, device_type: str,
 
 @dataclass(frozen=True)
 class Cluster:
-    """Ranks 0..world-1 placed `per_node` to a node (0: all in one node)."""
+    """Ranks 0..world-1 placed `per_node` to a node (0: all in one node). duplex=False:
+    both directions of a link share one channel (a half-duplex path)."""
     world: int
     intra: Interconnect
     inter: Interconnect | None = None
     per_node: int = 0
+    duplex: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.world, bool) or not isinstance(self.world, int) or self.world < 1:
+            raise ValueError(f"world must be an int >= 1, got {self.world!r}")
         if self.per_node < 0 or (self.per_node and self.world % self.per_node):
             raise ValueError(f"gpus_per_node must divide the world size {self.world}, got "
                              f"{self.per_node}")
@@ -88,6 +92,29 @@ class Cluster:
     def node(self, rank: int) -> int:
         return rank // self.per_node if self.per_node else 0
 
+    def path(self, src: int, dst: int) -> tuple[Interconnect, list]:
+        """(the link type, the links a message src -> dst loads)."""
+        inter = self.node(src) != self.node(dst)
+        ic = self.inter if inter else self.intra
+        assert ic is not None
+        two = (lambda a, b: (a, b)) if self.duplex else (lambda a, b: (min(a, b), max(a, b)))
+        if ic.topology == "bus":
+            keys: list = ["bus"]
+        elif ic.topology == "mesh":
+            keys = [two(src, dst)]
+        elif ic.topology == "switch":
+            keys = [("out", src), ("in", dst)] if self.duplex else [("port", src),
+                                                                     ("port", dst)]
+        else:  # a ring inside a node (or over the world): the shorter way, hop by hop
+            n = (0 if inter else self.per_node) or self.world
+            base, a, z = (src // n) * n, src % n, dst % n
+            step = 1 if (z - a) % n <= n - (z - a) % n else -1
+            keys, x = [], a
+            while x != z:
+                keys.append(two(base + x, base + (x + step) % n))
+                x = (x + step) % n
+        return ic, [(inter, k) for k in keys]
+
     def time(self, msgs: list[tuple[int, int, int]]) -> float:
         """Seconds for messages (src, dst, bytes) posted together to all arrive: the most
         loaded link's bytes / bandwidth + that link's latency."""
@@ -99,34 +126,11 @@ class Cluster:
         for s, d, b in msgs:
             if b <= 0 or s == d:
                 continue
-            inter = self.node(s) != self.node(d)
-            ic = self.inter if inter else self.intra
-            for key in _links(ic, self.world, s, d, self.per_node if not inter else 0):
-                k = (inter, key)
+            ic, keys = self.path(s, d)
+            for k in keys:
                 load[k] = (load.get(k, (0, ic))[0] + b, ic)
         return load
 
     @staticmethod
     def time_of(load: dict) -> float:
         return max((b / ic.bandwidth + ic.latency for b, ic in load.values()), default=0.0)
-
-
-def _links(ic: Interconnect, world: int, s: int, d: int, per_node: int) -> list:
-    """The links a message from s to d loads."""
-    if ic.topology == "bus":
-        return ["bus"]
-    if ic.topology == "mesh":
-        return [(s, d)]
-    if ic.topology == "switch":
-        return [("out", s), ("in", d)]
-    # ring inside a node (or over the whole world): the shorter direction, hop by hop
-    n = per_node or world
-    base, a, z = (s // n) * n, s % n, d % n
-    fwd = (z - a) % n
-    step = 1 if fwd <= n - fwd else -1
-    out, x = [], a
-    while x != z:
-        nxt = (x + step) % n
-        out.append((base + x, base + nxt))
-        x = nxt
-    return out

@@ -239,8 +239,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         return_lse: also return lse [B, Hq, S_local] (fp32; fp64 for fp64 inputs).
         stats: a `CommStats` that records the bytes this rank sends and receives per step
             (forward, and backward when it runs).
-        interconnect: link model for schedule="auto": "nvlink", "pcie", "loopback" or an
-            `Interconnect`; default by device (CUDA: nvlink, CPU: loopback).
+        interconnect: link model for schedule="auto": "nvlink", "nvswitch", "pcie", "ib",
+            "loopback" or an `Interconnect`; default by device (CUDA: nvlink, CPU:
+            loopback; on CUDA a group beyond torchrun's LOCAL_WORLD_SIZE adds "ib" between
+            nodes).
         cu_seqlens: packed documents, flash-attn offsets [0, ..., S] into the global row
             (int32 tensor or ints; a list or 2-D tensor for one packing per batch row): a
             token sees only its own document. Blocks whose documents never meet are skipped.

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def _peer_fails(rank: int, world: int, kind: str, out_dir: str) -> None:
                 os._exit(3)
             os.kill(os.getpid(), signal.SIGSTOP)  # frozen: alive, never answers
         RingComm.move = fault
-    ringmem.ring_attention(q, k, v)
+    ringmem.ring_attention(q, k, v, schedule="kv")  # the schedule that moves
 
 
 @pytest.mark.parametrize("kind", ["killed", "frozen"])

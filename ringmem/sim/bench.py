@@ -18,31 +18,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
+
+from .paths import benchmarks_dir, progress
 
 SCRIPTS = {"ring": ("ring_cpu.py", 2), "decode": ("decode.py", 4),
            "schedules": ("schedules.py", 2)}
 JOBS = (*SCRIPTS, "calibrate", "validate", "sim")
-
-
-def benchmarks_dir() -> Path:
-    """The repository's benchmarks/ folder (ringmem runs from a checkout or an editable
-    install; the scripts are not part of the wheel)."""
-    d = Path(__file__).resolve().parents[2] / "benchmarks"
-    if not (d / "ring_cpu.py").exists():
-        raise ValueError(f"benchmarks/ not found next to the package (looked in {d}); run "
-                         f"from a checkout of ringmem")
-    return d
-
-
-def progress(items: Iterable, desc: str = "") -> Iterable:
-    """tqdm's bar when it is installed (the dev/bench extras), else the items as they are."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return items
-    return tqdm(list(items), desc=desc, file=sys.stderr)
 
 
 def script_command(job: str, rest: list[str]) -> list[str]:

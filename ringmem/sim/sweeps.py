@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..links import Interconnect
-from .bench import benchmarks_dir, progress
+from .paths import benchmarks_dir, progress
 from .kernel import Library, load_library, load_profile, piece_flops
 from .model import simulate
 

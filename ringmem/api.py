@@ -310,7 +310,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         return (out, lse) if return_lse else out
     sp = sp if sp is not None else split_group(group, u)
     ctl = (sp.ulysses_group, sp.u_rank, stats, sp.r)
-    order = fold_order(layout, spec.mask, q.shape[0], sp.r, sp.r_rank, u, q.shape[1])
+    order = fold_order(layout, spec.mask, sp.r, sp.r_rank, u, q.shape[1])
     qs, ks, vs, sl = to_heads(q, k, v, sinks, q.shape[2], k.shape[2], ctl, order)
     out, lse = _RingAttention.apply(qs, ks, vs, sl, spec, sp.ring_group, stats)
     out, lse = to_seq(out, lse if return_lse else None, ctl, order)

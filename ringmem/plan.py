@@ -25,7 +25,7 @@ import torch
 from .heads import heads_error, kv_heads
 from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
-from .routing import Geometry, best_hop, held, step_block, used
+from .routing import Geometry, best_hop, held, moving_side, step_block, used
 
 __all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "KernelModel", "Message", "Plan", "plan",
            "option_name", "parse_option", "ring_hop", "resolve_interconnect"]
@@ -92,8 +92,7 @@ def parse_option(name: str, world: int) -> tuple[int, str]:
 def ring_hop(layout: str, ring_world: int, q_len: int, kv_len: int, mask: Mask,
              schedule: str, fold: int = 1) -> int:
     """The ring direction the loop uses for this call (one rule for the plan and the loop)."""
-    return best_hop(layout, ring_world, q_len, kv_len, mask, "q" if schedule == "q" else "kv",
-                    fold)
+    return best_hop(layout, ring_world, q_len, kv_len, mask, moving_side(schedule), fold)
 
 
 @dataclass
@@ -175,7 +174,7 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
     b, sq, hq, d = q_shape
     skv, hkv = kv_shape[1], kv_shape[2]
     hl, kvn = hq // u, [len(h) for h in kv_heads(hq, hkv, u)]
-    moving = "q" if schedule == "q" else "kv"
+    moving = moving_side(schedule)
     geo = Geometry.uniform(layout, r, u * sq, u * skv, mask, moving,
                            ring_hop(layout, r, u * sq, u * skv, mask, schedule, u), u,
                            schedule == "allgather")
@@ -202,15 +201,17 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
                 for i in range(u):
                     p, row = j * u + i, q_row[phase] if moving == "q" else kv_row[i]
                     sent = recv = 0
-                    nxt = s if schedule == "allgather" else s + 1
-                    if 0 < nxt < r and (schedule == "allgather" or s + 1 < r):
-                        own = j if schedule == "allgather" else geo.owner(j, s)
-                        to = geo.holder(j, nxt if schedule == "allgather" else 1)
+                    # a fetch (for step s, straight from the owner) or a move (for s+1)
+                    fetch = schedule == "allgather"
+                    nxt = s if fetch else s + 1
+                    if 0 < nxt < r:
+                        own, to = (j, geo.holder(j, s)) if fetch else (geo.owner(j, s),
+                                                                      geo.holder(j, 1))
                         out_b = ln(held(geo, own, nxt)) * row
                         sent += out_b
                         recv += ln(held(geo, geo.owner(j, nxt), nxt)) * row
-                        ch = "fetch" if schedule == "allgather" else "move"
-                        msgs.append(Message(s, ch, p, to * u + i, out_b))
+                        msgs.append(Message(s, "fetch" if fetch else "move", p, to * u + i,
+                                            out_b))
                     if s > 0 and rrow[i]:
                         out_b = ln(used(geo, j, s)) * rrow[i]
                         sent += out_b

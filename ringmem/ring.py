@@ -18,7 +18,7 @@ from .backends import Backend
 from .comm import RingComm
 from .partial import Partial, acc_dtype, merge_into
 from .masking import Mask
-from .routing import Geometry, held, split_rows, step_block, used
+from .routing import Geometry, held, moving_side, split_rows, step_block, used
 
 Side = list[tuple[Tensor, int]]  # tensors of one side with their sequence dims
 Template = list[tuple[tuple[int, ...], int, torch.dtype]]  # shape, seq dim, wire dtype
@@ -49,7 +49,7 @@ class RingSpec:
         """Equal local lengths on every rank, unless per-rank `kv_lens` are given."""
         return Geometry(self.layout, world, (q_local,) * world,
                         kv_lens if kv_lens is not None else (kv_local,) * world,
-                        self.mask, "q" if self.schedule == "q" else "kv", self.hop,
+                        self.mask, moving_side(self.schedule), self.hop,
                         self.fold, self.schedule == "allgather")
 
 
@@ -144,9 +144,11 @@ def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
 
     # all-gather: every fetch is posted before any compute (an all-to-all of exactly the
     # spans each rank uses); each step waits only for its own
-    fetched = {s: (*post(s, held_ts, 0, held(geo, rank, s), held(geo, geo.owner(rank, s), s),
-                         -geo.hop * s, geo.hop * s), held(geo, geo.owner(rank, s), s))
-               for s in range(1, world)} if geo.fetch else {}
+    fetched = {}
+    for s in range(1, world) if geo.fetch else ():
+        span = held(geo, geo.owner(rank, s), s)  # what this rank uses of that owner
+        fetched[s] = (*post(s, held_ts, 0, held(geo, rank, s), span, -geo.hop * s,
+                            geo.hop * s), span)
 
     def compute(pieces, in_off: int, target: dict[str, _Acc], out_off: int = 0) -> None:
         """Run `pieces`; the moving side's inputs start at row/key `in_off` of the held

@@ -10,6 +10,8 @@ gradients summed).
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -102,7 +104,7 @@ class _ToSeq(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         group, me, stats, r = ctx.ctl
         u = group_size(group)
-        hd = 2 if ctx.dim == 1 else 1  # the heads dim of g
+        hd = 3 - ctx.dim  # the heads dim of g
         parts = [c.contiguous() for c in g.split(g.shape[hd] // u, dim=hd)]
         got = _exchange(parts, [tuple(parts[0].shape)] * u, group, me, stats, "bwd", -1)
         return torch.cat(got, dim=ctx.dim), None, None, None
@@ -112,11 +114,13 @@ def group_size(group: Group) -> int:
     return dist.get_world_size(group)
 
 
-def fold_order(layout: str, mask: Mask, batch: int, r: int, j: int, u: int,
-               n: int) -> Tensor | None:
-    """Index [B, u*n] that sorts ring rank j's gathered tokens (member order) into
-    ascending global positions, or None when they already are (or positions do not matter:
-    no mask)."""
+@lru_cache(maxsize=256)
+def fold_order(layout: str, mask: Mask, r: int, j: int, u: int,
+               n: int) -> tuple[Tensor, Tensor] | None:
+    """(index, its inverse), each [1, u*n] (one packing for every row) or [B, u*n]: the
+    index sorts ring rank j's gathered tokens (member order) into ascending global
+    positions. None when they already are, or positions do not matter (no mask). Cached:
+    the same for every call of a shape."""
     if mask.plain and not mask.causal:
         return None
     rows = mask.docs if mask.docs is not None else (None,)
@@ -127,7 +131,7 @@ def fold_order(layout: str, mask: Mask, batch: int, r: int, j: int, u: int,
     idx = torch.stack(out)
     if torch.equal(idx, torch.arange(u * n).expand_as(idx)):
         return None
-    return idx  # [1, u*n] (one packing for every row) or [B, u*n]
+    return idx, torch.argsort(idx, dim=1)
 
 
 def _gather_rows(x: Tensor, idx: Tensor, dim: int = 1) -> Tensor:
@@ -142,7 +146,7 @@ def _gather_rows(x: Tensor, idx: Tensor, dim: int = 1) -> Tensor:
 
 
 def to_heads(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, hq: int, hkv: int,
-             ctl: tuple, order: Tensor | None):
+             ctl: tuple, order: tuple[Tensor, Tensor] | None):
     """The pre-loop all-to-all: (q, k, v, sinks) for this rank's heads, every member's
     tokens in ascending positions."""
     group, me, stats, r = ctl
@@ -152,17 +156,16 @@ def to_heads(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, hq: int, hkv
     idx = kv_heads(hq, hkv, u)
     ks, vs = (_ToHeads.apply(t, idx, ctl) for t in (k, v))
     if order is not None:
-        qs, ks, vs = (_gather_rows(t, order) for t in (qs, ks, vs))
+        qs, ks, vs = (_gather_rows(t, order[0]) for t in (qs, ks, vs))
     sl = None if sinks is None else sinks[me * hl:(me + 1) * hl]
     return qs, ks, vs, sl
 
 
-def to_seq(out: Tensor, lse: Tensor | None, ctl: tuple, order: Tensor | None):
+def to_seq(out: Tensor, lse: Tensor | None, ctl: tuple, order: tuple[Tensor, Tensor] | None):
     """The post-loop all-to-all: out (and lse) back to this rank's tokens, all heads."""
     if order is not None:
-        inv = torch.argsort(order, dim=1)
-        out = _gather_rows(out, inv)
-        lse = None if lse is None else _gather_rows(lse, inv, dim=2)
+        out = _gather_rows(out, order[1])
+        lse = None if lse is None else _gather_rows(lse, order[1], dim=2)
     r = ctl[3]
     out = _ToSeq.apply(out, ctl, 1, r)
     if lse is not None:

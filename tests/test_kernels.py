@@ -21,7 +21,7 @@ from ringmem.testing import spawn  # noqa: E402
 from ringmem.layouts import PLAIN_LAYOUTS  # noqa: E402
 
 from _devices import INTERPRET, device_dtypes, devices, half_dtype  # noqa: E402
-from _tolerance import check_close  # noqa: E402
+from _tolerance import check_close, outputs_and_grads  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -65,13 +65,6 @@ def masked_attention(q, k, v, scale, causal, q_off, k_off):
     return torch.einsum("bhij,bjhd->bihd", p, vx), lse
 
 
-def _grads(fn, q, k, v, dout):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = fn(*leaves)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), lse.detach(), [t.grad for t in leaves]
-
-
 def _check_attention(shape: tuple, dtype: torch.dtype, device: str, scale: float = 0.3,
                      **tiles: Tile | None) -> None:
     """Forward and backward of one case against float64, tiles forced where given."""
@@ -81,8 +74,8 @@ def _check_attention(shape: tuple, dtype: torch.dtype, device: str, scale: float
     k, v = (torch.randn(b, sk, hkv, d, generator=g).to(device, dtype) for _ in range(2))
     dout = torch.randn(b, sq, hq, d, generator=g).to(device, dtype)
     fn = lambda *t: masked_attention(*t, scale, causal, qo, ko)
-    ref = _grads(fn, q.double(), k.double(), v.double(), dout.double())
-    base = _grads(fn, q, k, v, dout)
+    ref = outputs_and_grads(fn, q.double(), k.double(), v.double(), dout.double())
+    base = outputs_and_grads(fn, q, k, v, dout)
     out, lse = attention_fwd(q, k, v, scale, causal, qo, ko, tile=tiles.get("fwd"))
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref[1])), "empty rows differ"

@@ -21,7 +21,7 @@ from ringmem.kernels.configs import (VARIANT_TILES, Tile, arch_of, autotune_conf
 from ringmem.testing import spawn  # noqa: E402
 
 from _devices import INTERPRET, device_dtypes, devices, half_dtype  # noqa: E402
-from _tolerance import check_close  # noqa: E402
+from _tolerance import check_close, outputs_and_grads  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -64,13 +64,6 @@ def banded_attention(q, k, v, scale, band, q_off, k_off, softcap):
     return torch.einsum("bhij,bjhd->bihd", p, vx), lse
 
 
-def _grads(fn, q, k, v, dout):
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = fn(*leaves)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), lse.detach(), [t.grad for t in leaves]
-
-
 def _check(case: str, dtype: torch.dtype, device: str, softcap: float,
            tiles: dict[str, Tile] | None = None, scale: float = 0.3) -> None:
     """Forward and backward of one case against float64, tiles forced where given."""
@@ -81,8 +74,8 @@ def _check(case: str, dtype: torch.dtype, device: str, softcap: float,
     k, v = (torch.randn(b, sk, hkv, d, generator=g).to(device, dtype) for _ in range(2))
     dout = torch.randn(b, sq, hq, d, generator=g).to(device, dtype)
     fn = lambda *t: banded_attention(*t, scale, band, qo, ko, softcap)
-    ref = _grads(fn, q.double(), k.double(), v.double(), dout.double())
-    base = _grads(fn, q, k, v, dout)
+    ref = outputs_and_grads(fn, q.double(), k.double(), v.double(), dout.double())
+    base = outputs_and_grads(fn, q, k, v, dout)
     out, lse = attention_fwd(q, k, v, scale, band, qo, ko, softcap=softcap,
                              tile=tiles.get("fwd"))
     grads = attention_bwd(dout, q, k, v, out, lse, scale, band, qo, ko, softcap=softcap,

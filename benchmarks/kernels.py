@@ -115,7 +115,8 @@ def compare(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 def bench_attention(c: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from ringmem.kernels.attention import attention_bwd, attention_fwd
+    from ringmem.kernels.attention import attention_fwd
+    from ringmem.kernels.backward import attention_bwd
     s, d, hq, hkv, causal = c["S"], c["D"], c["Hq"], c["Hkv"], c["causal"]
     g, scale = hq // hkv, d ** -0.5
     q, dout = (torch.randn(1, s, hq, d, device=DEVICE, dtype=DTYPE) for _ in range(2))

@@ -80,7 +80,7 @@ def load_config(cls: type[T], path: str | Path, **overrides: Any) -> T:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrefillConfig:
-    """A sharded attention prefill / training step on synthetic data (launch/prefill.py)."""
+    """A sharded attention prefill / training step on synthetic data (ringmem/launch/prefill.py)."""
     seq_len: int = 8192
     """Global sequence length, split over the ranks by `layout`."""
     batch: int = 1
@@ -142,7 +142,7 @@ def _common_choices(cfg: Any, **more: tuple) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class InferConfig:
-    """Long-document inference with a real model (launch/infer.py, `ringmem infer`).
+    """Long-document inference with a real model (ringmem/launch/infer.py, `ringmem infer`).
 
     The defaults are the demo: the bundled SmolLM2-135M answers for a pass key planted in
     a King James Bible haystack.

@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from ringmem.kernels.attention import attention_bwd, attention_fwd  # noqa: E402
+from ringmem.kernels.attention import attention_fwd  # noqa: E402
+from ringmem.kernels.backward import attention_bwd  # noqa: E402
 from ringmem.kernels.configs import TILES, Tile, arch_of  # noqa: E402
 from ringmem.kernels.decode import decode_partial  # noqa: E402
 from ringmem.kernels.merge import merge_stacked  # noqa: E402
@@ -174,7 +175,15 @@ def test_decode_partial(device: str, shape) -> None:
     out, lse = decode_partial(q, k, v, 0.2, splits)
     ref, ref_lse = masked_attention(q.double(), k.double(), v.double(), 0.2, False, 0, 0)
     base, base_lse = masked_attention(q, k, v, 0.2, False, 0, 0)
-    fails = [check_close("out", out, ref, base, torch.float32),
+    # The kernel exponentiates s * log2(e) in fp32: each weight carries a relative error of
+    # about eps * max|s| * log2(e), which the torch baseline (exp of s) does not share and
+    # which reaches the output scaled by |v|. Without this term the bound held or failed by
+    # the machine's BLAS (D=160 failed by 15% on one CPU, passed on another).
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(),
+                          k.double().repeat_interleave(hq // hkv, dim=2)) * 0.2
+    exp2_arg = torch.finfo(torch.float32).eps * logits.abs().max().item() * 1.4426950408889634
+    fails = [check_close("out", out, ref, base, torch.float32,
+                         extra=exp2_arg * v.abs().max().item()),
              check_close("lse", lse, ref_lse, base_lse, torch.float32)]
     assert not [f for f in fails if f], fails
 

@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 
 import ringmem  # noqa: E402
 from ringmem.backends.torch_ref import TorchBackend  # noqa: E402
-from ringmem.kernels.attention import attention_bwd, attention_fwd  # noqa: E402
+from ringmem.kernels.attention import attention_fwd  # noqa: E402
+from ringmem.kernels.backward import attention_bwd  # noqa: E402
 from ringmem.kernels.band import band_args  # noqa: E402
 from ringmem.kernels.configs import (VARIANT_TILES, Tile, arch_of, autotune_configs,  # noqa: E402
                                     prune_for, tiles_for, variant)

@@ -19,7 +19,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from ringmem.kernels.attention import _launch_fwd, attention_bwd, attention_fwd  # noqa: E402
+from ringmem.kernels.attention import _launch_fwd, attention_fwd  # noqa: E402
+from ringmem.kernels.backward import attention_bwd  # noqa: E402
 from ringmem.kernels.decode import decode_runs  # noqa: E402
 from ringmem.kernels.merge import merge_rows  # noqa: E402
 

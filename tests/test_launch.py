@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(ROOT / "launch" / "prefill.py"), *args]
+           f"--nproc-per-node={nproc}", str(ROOT / "ringmem" / "launch" / "prefill.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
@@ -38,7 +38,7 @@ def test_prefill_checks_ulysses_against_the_world(tmp_path) -> None:
     import importlib.util
     # by path, like torchrun runs it (an installed ringmem.launch may be another checkout's)
     spec = importlib.util.spec_from_file_location("prefill_launcher",
-                                                  ROOT / "launch" / "prefill.py")
+                                                  ROOT / "ringmem" / "launch" / "prefill.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     check = module.check
@@ -61,8 +61,23 @@ def _ringmem(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
+def test_root_does_not_shadow_pypi_kernels() -> None:
+    """From the repository root (cwd first on sys.path, as `python -m` and torchrun put it),
+    transformers' hub-kernel integration imports the PyPI `kernels`, not a folder of ours."""
+    require_demo("kernels")
+    code = ("import sys, kernels, transformers.integrations.hub_kernels; "
+            "assert sys.path[0] in ('', '.') or sys.path[0] == __import__('os').getcwd(); "
+            "print(kernels.__file__)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not res.stdout.strip().startswith(str(ROOT / "kernels")), res.stdout
+
+
 @pytest.mark.slow
 def test_infer_demo_runs_end_to_end() -> None:
+    """From the repository root, as README runs it (also proves no root folder shadows the
+    PyPI packages transformers imports at start-up)."""
     require_demo()
     res = _ringmem("infer", "--nproc", "2", "--config", "configs/infer_smoke.toml")
     assert res.returncode == 0, res.stderr[-3000:]

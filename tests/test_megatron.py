@@ -281,7 +281,7 @@ def test_import_ringmem_does_not_import_megatron() -> None:
 
 def test_train_launcher_smoke() -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "launch" / "train_megatron.py"), "--config",
+           str(ROOT / "ringmem" / "launch" / "train_megatron.py"), "--config",
            "configs/train_megatron_tiny.toml", "--steps", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -306,7 +306,7 @@ def test_train_launcher_refuses_bad_mesh(args: list[str], world: int, message: s
         lines = [x for x in config.read_text().splitlines() if not x.startswith(key)]
         config = tmp_path / "tiny.toml"
         config.write_text("\n".join([*lines, line]) + "\n")
-    cmd = [sys.executable, str(ROOT / "launch" / "train_megatron.py"), "--config",
+    cmd = [sys.executable, str(ROOT / "ringmem" / "launch" / "train_megatron.py"), "--config",
            str(config), *args]
     env = {**os.environ, "WORLD_SIZE": str(world)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)

@@ -139,3 +139,14 @@ def _agree_cases(rank: int, world: int) -> None:
 
 def test_agree_encodes_and_compares_across_ranks() -> None:
     spawn(_agree_cases, 2, timeout=60)
+
+
+def test_nothing_at_the_repository_root_is_importable() -> None:
+    """`python -m` and torchrun put the current directory first on sys.path: a package or
+    module at the root would shadow a PyPI project of the same name (`kernels` did, for
+    transformers 5.25). Every package lives under ringmem/."""
+    repo = ROOT.parent
+    found = sorted(p.name for p in repo.iterdir()
+                   if (p.is_dir() and (p / "__init__.py").exists() and p.name != "ringmem")
+                   or (p.is_file() and p.suffix == ".py"))
+    assert not found, f"importable from the repository root: {found}"

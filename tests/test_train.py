@@ -75,7 +75,7 @@ def test_context_parallel_training_is_exact(tmp_path) -> None:
 
 def _launch(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(ROOT / "launch" / "train.py"), *args]
+           f"--nproc-per-node={nproc}", str(ROOT / "ringmem" / "launch" / "train.py"), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -116,7 +116,7 @@ def test_bad_train_config_stops_before_loading(args: list[str], message: str | N
     res = _launch("--model", TINY, *args)
     lines = [x for x in res.stderr.splitlines() if x.startswith("train: ")]
     assert res.returncode != 0 and lines and message in lines[0], res.stderr[-2000:]
-    assert 'launch/train.py", line' not in res.stderr  # one line, no traceback of ours
+    assert 'ringmem/launch/train.py", line' not in res.stderr  # one line, no traceback of ours
 
 
 def _zigzag(tmp_path: Path) -> Path:

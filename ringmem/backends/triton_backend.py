@@ -47,7 +47,7 @@ class TritonBackend(Backend):
 
     def bwd(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
             scale: float, causal: Mask, *, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-        from ..kernels.attention import attention_bwd
+        from ..kernels.backward import attention_bwd
         return attention_bwd(dout, q, k, v, out, lse, scale, as_mask(causal), softcap=softcap)
 
     def decode(self, q: Tensor, k: Tensor, v: Tensor, runs: Sequence[tuple[int, int]],

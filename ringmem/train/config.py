@@ -10,7 +10,7 @@ from ..config import check_ulysses
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Context-parallel training of a causal LM on packed documents (launch/train.py)."""
+    """Context-parallel training of a causal LM on packed documents (ringmem/launch/train.py)."""
     model: str = "smollm2-135m"
     """"smollm2-135m" (bundled), a local transformers checkpoint directory, or
     "random:<config.json>" for a random-init model of that config (tests)."""

@@ -1,6 +1,6 @@
 """torchrun entry: train a small megatron-core GPTModel whose attention is ringmem's ring.
 
-    torchrun --standalone --nproc-per-node 2 launch/train_megatron.py \\
+    torchrun --standalone --nproc-per-node 2 ringmem/launch/train_megatron.py \\
         --config configs/train_megatron_tiny.toml
 
 Mesh: tensor and pipeline parallel 1, data parallel `dp`, context parallel world // dp (the

@@ -237,3 +237,17 @@ def check_index_range(name: str, n: int) -> None:
     if n >= 2**31:
         raise ValueError(f"{name} must be < 2**31, got {n}")
 
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """[B, S, H, D] q, k, v with matching batch, head dim, dtype and a GQA head ratio."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(x.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k/v {tuple(k.shape)}/{tuple(v.shape)} do not match q "
+                         f"{tuple(q.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k heads "
+                         f"({k.shape[2]})")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

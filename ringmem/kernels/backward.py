@@ -20,8 +20,8 @@ from torch import Tensor
 
 from .band import Mask, _band, _key_range, _logits, band_args, scale_args
 from .configs import (TUNE_KEY, Tile, autotune_configs, block_d, check_index_range,
-                      default_tile, dot_precision, interpreting, prune_for, unit_last,
-                      variant)
+                      check_qkv, default_tile, dot_precision, interpreting, prune_for,
+                      unit_last, variant)
 
 DELTA_BLOCK_M = 64
 
@@ -208,7 +208,6 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     """Gradients (fp32) of one block given the *global* out and lse of its query rows;
     mask and softcap as in `attention_fwd`. `dkdv_tile` / `dq_tile` force launch
     configurations (default: autotuned)."""
-    from .attention import check_qkv
     check_qkv(q, k, v)
     if dout.shape != q.shape or out.shape != q.shape:
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must match q "

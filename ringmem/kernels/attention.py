@@ -32,8 +32,8 @@ from torch import Tensor
 
 from .band import Mask, _band, _key_range, _logits, band_args, scale_args
 from .configs import (TUNE_KEY, Tile, autotune_configs, block_d, check_index_range,
-                      default_tile, dot_precision, interpreting, prune_for, unit_last,
-                      variant)
+                      check_qkv, default_tile, dot_precision, interpreting, prune_for,
+                      unit_last, variant)
 
 
 @triton.jit
@@ -154,21 +154,6 @@ def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale
             *args, **meta, **tile.meta())
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """[B, S, H, D] q, k, v with matching batch, head dim, dtype and a GQA head ratio."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, S, H, D], got shape {tuple(x.shape)}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"k/v {tuple(k.shape)}/{tuple(v.shape)} do not match q "
-                         f"{tuple(q.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k heads "
-                         f"({k.shape[2]})")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-
-
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: Mask = False,
                   q_offset: int = 0, k_offset: int = 0, *, softcap: float = 0.0,
                   tile: Tile | None = None) -> tuple[Tensor, Tensor]:
@@ -186,6 +171,5 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: Mask = 
     return out, lse
 
 
-from .backward import attention_bwd  # noqa: E402  (re-export: the backend imports it here)
 
 __all__ = ["attention_bwd", "attention_fwd"]

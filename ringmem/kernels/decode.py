@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .attention import _attend, _finish, _launch_fwd, check_qkv
+from .attention import _attend, _finish, _launch_fwd
+from .configs import check_qkv
 from .configs import (LOG2E, Tile, block_d, check_index_range, decode_tile, dot_precision,
                       unit_last)
 from .merge import merge_rows, merge_stacked

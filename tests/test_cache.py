@@ -232,20 +232,24 @@ def test_prefill_after_a_prefix_some_ranks_lack(world: int) -> None:
     spawn(_short_first_chunk, world, timeout=60)
 
 
-def _decode_inputs_differ(rank: int, world: int, merge: str) -> None:
-    cache = ShardedKVCache(_cfg(merge=merge, num_layers=1, max_seqs=1))
+def _decode_inputs_differ(rank: int, world: int, merge: str, dtype: torch.dtype) -> None:
+    cache = ShardedKVCache(_cfg(merge=merge, num_layers=1, max_seqs=1, dtype=dtype))
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 1, h, D, generator=g, dtype=torch.float64)
-               for h in (HQ, HKV, HKV))
-    cache.decode(0, q, k, v)  # equal on every rank: fine
+    for step in range(4):  # equal on every rank: fine (world 3 once refused this in fp32)
+        q, k, v = (torch.randn(1, 1, h, D, generator=g, dtype=torch.float64).to(dtype) * 10
+                   for h in (HQ, HKV, HKV))
+        cache.decode(0, q, k, v)
     bad = q + (1e-3 if rank == 1 else 0.0)  # one rank decodes another token
     with pytest.raises(ValueError, match="ranks passed different q/k/v to layer 0"):
         cache.decode(0, bad, k, v)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("merge", ["allgather", "allreduce"])
-def test_decode_refuses_inputs_that_differ_across_ranks(merge: str) -> None:
-    spawn(_decode_inputs_differ, 2, merge, timeout=120)
+def test_decode_refuses_inputs_that_differ_across_ranks(merge: str, dtype: torch.dtype,
+                                                         world: int) -> None:
+    spawn(_decode_inputs_differ, world, merge, dtype, timeout=120)
 
 
 def _decode_beside_ring(rank: int, world: int) -> None:

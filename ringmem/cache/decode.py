@@ -51,16 +51,17 @@ def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
     """Exact merge of per-rank partials out [B, Hq, D], lse [B, Hq] (fp32): one all-gather,
     or two all-reduces (max of lse, then the weighted sums). Nothing is read on the host.
 
-    `check` (a `digest`) rides the same collective; the third result is a device flag:
-    True where the ranks' digests differ by more than rounding (1e-6 of the magnitude)."""
+    `check` (a `digest`) rides the same collective (the all-gather, or the max all-reduce as
+    [d, -d]); the third result is a device flag: True where the ranks' digests differ by
+    more than rounding (1e-6 of the magnitude)."""
     if how not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
     if world == 1:
         return out, lse, None
     b, h, d = out.shape
     n = b * h * d
-    extra = [] if check is None else [check]
     if how == "allgather":
+        extra = [] if check is None else [check]
         packed = torch.cat([out.flatten().double(), lse.flatten().double(), *extra])
         rows = gather_rows(packed, group, world, op="decode (merge)")
         outs = rows[:, :n].to(out.dtype).reshape(world, b, h, d)
@@ -70,21 +71,22 @@ def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
             got = rows[:, n + b * h:]
             flag = ((got[:, :2] - got[0, :2]).abs() > 1e-6 * got[:, 2:].amax() + 1e-30).any()
         return (*merge_weighted(outs, lses), flag)
-    m = lse.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    w = torch.exp(lse - safe)  # this rank's weight, 0 where it saw nothing
-    if check is not None:  # mean and mean square: a spread means the ranks differ
-        extra = [check.to(w.dtype), check.to(w.dtype) ** 2]
-    body = torch.cat([(out * w.unsqueeze(-1)).flatten(), w.flatten(), *extra])
-    dist.all_reduce(body, group=group)
-    tot = body[n:n + b * h].reshape(b, h)
-    o = body[:n].reshape(b, h, d) / tot.clamp_min(1e-30).unsqueeze(-1)
+    # The digest rides the max all-reduce as [d, -d]: max and min are exact at any world
+    # size (moments are not: E[x^2] - E[x]^2 in fp32 cancels to noise at world 3).
+    c = [] if check is None else [check.to(lse.dtype), -check.to(lse.dtype)]
+    top = torch.cat([lse.flatten(), *c])
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    m = top[:b * h].reshape(b, h)
     flag = None
     if check is not None:
-        s1, s2 = body[n + b * h:n + b * h + 3] / world, body[n + b * h + 3:] / world
-        spread = (s2[:2] - s1[:2] ** 2).clamp_min(0).sqrt()
-        flag = (spread > 1e-5 * s1[2].abs() + 1e-30).any()  # fp32 sums: a looser bound
+        hi, neg_lo = top[b * h:b * h + 3], top[b * h + 3:]
+        flag = ((hi[:2] + neg_lo[:2]).abs() > 1e-6 * hi[2].abs() + 1e-30).any()
+    safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    w = torch.exp(lse - safe)  # this rank's weight, 0 where it saw nothing
+    body = torch.cat([(out * w.unsqueeze(-1)).flatten(), w.flatten()])
+    dist.all_reduce(body, group=group)
+    tot = body[n:].reshape(b, h)
+    o = body[:n].reshape(b, h, d) / tot.clamp_min(1e-30).unsqueeze(-1)
     return o, torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m), flag
 
 def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,

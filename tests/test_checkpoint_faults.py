@@ -257,8 +257,9 @@ def _null():
     yield
 
 
-def test_cache_save_fault_at_every_point_keeps_previous_checkpoint(tmp_path) -> None:
-    spawn(_cache_faults, 2, str(tmp_path / "ckpt"), timeout=120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_cache_save_fault_at_every_point_keeps_previous_checkpoint(tmp_path, world: int) -> None:
+    spawn(_cache_faults, world, str(tmp_path / "ckpt"), timeout=180)
 
 
 # ---------------------------------------------------------- training checkpoints

@@ -21,7 +21,7 @@ import ringmem
 from ringmem.cli import descendants
 from ringmem.comm import RingComm
 from ringmem.testing import SpawnError, spawn
-from ringmem.timeouts import resolve
+from ringmem.timeouts import _LOST, resolve
 
 pytestmark = pytest.mark.faults
 
@@ -110,16 +110,29 @@ def test_ranks_in_different_operations(case: str) -> None:
         for r in results:
             assert r.error_type == "OperationMismatchError", r
             assert "rank 0: ring_attention, rank 1: unshard" in r.error, r.error
-    elif case == "barrier":  # torch's barrier times out; ringmem's side names the op
-        r0, r1 = results
-        assert "Timed out" in r0.error, r0
-        assert r1.error_type == "CommTimeoutError", r1
-        assert "ring_attention (cross-rank agreement)" in r1.error and "rank 0" in r1.error
     else:
-        for r in results:
-            assert r.error_type == "CommTimeoutError", r
+        # Both ranks wait out the same timeout; the first to give up closes its connections,
+        # so the other may see them close just before its own timeout fires. Either way each
+        # rank's message must be the right one for what it saw, and someone timed out first.
+        timed = [_timed_out(r) for r in results]
+        assert any(timed), results
+        ours = results[1:] if case == "barrier" else results  # rank 0 sits in torch's barrier
+        for r in ours:
             assert "ring_attention (cross-rank agreement)" in r.error, r.error
+            assert case != "barrier" or "rank 0" in r.error, r.error
+            if r.error_type == "CommTimeoutError":
+                assert "gave up at the" in r.error and "timeout" in r.error, r.error
+            else:
+                assert r.error_type == "CommError" and "died or exited" in r.error, r
+        if case == "barrier":
+            r0 = results[0]
+            assert timed[0] or any(s in r0.error.lower() for s in _LOST), r0
     assert max(r.ended for r in results) - min(r.ended for r in results) < T + SLACK
+
+
+def _timed_out(r) -> bool:
+    """The rank gave up on its own timeout (ringmem's error, or torch's for a barrier)."""
+    return r.error_type == "CommTimeoutError" or "timed out" in (r.error or "").lower()
 
 
 def _env() -> dict[str, str]:

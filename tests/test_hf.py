@@ -48,7 +48,7 @@ def _distributed(rank: int, world: int, kind: str, layout: str, **options) -> No
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (4, "stripe")])
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous"), (4, "stripe")])
 def test_distributed_prefill_logits_equal_single_process(kind: str, world: int,
                                                          layout: str) -> None:
     spawn(_distributed, world, kind, layout, timeout=300)
@@ -155,7 +155,7 @@ def _generate(rank: int, world: int, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_generate_equals_single_process(kind: str, world: int) -> None:
     spawn(_generate, world, kind, timeout=300)
 

@@ -116,7 +116,7 @@ def _everything_hot(rank: int, world: int) -> None:
         tiered.close()
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_everything_hot_is_bitwise_the_cache_without_tiers(world: int) -> None:
     spawn(_everything_hot, world, timeout=120)
 
@@ -308,8 +308,9 @@ def _load_other_world(rank: int, world: int, root: str) -> None:
         ShardedKVCache.load(root, _cfg(torch.bfloat16, 2), model_id="test/model")
 
 
-def test_save_load_decode_equals_uninterrupted_decode(tmp_path) -> None:
-    spawn(_save_load, 2, str(tmp_path), timeout=120)
+@pytest.mark.parametrize("world", [2, 3])
+def test_save_load_decode_equals_uninterrupted_decode(tmp_path, world: int) -> None:
+    spawn(_save_load, world, str(tmp_path), timeout=180)
     spawn(_load_other_world, 1, str(tmp_path), timeout=60)
 
 

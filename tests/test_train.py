@@ -1,4 +1,4 @@
-"""Context-parallel training is exact: CP=2, CP=4 and DP=2 x CP=2 give CP=1's loss and
+"""Context-parallel training is exact: CP=2, CP=3, CP=4 and DP=2 x CP=2 give CP=1's loss and
 gradients at step 1 and its loss curve over 20 steps; a stopped and resumed run ends with
 the parameters of an uninterrupted one, bit for bit; bad configs stop before any loading."""
 from __future__ import annotations
@@ -53,7 +53,8 @@ def test_context_parallel_training_is_exact(tmp_path) -> None:
     alt = _run(tmp_path, "cp1_torch", 1, batch=2, backend="torch")
     noise = _max_err(alt["grads"], ref["grads"])
     bound = 8 * noise + 1e-6
-    for name, world, over in (("cp2", 2, dict(batch=2)), ("cp4", 4, dict(batch=2)),
+    for name, world, over in (("cp2", 2, dict(batch=2)), ("cp3", 3, dict(batch=2)),
+                              ("cp4", 4, dict(batch=2)),
                               ("dp2cp2", 4, dict(dp=2, batch=1)),
                               ("cp2_accum", 2, dict(batch=1, grad_accum=2)),
                               ("cp2_ckpt", 2, dict(batch=2, activation_checkpointing=True)),

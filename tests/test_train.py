@@ -107,12 +107,18 @@ def test_resume_continues_exactly(tmp_path) -> None:
     (["--dp", "3"], "dp=3 does not divide the world size 2"),
     (["--seq-len", "250", "--config", "configs/train_smoke.toml"], None),
     (["--data", "/nonexistent.txt"], "data file(s) not found: ['/nonexistent.txt']"),
+    (["--model", "NOTOK"], "has no tokenizer files (one of: tokenizer.json"),
+    (["--model", "random:/nonexistent"], "no config.json in '/nonexistent'"),
+    (["--config", "DIR"], "is a directory, not a TOML file"),
 ])
 def test_bad_train_config_stops_before_loading(args: list[str], message: str | None,
                                                tmp_path) -> None:
     if message is None:  # zigzag needs a multiple of 2 * cp
         args = ["--config", str(_zigzag(tmp_path)), "--seq-len", "250"]
         message = "seq_len=250 is not a multiple of 4"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # no tokenizer files
+    args = [{"NOTOK": str(tmp_path / "model"), "DIR": str(tmp_path)}.get(a, a) for a in args]
     res = _launch("--model", TINY, *args)
     lines = [x for x in res.stderr.splitlines() if x.startswith("train: ")]
     assert res.returncode != 0 and lines and message in lines[0], res.stderr[-2000:]

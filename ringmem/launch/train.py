@@ -63,6 +63,18 @@ def plot(log: Path, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def check_model(model: str) -> None:
+    """A checkpoint directory needs config.json and tokenizer files; random:<dir> needs
+    config.json (its tokenizer is the bundled one): one line here, not one per rank."""
+    from ringmem.demo import models
+    if model.startswith("random:"):
+        where = model.split(":", 1)[1]
+        if not (Path(where).expanduser() / "config.json").is_file():
+            raise ValueError(f"model {model!r}: no config.json in {where!r}")
+    elif model not in (models.BUNDLED, models.GEMMA3):
+        models.check_tokenizer(model)
+
+
 def check(argv: list[str] | None, world: int | None) -> tuple[TrainConfig, bool, int]:
     """(config, resume, stop_at): every check before a process group or model exists (also
     run by the console command before torchrun starts; world None: unknown, elastic)."""
@@ -73,6 +85,7 @@ def check(argv: list[str] | None, world: int | None) -> tuple[TrainConfig, bool,
         raise ValueError(f"--stop-at must be in [1, steps={cfg.steps}], got {stop_at}")
     if world is not None:
         cfg.mesh(world)
+    check_model(cfg.model)
     ckpt = Path(cfg.out_dir) / "checkpoint"
     if resume and not ckpt.is_dir():
         raise ValueError(f"--resume: no checkpoint at {ckpt}")

@@ -4,6 +4,7 @@ the parameters of an uninterrupted one, bit for bit; bad configs stop before any
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -94,13 +95,41 @@ def test_resume_continues_exactly(tmp_path) -> None:
     assert full.returncode == 0, full.stderr[-3000:]
     part = _launch(*common, "--steps", "6", "--stop-at", "3", "--out-dir", str(tmp_path / "part"))
     assert part.returncode == 0, part.stderr[-3000:]
+    _crashed_after_logging(tmp_path / "part" / "log.jsonl", 5)
     again = _launch(*common, "--steps", "6", "--out-dir", str(tmp_path / "part"), "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     a = _params(tmp_path / "full" / "checkpoint", tmp_path / "a.pt")
     b = _params(tmp_path / "part" / "checkpoint", tmp_path / "b.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    log = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 6 and (tmp_path / "part" / "loss.png").is_file()
+    assert _log_steps(tmp_path / "part" / "log.jsonl") == list(range(1, 7))  # each once
+    assert (tmp_path / "part" / "loss.png").is_file()
+
+
+def _crashed_after_logging(log: Path, last: int) -> None:
+    """The log of a run that logged steps past its checkpoint, up to `last`, and died
+    writing the next line (what --resume finds after a crash)."""
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    extra = [{**rows[-1], "step": s} for s in range(rows[-1]["step"] + 1, last + 1)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows + extra) + '{"step": ')
+
+
+def _log_steps(log: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in log.read_text().splitlines()]
+
+
+def test_resume_truncates_the_log_to_the_checkpoint(tmp_path) -> None:
+    """The launcher's log cut (the resume test above runs it end to end)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_launcher",
+                                                  ROOT / "ringmem" / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    _crashed_after_logging(log, 5)
+    module.truncate_log(log, 3)
+    assert _log_steps(log) == [1, 2, 3] and not (tmp_path / "log.jsonl.tmp").exists()
+    module.truncate_log(tmp_path / "absent.jsonl", 3)  # no log yet: nothing to cut
 
 
 @pytest.mark.parametrize("args, message", [

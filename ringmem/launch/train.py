@@ -63,6 +63,25 @@ def plot(log: Path, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def truncate_log(log: Path, step: int) -> None:
+    """Keep the log's steps up to `step` (the checkpoint's), so a resumed run continues it
+    without repeats: a run stopped after its last checkpoint logged steps it will redo.
+    Atomic (a new file, then os.replace): a crash here leaves the old log whole."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the crash
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line + "\n")
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log)
+
+
 def check_model(model: str) -> None:
     """A checkpoint directory needs config.json and tokenizer files; random:<dir> needs
     config.json (its tokenizer is the bundled one): one line here, not one per rank."""
@@ -119,7 +138,9 @@ def job(cfg: TrainConfig, resume: bool, stop_at: int, world: int, dp: int,
     log = out / "log.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if resume:
+            truncate_log(log, run.step)
+        else:
             log.write_text("")
         print(f"train: dp={dp} cp={cp} rows={len(run.rows)} x {cfg.seq_len} tokens, "
               f"from step {run.step}", flush=True)

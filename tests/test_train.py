@@ -195,6 +195,29 @@ def test_ulysses_training_step_equals_ring(tmp_path) -> None:
     assert err <= bound, f"ulysses=2: gradient err {err:.3e} > {bound:.3e}"
 
 
+def test_activation_checkpointing_without_deprecation_warning() -> None:
+    """transformers 5.x deprecates gradient_checkpointing_enable (a warning per rank): the
+    trainer uses activation_checkpointing_enable where it exists, the old name elsewhere."""
+    import warnings
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from ringmem.train.loop import checkpoint_activations
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(ROOT / "configs" / "models" / "llama_tiny"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint_activations(model)
+    assert not [w for w in caught if "deprecated" in str(w.message)], \
+        [str(w.message) for w in caught]
+    assert model.is_gradient_checkpointing
+
+    class Old:  # transformers before activation_checkpointing_enable
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+    old = Old()
+    checkpoint_activations(old)
+    assert old.kwargs == {"use_reentrant": False}
+
+
 def test_train_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown key"):
         from_dict(TrainConfig, {"sequence": 4})

@@ -218,6 +218,13 @@ def test_activation_checkpointing_without_deprecation_warning() -> None:
     assert old.kwargs == {"use_reentrant": False}
 
 
+def test_train_config_files_load() -> None:
+    from ringmem.train.config import load
+    for path in sorted((ROOT / "configs").glob("train_*.toml")):
+        if "megatron" not in path.name:
+            assert isinstance(load(str(path)), TrainConfig), path
+
+
 def test_train_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown key"):
         from_dict(TrainConfig, {"sequence": 4})

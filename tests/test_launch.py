@@ -99,12 +99,17 @@ def test_infer_demo_runs_end_to_end() -> None:
     (["--config", "BINARY"], "is not a TOML file: not UTF-8 text (byte 0)"),
     (["--config", "DIR"], "is a directory, not a TOML file"),
     (["--model", "NOTOK"], "has no tokenizer files (one of: tokenizer.json"),
+    (["--model", "BADTOK", "--document", "DOC"], "its tokenizer does not load: "),
 ])
 def test_infer_rejects_bad_input_before_loading(args: list[str], message: str,
                                                tmp_path) -> None:
     files = {"DIR": tmp_path, "EMPTY": tmp_path / "e.txt", "BINARY": tmp_path / "b.bin",
-             "NOTOK": tmp_path / "model"}
+             "NOTOK": tmp_path / "model", "BADTOK": tmp_path / "bad", "DOC": tmp_path / "d.txt"}
     files["EMPTY"].write_text("  \n")
+    files["DOC"].write_text("hello")
+    files["BADTOK"].mkdir()
+    (files["BADTOK"] / "config.json").write_text("{}")
+    (files["BADTOK"] / "tokenizer.json").write_text("not JSON")  # a damaged tokenizer
     files["BINARY"].write_bytes(bytes([0xff, 0xfe, 0x00, 0x81]) * 10)
     files["NOTOK"].mkdir()
     (files["NOTOK"] / "config.json").write_text("{}")  # weights' config, no tokenizer

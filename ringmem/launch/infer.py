@@ -125,7 +125,13 @@ def check(argv: list[str] | None, world: int | None, prompt: bool = True) -> Inf
     cfg = parse(argv)
     check_inputs(cfg, world)
     if prompt and cfg.document is not None:
-        check_prompt(cfg, models.load_tokenizer(cfg.model))
+        try:
+            tok = models.load_tokenizer(cfg.model)
+        except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"model {cfg.model!r}: its tokenizer does not load: {why}"
+                             ) from None
+        check_prompt(cfg, tok)
     return cfg
 
 

@@ -67,13 +67,21 @@ def check_ulysses(value: object, name: str = "ulysses") -> int | str:
 def load_config(cls: type[T], path: str | Path, **overrides: Any) -> T:
     """Read a TOML file into `cls`; `overrides` (e.g. from the command line) win."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory, not a TOML file")
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    with path.open("rb") as f:
-        try:
-            data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
+    try:
+        text = path.read_bytes().decode("utf-8")  # tomllib would raise UnicodeDecodeError
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not a TOML file: not UTF-8 text "
+                         f"(byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, data, str(path))
 

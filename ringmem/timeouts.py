@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -32,10 +33,50 @@ class CommError(RuntimeError):
                  step: int | None = None, peers: Sequence[int] = ()) -> None:
         super().__init__(message)
         self.op, self.phase, self.step, self.peers = op, phase, step, tuple(peers)
+        exit_on_uncaught_comm_error()  # whatever init the script used, it must not hang
 
 
 class CommTimeoutError(CommError, TimeoutError):
     """A cross-rank wait outlived the timeout: the peer is frozen, gone or elsewhere."""
+
+
+def _from_comm(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it was raised from / during is a CommError."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, CommError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def exit_on_uncaught_comm_error() -> None:
+    """Install (once) a sys.excepthook that, for an uncaught CommError, prints the traceback
+    as usual and then ends the process with `os._exit(1)`.
+
+    Why: the failed wait leaves a gloo send/recv posted to the frozen peer, and the process
+    group's teardown (destroy, abort, or the interpreter's own exit) waits for it for the
+    group's timeout: 30 minutes under a plain `dist.init_process_group`. Skipping teardown
+    is safe here: the process is ending with an error, and torchrun stops its peers.
+    """
+    if getattr(sys.excepthook, "_ringmem", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException,
+             tb: types.TracebackType | None) -> None:
+        previous(kind, value, tb)
+        if _from_comm(value):
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass
+            os._exit(1)
+
+    hook._ringmem = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def resolve(timeout: float | timedelta | None = None, default: float = DEFAULT) -> float:

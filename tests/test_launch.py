@@ -96,17 +96,76 @@ def test_infer_demo_runs_end_to_end() -> None:
     (["--document", "DIR"], "is not a file"),
     (["--document", "EMPTY"], "is empty"),
     (["--document", "BINARY"], "is not UTF-8 text"),
+    (["--config", "BINARY"], "is not a TOML file: not UTF-8 text (byte 0)"),
+    (["--config", "DIR"], "is a directory, not a TOML file"),
+    (["--model", "NOTOK"], "has no tokenizer files (one of: tokenizer.json"),
+    (["--model", "BADTOK", "--document", "DOC"], "its tokenizer does not load: "),
 ])
 def test_infer_rejects_bad_input_before_loading(args: list[str], message: str,
                                                tmp_path) -> None:
-    files = {"DIR": tmp_path, "EMPTY": tmp_path / "e.txt", "BINARY": tmp_path / "b.bin"}
+    files = {"DIR": tmp_path, "EMPTY": tmp_path / "e.txt", "BINARY": tmp_path / "b.bin",
+             "NOTOK": tmp_path / "model", "BADTOK": tmp_path / "bad", "DOC": tmp_path / "d.txt"}
     files["EMPTY"].write_text("  \n")
+    files["DOC"].write_text("hello")
+    files["BADTOK"].mkdir()
+    (files["BADTOK"] / "config.json").write_text("{}")
+    (files["BADTOK"] / "tokenizer.json").write_text("not JSON")  # a damaged tokenizer
     files["BINARY"].write_bytes(bytes([0xff, 0xfe, 0x00, 0x81]) * 10)
+    files["NOTOK"].mkdir()
+    (files["NOTOK"] / "config.json").write_text("{}")  # weights' config, no tokenizer
     args = [str(files.get(a, a)) for a in args]
     res = _ringmem("infer", "--nproc", "1", *args)
     assert res.returncode != 0 and "infer: " in res.stderr and message in res.stderr, \
         res.stderr[-2000:]
+    if str(files["NOTOK"]) in args:  # names the directory
+        assert repr(str(files["NOTOK"])) in res.stderr, res.stderr[-2000:]
+    assert "worker(s) failed" not in res.stderr  # the console's check, before torchrun
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
     assert "Loading weights" not in res.stderr
+
+
+def test_infer_console_counts_the_prompt_as_the_workers_do(tmp_path) -> None:
+    """A document that fits max_context alone but not with the question and the chat
+    template is refused by the console's check, before torchrun (the workers used to)."""
+    require_demo()
+    from ringmem.demo import models
+    tok = models.load_tokenizer()
+    doc = tmp_path / "doc.txt"
+    doc.write_text("In the beginning God created the heaven and the earth. " * 5)
+    alone = len(tok(doc.read_text())["input_ids"])
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"max_context = {alone + 2}\nmax_new_tokens = 1\nhaystack_tokens = 1\n")
+    res = _ringmem("infer", "--nproc", "1", "--config", str(cfg), "--document", str(doc))
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert f"longer than max_context={alone + 2}" in res.stderr, res.stderr[-2000:]
+    assert "worker(s) failed" not in res.stderr, res.stderr[-2000:]  # before torchrun
+
+
+def _prefill_check():
+    import importlib.util
+    # by path, like torchrun runs it (an installed ringmem.launch may be another checkout's)
+    spec = importlib.util.spec_from_file_location("prefill_launcher",
+                                                  ROOT / "ringmem" / "launch" / "prefill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prefill_refuses_a_seq_len_beyond_memory() -> None:
+    """seq_len = 2**42 is one line up front, not a traceback after a 256 TiB allocation."""
+    module = _prefill_check()
+    args = ["--config", "configs/prefill_smoke.toml", "--seq-len", str(2 ** 42)]
+    with pytest.raises(ValueError, match=r"seq_len=4398046511104 is too long for this "
+                                         r"machine: .* = 4\.0 PiB\) before sharding"):
+        module.check(args, 2)
+    cfg = module.check(["--config", "configs/prefill_smoke.toml", "--seq-len", "1024"], 2)
+    module.check_memory(cfg, memory=2 ** 30)  # 1024 tokens: well under 1 GiB
+    with pytest.raises(ValueError, match="more than its 1.0 KiB of memory"):
+        module.check_memory(cfg, memory=1024)
+    res = _ringmem("prefill", "--nproc", "2", *args)
+    assert res.returncode == 1 and res.stderr.startswith("prefill: seq_len=4398046511104"), \
+        res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -163,3 +222,9 @@ def test_bad_infer_config(data: dict, pattern: str) -> None:
 def test_missing_config_file(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_config(PrefillConfig, tmp_path / "nope.toml")
+    with pytest.raises(ValueError, match=f"config file '{tmp_path}' is a directory"):
+        load_config(PrefillConfig, tmp_path)
+    (tmp_path / "b.toml").write_bytes(b"seq_len = 8\n\x81\x00")
+    with pytest.raises(ValueError, match=r"'.*b.toml' is not a TOML file: not UTF-8 text "
+                                         r"\(byte 12\)"):
+        load_config(PrefillConfig, tmp_path / "b.toml")

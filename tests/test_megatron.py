@@ -237,6 +237,42 @@ def test_thd_offsets_map_megatron_padding() -> None:
         thd_cu_seqlens(params([0, 8, 16], kv=[0, 4, 16]), 8, 2, True)
 
 
+def _launcher() -> types.ModuleType:
+    """ringmem/launch/train_megatron.py by path (an installed ringmem may be another
+    checkout's)."""
+    spec = importlib.util.spec_from_file_location(
+        "train_megatron_launcher", ROOT / "ringmem" / "launch" / "train_megatron.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_demo_data_does_not_depend_on_cp(packed: bool) -> None:
+    """The launcher's batch at step s is a function of (seed, step, DP rank): CP=3's, its
+    pads removed, is CP=1's row for row (the pads only align documents to 2 * cp)."""
+    launcher = _launcher()
+    cfg = launcher.TrainMegatronConfig(seq_len=96, batch=2, packed=packed, docs=4)
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    for step in (1, 7):
+        for dp_rank in (0, 1):
+            one, real1, pad1 = launcher.global_batch(cfg, step, dp_rank, 1)
+            three, real3, pad3 = launcher.global_batch(cfg, step, dp_rank, 3)
+            if not packed:
+                assert all(torch.equal(one[k], three[k]) for k in keys)
+                continue
+            assert real1 == real3 == pad1 and real1[-1] == cfg.batch * cfg.seq_len
+            assert all((b - a) % 6 == 0 for a, b in zip(pad3, pad3[1:]))
+            keep = torch.cat([torch.arange(p, p + b - a)
+                              for p, a, b in zip(pad3, real3, real3[1:])])
+            for k in keys:
+                assert torch.equal(three[k][:, keep], one[k]), (step, dp_rank, k)
+            assert three["loss_mask"].sum() == one["loss_mask"].sum()
+    other = launcher.global_batch(cfg, 2, 0, 1)[0]["tokens"]
+    assert not torch.equal(other, launcher.global_batch(cfg, 1, 0, 1)[0]["tokens"])
+
+
 def test_unsupported_options_are_refused() -> None:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -4,6 +4,7 @@ the parameters of an uninterrupted one, bit for bit; bad configs stop before any
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -95,25 +96,59 @@ def test_resume_continues_exactly(tmp_path) -> None:
     assert full.returncode == 0, full.stderr[-3000:]
     part = _launch(*common, "--steps", "6", "--stop-at", "3", "--out-dir", str(tmp_path / "part"))
     assert part.returncode == 0, part.stderr[-3000:]
+    _crashed_after_logging(tmp_path / "part" / "log.jsonl", 5)
     again = _launch(*common, "--steps", "6", "--out-dir", str(tmp_path / "part"), "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     a = _params(tmp_path / "full" / "checkpoint", tmp_path / "a.pt")
     b = _params(tmp_path / "part" / "checkpoint", tmp_path / "b.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    log = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 6 and (tmp_path / "part" / "loss.png").is_file()
+    assert _log_steps(tmp_path / "part" / "log.jsonl") == list(range(1, 7))  # each once
+    assert (tmp_path / "part" / "loss.png").is_file()
+
+
+def _crashed_after_logging(log: Path, last: int) -> None:
+    """The log of a run that logged steps past its checkpoint, up to `last`, and died
+    writing the next line (what --resume finds after a crash)."""
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    extra = [{**rows[-1], "step": s} for s in range(rows[-1]["step"] + 1, last + 1)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows + extra) + '{"step": ')
+
+
+def _log_steps(log: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in log.read_text().splitlines()]
+
+
+def test_resume_truncates_the_log_to_the_checkpoint(tmp_path) -> None:
+    """The launcher's log cut (the resume test above runs it end to end)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_launcher",
+                                                  ROOT / "ringmem" / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    _crashed_after_logging(log, 5)
+    module.truncate_log(log, 3)
+    assert _log_steps(log) == [1, 2, 3] and not (tmp_path / "log.jsonl.tmp").exists()
+    module.truncate_log(tmp_path / "absent.jsonl", 3)  # no log yet: nothing to cut
 
 
 @pytest.mark.parametrize("args, message", [
     (["--dp", "3"], "dp=3 does not divide the world size 2"),
     (["--seq-len", "250", "--config", "configs/train_smoke.toml"], None),
     (["--data", "/nonexistent.txt"], "data file(s) not found: ['/nonexistent.txt']"),
+    (["--model", "NOTOK"], "has no tokenizer files (one of: tokenizer.json"),
+    (["--model", "random:/nonexistent"], "no config.json in '/nonexistent'"),
+    (["--config", "DIR"], "is a directory, not a TOML file"),
 ])
 def test_bad_train_config_stops_before_loading(args: list[str], message: str | None,
                                                tmp_path) -> None:
     if message is None:  # zigzag needs a multiple of 2 * cp
         args = ["--config", str(_zigzag(tmp_path)), "--seq-len", "250"]
         message = "seq_len=250 is not a multiple of 4"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # no tokenizer files
+    args = [{"NOTOK": str(tmp_path / "model"), "DIR": str(tmp_path)}.get(a, a) for a in args]
     res = _launch("--model", TINY, *args)
     lines = [x for x in res.stderr.splitlines() if x.startswith("train: ")]
     assert res.returncode != 0 and lines and message in lines[0], res.stderr[-2000:]
@@ -159,6 +194,36 @@ def test_ulysses_training_step_equals_ring(tmp_path) -> None:
     bound = 8 * _max_err(alt["grads"], ref["grads"]) + 1e-6
     err = _max_err(got["grads"], ref["grads"])
     assert err <= bound, f"ulysses=2: gradient err {err:.3e} > {bound:.3e}"
+
+
+def test_activation_checkpointing_without_deprecation_warning() -> None:
+    """transformers 5.x deprecates gradient_checkpointing_enable (a warning per rank): the
+    trainer uses activation_checkpointing_enable where it exists, the old name elsewhere."""
+    import warnings
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from ringmem.train.loop import checkpoint_activations
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(ROOT / "configs" / "models" / "llama_tiny"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint_activations(model)
+    assert not [w for w in caught if "deprecated" in str(w.message)], \
+        [str(w.message) for w in caught]
+    assert model.is_gradient_checkpointing
+
+    class Old:  # transformers before activation_checkpointing_enable
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+    old = Old()
+    checkpoint_activations(old)
+    assert old.kwargs == {"use_reentrant": False}
+
+
+def test_train_config_files_load() -> None:
+    from ringmem.train.config import load
+    for path in sorted((ROOT / "configs").glob("train_*.toml")):
+        if "megatron" not in path.name:
+            assert isinstance(load(str(path)), TrainConfig), path
 
 
 def test_train_config_errors() -> None:

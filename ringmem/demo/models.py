@@ -131,6 +131,24 @@ def local_path(model: str) -> Path:
     return path
 
 
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("spiece.model",),
+                   ("vocab.json", "merges.txt"), ("vocab.txt",), ("tekken.json",))
+"""Any one of these sets lets AutoTokenizer load from a directory (fast, SentencePiece,
+BPE, WordPiece, Mistral's tekken)."""
+
+
+def check_tokenizer(model: str) -> Path:
+    """`model`, a local checkpoint directory, must hold config.json and tokenizer files;
+    ValueError naming the directory and what is missing (the workers would fail after
+    starting, with a traceback per rank)."""
+    path = local_path(model)
+    if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        wanted = ", ".join(" + ".join(files) for files in TOKENIZER_FILES)
+        raise ValueError(f"model directory {model!r} has no tokenizer files (one of: "
+                         f"{wanted})")
+    return path
+
+
 def load_tokenizer(model: str = BUNDLED) -> Any:
     """The tokenizer alone: for the bundled model, read from the GGUF file until the
     de-quantized copy exists, so prompts can be checked before any weights are built."""

@@ -70,9 +70,20 @@ def check_inputs(cfg: InferConfig, world: int | None) -> Path:
             raise ValueError(f"document {cfg.document!r} holds NUL bytes: not a text file")
         if not text.strip():
             raise ValueError(f"document {cfg.document!r} is empty")
-    if cfg.model != models.BUNDLED:
-        models.local_path(cfg.model)
+    if cfg.model not in (models.BUNDLED, models.GEMMA3):
+        models.check_tokenizer(cfg.model)
     return Path(cfg.document) if cfg.document else Path()
+
+
+def check_prompt(cfg: InferConfig, tok) -> tuple[torch.Tensor, str | None]:
+    """(prompt ids, pass key) of `build_prompt`, or ValueError when longer than
+    max_context: the count the workers see (the document plus the question and the chat
+    template), not the document's alone."""
+    ids, key = build_prompt(cfg, tok)
+    if ids.shape[1] > cfg.max_context:
+        raise ValueError(f"the prompt is {ids.shape[1]} tokens, longer than "
+                         f"max_context={cfg.max_context}")
+    return ids, key
 
 
 def build_prompt(cfg: InferConfig, tok) -> tuple[torch.Tensor, str | None]:
@@ -106,16 +117,28 @@ class _Clock:
         pass
 
 
-def check(argv: list[str] | None, world: int | None) -> InferConfig:
+def check(argv: list[str] | None, world: int | None, prompt: bool = True) -> InferConfig:
+    """The config and its inputs; prompt: also tokenize a document and check its length
+    (the console command, before torchrun; the workers do it once in `job`). The demo
+    haystack needs no check here: `haystack_tokens <= max_context` bounds it."""
+    from ringmem.demo import models
     cfg = parse(argv)
     check_inputs(cfg, world)
+    if prompt and cfg.document is not None:
+        try:
+            tok = models.load_tokenizer(cfg.model)
+        except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"model {cfg.model!r}: its tokenizer does not load: {why}"
+                             ) from None
+        check_prompt(cfg, tok)
     return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = check(argv, world)
+        cfg = check(argv, world, prompt=False)
     except ValueError as e:
         sys.exit(f"infer: {e}")
     with exit_on_comm_error("infer"):
@@ -132,10 +155,7 @@ def job(cfg: InferConfig, world: int) -> None:
     rank, device = dist.get_rank(), "cuda" if cuda else "cpu"
     try:  # the prompt is checked with the tokenizer alone, before any weights exist
         tok = models.load_tokenizer(cfg.model)
-        ids, key = build_prompt(cfg, tok)
-        if ids.shape[1] > cfg.max_context:
-            raise ValueError(f"the prompt is {ids.shape[1]} tokens, longer than "
-                             f"max_context={cfg.max_context}")
+        ids, key = check_prompt(cfg, tok)
     except ValueError as e:
         dist.destroy_process_group()
         sys.exit(f"infer: {e}")

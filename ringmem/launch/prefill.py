@@ -33,11 +33,44 @@ def parse(argv: list[str] | None = None) -> PrefillConfig:
     return load_config(PrefillConfig, args.config, **over)
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(cfg: PrefillConfig, memory: int | None = None) -> None:
+    """Each rank builds the global q, k and v on the host before sharding them: refuse a
+    config whose three tensors alone exceed the machine's memory (a lower bound on what
+    the job needs, so no config that could run is refused), instead of a traceback after
+    the allocation fails."""
+    memory = physical_memory() if memory is None else memory
+    width = torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    need = cfg.batch * cfg.seq_len * (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim * width
+    if memory is not None and need > memory:
+        raise ValueError(
+            f"seq_len={cfg.seq_len} is too long for this machine: each rank builds the "
+            f"global q, k, v (batch {cfg.batch} x seq_len {cfg.seq_len} x ({cfg.heads} + "
+            f"2 x {cfg.kv_heads}) heads x head_dim {cfg.head_dim} x {width} bytes = "
+            f"{_size(need)}) before sharding, more than its {_size(memory)} of memory")
+
+
 def check(argv: list[str] | None, world: int | None) -> PrefillConfig:
     """The config and everything checkable without a process group (also run by the
     console command before torchrun starts); world None: unknown (elastic)."""
     cfg = parse(argv)
     resolve(cfg.timeout)  # a malformed RINGMEM_TIMEOUT fails here, not in every rank
+    check_memory(cfg)
     if world is not None:
         if cfg.world_size is not None and cfg.world_size != world:
             raise ValueError(f"config asks for world_size={cfg.world_size}, torchrun "

@@ -63,6 +63,37 @@ def plot(log: Path, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def truncate_log(log: Path, step: int) -> None:
+    """Keep the log's steps up to `step` (the checkpoint's), so a resumed run continues it
+    without repeats: a run stopped after its last checkpoint logged steps it will redo.
+    Atomic (a new file, then os.replace): a crash here leaves the old log whole."""
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the crash
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line + "\n")
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log)
+
+
+def check_model(model: str) -> None:
+    """A checkpoint directory needs config.json and tokenizer files; random:<dir> needs
+    config.json (its tokenizer is the bundled one): one line here, not one per rank."""
+    from ringmem.demo import models
+    if model.startswith("random:"):
+        where = model.split(":", 1)[1]
+        if not (Path(where).expanduser() / "config.json").is_file():
+            raise ValueError(f"model {model!r}: no config.json in {where!r}")
+    elif model not in (models.BUNDLED, models.GEMMA3):
+        models.check_tokenizer(model)
+
+
 def check(argv: list[str] | None, world: int | None) -> tuple[TrainConfig, bool, int]:
     """(config, resume, stop_at): every check before a process group or model exists (also
     run by the console command before torchrun starts; world None: unknown, elastic)."""
@@ -73,6 +104,7 @@ def check(argv: list[str] | None, world: int | None) -> tuple[TrainConfig, bool,
         raise ValueError(f"--stop-at must be in [1, steps={cfg.steps}], got {stop_at}")
     if world is not None:
         cfg.mesh(world)
+    check_model(cfg.model)
     ckpt = Path(cfg.out_dir) / "checkpoint"
     if resume and not ckpt.is_dir():
         raise ValueError(f"--resume: no checkpoint at {ckpt}")
@@ -106,7 +138,9 @@ def job(cfg: TrainConfig, resume: bool, stop_at: int, world: int, dp: int,
     log = out / "log.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if resume:
+            truncate_log(log, run.step)
+        else:
             log.write_text("")
         print(f"train: dp={dp} cp={cp} rows={len(run.rows)} x {cfg.seq_len} tokens, "
               f"from step {run.step}", flush=True)

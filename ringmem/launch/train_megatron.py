@@ -33,13 +33,14 @@ DTYPES = ("float32", "bfloat16")
 class TrainMegatronConfig:
     """A few training steps of a tiny GPTModel with context parallelism (train_megatron.py)."""
     seq_len: int = 256
-    """Tokens of one sample (packed: of one row of documents), split over the CP ranks."""
+    """Tokens of one sample (packed: real tokens of one row of documents, each document then
+    padded to a multiple of 2 * cp for the CP split), split over the CP ranks."""
     batch: int = 2
     """Samples per data-parallel rank per step (packed: rows, concatenated into one THD row)."""
     packed: bool = False
     """Feed packed documents (THD, packed_seq_params) instead of whole samples."""
     docs: int = 3
-    """Documents per packed row (random lengths, padded to multiples of 2 * cp)."""
+    """Documents per packed row (random lengths, each padded to a multiple of 2 * cp)."""
     data: str = "pattern"
     """"pattern": arithmetic runs of tokens (learnable: the loss falls); "random": uniform."""
     layers: int = 2
@@ -104,12 +105,12 @@ def mesh(cfg: TrainMegatronConfig, world: int) -> tuple[int, int]:
         raise ValueError(f"ulysses={cfg.ulysses} does not divide the context-parallel degree "
                          f"cp={cp}")
     chunk = 2 * cp if cp > 1 else 1
-    if cfg.seq_len % chunk:
+    if not cfg.packed and cfg.seq_len % chunk:  # packed documents are padded instead
         raise ValueError(f"seq_len={cfg.seq_len} must be divisible by 2*cp={chunk} (Megatron "
                          f"splits every sequence into 2*cp chunks)")
-    if cfg.packed and cfg.docs * chunk > cfg.seq_len:
-        raise ValueError(f"docs={cfg.docs} documents of at least 2*cp={chunk} tokens each do "
-                         f"not fit in seq_len={cfg.seq_len}")
+    if cfg.packed and cfg.docs > cfg.seq_len:
+        raise ValueError(f"docs={cfg.docs} documents of at least one token each do not fit "
+                         f"in seq_len={cfg.seq_len}")
     return cfg.dp, cp
 
 
@@ -147,37 +148,48 @@ def _row(cfg: TrainMegatronConfig, g: torch.Generator, n: int) -> torch.Tensor:
     return (start + (stride % 7 + 1) * torch.arange(n + 1)) % cfg.vocab
 
 
-def _doc_lengths(cfg: TrainMegatronConfig, g: torch.Generator, chunk: int) -> list[int]:
-    """`docs` padded lengths, multiples of `chunk`, summing to seq_len."""
-    units = cfg.seq_len // chunk
-    cuts = sorted(torch.randperm(units - 1, generator=g)[:cfg.docs - 1].add(1).tolist())
-    return [(b - a) * chunk for a, b in zip([0, *cuts], [*cuts, units])]
+def _doc_lengths(cfg: TrainMegatronConfig, g: torch.Generator) -> list[int]:
+    """`docs` real lengths (>= 1 token each) summing to seq_len."""
+    cuts = sorted(torch.randperm(cfg.seq_len - 1, generator=g)[:cfg.docs - 1].add(1).tolist())
+    return [b - a for a, b in zip([0, *cuts], [*cuts, cfg.seq_len])]
+
+
+def documents(cfg: TrainMegatronConfig, step: int, dp_rank: int) -> list[list[torch.Tensor]]:
+    """The data of `step` on data-parallel rank `dp_rank`: per row, its documents (n + 1
+    tokens each: inputs and shifted labels). A function of (seed, step, dp_rank) alone,
+    so runs at any CP degree train on the same tokens (the CP split only pads them)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + dp_rank)
+    if not cfg.packed:
+        return [[_row(cfg, g, cfg.seq_len)] for _ in range(cfg.batch)]
+    return [[_row(cfg, g, n) for n in _doc_lengths(cfg, g)] for _ in range(cfg.batch)]
 
 
 def global_batch(cfg: TrainMegatronConfig, step: int, dp_rank: int,
                  cp: int) -> tuple[dict[str, torch.Tensor], list[int] | None, list[int] | None]:
     """This data-parallel rank's batch of `step` before the CP split, and for packed data
-    the real and padded document offsets (flash-attn cu_seqlens) of the THD row."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + dp_rank)
+    the real and padded document offsets (flash-attn cu_seqlens) of the THD row. Packed
+    documents are padded to multiples of 2 * cp (the THD split's chunks); pads are masked
+    out of the loss, so the tokens trained on do not depend on cp."""
+    rows = documents(cfg, step, dp_rank)
     if not cfg.packed:
-        rows = torch.stack([_row(cfg, g, cfg.seq_len) for _ in range(cfg.batch)])
-        return {"tokens": rows[:, :-1], "labels": rows[:, 1:],
+        t = torch.stack([docs[0] for docs in rows])
+        return {"tokens": t[:, :-1], "labels": t[:, 1:],
                 "loss_mask": torch.ones(cfg.batch, cfg.seq_len),
                 "position_ids": torch.arange(cfg.seq_len).repeat(cfg.batch, 1)}, None, None
     chunk = 2 * cp if cp > 1 else 1
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("tokens", "labels", "loss_mask",
                                                             "position_ids")}
     real, padded = [0], [0]
-    for _ in range(cfg.batch):
-        for size in _doc_lengths(cfg, g, chunk):
-            n = size - int(torch.randint(0, chunk, (1,), generator=g))  # real tokens
-            t, pad = _row(cfg, g, n), torch.zeros(size - n, dtype=torch.long)
-            parts["tokens"].append(torch.cat([t[:-1], pad]))
-            parts["labels"].append(torch.cat([t[1:], pad]))
-            parts["loss_mask"].append(torch.cat([torch.ones(n), torch.zeros(size - n)]))
-            parts["position_ids"].append(torch.arange(size))
-            real.append(real[-1] + n)
-            padded.append(padded[-1] + size)
+    for t in (doc for docs in rows for doc in docs):
+        n = len(t) - 1  # real tokens
+        size = -(-n // chunk) * chunk
+        pad = torch.zeros(size - n, dtype=torch.long)
+        parts["tokens"].append(torch.cat([t[:-1], pad]))
+        parts["labels"].append(torch.cat([t[1:], pad]))
+        parts["loss_mask"].append(torch.cat([torch.ones(n), torch.zeros(size - n)]))
+        parts["position_ids"].append(torch.arange(size))
+        real.append(real[-1] + n)
+        padded.append(padded[-1] + size)
     return {k: torch.cat(v)[None] for k, v in parts.items()}, real, padded
 
 

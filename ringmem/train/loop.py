@@ -66,6 +66,17 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def checkpoint_activations(model: Any) -> None:
+    """Activation checkpointing (non-reentrant) through `activation_checkpointing_enable`
+    where transformers has it (5.x: `gradient_checkpointing_enable` warns on every rank
+    that it is deprecated), else the older name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build(cfg: TrainConfig, world: int) -> Run:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -80,7 +91,7 @@ def build(cfg: TrainConfig, world: int) -> Run:
                                               layout=cfg.layout, schedule=cfg.schedule,
                                               ulysses=cfg.ulysses, backend=cfg.backend))
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     flat = mesh["dp", "cp"]._flatten("dp_cp")
     for layer in model.model.layers:
         fully_shard(layer, mesh=flat)

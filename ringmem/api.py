@@ -10,6 +10,7 @@ from torch import Tensor
 from .agree import agree
 from .backends import check_backend_name, get_backend
 from .comm import CommStats, Group, RingComm
+from .arguments import dtype_error, flag_error, positive_number
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
 from .partial import acc_dtype
@@ -40,8 +41,7 @@ def check_extras(q: Tensor, sinks: object, softcap: object) -> float:
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be a positive float or None, got {softcap!r}")
-        if not math.isfinite(softcap) or softcap <= 0:
-            raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
+        positive_number("softcap", softcap)
     if sinks is not None:
         if not isinstance(sinks, Tensor):
             raise TypeError(f"sinks must be a torch.Tensor of shape [Hq] or None, got "
@@ -83,8 +83,9 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             return None, 1, TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(causal, bool):
-        return None, 1, TypeError(f"causal must be a bool, got {causal!r}")
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if flag_error(name, flag):
+            return None, 1, flag_error(name, flag)
     if softmax_scale is not None and (isinstance(softmax_scale, bool)
                                       or not isinstance(softmax_scale, (int, float))):
         return None, 1, TypeError(f"softmax_scale must be a float or None, got "
@@ -103,6 +104,8 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
                 raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
         if not (q.dtype == k.dtype == v.dtype):
             raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if dtype_error("q", q.dtype):  # float8: before any backend trips over it
+            raise dtype_error("q", q.dtype)
         if not (q.device == k.device == v.device):
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, "
                              f"{v.device}")
@@ -130,10 +133,9 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
         if err:
             raise ValueError(f"q.shape[1]={sq}: {err}")
         cap = check_extras(q, sinks, softcap)
-        scale = 1.0 / math.sqrt(dq) if softmax_scale is None else float(softmax_scale)
-        if not math.isfinite(scale) or scale < _TINY:  # a subnormal scale gives NaN
-            raise ValueError(f"softmax_scale must be a positive finite number (>= {_TINY:.3g}"
-                             f"), got {softmax_scale!r}")
+        # >= the smallest normal float: a subnormal scale gives NaN
+        scale = (1.0 / math.sqrt(dq) if softmax_scale is None
+                 else positive_number("softmax_scale", softmax_scale, _TINY))
         impl = get_backend(backend, q.device, q.dtype, dq, bands=mask.window[0] >= 0,
                            softcap=cap > 0)
         ic = resolve_interconnect(interconnect, q.device.type)

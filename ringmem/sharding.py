@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .agree import agree
 from .comm import Group, gather_rows, group_rank_world
+from .arguments import check_flag
 from .layouts import check_layout, global_permutation, local_len_error, positions, split_len
 from .mesh import sequence_rank
 from .packing import Packing, normalize, padded_len, position_ids, rows_of, source_index
@@ -68,6 +69,7 @@ def shard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag
     """
     dim = _check_dim(x, dim)
     check_layout(layout)
+    check_flag("return_position_ids", return_position_ids)
     _, rank, world = sequence_rank(group, mesh)
     docs, local = _packing(x, dim, cu_seqlens, layout, x.shape[dim], world)
     if return_position_ids and docs is None:

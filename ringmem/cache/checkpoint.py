@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import generations
+from ..arguments import check_flag
 from .tiers.persist import load_shard, save_shard
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
     across ranks (collective, `generations.save`); returns this rank's shard manifest."""
     def prepare() -> tuple[dict[str, Any], list[dict]]:
         _model_id(model_id)
+        check_flag("fsync", fsync)
         c, st = cache.config, cache.stores
         layers = [{"k": s.k, "v": s.v, "pos": s.pos, "score": s.score} for s in st]
         tiers = []

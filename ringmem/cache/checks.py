@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..arguments import positive_number
+
 if TYPE_CHECKING:
     from .config import CacheConfig
 
@@ -39,8 +41,7 @@ def check_scale(softmax_scale: object, head_dim: int) -> float:
     """The softmax scale: 1 / sqrt(head_dim) by default, else a positive finite number."""
     if softmax_scale is None:
         return 1 / math.sqrt(head_dim)
-    if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
-            or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise ValueError(f"softmax_scale must be a positive finite number, got "
                          f"{softmax_scale!r}")
-    return float(softmax_scale)
+    return positive_number("softmax_scale", softmax_scale)

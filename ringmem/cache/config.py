@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import get_backend
+from ..arguments import dtype_error
 from ..layouts import check_layout
 
 MERGES = ("allgather", "allreduce")
@@ -55,6 +56,8 @@ class CacheConfig:
                              f"kv_heads={self.kv_heads}")
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        if dtype_error("the cache", self.dtype):
+            raise dtype_error("the cache", self.dtype)
         check_layout(self.layout)
         w = self.windows
         if not isinstance(w, tuple) or not all(isinstance(x, int) and not isinstance(x, bool)

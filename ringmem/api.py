@@ -259,8 +259,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
 
     Returns out [B, S_local, Hq, D] in q's dtype (and lse, sinks included). Differentiable
     in q, k, v (and sinks). Rows that see no key (pads) give out 0 and lse -inf. Non-finite
-    inputs propagate on every backend: a row is NaN if its query row holds NaN/inf or a
-    key/value it sees holds NaN (an inf key or value follows IEEE arithmetic).
+    inputs give the same result on every backend and at every world size: a row's out and
+    lse are NaN iff its query row, or a key or value it sees, holds NaN or inf (a key full
+    of -inf is not a mask: use cu_seqlens or window for that).
     Every rank must call with the same shapes, dtype and options: a difference raises the
     same ValueError on every rank.
 

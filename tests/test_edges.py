@@ -4,6 +4,8 @@ at every world size and backend, non-finite K/V refused by the cache, and clear 
 that differ across ranks)."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -66,3 +68,49 @@ def test_bad_softmax_scale_names_the_argument(scale: object) -> None:
         cache.prefill_chunk(0, *_qkv(4, dtype=torch.float64), softmax_scale=scale)
     with pytest.raises(ValueError, match="softcap must be a positive finite.*digits"):
         ring_attention(q, k, v, softcap=10 ** 400, backend="torch")
+
+
+# ---------------------------------------------------------------- the non-finite rule
+def _nonfinite_rule(rank: int, world: int, backends: tuple[str, ...] = ("torch", "sdpa")
+                    ) -> None:
+    """k = -inf everywhere: every row NaN. One -inf key component: exactly the rows that
+    see that key are NaN; every other row equals the float64 reference."""
+    q, k, v = _qkv()
+    for backend, causal in ((b, c) for b in backends for c in (True, False)):
+        bad = torch.full_like(k, float("-inf"))
+        out, lse = ring_attention(*(shard(t) for t in (q, bad, v)), causal=causal,
+                                  backend=backend, return_lse=True)
+        assert out.isnan().all() and lse.isnan().all(), (world, backend, causal)
+        k1 = k.clone()
+        k1[0, 5, 1, 0] = float("-inf")  # key 5 of KV head 1 (query heads 2, 3)
+        out, lse = ring_attention(*(shard(t) for t in (q, k1, v)), causal=causal,
+                                  backend=backend, return_lse=True)
+        keep = torch.ones(12, 12, dtype=torch.bool)
+        keep = keep.tril() if causal else keep
+        ref, ref_lse = masked_reference(q.double(), k.double(), v.double(), keep)
+        base, _ = masked_reference(q, k, v, keep)
+        want = torch.zeros(1, 12, HQ, dtype=torch.bool)
+        want[0, 5 if causal else 0:, 2:] = True  # rows that see key 5 in heads 2, 3
+        ref, base, want = (shard(t) for t in (ref, base, want))
+        assert torch.equal(out.isnan().any(-1), want), (world, backend, causal)
+        assert torch.equal(lse.isnan(), want.transpose(1, 2))
+        fine = ~want
+        fail = check_close(f"finite rows w{world} {backend}", out[fine], ref[fine],
+                           base[fine], torch.float32)
+        assert fail is None, fail
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_nonfinite_rule_every_world_and_backend(world: int) -> None:
+    """Backends torch and sdpa, causal and not (one spawn per world: spawns are slow)."""
+    if world == 1:
+        _nonfinite_rule(0, 1)
+    else:
+        spawn(_nonfinite_rule, world, timeout=90)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_nonfinite_rule_triton() -> None:
+    """The Triton kernels (the interpreter on CPU) follow the same rule."""
+    _nonfinite_rule(0, 1, ("triton",))

@@ -114,3 +114,57 @@ def test_nonfinite_rule_every_world_and_backend(world: int) -> None:
 def test_nonfinite_rule_triton() -> None:
     """The Triton kernels (the interpreter on CPU) follow the same rule."""
     _nonfinite_rule(0, 1, ("triton",))
+
+
+# ---------------------------------------------------------------- non-finite K/V and the cache
+def _nonfinite_refused(rank: int, world: int) -> None:
+    """A NaN/inf in k or v (on one rank's shard at prefill, in the token at decode) is
+    refused on every rank before anything is stored; the next good step is exact."""
+    g = torch.Generator().manual_seed(3)
+    Q, K, V = (torch.randn(1, 13, h, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV))
+    cache, fresh = _cache(), _cache()
+    for c in (cache, fresh):
+        c.prefill_chunk(0, *(c.shard_chunk(t[:, :8]) for t in (Q, K, V)))
+    bad = K[:, 8:12].clone()
+    bad[0, 1, 0, 3] = float("inf")  # chunk token 1: rank 1's shard at world 2 (stripe)
+    parts = [cache.shard_chunk(t) for t in (Q[:, 8:12], bad, V[:, 8:12])]
+    counts = cache.rank_counts(0, 0)
+    mine = rank == 1 or world == 1
+    with pytest.raises(ValueError, match="k holds NaN or inf at 1 token.*position 9.*nothing "
+                       "was stored" if mine else r"rank\(s\) \[1\] rejected"):
+        cache.prefill_chunk(0, *parts)
+    assert cache.rank_counts(0, 0) == counts
+    for c in (cache, fresh):  # the good chunk after the refused one
+        c.prefill_chunk(0, *(c.shard_chunk(t[:, 8:12]) for t in (Q, K, V)))
+    step = [t[:, 12:13] for t in (Q, K, V)]
+    for name, i in (("k", 1), ("v", 2)):
+        poisoned = list(step)
+        poisoned[i] = step[i].clone()
+        poisoned[i][0, 0, 1, 2] = float("nan")
+        with pytest.raises(ValueError, match=f"{name} holds NaN or inf.*nothing was stored"):
+            cache.decode(0, *poisoned)
+        assert cache.rank_counts(0, 0) == fresh.rank_counts(0, 0)
+    got, ref = cache.decode(0, *step), fresh.decode(0, *step)
+    assert torch.equal(got, ref)  # bit for bit: nothing of the refused steps remains
+    exact, _ = reference_attention(Q[:, 12:13], K, V, causal=False)
+    low, _ = reference_attention(*(t.float() for t in (Q[:, 12:13], K, V)), causal=False)
+    fail = check_close("decode after refusals", got, exact, low, torch.float32)
+    assert fail is None, fail
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_nonfinite_kv_refused_by_cache_and_nothing_stored(world: int) -> None:
+    if world == 1:
+        _nonfinite_refused(0, 1)
+    else:
+        spawn(_nonfinite_refused, world, timeout=90)
+
+
+def test_cache_finiteness_check_can_be_turned_off() -> None:
+    with pytest.raises(TypeError, match="check_finite must be a bool, got 1"):
+        _cache(check_finite=1)
+    cache = _cache(check_finite=False)
+    q, k, v = _qkv(4, dtype=torch.float64)
+    k[0, 0, 0, 0] = float("nan")
+    cache.prefill_chunk(0, q, k, v)  # the caller owns finiteness: stored as given
+    assert cache.rank_counts(0, 0) == [4]

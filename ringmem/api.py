@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .agree import agree
 from .backends import check_backend_name, get_backend
-from .comm import CommStats, Group, RingComm
+from .comm import CommStats, Group, RingComm, device_error
 from .arguments import dtype_error, flag_error, positive_number
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
@@ -180,7 +180,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, spec: RingSpec,
                 group: Group, stats: CommStats | None):
-        out, lse = ring_forward(q, k, v, spec, RingComm(group, "fwd", stats, q.device))
+        comm = RingComm(group, "fwd", stats, q.device)
+        if any(ctx.needs_input_grad[:4]):  # the backward's return channel, made while every
+            comm.prepare_returns()  # rank is in this call: a skipped backward cannot strand
+        out, lse = ring_forward(q, k, v, spec, comm)  # its peers in new_group's raw wait
         if sinks is not None:
             out, lse = _with_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
@@ -280,6 +283,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                                    sinks, softcap, ulysses, fixed, return_lse)
     except Exception as e:  # noqa: BLE001 (re-raised by agree, after the exchange)
         spec, u, error = None, 1, e
+    if world > 1 and error is None:  # the ring's groups must carry q's device
+        for g in ((group,) if sp is None else (sp.ulysses_group, sp.ring_group)):
+            error = error or device_error(g, q.device)
     if world > 1:
         fields = {
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),

@@ -168,3 +168,36 @@ def test_cache_finiteness_check_can_be_turned_off() -> None:
     k[0, 0, 0, 0] = float("nan")
     cache.prefill_chunk(0, q, k, v)  # the caller owns finiteness: stored as given
     assert cache.rank_counts(0, 0) == [4]
+
+
+# ---------------------------------------------------------------- a skipped backward
+def _skipped_backward(rank: int, world: int, schedule: str) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(8))
+    out = ring_attention(*(shard(t.detach()).requires_grad_() for t in (q, k, v)),
+                         schedule=schedule, backend="torch")
+    if rank == 0:  # rank 1 never calls backward
+        out.sum().backward()
+
+
+def _lazy_return_group(rank: int, world: int) -> None:
+    from ringmem.comm import RingComm
+    if rank == 0:  # a return channel only rank 0 asks for
+        RingComm(None, "bwd", op="ring_attention").prepare_returns()
+
+
+@pytest.mark.parametrize("case", ["kv", "lazy"])
+def test_skipped_backward_is_a_comm_timeout_naming_the_op(case: str) -> None:
+    """The return channel's group is made in the forward (every rank is there), so a
+    skipped backward times out in ringmem's own wait; a group still made lazily names
+    the op too, never torch's bare "Wait timeout"."""
+    from ringmem.testing import SpawnError
+    with pytest.raises(SpawnError) as info:
+        if case == "lazy":
+            spawn(_lazy_return_group, 2, timeout=60, pg_timeout=2.0, grace=0.5)
+        else:
+            spawn(_skipped_backward, 2, case, timeout=60, pg_timeout=2.0, grace=0.5)
+    r0 = info.value.results[0]
+    assert r0.error_type == "CommTimeoutError", r0.summary()
+    assert r0.error.startswith("ring_attention (bwd"), r0.summary()
+    if case == "lazy":
+        assert "creating the return channel's process group" in r0.error, r0.summary()

@@ -201,3 +201,37 @@ def test_skipped_backward_is_a_comm_timeout_naming_the_op(case: str) -> None:
     assert r0.error.startswith("ring_attention (bwd"), r0.summary()
     if case == "lazy":
         assert "creating the return channel's process group" in r0.error, r0.summary()
+
+
+# ---------------------------------------------------------------- a full disk
+def _disk_full(rank: int, world: int) -> None:
+    import errno
+    import tempfile
+
+    import ringmem.cache.tiers.records as records
+    from ringmem.cache import TierPolicy
+    from ringmem.eviction import EvictionPolicy, StreamingLLM
+    cache = ShardedKVCache(
+        CacheConfig(num_layers=1, q_heads=HQ, kv_heads=HKV, head_dim=D, capacity=64,
+                    page_size=4, dtype=torch.float32),
+        eviction=EvictionPolicy(scorer=StreamingLLM(), budget=8, sinks=1, recent=2),
+        tiers=TierPolicy(host_pages=1, disk_pages=64, disk_dir=tempfile.mkdtemp(), recall=4))
+    q, k, v = _qkv(32)
+    for lo in range(0, 32, 8):
+        cache.prefill_chunk(0, *(cache.shard_chunk(t[:, lo:lo + 8]) for t in (q, k, v)))
+    if rank == 1:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        records.open = full  # write_record's open(): shadows the builtin in that module
+    with pytest.raises((OSError, ValueError)) as info:
+        cache.compress()
+    if rank == 1:
+        e = info.value
+        assert isinstance(e, OSError) and e.errno == errno.ENOSPC, repr(e)
+        assert "disk tier: spilling page (layer 0" in str(e) and ".page: No space" in str(e), e
+    else:
+        assert "rank(s) [1]" in str(info.value), info.value
+
+
+def test_disk_full_names_the_file_and_errors_on_every_rank() -> None:
+    spawn(_disk_full, 2, timeout=90, pg_timeout=20.0)

@@ -235,3 +235,66 @@ def _disk_full(rank: int, world: int) -> None:
 
 def test_disk_full_names_the_file_and_errors_on_every_rank() -> None:
     spawn(_disk_full, 2, timeout=90, pg_timeout=20.0)
+
+
+# ---------------------------------------------------------------- cross-rank mismatches
+def _agreed_errors(rank: int, world: int) -> None:
+    """Errors found on one rank, or only by comparing ranks, at world 2 (one spawn)."""
+    q, k, v = _qkv(8, seed=rank)
+    # a flag: rank 1's string is truthy like rank 0's True, only the type check refuses it
+    want = "return_lse must be a bool.*'yes'" if rank == 1 else r"rank\(s\) \[1\] rejected"
+    with pytest.raises((TypeError, ValueError), match=want):
+        ring_attention(q, k, v, return_lse="yes" if rank == 1 else True)
+    # meta tensors: the device is named before any transfer
+    with pytest.raises(ValueError, match="q is on device meta.*cannot communicate"):
+        ring_attention(*(t.to("meta") for t in (q, k, v)))
+    # cu_seqlens that differ: the values, not hashes (long ones cut, with a digest)
+    cu = [0, 4 + 4 * rank, 16]
+    with pytest.raises(ValueError, match=r"cu_seqlens \(rank 0: \[0, 4, 16\], rank 1: "
+                                         r"\[0, 8, 16\]\)"):
+        ring_attention(q, k, v, cu_seqlens=cu, layout="contiguous", backend="torch")
+    long = list(range(0, 401)) if rank == 0 else list(range(0, 399)) + [400]
+    with pytest.raises(ValueError, match=r"cu_seqlens \(rank 0: \[0, 1, .*, 399, 400\] "
+                                         r"\(401 offsets, digest [0-9a-f]+\), rank 1: "):
+        ring_attention(*(torch.randn(1, 200, h, D) for h in (HQ, HKV, HKV)),
+                       cu_seqlens=long, layout="contiguous", backend="torch")
+
+
+def test_errors_at_world_2_are_clear_on_every_rank() -> None:
+    """A non-bool flag on one rank, meta tensors, cu_seqlens differing across ranks."""
+    spawn(_agreed_errors, 2, timeout=60)
+
+
+def _mixed_saves(rank: int, world: int, root: str) -> None:
+    import shutil
+
+    import torch.distributed as dist
+
+    from ringmem.generations import current
+    cache = _cache()
+    q, k, v = _qkv(8, dtype=torch.float64)
+    cache.prefill_chunk(0, *(cache.shard_chunk(t) for t in (q, k, v)))
+    with pytest.raises(TypeError, match="fsync must be a bool, got 'yes'"):
+        cache.save(f"{root}/A", model_id="m", fsync="yes")
+    cache.save(f"{root}/A", model_id="m")
+    cache.prefill_chunk(0, *(cache.shard_chunk(t[:, :4]) for t in (q, k, v)))
+    cache.save(f"{root}/B", model_id="m")
+    dist.barrier()
+    if rank == 0:  # rank 1's shard of save A swapped for its shard of save B
+        a, b = current(f"{root}/A"), current(f"{root}/B")
+        for p in b.glob("rank00001*"):
+            if p.is_dir():
+                shutil.rmtree(a / p.name)
+                shutil.copytree(p, a / p.name)
+            else:
+                shutil.copy(p, a / p.name)
+    dist.barrier()
+    with pytest.raises(ValueError, match=r"shard files under .*A come from different saves.*"
+                       r"rank 0: .*A/gen-000001 \(state [0-9a-f]{8}\), rank 1: "
+                       r".*B/gen-000001 \(state [0-9a-f]{8}\)"):
+        ShardedKVCache.load(f"{root}/A", cache.config, model_id="m")
+    ShardedKVCache.load(f"{root}/B", cache.config, model_id="m")  # one save: loads
+
+
+def test_checkpoint_files_from_two_saves_say_so(tmp_path) -> None:
+    spawn(_mixed_saves, 2, str(tmp_path), timeout=90)

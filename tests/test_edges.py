@@ -197,7 +197,9 @@ def test_skipped_backward_is_a_comm_timeout_naming_the_op(case: str) -> None:
         else:
             spawn(_skipped_backward, 2, case, timeout=60, pg_timeout=2.0, grace=0.5)
     r0 = info.value.results[0]
-    assert r0.error_type == "CommTimeoutError", r0.summary()
+    # a timeout, or (when rank 1 gave up at the closing barrier first) its closed
+    # connection: either way ringmem's error naming the op, never a bare RuntimeError
+    assert r0.error_type in ("CommTimeoutError", "CommError"), r0.summary()
     assert r0.error.startswith("ring_attention (bwd"), r0.summary()
     if case == "lazy":
         assert "creating the return channel's process group" in r0.error, r0.summary()

@@ -141,7 +141,8 @@ def _nonfinite_refused(rank: int, world: int) -> None:
         poisoned = list(step)
         poisoned[i] = step[i].clone()
         poisoned[i][0, 0, 1, 2] = float("nan")
-        with pytest.raises(ValueError, match=f"{name} holds NaN or inf.*nothing was stored"):
+        with pytest.raises(ValueError, match=f"decode \\(layer 0\\): {name} holds NaN or inf "
+                           f"at 1 token\\(s\\) \\(first at sequence 0\\).*nothing was stored"):
             cache.decode(0, *poisoned)
         assert cache.rank_counts(0, 0) == fresh.rank_counts(0, 0)
     got, ref = cache.decode(0, *step), fresh.decode(0, *step)

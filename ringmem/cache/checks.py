@@ -40,17 +40,18 @@ def check_tensor(name: str, x: object, c: CacheConfig, heads: int,
 def check_finite(what: str, k: Tensor, v: Tensor, where: Tensor | None = None) -> None:
     """ValueError naming k or v (and the first bad token) if either holds NaN or inf: a
     cached non-finite key or value would make every later query that sees it NaN. One
-    host read in the common case. `where` [n]: the tokens' positions, for the message."""
+    host read in the common case. k, v [B, S, Hkv, D]; `where` [S]: the tokens' global
+    positions (prefill), else the first bad (sequence, token) is named (decode)."""
     if bool(torch.isfinite(k).all() & torch.isfinite(v).all()):
         return
     for name, t in (("k", k), ("v", v)):
-        bad = (~torch.isfinite(t)).flatten(2).any(-1).any(0).nonzero().flatten()  # tokens
-        if bad.numel():
-            first = int(bad[0]) if where is None else int(where[bad[0]])
-            raise ValueError(f"{what}: {name} holds NaN or inf at {bad.numel()} token(s) "
-                             f"(first at {'index' if where is None else 'position'} "
-                             f"{first}); non-finite keys/values are never cached (they "
-                             f"would make every later step NaN): nothing was stored")
+        bad = (~torch.isfinite(t)).flatten(2).any(-1).nonzero()  # [n, 2]: (row, token)
+        if len(bad):
+            row, tok = (int(x) for x in bad[0])
+            at = f"position {int(where[tok])}" if where is not None else f"sequence {row}"
+            raise ValueError(f"{what}: {name} holds NaN or inf at {len(bad)} token(s) "
+                             f"(first at {at}); non-finite keys/values are never cached "
+                             f"(they would make every later step NaN): nothing was stored")
 
 
 def check_scale(softmax_scale: object, head_dim: int) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -109,7 +109,8 @@ def _op_name(row: Sequence[int]) -> str:
 
 
 def agree(op: str, group: Group, error: BaseException | None, /, *,
-          max_words: int = CAPACITY, **fields: object) -> None:
+          max_words: int = CAPACITY, explain: Mapping[str, str] | None = None,
+          **fields: object) -> None:
     """Raise on every rank if any rank failed validation or the fields differ across ranks.
 
     `fields` (name -> int, bool, float, str, dtype, device, None or a tuple of these) must
@@ -117,7 +118,9 @@ def agree(op: str, group: Group, error: BaseException | None, /, *,
     here, after the exchange, so that no peer is left waiting). One all-gather of
     `max_words` + `HEADER` int64 words on the CPU (`comm.control_group`: gloo, a twin of an
     NCCL group), so the check never synchronises the host with the GPU. Ranks in different
-    operations raise `OperationMismatchError` naming both.
+    operations raise `OperationMismatchError` naming both. `explain` (field name -> what a
+    difference means, in the user's terms) replaces the generic "arguments differ" for
+    those fields; every rank's value is shown either way.
     """
     _, world = group_rank_world(group)
     if world == 1:
@@ -163,11 +166,16 @@ def agree(op: str, group: Group, error: BaseException | None, /, *,
             x, i = _decode(body, i)
             vals.append(x)
         per_rank.append(vals)
-    diffs = []
+    diffs, told = [], {}  # told: explanation -> its differing fields (each said once)
     for j, name in enumerate(fields):
         vals = [p[j] for p in per_rank]
         if len({repr(v) for v in vals}) > 1:  # repr: nan equals nan here
             shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(vals))
-            diffs.append(f"{name} ({shown})")
-    if diffs:
-        raise ValueError(f"{op}: arguments differ across ranks: " + "; ".join(diffs))
+            if explain and name in explain:
+                told.setdefault(explain[name], []).append(f"{name}: {shown}")
+            else:
+                diffs.append(f"{name} ({shown})")
+    if told or diffs:
+        said = [f"{why} ({'; '.join(items)})" for why, items in told.items()]
+        plain = ["arguments differ across ranks: " + "; ".join(diffs)] if diffs else []
+        raise ValueError(f"{op}: " + "; ".join(said + plain))

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from .agree import agree
 from .backends import check_backend_name, get_backend
-from .comm import CommStats, Group, RingComm
+from .comm import CommStats, Group, RingComm, device_error
+from .arguments import dtype_error, flag_error, positive_number
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
 from .partial import acc_dtype
@@ -40,8 +41,7 @@ def check_extras(q: Tensor, sinks: object, softcap: object) -> float:
     if softcap is not None:
         if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
             raise TypeError(f"softcap must be a positive float or None, got {softcap!r}")
-        if not math.isfinite(softcap) or softcap <= 0:
-            raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
+        positive_number("softcap", softcap)
     if sinks is not None:
         if not isinstance(sinks, Tensor):
             raise TypeError(f"sinks must be a torch.Tensor of shape [Hq] or None, got "
@@ -83,8 +83,9 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             return None, 1, TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(causal, bool):
-        return None, 1, TypeError(f"causal must be a bool, got {causal!r}")
+    for name, flag in (("causal", causal), ("return_lse", return_lse)):
+        if flag_error(name, flag):
+            return None, 1, flag_error(name, flag)
     if softmax_scale is not None and (isinstance(softmax_scale, bool)
                                       or not isinstance(softmax_scale, (int, float))):
         return None, 1, TypeError(f"softmax_scale must be a float or None, got "
@@ -103,6 +104,8 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
                 raise ValueError(f"{name} must have a floating dtype, got {t.dtype}")
         if not (q.dtype == k.dtype == v.dtype):
             raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if dtype_error("q", q.dtype):  # float8: before any backend trips over it
+            raise dtype_error("q", q.dtype)
         if not (q.device == k.device == v.device):
             raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, "
                              f"{v.device}")
@@ -130,10 +133,9 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
         if err:
             raise ValueError(f"q.shape[1]={sq}: {err}")
         cap = check_extras(q, sinks, softcap)
-        scale = 1.0 / math.sqrt(dq) if softmax_scale is None else float(softmax_scale)
-        if not math.isfinite(scale) or scale < _TINY:  # a subnormal scale gives NaN
-            raise ValueError(f"softmax_scale must be a positive finite number (>= {_TINY:.3g}"
-                             f"), got {softmax_scale!r}")
+        # >= the smallest normal float: a subnormal scale gives NaN
+        scale = (1.0 / math.sqrt(dq) if softmax_scale is None
+                 else positive_number("softmax_scale", softmax_scale, _TINY))
         impl = get_backend(backend, q.device, q.dtype, dq, bands=mask.window[0] >= 0,
                            softcap=cap > 0)
         ic = resolve_interconnect(interconnect, q.device.type)
@@ -178,7 +180,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, spec: RingSpec,
                 group: Group, stats: CommStats | None):
-        out, lse = ring_forward(q, k, v, spec, RingComm(group, "fwd", stats, q.device))
+        comm = RingComm(group, "fwd", stats, q.device)
+        if any(ctx.needs_input_grad[:4]):  # the backward's return channel, made while every
+            comm.prepare_returns()  # rank is in this call: a skipped backward cannot strand
+        out, lse = ring_forward(q, k, v, spec, comm)  # its peers in new_group's raw wait
         if sinks is not None:
             out, lse = _with_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
@@ -257,8 +262,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
 
     Returns out [B, S_local, Hq, D] in q's dtype (and lse, sinks included). Differentiable
     in q, k, v (and sinks). Rows that see no key (pads) give out 0 and lse -inf. Non-finite
-    inputs propagate on every backend: a row is NaN if its query row holds NaN/inf or a
-    key/value it sees holds NaN (an inf key or value follows IEEE arithmetic).
+    inputs give the same result on every backend and at every world size: a row's out and
+    lse are NaN iff its query row, or a key or value it sees, holds NaN or inf (a key full
+    of -inf is not a mask: use cu_seqlens or window for that).
     Every rank must call with the same shapes, dtype and options: a difference raises the
     same ValueError on every rank.
 
@@ -277,6 +283,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                                    sinks, softcap, ulysses, fixed, return_lse)
     except Exception as e:  # noqa: BLE001 (re-raised by agree, after the exchange)
         spec, u, error = None, 1, e
+    if world > 1 and error is None:  # the ring's groups must carry q's device
+        for g in ((group,) if sp is None else (sp.ulysses_group, sp.ring_group)):
+            error = error or device_error(g, q.device)
     if world > 1:
         fields = {
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),

@@ -6,6 +6,7 @@ both directions of every link carry data at once and neither queues behind the o
 """
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .timeouts import group_timeout, wait_works
+from .timeouts import comm_error, group_timeout, wait_works
 
 Group = dist.ProcessGroup | None
 
@@ -34,6 +35,20 @@ def group_rank_world(group: Group) -> tuple[int, int]:
     if rank < 0:
         raise ValueError("this process is not a member of the given group")
     return rank, dist.get_world_size(group)
+
+
+def device_error(group: Group, device: torch.device, name: str = "q") -> ValueError | None:
+    """A ValueError naming `device` when `group` (world > 1) cannot carry tensors on it
+    (meta tensors; CUDA tensors on a CPU-only group): found before the first transfer,
+    whose error ("No backend type associated with device type ...") names nothing."""
+    g = group if group is not None else dist.group.WORLD
+    types = [d.type for d in getattr(g, "_device_types", None) or ()]  # no public accessor
+    if not types or device.type in types:
+        return None
+    return ValueError(f"{name} is on device {device}, which the process group "
+                      f"({dist.get_backend(g)}) cannot communicate: it carries "
+                      f"{', '.join(types)} tensors (meta tensors cannot run a multi-rank "
+                      f"ring)")
 
 
 def gather_rows(x: Tensor, group: Group, world: int, op: str = "all-gather") -> Tensor:
@@ -197,9 +212,20 @@ class RingComm:
         return self._post(step, "p2p", self._g, send, to, recv, frm)
 
     def prepare_returns(self) -> None:
-        """Set up the return channel before the loop (it may create a group: collective)."""
+        """Set up the return channel before the loop (it may create a group: collective).
+        A peer that never joins (it skipped this call) raises `CommError` naming the op,
+        not torch's bare "Wait timeout" of `new_group`."""
         if self._ret_g is None and self.world > 1:
-            self._ret_g = _return_group(self._g, self.device)
+            t0 = time.monotonic()
+            try:
+                self._ret_g = _return_group(self._g, self.device)
+            except RuntimeError as e:  # DistBackendError and "Wait timeout" alike
+                peers = [p for p in dist.get_process_group_ranks(self._g)
+                         if p != dist.get_rank()]
+                raise comm_error(e, op=self.op, phase=self.phase, peers=peers,
+                                 rank=dist.get_rank(), what="creating the return channel's "
+                                 "process group", elapsed=time.monotonic() - t0,
+                                 limit=group_timeout().total_seconds()) from e
 
     def ret(self, step: int, send: list[Tensor], to: int, recv: list[Tensor],
             frm: int) -> Transfers:

@@ -181,11 +181,13 @@ def save(root: str | Path, write: Callable[[Path, P], T], *, group: Group, op: s
 
 def load(root: str | Path, read: Callable[[Path], T], *, group: Group, op: str,
          legacy: Callable[[Path], bool] | None = None,
-         fields: Callable[[T], dict[str, Any]] | None = None) -> T:
+         fields: Callable[[T], dict[str, Any]] | None = None,
+         explain: dict[str, str] | None = None) -> T:
     """Read the generation `root`'s manifest names on every rank (collective): read(gen_dir)
     (may be collective if it fails on every rank alike). `legacy(root)`: true when root
     holds a checkpoint from before generations (read(root) then). `fields(result)`: more
-    values that must agree across ranks. Leftovers are swept once every rank succeeded."""
+    values that must agree across ranks (`explain`: what a difference means, see `agree`).
+    Leftovers are swept once every rank succeeded."""
     root = Path(root)
     rank, _ = group_rank_world(group)
     error, where, gen = None, root, None
@@ -206,7 +208,8 @@ def load(root: str | Path, read: Callable[[Path], T], *, group: Group, op: str,
         extra = fields(out) if fields is not None else {}
     except Exception as e:
         error = e
-    agree(op, group, error, **extra)  # a failed rank sends no fields: its error comes first
+    # a failed rank sends no fields: its error comes first
+    agree(op, group, error, explain=explain, **extra)
     if rank == 0 and gen is not None:
         try:
             _sweep(root, gen)

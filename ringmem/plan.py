@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from .arguments import check_flag
 from .heads import heads_error, kv_heads
 from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
@@ -355,6 +356,8 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
         raise ValueError(f"q_shape and kv_shape must be [B, S, H, D], got {q_shape}, {kv_shape}")
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be an int >= 1, got {world!r}")
+    for name, flag in (("causal", causal), ("backward", backward), ("return_lse", return_lse)):
+        check_flag(name, flag)
     if schedule != "auto" and schedule not in SCHEDULE_NAMES:
         raise ValueError(f"schedule must be 'auto' or one of {SCHEDULE_NAMES}, got "
                          f"{schedule!r}")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend
+from .backends.base import propagate_nonfinite
 from .comm import RingComm
 from .partial import Partial, acc_dtype, merge_into
 from .masking import Mask
@@ -229,8 +230,9 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, spec: RingSpec, comm: RingComm
     acc = acc_dtype(q.dtype)
 
     def block(qs, kvs, band):
-        return {"q": list(spec.backend.fwd(qs[0], kvs[0], kvs[1], spec.scale, band,
-                                           **_extra(spec)))}
+        out, lse = spec.backend.fwd(qs[0], kvs[0], kvs[1], spec.scale, band, **_extra(spec))
+        # the non-finite rule here, once for every backend (fused ops mask inf keys away)
+        return {"q": list(propagate_nonfinite(qs[0], out, lse, kvs[0], kvs[1], band))}
 
     res = _ring(comm, spec.geometry(comm.world, s, k.shape[1], kv_lens),
                 {"q": [(q, 1)], "kv": [(k, 1), (v, 1)]},

@@ -9,16 +9,24 @@ from torch import Tensor
 
 from .agree import agree
 from .comm import Group, gather_rows, group_rank_world
+from .arguments import check_flag
 from .layouts import check_layout, global_permutation, local_len_error, positions, split_len
 from .mesh import sequence_rank
 from .packing import Packing, normalize, padded_len, position_ids, rows_of, source_index
 
 
-def packing_digest(docs: Packing | None) -> int | None:
-    """A 56-bit digest of a packing, for cross-rank agreement (None: no packing)."""
+def packing_digest(docs: Packing | None, shown: int = 56) -> str | None:
+    """A packing as cross-rank agreement compares it: its offsets as text, so a mismatch
+    shows the values; beyond `shown` characters cut in the middle, with a 56-bit digest of
+    every offset appended (a bounded number of words). None: no packing."""
     if docs is None:
         return None
-    return int.from_bytes(hashlib.blake2b(repr(docs).encode(), digest_size=7).digest(), "big")
+    text = "; ".join(str(list(row)) for row in docs)
+    if len(text) <= shown:
+        return text
+    digest = hashlib.blake2b(repr(docs).encode(), digest_size=7).hexdigest()
+    half = shown // 2 - 2  # both ends: a mismatch is often in the last offsets
+    return f"{text[:half]} .. {text[-half:]} ({sum(map(len, docs))} offsets, digest {digest})"
 
 
 def _check_dim(x: Tensor, dim: int) -> int:
@@ -68,6 +76,7 @@ def shard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigzag
     """
     dim = _check_dim(x, dim)
     check_layout(layout)
+    check_flag("return_position_ids", return_position_ids)
     _, rank, world = sequence_rank(group, mesh)
     docs, local = _packing(x, dim, cu_seqlens, layout, x.shape[dim], world)
     if return_position_ids and docs is None:

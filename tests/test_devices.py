@@ -56,7 +56,8 @@ def test_cache_decode_on_device(device: str, decode_backend: str, scored: bool) 
     _backend_or_skip("torch" if decode_backend == "paged" else decode_backend, device,
                      dtype, d)
     cfg = CacheConfig(num_layers=1, q_heads=hq, kv_heads=hkv, head_dim=d, capacity=64,
-                      page_size=8, dtype=dtype, device=device, decode_backend=decode_backend)
+                      page_size=8, dtype=dtype, device=device, decode_backend=decode_backend,
+                      check_finite=device != "cuda")  # the finiteness check reads the host
     policy = EvictionPolicy(scorer=H2O(), budget=64, observe=4) if scored else None
     cache = ShardedKVCache(cfg, eviction=policy)
     g = torch.Generator().manual_seed(4)

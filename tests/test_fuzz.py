@@ -158,7 +158,7 @@ def test_invalid_arguments_on_every_rank() -> None:
                                            reason="needs triton")])])
 def test_non_finite_inputs_propagate(backend: str) -> None:
     """The documented rule: a row is NaN iff its query row is not finite or a key/value it
-    sees is NaN (an inf key follows IEEE arithmetic)."""
+    sees holds NaN or inf."""
     q, k, v = (torch.randn(1, 8, 2, 8) for _ in range(3))
     q[0, 3, 0, 1] = math.nan
     k[0, 5, 1, 0] = math.nan

@@ -64,10 +64,29 @@ class Backend(Protocol):
         return merge(parts)  # in acc dtype, one part or many
 
 
-def propagate_nonfinite(q: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """ringmem's rule for non-finite inputs is IEEE propagation (the torch reference): a
-    query row holding NaN/inf gives NaN out and lse. For fused ops that return zeros or
-    -inf there instead; elementwise, no host sync."""
-    bad = ~torch.isfinite(q).all(-1)  # [B, S, H]
+def propagate_nonfinite(q: Tensor, out: Tensor, lse: Tensor, k: Tensor | None = None,
+                        v: Tensor | None = None, mask: Mask = False) -> tuple[Tensor, Tensor]:
+    """ringmem's rule for non-finite inputs: a query row holding NaN/inf, or one that sees
+    (under `mask`) a key or value holding NaN/inf, gives NaN out and lse. Fused ops return
+    zeros, -inf or a finite lse there (an all -inf key row is "masked" to them), so the ring
+    applies this to every block of every backend; elementwise, no host sync."""
+    bad = ~torch.isfinite(q).all(-1)  # [B, Sq, Hq]
+    if k is not None and v is not None:
+        bad = bad | _sees_bad_key(k, v, mask, q.shape[1], q.shape[2])
     return (out.masked_fill(bad.unsqueeze(-1), float("nan")),
             lse.masked_fill(bad.transpose(1, 2), float("nan")))
+
+
+def _sees_bad_key(k: Tensor, v: Tensor, mask: Mask, sq: int, hq: int) -> Tensor:
+    """bool [B, Sq, Hq]: the row sees (lo <= j - i <= hi) a key j whose k or v is not
+    finite. Prefix counts of bad keys, so O(Sq + Sk), never an [Sq, Sk] mask."""
+    lo, hi = (None, 0) if mask is True else (None, None) if mask is False else mask
+    sk = k.shape[1]
+    bad = (~torch.isfinite(k).all(-1) | ~torch.isfinite(v).all(-1)).to(torch.int32)
+    counts = torch.nn.functional.pad(bad.cumsum(1), (0, 0, 1, 0))  # [B, Sk + 1, Hkv]
+    i = torch.arange(sq, device=k.device)
+    start = (i + lo).clamp(0, sk) if lo is not None else torch.zeros_like(i)
+    end = (i + hi + 1).clamp(0, sk) if hi is not None else torch.full_like(i, sk)
+    end = torch.maximum(start, end)
+    seen = (counts[:, end] - counts[:, start]) > 0  # [B, Sq, Hkv]
+    return seen.repeat_interleave(hq // k.shape[2], dim=2)

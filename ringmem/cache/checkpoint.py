@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import generations
-from .tiers.persist import load_shard, save_shard
+from ..arguments import check_flag
+from .tiers.persist import Shard, load_shard, save_shard
 
 if TYPE_CHECKING:
     from .sharded import ShardedKVCache
@@ -40,6 +41,16 @@ def _replicated_crc(cache: ShardedKVCache) -> int:
     return zlib.crc32(json.dumps(rep).encode())
 
 
+def _shown(saved: object) -> str | None:
+    """A shard's "saved as" [directory, state CRC] as one line (None: saved before it was
+    recorded); a long path keeps its tail, where the generation is."""
+    if not isinstance(saved, list) or len(saved) != 2:
+        return None
+    where = str(saved[0])
+    where = where if len(where) <= 160 else "..." + where[-157:]
+    return f"{where} (state {int(saved[1]):08x})"
+
+
 def _config_state(cache: ShardedKVCache) -> dict[str, Any]:
     c = cache.config
     sig = None if cache.eviction is None else list(cache.eviction.policy.signature())
@@ -53,6 +64,7 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
     across ranks (collective, `generations.save`); returns this rank's shard manifest."""
     def prepare() -> tuple[dict[str, Any], list[dict]]:
         _model_id(model_id)
+        check_flag("fsync", fsync)
         c, st = cache.config, cache.stores
         layers = [{"k": s.k, "v": s.v, "pos": s.pos, "score": s.score} for s in st]
         tiers = []
@@ -78,6 +90,9 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
         return meta, layers
 
     def write(gen: Path, staged: tuple[dict[str, Any], list[dict]]) -> Path:
+        # which save wrote this shard, the same on every rank: a load of files from
+        # different saves then says so in these terms
+        staged[0]["state"]["saved as"] = [str(gen.resolve()), _replicated_crc(cache)]
         return save_shard(gen, *staged, fsync=fsync)
 
     return generations.save(root, write, group=cache.group, op="ShardedKVCache.save",
@@ -87,18 +102,29 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
 def load_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str) -> None:
     """Fill a freshly built cache from the generation `root`'s manifest names (collective).
     A checkpoint from before generations (rank<r>.json directly under root) also loads."""
-    def read(gen: Path) -> None:
+    def _read(gen: Path) -> Shard:
         c = cache.config
         expect = {"model_id": _model_id(model_id), "layout": c.layout,
                   "world_size": cache.world, "rank": cache.rank, "dtype": c.dtype,
                   "num_layers": c.num_layers, "kv_heads": c.kv_heads,
                   "head_dim": c.head_dim, "page_size": c.page_size}
-        shard = load_shard(gen, expect, device=cache.device)
+        return load_shard(gen, expect, device=cache.device)
+
+    saved: list[object] = [None]  # the shard's "saved as", kept by read()
+
+    def read(gen: Path) -> None:
+        shard = _read(gen)
+        saved[0] = shard.meta["state"].get("saved as")
         _restore(cache, shard.meta, shard.layers)
 
+    mixed = (f"the shard files under {root} come from different saves (each rank's file "
+             f"names the save that wrote it: directory and state CRC); restore every rank's "
+             f"files from one save")
     generations.load(root, read, group=cache.group, op="ShardedKVCache.load",
                      legacy=lambda r: (r / f"rank{cache.rank:05d}.json").exists(),
-                     fields=lambda _: {"replicated state crc": _replicated_crc(cache)})
+                     fields=lambda _: {"saved as": _shown(saved[0]),
+                                       "replicated state crc": _replicated_crc(cache)},
+                     explain={"saved as": mixed, "replicated state crc": mixed})
 
 
 def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> None:

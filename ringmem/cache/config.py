@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backends import get_backend
+from ..arguments import check_flag, dtype_error
 from ..layouts import check_layout
 
 MERGES = ("allgather", "allreduce")
@@ -43,6 +44,11 @@ class CacheConfig:
     """Per layer, the sliding window's left size (a query at p sees keys p - left .. p;
     -1: full causal attention); empty: every layer full. A windowed layer keeps only the
     last `left` tokens of each sequence (`window.py`), in pools sized for that."""
+    check_finite: bool = True
+    """Refuse K/V holding NaN or inf before caching them (prefill and decode raise on every
+    rank, nothing is stored): a cached non-finite key makes every later step NaN. One
+    `isfinite` per call, read on the host: on CUDA a host sync per call, so a loop that must
+    never sync may set False (and then owns the inputs' finiteness)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "q_heads", "kv_heads", "head_dim", "capacity", "page_size",
@@ -55,7 +61,10 @@ class CacheConfig:
                              f"kv_heads={self.kv_heads}")
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        if dtype_error("the cache", self.dtype):
+            raise dtype_error("the cache", self.dtype)
         check_layout(self.layout)
+        check_flag("check_finite", self.check_finite)
         w = self.windows
         if not isinstance(w, tuple) or not all(isinstance(x, int) and not isinstance(x, bool)
                                                and x >= -1 for x in w):

@@ -27,7 +27,7 @@ from ..agree import CAPACITY, agree
 from ..comm import Group, gather_rows
 from ..eviction.coordinator import DecodeStep
 from ..partial import Partial, attend, empty, merge, merge_weighted
-from .checks import check_index, check_scale, check_tensor
+from .checks import check_finite, check_index, check_scale, check_tensor
 from .config import MERGES
 from .window import evict
 
@@ -107,6 +107,8 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
                              f"{tuple(q.shape)}, k.shape {tuple(k.shape)}")
         scale = check_scale(softmax_scale, c.head_dim)
         cap = check_extras(q, sinks, softcap)
+        if c.check_finite:  # before anything moves: the error rides check_step's row
+            check_finite(f"decode (layer {layer})", k, v)
         if cache.windows.windowed(layer):  # the token leaving the window, per sequence
             drops = [cache.windows.drops(layer, s, idx.seen[layer][s] + 1 - c.window(layer))
                      for s in range(b)]

@@ -19,7 +19,7 @@ from ..masking import Mask
 from ..partial import Partial, merge
 from ..plan import ring_hop
 from ..ring import RingSpec, ring_forward
-from .checks import check_index, check_scale, check_tensor
+from .checks import check_finite, check_index, check_scale, check_tensor
 from .window import evict, window_prefix
 
 if TYPE_CHECKING:
@@ -112,6 +112,11 @@ def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
         impl = get_backend(backend, q.device, q.dtype, c.head_dim,
                            bands=c.window(layer) >= 0, softcap=cap > 0)
         start = cache.index.seen[layer][seq]
+        if c.check_finite:  # the real tokens (pads are never cached): before any work
+            pos = positions(c.layout, cache.rank, cache.world, n_loc)
+            real = (pos < n_valid).nonzero().flatten().to(k.device)
+            check_finite(f"prefill_chunk (layer {layer}, seq {seq})", k[:, real], v[:, real],
+                         start + pos[pos < n_valid])
         if cache.tiers is not None:  # a full tier store fails here, on every rank
             cache.tiers.flush(layer, seq)
     except Exception as e:  # noqa: BLE001 (any type: raised on every rank by agree)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..arguments import check_flag
 from ..comm import Group, gather_rows
 from ..partial import acc_dtype, probs
 
@@ -200,8 +201,7 @@ class ExpectedAttention(Scorer):
     needs_window = True
 
     def __init__(self, value_norm: bool = True) -> None:
-        if not isinstance(value_norm, bool):
-            raise TypeError(f"value_norm must be a bool, got {value_norm!r}")
+        check_flag("value_norm", value_norm)
         self.value_norm = value_norm
 
     def score(self, ctx: ScoreContext) -> list[Tensor]:

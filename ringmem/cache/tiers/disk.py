@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .host import Page
-from .records import read_page, write_page
+from .records import path_error, read_page, write_page
 from .staging import Event, StagingPool, record, wait_host
 from .summaries import PageKey
 
@@ -53,8 +53,7 @@ class DiskFiles:
         comes from the hot tier (False: from a host slot, always written now)."""
         dev = page.k.device
         if not (dev.type != "cpu" if self.defer is None else self.defer and hot):
-            write_page(self.path(key), key, page._asdict(), fsync=self.fsync,
-                       checksum_pool=self._crc_pool)
+            self._write(key, page)
             return
         buf = self.staging.take()
         views = self._views(buf, page.k.shape[1])
@@ -67,6 +66,14 @@ class DiskFiles:
             dst.copy_(src, non_blocking=True)  # device -> pinned, contiguous: one DMA each
         self._pending[key] = (views, buf, record(dev))
 
+    def _write(self, key: PageKey, page: Page) -> None:
+        try:
+            write_page(self.path(key), key, page._asdict(), fsync=self.fsync,
+                       checksum_pool=self._crc_pool)
+        except OSError as e:  # the operation too: which page, from which tier
+            raise path_error(e, f"disk tier: spilling page (layer {key[0]}, seq {key[1]}, "
+                                f"page {key[2]})") from e
+
     def settle(self, keys: list[PageKey] | None = None) -> None:
         """Write pending pages out: those of `keys` (waiting for their copies), or with
         None every one whose copy has already landed (no wait)."""
@@ -76,8 +83,7 @@ class DiskFiles:
             if keys is None and ev is not None and not ev.query():
                 continue
             wait_host(ev)  # rule 1: the bytes are read on the host only once they landed
-            write_page(self.path(key), key, views._asdict(), fsync=self.fsync,
-                       checksum_pool=self._crc_pool)
+            self._write(key, views)
             del self._pending[key]
             self.staging.give(buf, None)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ...arguments import check_flag
+
 
 @dataclass(frozen=True, kw_only=True)
 class TierPolicy:
@@ -42,8 +44,7 @@ class TierPolicy:
             raise ValueError(f"disk_pages={self.disk_pages} needs a disk_dir, got "
                              f"{self.disk_dir!r}")
         for name in ("prefetch", "fsync"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_flag(name, getattr(self, name))
 
     def signature(self) -> tuple[int, ...]:
         """Ints every rank must agree on."""

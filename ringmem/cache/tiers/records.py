@@ -87,22 +87,33 @@ def write_record(path: str | Path, meta: Mapping[str, Any], tensors: Mapping[str
     crc_job = checksum_pool.submit(_crc32, parts_crc) if checksum_pool else None
     crc = None if crc_job else _crc32(parts_crc)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_PREFIX.pack(_MAGIC, crc or 0, len(header)))
-        f.write(header)
-        for c in chunks:
-            f.write(c)
-        if crc_job:
-            crc = crc_job.result()
-            f.seek(len(_MAGIC))
-            f.write(struct.pack("<I", crc))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_PREFIX.pack(_MAGIC, crc or 0, len(header)))
+            f.write(header)
+            for c in chunks:
+                f.write(c)
+            if crc_job:
+                crc = crc_job.result()
+                f.seek(len(_MAGIC))
+                f.write(struct.pack("<I", crc))
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: the final name only ever holds a whole record
         if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: the final name only ever holds a whole record
-    if fsync:
-        fsync_dir(path.parent)
+            fsync_dir(path.parent)
+    except OSError as e:  # a full disk says which file, and leaves no partial one behind
+        tmp.unlink(missing_ok=True)
+        raise path_error(e, f"cannot write {path}") from e
     return crc
+
+
+def path_error(e: OSError, what: str) -> OSError:
+    """`e` re-made to say what was being done to which file (errno kept, so callers can
+    still test for ENOSPC; the OSError subclass follows the errno)."""
+    why = e.strerror or str(e) or type(e).__name__
+    return OSError(e.errno, f"{what}: {why}") if e.errno else OSError(f"{what}: {why}")
 
 
 def read_record(path: str | Path, *, pin_memory: bool = False, buffer: Tensor | None = None

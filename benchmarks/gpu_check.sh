@@ -73,7 +73,7 @@ step nccl_ring 40 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
 step prefill 40 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m ringmem.launch.prefill --config configs/prefill_smoke.toml --backend auto
 if have triton; then
-  step kernels 100 $PY benchmarks/kernels.py --dims 64,128 --seqlens 4096,16384 \
+  step kernels 100 $PY benchmarks/kernel_speed.py --dims 64,128 --seqlens 4096,16384 \
     --contexts 131072,1048576 --repeats 5 --out "$RES/kernels.md"
 else
   skip kernels "triton missing"

@@ -150,3 +150,20 @@ def test_nothing_at_the_repository_root_is_importable() -> None:
                    if (p.is_dir() and (p / "__init__.py").exists() and p.name != "ringmem")
                    or (p.is_file() and p.suffix == ".py"))
     assert not found, f"importable from the repository root: {found}"
+
+
+def test_script_folders_shadow_no_installed_module() -> None:
+    """A script run as `python benchmarks/x.py` has benchmarks/ first on sys.path, and
+    pytest puts tests/ there: a module in either named like an installed one (a former
+    benchmarks/kernels.py hid the PyPI `kernels` from transformers) would shadow it."""
+    import importlib.machinery
+    import sys
+    repo = ROOT.parent
+    folders = [repo / "benchmarks", repo / "tests"]
+    mine = {str(f) for f in folders} | {"", ".", str(repo)}
+    path = [p for p in sys.path if p not in mine and Path(p or ".").resolve() not in
+            {f.resolve() for f in folders} | {repo.resolve()}]
+    clashes = sorted(f"{f.name}/{p.name}" for f in folders for p in f.glob("*.py")
+                     if p.stem != "conftest" and (p.stem in sys.builtin_module_names or
+                     importlib.machinery.PathFinder.find_spec(p.stem, path) is not None))
+    assert not clashes, f"script modules that shadow installed ones: {clashes}"

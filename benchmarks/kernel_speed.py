@@ -4,7 +4,7 @@ Block attention fwd/bwd against SDPA's flash backend (MHA and GQA), split-KV dec
 paged run-list decode against the device's read bandwidth, with each kernel's output
 checked in the same run.
 
-Run: python benchmarks/kernels.py [--quick] [--repeats N]   (CUDA only; `--help` anywhere)
+Run: python benchmarks/kernel_speed.py [--quick] [--repeats N]   (CUDA only; `--help` anywhere)
 Without CUDA or triton it says why, lists what it would run, and exits 2.
 
 FLOPs (Triton tutorial convention): forward 4 * B * Hq * S^2 * D, x0.5 when causal;

@@ -147,10 +147,12 @@ def build_rows(ring: dict[str, Any], single: dict[str, Any],
         ref = [single["out"]] if stage == "fwd" else single["grads"]
         got = [res["out"]] if stage == "fwd" else res.get("grads")
         return {"name": f"{name} {stage}", "time_s": statistics.median(res[stage]),
+                "min_s": min(res[stage]), "max_s": max(res[stage]),
                 "runs": len(res[stage]), "err": None if got is None else max_err(got, ref)}
 
     rows = [row("ringmem", ring, s) for s in ("fwd", "fwd+bwd")]
     rows += [{"name": f"single-process SDPA {s}", "time_s": statistics.median(single[s]),
+              "min_s": min(single[s]), "max_s": max(single[s]),
               "runs": len(single[s]), "err": None} for s in ("fwd", "fwd+bwd")]
     if isinstance(peer, str):
         return rows + [{"name": "ring-attention-pytorch", "note": peer}]
@@ -184,14 +186,15 @@ def derived(rows: list[Row]) -> dict[str, dict[str, Any]]:
 
 
 def render(meta: dict[str, Any], rows: list[Row], metrics: dict[str, Any]) -> tuple[str, str]:
-    table = ["| run | time s (median) | runs | max abs err vs single process |",
-             "|---|---|---|---|"]
+    table = ["| run | time s (median) | min-max s over the runs | runs | "
+             "max abs err vs single process |", "|---|---|---|---|---|"]
     for r in rows:
         if "note" in r:
-            table.append(f"| {r['name']} | {r['note']} | | |")
+            table.append(f"| {r['name']} | {r['note']} | | | |")
         else:
             err = "(reference)" if r["err"] is None else f"{r['err']:.2e}"
-            table.append(f"| {r['name']} | {r['time_s']:.4f} | {r['runs']} | {err} |")
+            table.append(f"| {r['name']} | {r['time_s']:.4f} | {r['min_s']:.4f}-"
+                         f"{r['max_s']:.4f} | {r['runs']} | {err} |")
     table.append("\nerr: fwd rows compare outputs, fwd+bwd rows the max over dq, dk, dv.")
     mlines = ["| metric | value | target | result |", "|---|---|---|---|"]
     for k, m in metrics.items():

@@ -159,6 +159,7 @@ def plot(rows: list[dict], prefill: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    t_start = time.perf_counter()
     a = parse()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -207,12 +208,13 @@ def main() -> None:
     if bar:
         bar.close()
     if rank == 0:
-        report(a, bws, rows, merges, prefill, world)
+        report(a, bws, rows, merges, prefill, world, time.perf_counter() - t_start)
     dist.destroy_process_group()
 
 
 def report(a: argparse.Namespace, bws: list[float], rows: list[dict],
-           merges: dict[str, float], prefill: list[dict], world: int) -> None:
+           merges: dict[str, float], prefill: list[dict], world: int,
+           wall_s: float) -> None:
     bw = max(bws)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,13 +242,15 @@ def report(a: argparse.Namespace, bws: list[float], rows: list[dict],
             "machine": f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cpus",
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ringmem": ringmem.__version__, "git": git_commit()},
-            "config": cfg, "memcpy_bytes_per_s": bw, "memcpy_samples": bws}
+            "config": cfg, "memcpy_bytes_per_s": bw, "memcpy_samples": bws,
+            "wall_s": round(wall_s, 1)}
     png = out.with_suffix(".png")
     plot(rows, prefill, png)
     md = "\n".join([
         "# Distributed decode over a sharded KV cache", "",
         f"- date: {meta['date']}", f"- machine: {meta['machine']}",
         f"- versions: {meta['versions']}", f"- config: {cfg}",
+        f"- wall time: {wall_s:.0f} s",
         f"- memcpy bandwidth, all {world} ranks copying at once: {bw / 1e9:.1f} GB/s (the "
         f"fastest of {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s measured at the start, "
         f"with the 1M cache resident, and at the end; the floor uses the fastest)", "",

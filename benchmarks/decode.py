@@ -243,6 +243,7 @@ def report(a: argparse.Namespace, bws: list[float], rows: list[dict],
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ringmem": ringmem.__version__, "git": git_commit()},
             "config": cfg, "memcpy_bytes_per_s": bw, "memcpy_samples": bws,
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "wall_s": round(wall_s, 1)}
     png = out.with_suffix(".png")
     plot(rows, prefill, png)
@@ -250,7 +251,8 @@ def report(a: argparse.Namespace, bws: list[float], rows: list[dict],
         "# Distributed decode over a sharded KV cache", "",
         f"- date: {meta['date']}", f"- machine: {meta['machine']}",
         f"- versions: {meta['versions']}", f"- config: {cfg}",
-        f"- wall time: {wall_s:.0f} s",
+        f"- wall time: {wall_s:.0f} s; load average (1, 5, 15 min) at the end: "
+        f"{meta['load_average_end']} (other jobs on the machine skew every timing)",
         f"- memcpy bandwidth, all {world} ranks copying at once: {bw / 1e9:.1f} GB/s (the "
         f"fastest of {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s measured at the start, "
         f"with the 1M cache resident, and at the end; the floor uses the fastest)", "",

@@ -205,7 +205,9 @@ def render(meta: dict[str, Any], rows: list[Row], metrics: dict[str, Any]) -> tu
     ver = "\n".join(f"- {k}: {v}" for k, v in meta["versions"].items())
     md = (f"# ringmem CPU ring-attention benchmark\n\n- date: {meta['date']}\n"
           f"- machine: {meta['machine']['platform']}, CPU: {meta['machine']['cpu']}, "
-          f"cpu_count: {meta['machine']['cpu_count']}\n\n## Versions\n\n{ver}\n\n"
+          f"cpu_count: {meta['machine']['cpu_count']}\n- load average (1, 5, 15 min) at "
+          f"the end: {meta['load_average_end']} (other jobs on the machine skew every "
+          f"timing)\n\n## Versions\n\n{ver}\n\n"
           f"## Config\n\n{cfg}\n\n## Results\n\n" + "\n".join(table) +
           "\n\n## Derived\n\nE = T(single, 2 threads) / T(ringmem, 2 ranks x 1 thread); "
           "speed-up = T(ring-attention-pytorch best) / T(ringmem).\n\n" +
@@ -228,6 +230,7 @@ def report(a: argparse.Namespace, ring: dict[str, Any], single: dict[str, Any],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu": cpu_model(),
                     "cpu_count": os.cpu_count()},
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "ringmem": ringmem.__version__, "ring-attention-pytorch": peer_version,
                      "git commit": git_commit()},

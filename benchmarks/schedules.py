@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -325,7 +326,7 @@ def report(a: argparse.Namespace, configs: list[Config], results: list[dict[str,
         f"{r['out_diff']:.2e}, max |grad diff| {r['grad_diff']:.2e}"
         for r in results) + f"\n\nProblems: {'; '.join(problems) or 'none'}"
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(),
+            "machine": machine(), "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ringmem": ringmem.__version__, "git commit": git_commit()},
             "config": {"repeats": a.repeats, "quick": a.quick, "world size":
@@ -340,7 +341,9 @@ def report(a: argparse.Namespace, configs: list[Config], results: list[dict[str,
     m = meta["machine"]
     md = (f"# ringmem parallel options: ring schedules x Ulysses degree vs auto, CPU\n\n"
           f"- date: {meta['date']}\n- machine: {m['platform']}, CPU: {m['cpu']}, "
-          f"cpu_count: {m['cpu_count']}\n\n## Versions\n\n"
+          f"cpu_count: {m['cpu_count']}\n- load average (1, 5, 15 min) at the end: "
+          f"{meta['load_average_end']} (other jobs on the machine skew every timing)"
+          "\n\n## Versions\n\n"
           + "\n".join(f"- {k}: {v}" for k, v in meta["versions"].items())
           + f"\n\n## Config\n\n{cfg}\n\n## Results\n\n{table}\n\n"
           f"measured: median over {a.repeats} rounds (each runs every option once, in turn) of "

@@ -207,7 +207,10 @@ def build_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             t = {s: statistics.median(r["times"][f"{s} {ph}"]) for s in (*opts, "auto")}
             choice = r["plan"][ph]["choice"]
             best = min(opts, key=lambda s: t[s])
-            rows.append({"config": r["config"]["name"], "phase": ph, "t": t, "options": opts,
+            spread = {s: (min(r["times"][f"{s} {ph}"]), max(r["times"][f"{s} {ph}"]))
+                      for s in (*opts, "auto")}
+            rows.append({"config": r["config"]["name"], "phase": ph, "t": t, "spread": spread,
+                         "options": opts,
                          "faster": best, "choice": choice,
                          "predicted_ms": r["plan"][ph]["predicted_ms"],
                          "within": t[choice] <= SLACK * t[best],
@@ -228,10 +231,12 @@ def md_table(head: list[str], body: list[list[str]]) -> str:
 def render_tables(rows: list[dict[str, Any]]) -> tuple[str, str]:
     """The results table (measured and predicted per option) and the auto table."""
     main = md_table(
-        ["config", "phase", "measured s (predicted ms), bytes sent by all ranks", "fastest",
+        ["config", "phase", "measured s [min-max over the rounds] (predicted ms), bytes sent "
+         "by all ranks", "fastest",
          "plan's choice", "choice within 5%?", "bytes match plan"],
         [[w["config"], w["phase"], "<br>".join(
-            f"{s}: {w['t'][s]:.4f} ({w['predicted_ms'][s]:.1f}), "
+            f"{s}: {w['t'][s]:.4f} [{w['spread'][s][0]:.4f}-{w['spread'][s][1]:.4f}] "
+            f"({w['predicted_ms'][s]:.1f}), "
             f"{fmt_bytes(w['bytes_total'][s])}" for s in w["options"]), w["faster"],
           w["choice"], "PASS" if w["within"] else "FAIL", str(w["match"])] for w in rows])
     auto = md_table(

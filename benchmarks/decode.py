@@ -159,6 +159,7 @@ def plot(rows: list[dict], prefill: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    t_start = time.perf_counter()
     a = parse()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -184,7 +185,8 @@ def main() -> None:
         times = decode_latency(cache, a)
         read = 2 * cache.seq_len() * a.kv_heads * a.dim * item  # K and V, all ranks
         rows.append({"context": ctx, "latency_ms": 1e3 * statistics.median(times),
-                     "min_ms": 1e3 * min(times), "read_bytes": read,
+                     "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
+                     "steps_ms": [1e3 * t for t in times], "read_bytes": read,
                      "local_ms": 1e3 * local_latency(cache, a)})
         tick(f"decode {ctx}")
     del cache
@@ -206,26 +208,30 @@ def main() -> None:
     if bar:
         bar.close()
     if rank == 0:
-        report(a, bws, rows, merges, prefill, world)
+        report(a, bws, rows, merges, prefill, world, time.perf_counter() - t_start)
     dist.destroy_process_group()
 
 
 def report(a: argparse.Namespace, bws: list[float], rows: list[dict],
-           merges: dict[str, float], prefill: list[dict], world: int) -> None:
+           merges: dict[str, float], prefill: list[dict], world: int,
+           wall_s: float) -> None:
     bw = max(bws)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     last = rows[-1]
     target = "PASS" if last["ratio"] <= 1.5 else "FAIL"
-    lines = ["| context (tokens) | decode ms (median) | min ms | local attention ms | "
-             "floor ms | latency / floor |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['context']:,} | {r['latency_ms']:.2f} | {r['min_ms']:.2f} | "
-              f"{r['local_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio']:.2f} |" for r in rows]
+    lines = [f"| context (tokens) | decode ms (median of {a.steps} steps) | min-max ms | "
+             "local attention ms | floor ms | latency / floor |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['context']:,} | {r['latency_ms']:.2f} | {r['min_ms']:.2f}-"
+              f"{r['max_ms']:.2f} | {r['local_ms']:.2f} | {r['floor_ms']:.2f} | "
+              f"{r['ratio']:.2f} |" for r in rows]
     ptab = ["| prefill chunk | tokens/s |", "|---|---|"]
     ptab += [f"| {p['chunk']} | {p['tokens_per_s']:,.0f} |" for p in prefill]
     mtab = ["| merge | decode ms at {:,} tokens |".format(rows[0]["context"]), "|---|---|"]
     mtab += [f"| {k} | {v:.3f} |" for k, v in merges.items()]
-    summary = (f"At {last['context']:,} tokens: {last['latency_ms']:.1f} ms per decode step, "
+    summary = (f"At {last['context']:,} tokens: {last['latency_ms']:.1f} ms per decode step "
+               f"(median; {last['min_ms']:.1f}-{last['max_ms']:.1f} ms over the {a.steps} "
+               f"steps), "
                f"{last['ratio']:.2f}x the floor of {last['floor_ms']:.1f} ms "
                f"(target <= 1.5x): {target}. The rank-local attention alone takes "
                f"{last['local_ms']:.1f} ms ({last['local_ms'] / last['floor_ms']:.2f}x the "
@@ -236,13 +242,17 @@ def report(a: argparse.Namespace, bws: list[float], rows: list[dict],
             "machine": f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cpus",
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ringmem": ringmem.__version__, "git": git_commit()},
-            "config": cfg, "memcpy_bytes_per_s": bw, "memcpy_samples": bws}
+            "config": cfg, "memcpy_bytes_per_s": bw, "memcpy_samples": bws,
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "wall_s": round(wall_s, 1)}
     png = out.with_suffix(".png")
     plot(rows, prefill, png)
     md = "\n".join([
         "# Distributed decode over a sharded KV cache", "",
         f"- date: {meta['date']}", f"- machine: {meta['machine']}",
         f"- versions: {meta['versions']}", f"- config: {cfg}",
+        f"- wall time: {wall_s:.0f} s; load average (1, 5, 15 min) at the end: "
+        f"{meta['load_average_end']} (other jobs on the machine skew every timing)",
         f"- memcpy bandwidth, all {world} ranks copying at once: {bw / 1e9:.1f} GB/s (the "
         f"fastest of {', '.join(f'{b / 1e9:.1f}' for b in bws)} GB/s measured at the start, "
         f"with the 1M cache resident, and at the end; the floor uses the fastest)", "",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -302,7 +303,7 @@ def report(a: argparse.Namespace, p: dict, steps: list[dict], ranks: list[dict],
            f"{sum(r['stats']['prefetched_used'] for r in ranks)} |",
            f"| wall time (fill + decode) | {seconds:.0f} s |"]
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(),
+            "machine": machine(), "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ringmem": ringmem.__version__, "git": git_commit()},
             "config": {**vars(a), **{k: v for k, v in p.items()}, "threads_per_rank": 1,
@@ -312,6 +313,8 @@ def report(a: argparse.Namespace, p: dict, steps: list[dict], ranks: list[dict],
     md = "\n".join([
         "# A million-token context across hot / host / disk tiers", "",
         f"- date: {meta['date']}", f"- machine: {meta['machine']}",
+        f"- load average (1, 5, 15 min) at the end: {meta['load_average_end']} (other jobs "
+        "on the machine skew every timing)",
         f"- versions: {meta['versions']}", f"- config: {meta['config']}", "",
         "Filled through `extend_local` + `sync` + `compress()` per round (not prefill); "
         "StreamingLLM keeps the hot budget, the rest is demoted (host, LRU spill to disk). "

@@ -147,10 +147,12 @@ def build_rows(ring: dict[str, Any], single: dict[str, Any],
         ref = [single["out"]] if stage == "fwd" else single["grads"]
         got = [res["out"]] if stage == "fwd" else res.get("grads")
         return {"name": f"{name} {stage}", "time_s": statistics.median(res[stage]),
+                "min_s": min(res[stage]), "max_s": max(res[stage]),
                 "runs": len(res[stage]), "err": None if got is None else max_err(got, ref)}
 
     rows = [row("ringmem", ring, s) for s in ("fwd", "fwd+bwd")]
     rows += [{"name": f"single-process SDPA {s}", "time_s": statistics.median(single[s]),
+              "min_s": min(single[s]), "max_s": max(single[s]),
               "runs": len(single[s]), "err": None} for s in ("fwd", "fwd+bwd")]
     if isinstance(peer, str):
         return rows + [{"name": "ring-attention-pytorch", "note": peer}]
@@ -184,14 +186,15 @@ def derived(rows: list[Row]) -> dict[str, dict[str, Any]]:
 
 
 def render(meta: dict[str, Any], rows: list[Row], metrics: dict[str, Any]) -> tuple[str, str]:
-    table = ["| run | time s (median) | runs | max abs err vs single process |",
-             "|---|---|---|---|"]
+    table = ["| run | time s (median) | min-max s over the runs | runs | "
+             "max abs err vs single process |", "|---|---|---|---|---|"]
     for r in rows:
         if "note" in r:
-            table.append(f"| {r['name']} | {r['note']} | | |")
+            table.append(f"| {r['name']} | {r['note']} | | | |")
         else:
             err = "(reference)" if r["err"] is None else f"{r['err']:.2e}"
-            table.append(f"| {r['name']} | {r['time_s']:.4f} | {r['runs']} | {err} |")
+            table.append(f"| {r['name']} | {r['time_s']:.4f} | {r['min_s']:.4f}-"
+                         f"{r['max_s']:.4f} | {r['runs']} | {err} |")
     table.append("\nerr: fwd rows compare outputs, fwd+bwd rows the max over dq, dk, dv.")
     mlines = ["| metric | value | target | result |", "|---|---|---|---|"]
     for k, m in metrics.items():
@@ -202,7 +205,9 @@ def render(meta: dict[str, Any], rows: list[Row], metrics: dict[str, Any]) -> tu
     ver = "\n".join(f"- {k}: {v}" for k, v in meta["versions"].items())
     md = (f"# ringmem CPU ring-attention benchmark\n\n- date: {meta['date']}\n"
           f"- machine: {meta['machine']['platform']}, CPU: {meta['machine']['cpu']}, "
-          f"cpu_count: {meta['machine']['cpu_count']}\n\n## Versions\n\n{ver}\n\n"
+          f"cpu_count: {meta['machine']['cpu_count']}\n- load average (1, 5, 15 min) at "
+          f"the end: {meta['load_average_end']} (other jobs on the machine skew every "
+          f"timing)\n\n## Versions\n\n{ver}\n\n"
           f"## Config\n\n{cfg}\n\n## Results\n\n" + "\n".join(table) +
           "\n\n## Derived\n\nE = T(single, 2 threads) / T(ringmem, 2 ranks x 1 thread); "
           "speed-up = T(ring-attention-pytorch best) / T(ringmem).\n\n" +
@@ -225,6 +230,7 @@ def report(a: argparse.Namespace, ring: dict[str, Any], single: dict[str, Any],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu": cpu_model(),
                     "cpu_count": os.cpu_count()},
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "ringmem": ringmem.__version__, "ring-attention-pytorch": peer_version,
                      "git commit": git_commit()},

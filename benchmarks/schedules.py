@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -206,7 +207,10 @@ def build_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             t = {s: statistics.median(r["times"][f"{s} {ph}"]) for s in (*opts, "auto")}
             choice = r["plan"][ph]["choice"]
             best = min(opts, key=lambda s: t[s])
-            rows.append({"config": r["config"]["name"], "phase": ph, "t": t, "options": opts,
+            spread = {s: (min(r["times"][f"{s} {ph}"]), max(r["times"][f"{s} {ph}"]))
+                      for s in (*opts, "auto")}
+            rows.append({"config": r["config"]["name"], "phase": ph, "t": t, "spread": spread,
+                         "options": opts,
                          "faster": best, "choice": choice,
                          "predicted_ms": r["plan"][ph]["predicted_ms"],
                          "within": t[choice] <= SLACK * t[best],
@@ -227,10 +231,12 @@ def md_table(head: list[str], body: list[list[str]]) -> str:
 def render_tables(rows: list[dict[str, Any]]) -> tuple[str, str]:
     """The results table (measured and predicted per option) and the auto table."""
     main = md_table(
-        ["config", "phase", "measured s (predicted ms), bytes sent by all ranks", "fastest",
+        ["config", "phase", "measured s [min-max over the rounds] (predicted ms), bytes sent "
+         "by all ranks", "fastest",
          "plan's choice", "choice within 5%?", "bytes match plan"],
         [[w["config"], w["phase"], "<br>".join(
-            f"{s}: {w['t'][s]:.4f} ({w['predicted_ms'][s]:.1f}), "
+            f"{s}: {w['t'][s]:.4f} [{w['spread'][s][0]:.4f}-{w['spread'][s][1]:.4f}] "
+            f"({w['predicted_ms'][s]:.1f}), "
             f"{fmt_bytes(w['bytes_total'][s])}" for s in w["options"]), w["faster"],
           w["choice"], "PASS" if w["within"] else "FAIL", str(w["match"])] for w in rows])
     auto = md_table(
@@ -325,7 +331,7 @@ def report(a: argparse.Namespace, configs: list[Config], results: list[dict[str,
         f"{r['out_diff']:.2e}, max |grad diff| {r['grad_diff']:.2e}"
         for r in results) + f"\n\nProblems: {'; '.join(problems) or 'none'}"
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(),
+            "machine": machine(), "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ringmem": ringmem.__version__, "git commit": git_commit()},
             "config": {"repeats": a.repeats, "quick": a.quick, "world size":
@@ -340,7 +346,9 @@ def report(a: argparse.Namespace, configs: list[Config], results: list[dict[str,
     m = meta["machine"]
     md = (f"# ringmem parallel options: ring schedules x Ulysses degree vs auto, CPU\n\n"
           f"- date: {meta['date']}\n- machine: {m['platform']}, CPU: {m['cpu']}, "
-          f"cpu_count: {m['cpu_count']}\n\n## Versions\n\n"
+          f"cpu_count: {m['cpu_count']}\n- load average (1, 5, 15 min) at the end: "
+          f"{meta['load_average_end']} (other jobs on the machine skew every timing)"
+          "\n\n## Versions\n\n"
           + "\n".join(f"- {k}: {v}" for k, v in meta["versions"].items())
           + f"\n\n## Config\n\n{cfg}\n\n## Results\n\n{table}\n\n"
           f"measured: median over {a.repeats} rounds (each runs every option once, in turn) of "

@@ -4,19 +4,9 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
-
-# A script run from benchmarks/ puts this folder first on sys.path, where kernels.py would
-# shadow the PyPI `kernels` package that transformers >= 5.25 imports: keep the folder on
-# the path (the scripts import each other) but after site-packages. Spawned ranks inherit
-# the parent's sys.path.
-_HERE = Path(__file__).resolve().parent
-_ours = [p for p in sys.path if p and Path(p).resolve() == _HERE]
-if _ours:
-    sys.path[:] = [p for p in sys.path if p not in _ours] + _ours[:1]
 
 import torch
 import torch.distributed as dist

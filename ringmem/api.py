@@ -283,9 +283,6 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                                    sinks, softcap, ulysses, fixed, return_lse)
     except Exception as e:  # noqa: BLE001 (re-raised by agree, after the exchange)
         spec, u, error = None, 1, e
-    if world > 1 and error is None:  # the ring's groups must carry q's device
-        for g in ((group,) if sp is None else (sp.ulysses_group, sp.ring_group)):
-            error = error or device_error(g, q.device)
     if world > 1:
         fields = {
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),
@@ -311,6 +308,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                 error = e
             agree("ring_attention", sp.ring_group, error, **fields,
                   **{"mesh ulysses rank": sp.u_rank})
+        # the ring's groups must carry q's device; agreed above, so every rank raises alike
+        for g in ((group,) if sp is None else (sp.ulysses_group, sp.ring_group)):
+            if (bad := device_error(g, q.device)) is not None:
+                raise bad
     elif error is not None:
         raise error
     if u == 1:

@@ -123,19 +123,19 @@ def _nonfinite_refused(rank: int, world: int) -> None:
     g = torch.Generator().manual_seed(3)
     Q, K, V = (torch.randn(1, 13, h, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV))
     cache, fresh = _cache(), _cache()
-    for c in (cache, fresh):
-        c.prefill_chunk(0, *(c.shard_chunk(t[:, :8]) for t in (Q, K, V)))
-    bad = K[:, 8:12].clone()
-    bad[0, 1, 0, 3] = float("inf")  # chunk token 1: rank 1's shard at world 2 (stripe)
-    parts = [cache.shard_chunk(t) for t in (Q[:, 8:12], bad, V[:, 8:12])]
+    for c in (cache, fresh):  # chunks of 6: a multiple of worlds 1, 2 and 3
+        c.prefill_chunk(0, *(c.shard_chunk(t[:, :6]) for t in (Q, K, V)))
+    bad = K[:, 6:12].clone()
+    bad[0, 1, 0, 3] = float("inf")  # chunk token 1 (position 7): rank 1's shard (stripe)
+    parts = [cache.shard_chunk(t) for t in (Q[:, 6:12], bad, V[:, 6:12])]
     counts = cache.rank_counts(0, 0)
     mine = rank == 1 or world == 1
-    with pytest.raises(ValueError, match="k holds NaN or inf at 1 token.*position 9.*nothing "
+    with pytest.raises(ValueError, match="k holds NaN or inf at 1 token.*position 7.*nothing "
                        "was stored" if mine else r"rank\(s\) \[1\] rejected"):
         cache.prefill_chunk(0, *parts)
     assert cache.rank_counts(0, 0) == counts
     for c in (cache, fresh):  # the good chunk after the refused one
-        c.prefill_chunk(0, *(c.shard_chunk(t[:, 8:12]) for t in (Q, K, V)))
+        c.prefill_chunk(0, *(c.shard_chunk(t[:, 6:12]) for t in (Q, K, V)))
     step = [t[:, 12:13] for t in (Q, K, V)]
     for name, i in (("k", 1), ("v", 2)):
         poisoned = list(step)
@@ -153,7 +153,7 @@ def _nonfinite_refused(rank: int, world: int) -> None:
     assert fail is None, fail
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_nonfinite_kv_refused_by_cache_and_nothing_stored(world: int) -> None:
     if world == 1:
         _nonfinite_refused(0, 1)

@@ -118,7 +118,8 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
     except Exception as e:  # noqa: BLE001 (any type: raised on every rank below)
         error = e
     if error is None:
-        owners, full = idx.place_decode(layer, drops)
+        owners = idx.place_decode(layer, drops)
+        short, full = room(cache, layer, owners, drops)
         wants = cache.eviction is not None and cache.eviction.wants_logits
         logits: list[list[Tensor] | None] = [[] if wants else None for _ in range(b)]
         parts = [local_partial(cache, layer, s, q[s, 0], scale, logits[s], cap)
@@ -128,10 +129,10 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
                      in enumerate(zip(parts, recalled))]
         lengths = [*idx.seen[layer], *(idx.held(layer, s) for s in range(b))]
     else:
-        owners, full, logits = [], None, []
+        owners, full, logits, short = [], None, [], 0
         parts = [empty((c.q_heads,), c.head_dim, c.dtype, cache.device)] * b
         lengths = [-1] * 2 * b
-    check_step(cache, layer, lengths, full, error, scale if error is None else 0.0)
+    check_step(cache, layer, lengths, short, full, error, scale if error is None else 0.0)
     merged = cross_rank(cache, layer, parts,
                         digest(q, k, v) if cache.world > 1 else None)
     total, l_new = own_token(merged, q, k, v, scale, cap)
@@ -175,17 +176,37 @@ def recall(part: Partial, page: Gathered | None, q: Tensor, scale: float,
                                softcap=softcap)])
 
 
-def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], full: str | None,
-               error: BaseException | None, scale: float) -> None:
+def room(cache: ShardedKVCache, layer: int, owners: list[int],
+         drops: list[list[int]] | None) -> tuple[int, str | None]:
+    """(pages this rank lacks to store the step's tokens it owns, after a window's drops;
+    the error to raise): from its own store, so pages shared between sequences count once."""
+    st, ps, need = cache.stores[layer], cache.config.page_size, 0
+    for s, owner in enumerate(owners):
+        drop = drops[s][cache.rank] if drops is not None else 0
+        add = int(owner == cache.rank) and cache.config.window(layer) != 0
+        need += -(-(st.lens[s] - drop + add) // ps) - len(st.tables[s])
+    short = max(0, need - st.free_pages)
+    if not short:
+        return 0, None
+    return short, (f"KV cache capacity exceeded: layer {layer} needs {need} new page(s) on "
+                   f"rank {cache.rank}, which has {st.free_pages} of {st.num_pages} free "
+                   f"(capacity {cache.config.capacity} tokens per rank)")
+
+
+def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], short: int,
+               full: str | None, error: BaseException | None, scale: float) -> None:
     """Raise on every rank if any rank failed, the ranks disagree on the step (layer, the
-    softmax scale, each sequence's next position and cached length) or the cache is full.
-    One `agree` row on the CPU control group, before the device merge, never reading the
-    GPU; it carries the operation's name, so a rank in another operation fails fast."""
+    softmax scale, each sequence's next position and cached length) or a rank lacks pages
+    (`short`, from its own store). One `agree` row on the CPU control group, before the
+    device merge, never reading the GPU; it carries the operation's name, so a rank in
+    another operation fails fast."""
+    from .prefill import ROOM
     agree("decode", cache.group, error,
-          max_words=max(CAPACITY, 8 + 4 * len(lengths)),  # the same on every rank
+          max_words=max(CAPACITY, 10 + 4 * len(lengths)),  # the same on every rank
           **{"layer": layer if error is None else -1, "softmax_scale": scale,
-             "next positions, then cached lengths": tuple(lengths)})
-    if full is not None:
+             "next positions, then cached lengths": tuple(lengths), "pages short": short},
+          explain={"pages short": ROOM})
+    if full is not None:  # short alike on every rank (else agree raised)
         raise ValueError(full)
 
 

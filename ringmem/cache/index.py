@@ -1,5 +1,6 @@
 """The replicated index of a `ShardedKVCache`: who holds how many tokens, the same on every
-rank, so placement and capacity decisions agree without communication.
+rank, so placement decisions agree without communication. (Whether a rank has room is its
+own store's to say, since sequences may share pages; the step's one `agree` carries it.)
 
 Per (layer, seq): `head_counts[rank][h]` tokens of KV head h held by each rank (they differ
 after a per-head eviction), `split` (some rank's heads hold different tokens) and `seen`
@@ -42,52 +43,20 @@ class CacheIndex:
     def held(self, layer: int, seq: int) -> int:
         return sum(self.counts(layer, seq))
 
-    def pages_used(self, layer: int, rank: int, extra: list[int] | None = None) -> int:
-        """Pages `rank` uses in `layer`, with extra[seq] more tokens per sequence."""
-        ps, out = self.page_size, 0
-        for s in range(len(self.seen[layer])):
-            n = max(self.head_counts[layer][s][rank]) + (extra[s] if extra else 0)
-            out += -(-n // ps)
-        return out
-
-    # ------------------------------------------------------------ decisions
-    def check_room(self, layer: int, seq: int, adds: list[int],
-                   drops: list[int] | None = None) -> None:
-        """Raise (on every rank alike) if adding adds[r] tokens of `seq` overflows a rank
-        (after dropping drops[r] of its tokens: a sliding window's eviction)."""
-        ps, total = self.page_size, self.layer_pages[layer]
-        counts = self.counts(layer, seq)
-        for r, n in enumerate(adds):
-            drop = drops[r] if drops else 0
-            held = counts[r] - drop
-            need = -(-max(0, n - (-held % ps)) // ps)
-            used = self.pages_used(layer, r) - -(-counts[r] // ps) + -(-held // ps)
-            if used + need > total:
-                raise ValueError(f"KV cache capacity exceeded: layer {layer}, sequence {seq} "
-                                 f"needs {need} more page(s) on rank {r}, which has "
-                                 f"{total - used} of {total} free "
-                                 f"(capacity {self.capacity} tokens per rank)")
-
-    def place_decode(self, layer: int, drops: list[list[int]] | None = None
-                     ) -> tuple[list[int], str | None]:
-        """The rank that stores each sequence's new token (least loaded, lowest rank on
-        ties) and the capacity error this would cause, if any. drops[seq][rank]: tokens a
-        sliding window evicts first."""
-        seqs, pages = len(self.seen[layer]), self.layer_pages[layer]
+    def place_decode(self, layer: int, drops: list[list[int]] | None = None) -> list[int]:
+        """The rank that stores each sequence's new token: the least loaded, lowest rank on
+        ties. drops[seq][rank]: tokens a sliding window evicts first. (Whether it has room
+        is each rank's own store's to say: pages may be shared between sequences.)"""
+        seqs = len(self.seen[layer])
         after = [self.counts(layer, s) for s in range(seqs)]
         if drops is not None:
             after = [[c - d for c, d in zip(row, dr)] for row, dr in zip(after, drops)]
-        owners, full = [], None
+        owners = []
         for s in range(seqs):
             owner = min(range(self.world), key=lambda r: (after[s][r], r))
             after[s][owner] += 1
             owners.append(owner)
-            used = sum(-(-a[owner] // self.page_size) for a in after)
-            if full is None and used > pages:
-                full = (f"KV cache capacity exceeded: layer {layer}, sequence {s} needs a new "
-                        f"page on rank {owner}, which has all {pages} pages in use "
-                        f"(capacity {self.capacity} tokens per rank)")
-        return owners, full
+        return owners
 
     # ------------------------------------------------------------ updates
     def add(self, layer: int, seq: int, rank: int, n: int) -> None:
@@ -102,6 +71,13 @@ class CacheIndex:
 
     def advance(self, layer: int, seq: int, n: int) -> None:
         self.seen[layer][seq] += n
+
+    def fork(self, src: int, dst: int) -> None:
+        """`dst` now holds what `src` holds (`ShardedKVCache.fork`)."""
+        for layer in range(len(self.seen)):
+            self.head_counts[layer][dst] = [list(r) for r in self.head_counts[layer][src]]
+            self.split[layer][dst] = self.split[layer][src]
+            self.seen[layer][dst] = self.seen[layer][src]
 
     def reset(self, seq: int) -> None:
         for layer in range(len(self.seen)):

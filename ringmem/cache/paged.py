@@ -14,6 +14,13 @@ keep their order) and frees the pages no head reaches any more, so a sequence oc
 ceil(max_h hlens[h] / page_size) pages. Until an eviction makes the heads differ, every
 head holds the same tokens in the same slots (`uniform`), and the whole-pool views and the
 batched decode path apply unchanged.
+
+Shared pages (`fork`): a sequence forked from another shares its full pages (reference
+counted, `refs`) and gets a private copy of the last, partly filled one, so many questions
+about one document hold the document once. Writes never touch a shared page: appends and
+score updates copy the pages they would write first (copy on write), and `keep` over
+shared pages gathers the survivors into fresh private pages instead of compacting in place.
+A page returns to the free list when no sequence references it.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ class PagedStore:
         self.pos = torch.full((kv_heads, slots), -1, dtype=torch.int64, device=device)
         self.score = torch.zeros(kv_heads, slots, dtype=torch.float32, device=device)
         self._free = list(range(num_pages - 1, -1, -1))  # pop() yields 0, 1, 2, ...
+        self.refs = [0] * num_pages  # sequences whose page table holds the page
         self.tables: list[list[int]] = [[] for _ in range(max_seqs)]
         self.lens = [0] * max_seqs  # logical slots in use: max over heads of hlens
         self.hlens = [[0] * kv_heads for _ in range(max_seqs)]
@@ -42,6 +50,84 @@ class PagedStore:
     @property
     def free_pages(self) -> int:
         return len(self._free)
+
+    @property
+    def pages_in_use(self) -> int:
+        """Distinct pages referenced by some sequence (shared pages count once)."""
+        return self.num_pages - len(self._free)
+
+    def _take(self, seq: int, need: int) -> None:
+        """Append `need` fresh private pages to `seq`'s table, or raise (nothing taken)."""
+        if need > len(self._free):
+            raise ValueError(f"KV cache capacity exceeded: sequence {seq} needs {need} more "
+                             f"page(s) of {self.page_size} tokens, {len(self._free)} free of "
+                             f"{self.num_pages}")
+        for _ in range(need):
+            page = self._free.pop()
+            self.refs[page] = 1
+            self.tables[seq].append(page)
+
+    def _release(self, page: int) -> None:
+        """Drop one reference to `page`; the last one frees it (and clears its metadata)."""
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            lo = page * self.page_size
+            self.pos[:, lo:lo + self.page_size] = -1
+            self.score[:, lo:lo + self.page_size] = 0
+            self._free.append(page)
+
+    def shared(self, seq: int) -> bool:
+        """Whether `seq` references a page another sequence references too."""
+        return any(self.refs[p] > 1 for p in self.tables[seq])
+
+    def own(self, seq: int, first_slot: int = 0) -> None:
+        """Copy on write: give `seq` private copies of its shared pages from the one holding
+        logical slot `first_slot` on (those a write there would touch)."""
+        table, ps = self.tables[seq], self.page_size
+        shared = [i for i in range(first_slot // ps, len(table)) if self.refs[table[i]] > 1]
+        if len(shared) > len(self._free):
+            raise ValueError(f"KV cache capacity exceeded: sequence {seq} needs "
+                             f"{len(shared)} page(s) to copy shared pages before writing, "
+                             f"{len(self._free)} free of {self.num_pages}")
+        for i in shared:
+            old, new = table[i], self._free.pop()
+            src, dst = slice(old * ps, old * ps + ps), slice(new * ps, new * ps + ps)
+            for t in (self.k, self.v, self.pos, self.score):
+                t[:, dst] = t[:, src]
+            self.refs[new], table[i] = 1, new
+            self.refs[old] -= 1  # still referenced by another sequence: never freed here
+
+    def fork_pages(self, src: int, share: bool = True) -> int:
+        """Pages a `fork` of `src` copies (the others are shared)."""
+        full = self.lens[src] // self.page_size if share and not self.split[src] else 0
+        return len(self.tables[src]) - full
+
+    def fork(self, src: int, dst: int, share: bool = True) -> None:
+        """`dst` (empty) becomes a copy of `src` that shares its full pages (`share`; else
+        every page is copied); the last, partly filled page is copied, so appends to either
+        never touch a shared page. Heads packed to different lengths share nothing."""
+        if self.tables[dst] or self.lens[dst]:
+            raise ValueError(f"sequence {dst} is not empty: reset it before forking into it")
+        table, n = self.tables[src], self.lens[src]
+        copy = self.fork_pages(src, share)
+        full = len(table) - copy
+        ps = self.page_size
+        if copy > len(self._free):
+            raise ValueError(f"KV cache capacity exceeded: forking sequence {src} into {dst} "
+                             f"needs {copy} page(s), {len(self._free)} free of "
+                             f"{self.num_pages}")
+        for page in table[:full]:
+            self.refs[page] += 1
+            self.tables[dst].append(page)
+        for page in table[full:]:
+            new = self._free.pop()
+            src_s, dst_s = slice(page * ps, page * ps + ps), slice(new * ps, new * ps + ps)
+            for t in (self.k, self.v, self.pos, self.score):
+                t[:, dst_s] = t[:, src_s]
+            self.refs[new] = 1
+            self.tables[dst].append(new)
+        self.lens[dst], self.hlens[dst] = n, list(self.hlens[src])
+        self.split[dst] = self.split[src]
 
     def uniform(self, seq: int) -> bool:
         """True when every head holds the same tokens in the same slots."""
@@ -63,14 +149,11 @@ class PagedStore:
         """Store n tokens in every head: k, v [n, Hkv, D]; pos [n] global positions;
         score [n, Hkv] initial scores (default 0)."""
         n = k.shape[0]
-        need = self.pages_needed(seq, n)
-        if need > len(self._free):
-            raise ValueError(f"KV cache capacity exceeded: sequence {seq} needs {need} more "
-                             f"page(s) of {self.page_size} tokens, {len(self._free)} free of "
-                             f"{self.num_pages}")
+        if n == 0:
+            return
+        self.own(seq, min(self.hlens[seq]))
+        self._take(seq, self.pages_needed(seq, n))
         table = self.tables[seq]
-        for _ in range(need):
-            table.append(self._free.pop())
         sc = (torch.zeros(n, self.kv_heads, dtype=torch.float32, device=self.score.device)
               if score is None else score.to(torch.float32))
         if self.uniform(seq):  # the common case: page-sized slices, all heads at once
@@ -102,13 +185,8 @@ class PagedStore:
         if len(n) != self.kv_heads:
             raise ValueError(f"need one entry per KV head ({self.kv_heads}), got {len(n)}")
         new = [hl + m for hl, m in zip(self.hlens[seq], n)]
-        need = self.pages_needed(seq, max(new) - self.lens[seq])
-        if need > len(self._free):
-            raise ValueError(f"KV cache capacity exceeded: sequence {seq} needs {need} more "
-                             f"page(s) of {self.page_size} tokens, {len(self._free)} free of "
-                             f"{self.num_pages}")
-        for _ in range(need):
-            self.tables[seq].append(self._free.pop())
+        self.own(seq, min(self.hlens[seq]))
+        self._take(seq, self.pages_needed(seq, max(new) - self.lens[seq]))
         same = len(set(n)) == 1 and all(torch.equal(p, pos[0]) for p in pos)
         self.split[seq] = self.split[seq] or not same
         for h, hl in enumerate(self.hlens[seq]):
@@ -176,35 +254,62 @@ class PagedStore:
         is True; pack the survivors to the front and free pages no head reaches."""
         if len(masks) != self.kv_heads:
             raise ValueError(f"need one mask per KV head ({self.kv_heads}), got {len(masks)}")
-        same = all(torch.equal(m, masks[0]) for m in masks)
-        new = []
         for h, mask in enumerate(masks):
             n = self.hlens[seq][h]
             if mask.shape != (n,):
                 raise ValueError(f"masks[{h}] must have shape ({n},), got {tuple(mask.shape)}")
-            src = self.slots(seq, 0, n)
-            keep = src[mask.to(src.device)]
-            m = keep.numel()
-            if m < n:  # gather first (copies), then write: safe although ranges overlap
-                dst = src[:m]
-                for t in (self.k, self.v, self.pos, self.score):
-                    t[h, dst] = t[h, keep]
-                self.pos[h, src[m:]] = -1
-                self.score[h, src[m:]] = 0
-            new.append(m)
-        self.hlens[seq] = new
-        self.lens[seq] = max(new)
+        same = all(torch.equal(m, masks[0]) for m in masks)
+        if self.shared(seq):
+            self._keep_shared(seq, masks)
+        else:
+            new = []
+            for h, mask in enumerate(masks):
+                n = self.hlens[seq][h]
+                src = self.slots(seq, 0, n)
+                keep = src[mask.to(src.device)]
+                m = keep.numel()
+                if m < n:  # gather first (copies), then write: safe although ranges overlap
+                    dst = src[:m]
+                    for t in (self.k, self.v, self.pos, self.score):
+                        t[h, dst] = t[h, keep]
+                    self.pos[h, src[m:]] = -1
+                    self.score[h, src[m:]] = 0
+                new.append(m)
+            self.hlens[seq] = new
+            self.lens[seq] = max(new)
+            table = self.tables[seq]
+            while len(table) * self.page_size - self.page_size >= self.lens[seq] and table:
+                self._release(table.pop())
         self.split[seq] = self.split[seq] or not same
-        table = self.tables[seq]
-        while len(table) * self.page_size - self.page_size >= self.lens[seq] and table:
-            self._free.append(table.pop())
+
+    def _keep_shared(self, seq: int, masks: list[Tensor]) -> None:
+        """`keep` for a sequence with shared pages: the survivors are gathered (copies),
+        the old pages released, and fresh private pages written; nothing shared changes."""
+        table, ps = self.tables[seq], self.page_size
+        kept = []
+        for h, mask in enumerate(masks):
+            src = self.slots(seq, 0, self.hlens[seq][h])
+            idx = src[mask.to(src.device)]
+            kept.append([t[h, idx] for t in (self.k, self.v, self.pos, self.score)])
+        new = [x[0].shape[0] for x in kept]
+        need, freed = -(-max(new) // ps), sum(self.refs[p] == 1 for p in table)
+        if need > len(self._free) + freed:  # checked before anything is released
+            raise ValueError(f"KV cache capacity exceeded: sequence {seq} needs {need} "
+                             f"page(s) for its kept tokens, {len(self._free) + freed} free "
+                             f"of {self.num_pages}")
+        for page in reversed(table):
+            self._release(page)
+        self.tables[seq] = []
+        self._take(seq, need)
+        for h, rows in enumerate(kept):
+            idx = self.slots(seq, 0, new[h])
+            for t, x in zip((self.k, self.v, self.pos, self.score), rows):
+                t[h, idx] = x
+        self.hlens[seq], self.lens[seq] = new, max(new)
 
     def reset(self, seq: int) -> None:
         for page in reversed(self.tables[seq]):
-            lo = page * self.page_size
-            self.pos[:, lo:lo + self.page_size] = -1
-            self.score[:, lo:lo + self.page_size] = 0
-            self._free.append(page)
+            self._release(page)
         self.tables[seq], self.lens[seq] = [], 0
         self.hlens[seq] = [0] * self.kv_heads
         self.split[seq] = False
@@ -221,3 +326,7 @@ class PagedStore:
         by the caller)."""
         self.tables, self.hlens, self.lens = tables, hlens, lens
         self.split, self._free = split, list(free)
+        self.refs = [0] * self.num_pages
+        for table in tables:
+            for page in table:
+                self.refs[page] += 1

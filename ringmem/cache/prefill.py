@@ -44,7 +44,6 @@ def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
             for r in range(cache.world)]  # per rank: positions of the chunk it stores
     held = [len(x) for x in kept]
     drops = cache.windows.drops(layer, seq, low) if left >= 0 else None
-    idx.check_room(layer, seq, held, drops)  # before any work, identically on every rank
     pos = start + positions(c.layout, cache.rank, cache.world, n_loc)
     parts = []
     if start > 0 and left >= 0:  # the window before the chunk, gathered (small)
@@ -119,13 +118,38 @@ def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
                          start + pos[pos < n_valid])
         if cache.tiers is not None:  # a full tier store fails here, on every rank
             cache.tiers.flush(layer, seq)
+        short, full = _room(cache, layer, seq, start, n_valid, n_loc)
     except Exception as e:  # noqa: BLE001 (any type: raised on every rank by agree)
-        error, layer, seq, start, n_valid, scale = e, -1, -1, -1, -1, 0.0
+        error, layer, seq, start, n_valid, scale, short = e, -1, -1, -1, -1, 0.0, 0
     agree("prefill_chunk", cache.group, error, layer=layer, seq=seq,
           start=start, **{"q.shape": tuple(q.shape) if error is None else None},
           n_valid=n_valid, softmax_scale=scale, backend=backend, softcap=cap,
-          **{"sinks.shape": tuple(sinks.shape) if isinstance(sinks, Tensor) else None})
+          **{"sinks.shape": tuple(sinks.shape) if isinstance(sinks, Tensor) else None,
+             "pages short": short}, explain={"pages short": ROOM})
+    if short:  # short alike on every rank (else agree raised): each says its own
+        raise ValueError(full)
     return layer, seq, start, n_valid, scale, impl, cap
+
+
+ROOM = "KV cache capacity exceeded on some rank(s): pages each rank lacks"
+"""`agree`'s explanation when ranks lack different numbers of pages for a step."""
+
+
+def _room(cache: ShardedKVCache, layer: int, seq: int, start: int, n_valid: int,
+          n_loc: int) -> tuple[int, str]:
+    """(pages this rank lacks to store its part of the chunk, the error to raise): from
+    its own store, so pages shared between sequences count once."""
+    c, st = cache.config, cache.stores[layer]
+    left, end = c.window(layer), start + n_valid
+    low = end - left if left >= 0 else 0
+    pos = start + positions(c.layout, cache.rank, cache.world, n_loc)
+    add = int(((pos < end) & (pos >= low)).sum())
+    drop = cache.windows.drops(layer, seq, low)[cache.rank] if left >= 0 else 0
+    need = -(-(st.lens[seq] - drop + add) // c.page_size) - len(st.tables[seq])
+    short = max(0, need - st.free_pages)
+    return short, (f"KV cache capacity exceeded: layer {layer}, sequence {seq} needs {need} "
+                   f"more page(s) on rank {cache.rank}, which has {st.free_pages} of "
+                   f"{st.num_pages} free (capacity {c.capacity} tokens per rank)")
 
 
 def _prefix_pass(cache: ShardedKVCache, layer: int, seq: int, q: Tensor,

@@ -198,6 +198,62 @@ class ShardedKVCache:
         sequence's next position (past every position held anywhere) (collective)."""
         self.index.sync(self.stores, self.group, self.view.wire())
 
+    def fork(self, src: int, dsts: int | list[int]) -> None:
+        """Each sequence of `dsts` (empty) becomes a copy of `src`, e.g. one question each
+        about a prefilled document (collective: every rank calls it alike). Full pages of
+        global layers are shared, held once per rank and reference counted; a partly filled
+        last page, windowed layers' pages (they drop tokens as they slide) and the pages of
+        a cache whose scorer accumulates scores per sequence (H2O, TOVA, ...) are copied.
+        Writes never touch a shared page (`PagedStore`); demoted tier pages are copied.
+        Eviction state (the observation window) is inherited: compressing a fork after its
+        question is prefilled is per-question eviction; compressing `src` before the fork is
+        question-agnostic."""
+        error, short, need, dst = None, 0, 0, []
+        try:
+            src = self._seq(src)
+            dst = [dsts] if isinstance(dsts, int) and not isinstance(dsts, bool) else dsts
+            if not isinstance(dst, (list, tuple)):
+                raise TypeError(f"dsts must be an int or a list of ints, got {dsts!r}")
+            dst = [self._seq(d) for d in dst]
+            if src in dst or len(set(dst)) != len(dst):
+                raise ValueError(f"dsts must be distinct sequences other than src={src}, "
+                                 f"got {dsts!r}")
+            busy = [d for d in dst if any(self.index.seen[lay][d]
+                                          for lay in range(self.config.num_layers))]
+            if busy:
+                raise ValueError(f"fork: sequence(s) {busy} are not empty: reset them first")
+            for layer, st in enumerate(self.stores):
+                need = len(dst) * st.fork_pages(src, self._shares(layer, src))
+                short = max(short, need - st.free_pages)
+        except (TypeError, ValueError) as e:
+            error = e
+        agree("fork", self.group, error, src=src if error is None else -1,
+              dsts=tuple(dst) if error is None else (), **{"pages short": max(0, short)},
+              explain={"pages short": "KV cache capacity exceeded on some rank(s): pages "
+                                      "each rank lacks to copy the last pages"})
+        if short > 0:
+            raise ValueError(f"KV cache capacity exceeded: fork of sequence {src} needs "
+                             f"{short} more page(s) on rank {self.rank}")
+        for d in dst:
+            for layer, st in enumerate(self.stores):
+                st.fork(src, d, self._shares(layer, src))
+            self.index.fork(src, d)
+            self.windows.fork(src, d)
+            if self.eviction is not None:
+                self.eviction.fork(src, d)
+            if self.tiers is not None:
+                self.tiers.fork(src, d)
+
+    def _shares(self, layer: int, src: int) -> bool:
+        """Whether a fork of `src` shares `layer`'s full pages (see `fork`)."""
+        accumulates = self.eviction is not None and self.eviction.wants_logits
+        return (self.config.window(layer) < 0 and not accumulates
+                and not self.index.split[layer][src])
+
+    def pages_in_use(self) -> list[int]:
+        """Per layer: distinct pages this rank's sequences hold (a shared page once)."""
+        return [st.pages_in_use for st in self.stores]
+
     def reset(self, seq: int) -> None:
         seq = self._seq(seq)
         for store in self.stores:

@@ -63,6 +63,7 @@ class ShardedView:
 
     def set_scores(self, layer: int, seq: int, head: int, scores: Tensor) -> None:
         st = self.stores[layer]
+        st.own(seq)  # copy on write: a forked sequence's scores are its own
         st.score[head, _where(st, seq, head)] = scores.to(st.score.device)
 
     # ------------------------------------------------------------ changes

@@ -61,6 +61,10 @@ class WindowTracker:
     def positions(self, layer: int, seq: int, rank: int) -> list[int]:
         return list(self.held[layer][seq][rank])
 
+    def fork(self, src: int, dst: int) -> None:
+        for rows in self.held.values():
+            rows[dst] = [deque(h) for h in rows[src]]
+
     def reset(self, seq: int) -> None:
         for rows in self.held.values():
             for held in rows[seq]:

@@ -94,6 +94,13 @@ class Coordinator:
             self.folded[layer][seq] = -1
             self.pending[layer][seq] = False
 
+    def fork(self, src: int, dst: int) -> None:
+        """`dst` starts from `src`'s state (`ShardedKVCache.fork`)."""
+        self.obs.fork(src, dst)
+        for per in (self.folded, self.pending, self.scale):
+            for row in per:
+                row[dst] = row[src]
+
     # ------------------------------------------------------------ hooks
     def on_prefill(self, layer: int, seq: int, q: Tensor, lse: Tensor, pos: Tensor,
                    scale: float) -> None:

@@ -31,6 +31,12 @@ class Observations:
         for per_layer in self._obs:
             per_layer[seq] = _Obs()
 
+    def fork(self, src: int, dst: int) -> None:
+        """`dst` observes what `src` observed (its queries are shared history)."""
+        for per_layer in self._obs:
+            o = per_layer[src]
+            per_layer[dst] = _Obs(o.q, o.lse, o.pos)  # never written in place: no copy
+
     def add(self, layer: int, seq: int, q: Tensor, lse: Tensor, pos: Tensor) -> None:
         """q [n, Hq, D], lse [n, Hq], pos [n]: queries of tokens this rank stores."""
         if q.shape[0] == 0:

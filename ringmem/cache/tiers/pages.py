@@ -263,6 +263,20 @@ class TieredPages:
             for key in [k for k in d if k[1] == seq]:
                 del d[key]
 
+    def fork(self, src: int, dst: int) -> None:
+        """`dst` gets copies of `src`'s demoted pages and pending entries (demoted pages
+        belong to one sequence; a fork's hot pages are shared instead)."""
+        self.drain()
+        keys = sorted(k for k in self.store.keys() if k[1] == src)
+        for key, page in zip(keys, self.store.recall(keys) if keys else []):
+            self.store.demote((key[0], dst, key[2]), *(t.to(self.device) for t in page))
+        for (layer, s), ents in list(self.pending.items()):
+            if s == src:
+                self.pending[(layer, dst)] = [Entries(*(t.clone() for t in e)) for e in ents]
+        for (layer, s), n in list(self.next_id.items()):
+            if s == src:
+                self.next_id[(layer, dst)] = n
+
     def close(self) -> None:
         """Stop the worker and delete every demoted page (spilled files included)."""
         self.drain()

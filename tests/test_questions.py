@@ -1,0 +1,101 @@
+"""Many questions about one document: sequences forked from a prefilled document share its
+pages (held once per rank) and answer exactly as independent runs do."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ringmem.cache import CacheConfig, ShardedKVCache
+from ringmem.reference import reference_attention
+from ringmem.testing import spawn
+
+HQ, HKV, D, PS = 4, 2, 16, 4
+DOC, QLENS, STEPS, CHUNK = 21, (3, 6, 1), 3, 8
+
+
+def _cfg(seqs: int, windows: tuple[int, ...]) -> CacheConfig:
+    return CacheConfig(num_layers=2, q_heads=HQ, kv_heads=HKV, head_dim=D, capacity=48,
+                       page_size=PS, max_seqs=seqs, dtype=torch.float64, windows=windows)
+
+
+def _tokens(seed: int, n: int, b: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, h, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV)]
+
+
+def _prefill(cache: ShardedKVCache, layer: int, seq: int, qkv: list[torch.Tensor]) -> list:
+    """Chunked prefill of qkv into `seq`; the outputs of this rank's real rows."""
+    outs, n = [], qkv[0].shape[1]
+    for c0 in range(0, n, CHUNK):
+        m = min(CHUNK, n - c0)
+        pad = -(-m // cache.world) * cache.world
+        parts = [cache.shard_chunk(torch.cat([t[:, c0:c0 + m],
+                                              t.new_zeros(1, pad - m, *t.shape[2:])], 1))
+                 for t in qkv]
+        outs.append(cache.prefill_chunk(layer, *parts, seq=seq, n_valid=m))
+    return outs
+
+
+def _steps(seqs: list[int]) -> list[list[list[torch.Tensor]]]:
+    """[step][layer] q/k/v [len(seqs), 1, H, D]: row i is sequence seqs[i]'s token."""
+    return [[[torch.cat([_tokens(1000 * s + 10 * t + lay, 1)[j] for s in seqs])
+              for j in range(3)] for lay in range(2)] for t in range(STEPS)]
+
+
+def _shared(rank: int, world: int, windows: tuple[int, ...]) -> None:
+    n = len(QLENS)
+    cache = ShardedKVCache(_cfg(n, windows))
+    doc = [_tokens(7 + lay, DOC) for lay in range(2)]
+    for lay in range(2):
+        _prefill(cache, lay, 0, doc[lay])
+    cache.fork(0, list(range(1, n)))
+    got = {s: [_prefill(cache, lay, s, _tokens(100 + 10 * s + lay, QLENS[s]))
+               for lay in range(2)] for s in range(n)}
+    dec = [[cache.decode(lay, *qkv) for lay, qkv in enumerate(step)]
+           for step in _steps(list(range(n)))]
+    pages = cache.pages_in_use()
+    for s in range(n):  # each question alone, in a cache of its own
+        one = ShardedKVCache(_cfg(1, windows))
+        for lay in range(2):
+            _prefill(one, lay, 0, doc[lay])
+        want = [_prefill(one, lay, 0, _tokens(100 + 10 * s + lay, QLENS[s])) for lay in range(2)]
+        for lay in range(2):
+            for g, w in zip(got[s][lay], want[lay]):
+                assert torch.allclose(g, w, rtol=0, atol=1e-12), (s, lay)
+        for t, step in enumerate(_steps([s])):
+            for lay, qkv in enumerate(step):
+                w = one.decode(lay, *qkv)
+                assert torch.allclose(dec[t][lay][s], w[0], rtol=0, atol=1e-12), (s, t, lay)
+    # the document's full pages of a global layer are held once: each fork adds only its
+    # own pages (the copied partial page, its question and answer)
+    indep = []
+    for s in range(n):
+        one = ShardedKVCache(_cfg(1, windows))
+        for lay in range(2):
+            _prefill(one, lay, 0, doc[lay])
+        shared_full = one.stores[0].lens[0] // PS  # the document's full pages on this rank
+        for lay in range(2):
+            _prefill(one, lay, 0, _tokens(100 + 10 * s + lay, QLENS[s]))
+        for step in _steps([s]):
+            for lay, qkv in enumerate(step):
+                one.decode(lay, *qkv)
+        indep.append((one.stores[0].pages_in_use, shared_full))
+    want0 = indep[0][0] + sum(p - full for p, full in indep[1:])
+    assert pages[0] == want0, (rank, pages, indep)
+    assert pages[0] < sum(p for p, _ in indep) or indep[0][1] == 0
+    # against float64 full attention: the global layer's last decode step of each sequence
+    for s in range(n):
+        q = torch.cat([doc[0][0], _tokens(100 + 10 * s, QLENS[s])[0],
+                       *[st[0][0][s:s + 1] for st in _steps(list(range(n)))]], 1)
+        k = torch.cat([doc[0][1], _tokens(100 + 10 * s, QLENS[s])[1],
+                       *[st[0][1][s:s + 1] for st in _steps(list(range(n)))]], 1)
+        v = torch.cat([doc[0][2], _tokens(100 + 10 * s, QLENS[s])[2],
+                       *[st[0][2][s:s + 1] for st in _steps(list(range(n)))]], 1)
+        ref, _ = reference_attention(q, k, v, causal=True)
+        assert torch.allclose(dec[-1][0][s, 0], ref[0, -1], rtol=0, atol=1e-12), s
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("windows", [(), (-1, 6)])
+def test_forked_questions_equal_independent_runs(world: int, windows: tuple) -> None:
+    spawn(_shared, world, windows)

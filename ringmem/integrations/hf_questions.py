@@ -1,0 +1,145 @@
+"""Many questions about one document from one prefill, answered as one batch.
+
+The document is prefilled once, sharded across the ranks, into sequence 0 of a
+`RingmemCache`; the other sequences are forked from it (`ShardedKVCache.fork`: the
+document's pages are held once per rank, reference counted); each question is then
+prefilled into its own sequence (after the document's tokens, so positions follow it), and
+all questions decode together, one batch row each, greedily. Each answer is yielded as
+soon as its row ends (end-of-sequence token or `max_new_tokens`).
+
+Eviction of the shared document, two ways (`compress`):
+* "document" (question-agnostic): the document is compressed before any question is
+  seen (the policy's scores come from the document's own queries), once, and every
+  question reads that one compressed copy, still shared.
+* "question" (per question): each sequence is compressed after its question is read, on
+  its own view of the shared pages (SnapKV-style scorers then see the question in their
+  observation window); the survivors go to private pages, so each question holds its own
+  compressed copy and the full document is held until the last question is compressed.
+
+Prompts (`split_prompt`): a model with a chat template gets the document and question in
+one user turn, cut where the document ends; a base model (no template) gets a completion
+prompt, the document, then "Question: ...\\nAnswer:" (`answer_prefix`), as RULER prompts
+base models.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .hf_cache import RingmemCache, cache_kwargs, prefill
+
+COMPRESS = ("document", "question")
+
+
+@dataclass
+class Answer:
+    """One question's answer (the same on every rank)."""
+    index: int
+    """The question's index in the call's list."""
+    tokens: list[int]
+    """The generated token ids (the end-of-sequence token excluded)."""
+    question_prefill_s: float
+    """Seconds to prefill this question's tokens (after the document's)."""
+    seconds: float
+    """Seconds from the call's start (document prefill included) to this answer's end."""
+    prompt_tokens: int
+    """Document plus question tokens."""
+    logits: list[Tensor] = field(default_factory=list)
+    """With keep_logits: the float32 logits [vocab] that chose each token."""
+
+
+def split_prompt(tok: Any, document: str, question: str, *,
+                 answer_prefix: str = "Answer:") -> tuple[Tensor, Tensor]:
+    """(document ids [1, S], question ids [1, Q]) such that their concatenation is the
+    prompt: a chat turn cut where the document ends (models with a chat template), or the
+    completion "<document>\\n\\nQuestion: <question>\\n<answer_prefix>" (base models)."""
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": f"{document}\n\n{question}"}],
+                                       add_generation_prompt=True, tokenize=False)
+        cut = text.index(document) + len(document)
+        head, tail = text[:cut], text[cut:]
+        ids = [tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"]
+               for t in (head, tail)]
+        return ids[0], ids[1]
+    doc = tok(document, return_tensors="pt")["input_ids"]  # the BOS token, if any
+    tail = tok(f"\n\nQuestion: {question}\n{answer_prefix}", add_special_tokens=False,
+               return_tensors="pt")["input_ids"]
+    return doc, tail
+
+
+@torch.no_grad()
+def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
+                     questions: list[Tensor], *, max_new_tokens: int,
+                     eos_token_id: int | list[int] | None, chunk_size: int | None = None,
+                     compress: str | None = None, prefilled: bool = False,
+                     progress: Callable[[int], None] | None = None,
+                     keep_logits: bool = False) -> Iterator[Answer]:
+    """Answer every question [1, Q_i] about `document` [1, S] (see the module doc); yields
+    each `Answer` as its row finishes. Every rank calls it alike. The cache must hold
+    max_seqs >= len(questions) sequences, empty, unless `prefilled` (the document is
+    already in sequence 0, e.g. loaded from disk). `compress`: None, "document" or
+    "question" (needs a cache with an eviction policy). `progress(n)`: document tokens
+    prefilled so far. `keep_logits`: each answer carries its logits (tests)."""
+    kv = cache.kv
+    n, rows = len(questions) if isinstance(questions, list) else -1, kv.config.max_seqs
+    if not isinstance(questions, list) or not 1 <= n <= rows:
+        raise ValueError(f"questions must be a list of 1 to max_seqs={rows} token tensors, "
+                         f"got {n} question(s)")
+    if compress not in (None, *COMPRESS):
+        raise ValueError(f"compress must be None or one of {COMPRESS}, got {compress!r}")
+    if compress is not None and kv.eviction is None:
+        raise ValueError(f"compress={compress!r} needs a cache with an eviction policy")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    t0 = time.perf_counter()
+    if not prefilled:
+        if any(kv.next_position(s) for s in range(rows)):
+            raise ValueError("the cache is not empty: call cache.reset() first (or pass "
+                             "prefilled=True with the document in sequence 0)")
+        prefill(model, document, cache, seq=0, chunk_size=chunk_size, progress=progress)
+        if compress == "document":
+            kv.compress(seq=0)
+    doc_len = kv.next_position(0)
+    kv.fork(0, list(range(1, rows)))
+    last, spent = [], []
+    for s in range(rows):  # rows past the questions repeat the last one (ignored)
+        t1 = time.perf_counter()
+        last.append(prefill(model, questions[min(s, n - 1)], cache, seq=s,
+                            chunk_size=chunk_size))
+        if compress == "question":
+            kv.compress(seq=s)
+        spent.append(time.perf_counter() - t1)
+    step_logits = torch.stack([x[0] for x in last])  # [rows, vocab]
+    tokens = step_logits.argmax(-1)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    kept: list[list[Tensor]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for step in range(max_new_tokens):
+        for s in range(n):
+            if done[s]:
+                continue
+            tok = int(tokens[s])
+            if keep_logits:
+                kept[s].append(step_logits[s].clone())
+            if tok in eos or step == max_new_tokens - 1:
+                done[s] = True
+                if tok not in eos:
+                    out[s].append(tok)
+                yield Answer(s, out[s], spent[s], time.perf_counter() - t0,
+                             doc_len + questions[s].shape[1], kept[s])
+            else:
+                out[s].append(tok)
+        if all(done[:n]):
+            return
+        pos = torch.tensor([[kv.next_position(s)] for s in range(rows)],
+                           device=document.device)
+        logits = model(input_ids=tokens[:, None].to(document.device), position_ids=pos,
+                       use_cache=True, **cache_kwargs(model, cache)).logits
+        step_logits = logits[:, -1].float()
+        tokens = step_logits.argmax(-1)

@@ -1,0 +1,83 @@
+"""Many questions from one prefill through a transformers model: tiny random Llama and
+Gemma-3-style (window + global layers) models at 2-3 gloo ranks. Each question's greedy
+tokens and logits equal an independent run's (within a float32 baseline of the float64
+single-process model), and the document's pages are held once."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ringmem.integrations import hf, hf_cache, hf_questions  # noqa: E402
+from ringmem.testing import spawn  # noqa: E402
+
+from _tolerance import check_close  # noqa: E402
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+DOC, NEW = 37, 5
+
+
+def _model(kind: str, dtype: torch.dtype, impl: str):
+    t = transformers
+    cfg = (t.LlamaConfig(**SMALL, num_hidden_layers=2) if kind == "llama" else
+           t.Gemma3TextConfig(**SMALL, num_hidden_layers=3, head_dim=16, sliding_window=8,
+                              query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention",
+                                           "sliding_attention"]))
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def _greedy(model, ids: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and their logits, one full forward per step (no cache: a reference)."""
+    toks, logits = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            row = model(input_ids=ids).logits[0, -1]
+            logits.append(row)
+            toks.append(int(row.argmax()))
+            ids = torch.cat([ids, torch.tensor([[toks[-1]]])], 1)
+    return toks, logits
+
+
+def _run(rank: int, world: int, kind: str, qlens: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(3)
+    doc = torch.randint(1, 128, (1, DOC), generator=g)
+    questions = [torch.randint(1, 128, (1, n), generator=g) for n in qlens]
+    model = _model(kind, torch.float32, hf.register())
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4,
+                                            max_seqs=len(qlens))
+    got = sorted(hf_questions.answer_questions(model, cache, doc, questions,
+                                               max_new_tokens=NEW, eos_token_id=None,
+                                               chunk_size=4 * world, keep_logits=True),
+                 key=lambda a: a.index)
+    assert [a.index for a in got] == list(range(len(qlens)))
+    ref_m, base_m = (_model(kind, d, "eager") for d in (torch.float64, torch.float32))
+    for a, q in zip(got, questions):
+        ids = torch.cat([doc, q], 1)
+        want, ref = _greedy(ref_m, ids, NEW)
+        _, base = _greedy(base_m, ids, NEW)
+        assert a.tokens == want, (rank, a.index, a.tokens, want)
+        for step, (x, r, b) in enumerate(zip(a.logits, ref, base)):
+            msg = check_close(f"rank {rank} question {a.index} step {step}", x, r, b,
+                              torch.float32)
+            assert msg is None, msg
+    # held once: a global layer's pages are the document's (once) plus each row's own
+    glob = next(i for i in range(cache.kv.config.num_layers) if cache.kv.config.window(i) < 0)
+    st = cache.kv.stores[glob]
+    tables = [set(t) for t in st.tables[:len(qlens)]]
+    shared = set.intersection(*tables) if len(tables) > 1 else set()
+    assert st.pages_in_use == len(set.union(*tables))
+    if len(qlens) > 1:
+        assert shared and all(st.refs[p] == len(qlens) for p in shared)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind,qlens", [("llama", (4,)), ("llama", (3, 7, 1)),
+                                        ("gemma3", (5, 2, 9))])
+def test_questions_equal_independent_runs(world: int, kind: str, qlens: tuple) -> None:
+    spawn(_run, world, kind, qlens)

@@ -24,6 +24,13 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         want = hints[key]
+        if typing.get_origin(typing.get_args(want)[0] if typing.get_args(want) else want) \
+                is list:  # list[str] (| None): a list of strings
+            if value is not None and not (isinstance(value, list)
+                                          and all(isinstance(x, str) for x in value)):
+                raise ValueError(f"{source}: key {key!r} must be a list of strings, got "
+                                 f"{value!r}")
+            continue
         ok_types = typing.get_args(want) or (want,)
         ok_types = tuple(float if t is float else t for t in ok_types if t is not type(None))
         if value is None and type(None) in (typing.get_args(want) or ()):
@@ -161,6 +168,27 @@ class InferConfig:
     """A UTF-8 text file to read; unset: the KJV pass-key haystack demo."""
     question: str = "What is this document about? Answer in one sentence."
     """Asked after `document` (the demo asks for the pass key instead)."""
+    questions: list[str] | None = None
+    """Several questions about `document`, answered from one prefill as one batch (the
+    document's pages held once); unset: `question` alone."""
+    answer_prefix: str = "Answer:"
+    """Base models (no chat template) are prompted as a completion: the document, then
+    "Question: ...", then this, which the answer continues."""
+    jobs: str | None = None
+    """A JSONL file of jobs (a document, its questions, options per line): answered one
+    document at a time, resumable; answers go to `output`."""
+    output: str | None = None
+    """With `jobs`: the answers' JSONL (default: the jobs file with .answers.jsonl)."""
+    on_error: str = "skip"
+    """With `jobs`: a bad line or a failed document is reported, then "skip"ped or "stop"s
+    the run (nothing already written is lost either way)."""
+    doc_cache: bool = False
+    """Save each prefilled (and compressed) document's cache under a content key and reuse
+    it on a later run with the same tokens, model, layout, ranks, dtype and policy."""
+    doc_cache_dir: str | None = None
+    """Where document caches live (default: $RINGMEM_CACHE/doc-caches)."""
+    doc_cache_gb: float = 20.0
+    """Size limit of `doc_cache_dir`; least recently used entries go first."""
     haystack_tokens: int = 4000
     """Demo prompt length in tokens."""
     passkey_depth: float = 0.5
@@ -189,6 +217,19 @@ class InferConfig:
     (one pool over every layer and KV head)."""
     snapkv_kernel: int = 7
     """With eviction = "snapkv": the max-pooling width in positions (odd)."""
+    compress: str = "document"
+    """With `eviction`: "document" (question-agnostic: compressed during prefill, after
+    every chunk, so the cache never holds more than the budget plus one chunk, and its pools
+    are sized for that) or "question" (each question's sequence compressed after its
+    question is read; the full document is held until then)."""
+    tier_host_pages: int = 0
+    """With `eviction`: demote evicted entries to a host tier of this many pages per rank
+    (0: no tiers, evicted entries are dropped); each decode step recalls the best pages."""
+    tier_disk_pages: int = 0
+    """With tiers: a disk tier of this many pages per rank under `tier_dir`."""
+    tier_dir: str | None = None
+    tier_recall: int = 8
+    """With tiers: demoted pages each rank recalls per layer per decode step."""
     timeout: float | None = None
     """Seconds any rank waits for a peer before failing; unset: RINGMEM_TIMEOUT, else 300."""
 
@@ -221,6 +262,20 @@ class InferConfig:
             raise ValueError(f"passkey_depth must be in [0, 1], got {self.passkey_depth}")
         if not self.model:
             raise ValueError("model must be 'smollm2-135m' or a checkpoint directory")
-        _common_choices(self)
+        _common_choices(self, compress=("document", "question"), on_error=("skip", "stop"))
+        for name in ("tier_host_pages", "tier_disk_pages", "tier_recall"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.tier_host_pages or self.tier_disk_pages) and self.eviction is None:
+            raise ValueError("tier_host_pages / tier_disk_pages need eviction= (tiers hold "
+                             "what eviction demotes)")
+        if self.tier_disk_pages and not self.tier_dir:
+            raise ValueError(f"tier_disk_pages={self.tier_disk_pages} needs tier_dir")
+        if self.questions is not None and (not self.questions
+                                           or not all(q.strip() for q in self.questions)):
+            raise ValueError(f"questions must be a non-empty list of non-empty strings, got "
+                             f"{self.questions!r}")
+        if not self.doc_cache_gb > 0:
+            raise ValueError(f"doc_cache_gb must be > 0, got {self.doc_cache_gb}")
         if self.world_size is not None and self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")

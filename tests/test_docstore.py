@@ -306,3 +306,19 @@ def _flow(rank: int, world: int, root_s: str) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_collective_hit_exact_decode_and_damaged_entries(tmp_path, world: int) -> None:
     spawn(_flow, world, str(tmp_path / "store"), timeout=240)
+
+
+def _different_roots(rank: int, world: int, root_s: str) -> None:
+    from ringmem.cache import CacheConfig
+    cfg = CacheConfig(num_layers=1, q_heads=2, kv_heads=1, head_dim=4, capacity=8,
+                      page_size=4, dtype=torch.float32)
+    store = DocCacheStore(Path(root_s) / f"rank{rank}")
+    with pytest.raises(ValueError, match="ranks use different store roots"):
+        load_or_none(store, _key(1), cfg, model_id=MODEL)
+    said = "key must be 64 lowercase hex" if rank == 1 else r"rank\(s\) \[1\] rejected"
+    with pytest.raises(ValueError, match=said):  # a bad key on one rank: an error on both
+        load_or_none(store, "abc" if rank == 1 else _key(1), cfg, model_id=MODEL)
+
+
+def test_ranks_that_disagree_on_root_or_key_raise_on_every_rank(tmp_path) -> None:
+    spawn(_different_roots, 2, str(tmp_path), timeout=120)

@@ -13,6 +13,7 @@ Errors are raised on every rank (through `agree`), so no rank waits for a peer t
 from __future__ import annotations
 
 import warnings
+import zlib
 from typing import Any
 
 import torch
@@ -25,6 +26,16 @@ from ..timeouts import CommError
 from .store import DocCacheStore, check_key
 
 _LOAD, _SAVE = "DocCacheStore.load_or_none", "DocCacheStore.save_entry"
+_EXPLAIN = {"key": "ranks asked for different keys",
+            "root": "ranks use different store roots (--dir or RINGMEM_CACHE differ); every "
+                    "rank must see one directory"}
+
+
+def _same(key: str, store: DocCacheStore, error: BaseException | None) -> dict[str, object]:
+    """The fields every rank must agree on (none after a local error: it is raised)."""
+    if error is not None:
+        return {}
+    return {"key": key, "root": zlib.crc32(str(store.root.resolve()).encode())}
 
 
 def _rank0_says(flag: bool, group: Group, op: str) -> bool:
@@ -57,7 +68,7 @@ def load_or_none(store: DocCacheStore, key: str, config: CacheConfig, *, model_i
         hit = rank == 0 and store.lookup(key) is not None
     except Exception as e:  # noqa: BLE001 (raised below, on every rank)
         error = e
-    agree(_LOAD, group, error, key=key if error is None else "")
+    agree(_LOAD, group, error, explain=_EXPLAIN, **_same(key, store, error))
     if not _rank0_says(hit, group, _LOAD):
         return None
     cache, reason, unexpected = None, None, None
@@ -107,12 +118,16 @@ def save_entry(store: DocCacheStore, key: str, cache: ShardedKVCache, *, model_i
             store.begin(key)
     except Exception as e:  # noqa: BLE001 (raised below, on every rank)
         error = e
-    agree(f"{_SAVE} (begin)", group, error, key=key if error is None else "")
+    agree(f"{_SAVE} (begin)", group, error, explain=_EXPLAIN, **_same(key, store, error))
     try:
         cache.save(store.path(key), model_id=model_id)
     except BaseException:
         if rank == 0:
-            store.remove(key)
+            try:
+                store.remove(key)
+            except OSError as e:  # the save's own error matters more; the next save sweeps
+                warnings.warn(f"{_SAVE}: could not remove the failed entry {key}: {e}",
+                              RuntimeWarning)
         raise
     error = None
     if rank == 0:

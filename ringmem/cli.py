@@ -7,7 +7,8 @@
     ringmem bench ring|decode|schedules|calibrate|validate|sim [...]
                                                   benchmarks and simulator sweeps
                                                   (`ringmem bench --help`)
-    ringmem cache list|remove KEY|--all [--dir D]   saved document caches (no torchrun)
+    ringmem cache list|remove KEY|--all [--dir D]
+                                                  saved document caches (no torchrun)
 
 `--nproc` defaults to the number of GPUs, or 2 on a CPU machine. torchrun's multi-node
 flags (--nnodes, --node-rank, --rdzv-endpoint, --rdzv-backend, --rdzv-id, --max-restarts)

@@ -7,6 +7,8 @@
     ringmem bench ring|decode|schedules|calibrate|validate|sim [...]
                                                   benchmarks and simulator sweeps
                                                   (`ringmem bench --help`)
+    ringmem cache list|remove KEY|--all [--dir D]
+                                                  saved document caches (no torchrun)
 
 `--nproc` defaults to the number of GPUs, or 2 on a CPU machine. torchrun's multi-node
 flags (--nnodes, --node-rank, --rdzv-endpoint, --rdzv-backend, --rdzv-id, --max-restarts)
@@ -205,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "bench":  # no torchrun of its own: each benchmark starts what it needs
         from .sim.bench import main as bench
         return bench(argv[1:])
+    if argv[0] == "cache":  # bookkeeping of saved document caches, in this process
+        from .jobs.cache_cli import main as cache
+        return cache(argv[1:])
     args, rest = p.parse_known_args(argv)
     nproc = args.nproc if args.nproc is not None else default_nproc()
     try:

@@ -84,9 +84,42 @@ def passkey_prompt(tokenizer: Any, *, tokens: int, key: str | None = None, depth
     return build(body(max(lo, 1))), key
 
 
+def passkey_document(tokenizer: Any, *, tokens: int, depth: float = 0.5, offset: int = 0,
+                     seed: int = 0, preamble: bool = True) -> tuple[str, str]:
+    """(a KJV document of about `tokens` tokens with a pass key planted at `depth`, the key),
+    to be followed by a question (`hf_questions.split_prompt`). `preamble`: open with a line
+    announcing the hidden key (chat models); a base model copies such a line instead of
+    finding the key, so it gets the verses and the needle alone."""
+    if not isinstance(tokens, int) or tokens < 128:
+        raise ValueError(f"tokens must be an int >= 128, got {tokens!r}")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
+    key = str(random.Random(seed).randint(10000, 99999))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    head = ("There is a pass key hidden inside a long text. Find it and memorize it. "
+            "I will ask you about it.\n\n") if preamble else ""
+    verses = kjv_verses()
+
+    def build(n: int) -> str:
+        body = [verses[(offset + i) % len(verses)] for i in range(n)]
+        cut = round(depth * len(body))
+        return head + " ".join(body[:cut] + [needle] + body[cut:])
+
+    def count(n: int) -> int:
+        return len(tokenizer(build(n), add_special_tokens=False)["input_ids"])
+
+    lo, hi = 0, 1  # the most verses that fit, by doubling then bisection
+    while count(hi) <= tokens:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) <= tokens else (lo, mid)
+    return build(max(lo, 1)), key
+
+
 def answered(reply: str, key: str) -> bool:
     """Whether the model's reply states the key (as a whole number)."""
     return key in re.findall(r"\d+", reply)
 
 
-__all__ = ["kjv_verses", "passkey_prompt", "answered"]
+__all__ = ["kjv_verses", "passkey_prompt", "passkey_document", "answered"]

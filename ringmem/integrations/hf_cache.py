@@ -116,6 +116,27 @@ class _Layer(CacheLayerMixin):
         raise ValueError("RingmemCache holds a fixed batch; it cannot select rows")
 
 
+def cache_config(model: Any, *, capacity: int, max_seqs: int = 1, page_size: int = 256,
+                 layout: str = "stripe", **options: Any) -> CacheConfig:
+    """The `CacheConfig` of a cache shaped for `model` (layers, heads, head_dim, dtype,
+    device and sliding windows from it)."""
+    c = model.config
+    if not registered(getattr(c, "_attn_implementation", None)):
+        raise ValueError(f"the model's attention implementation is "
+                         f"{getattr(c, '_attn_implementation', None)!r}; RingmemCache needs "
+                         f"ringmem's: model.set_attn_implementation(hf.register())")
+    windows = layer_windows(c)  # a windowed layer keeps only its window
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    p = next(model.parameters())
+    return CacheConfig(num_layers=c.num_hidden_layers, q_heads=heads,
+                       kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                       head_dim=head_dim, capacity=capacity, page_size=page_size,
+                       max_seqs=max_seqs, dtype=p.dtype, device=str(p.device), layout=layout,
+                       windows=tuple(windows) if any(w >= 0 for w in windows) else (),
+                       **options)
+
+
 class RingmemCache(Cache):
     """transformers `Cache` backed by a `ShardedKVCache` (one per process group)."""
 
@@ -131,26 +152,13 @@ class RingmemCache(Cache):
     @classmethod
     def for_model(cls, model: Any, *, capacity: int, group: Group = None, max_seqs: int = 1,
                   page_size: int = 256, layout: str = "stripe", eviction: Any = None,
-                  **options: Any) -> "RingmemCache":
+                  tiers: Any = None, **options: Any) -> "RingmemCache":
         """A cache shaped for `model` (layers, heads, head_dim, dtype, device from it);
-        `eviction`: an optional `ringmem.eviction.EvictionPolicy`."""
-        c = model.config
-        if not registered(getattr(c, "_attn_implementation", None)):
-            raise ValueError(f"the model's attention implementation is "
-                             f"{getattr(c, '_attn_implementation', None)!r}; RingmemCache needs "
-                             f"ringmem's: model.set_attn_implementation(hf.register())")
-        windows = layer_windows(c)  # a windowed layer keeps only its window
-        heads = c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        p = next(model.parameters())
-        cfg = CacheConfig(num_layers=c.num_hidden_layers, q_heads=heads,
-                          kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                          head_dim=head_dim, capacity=capacity, page_size=page_size,
-                          max_seqs=max_seqs, dtype=p.dtype, device=str(p.device),
-                          layout=layout,
-                          windows=tuple(windows) if any(w >= 0 for w in windows) else (),
-                          **options)
-        return cls(ShardedKVCache(cfg, group=group, eviction=eviction))
+        `eviction`: an optional `ringmem.eviction.EvictionPolicy`; `tiers`: an optional
+        `ringmem.cache.TierPolicy`."""
+        cfg = cache_config(model, capacity=capacity, max_seqs=max_seqs, page_size=page_size,
+                           layout=layout, **options)
+        return cls(ShardedKVCache(cfg, group=group, eviction=eviction, tiers=tiers))
 
     def reset(self) -> None:
         super().reset()

@@ -49,6 +49,8 @@ class Answer:
     """Seconds from the call's start (document prefill included) to this answer's end."""
     prompt_tokens: int
     """Document plus question tokens."""
+    first_token_s: float = 0.0
+    """Seconds from the call's start to the first answer token (every row's at once)."""
     logits: list[Tensor] = field(default_factory=list)
     """With keep_logits: the float32 logits [vocab] that chose each token."""
 
@@ -107,20 +109,31 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
             kv.compress(seq=0)
     doc_len = kv.next_position(0)
     kv.fork(0, list(range(1, rows)))
-    last, spent = [], []
-    for s in range(rows):  # rows past the questions repeat the last one (ignored)
+    spent = []
+    rowq = [questions[min(s, n - 1)] for s in range(rows)]  # extra rows repeat the last
+    for s, q in enumerate(rowq):
+        # all but the last token: the first decode step reads it, as generate() does, so
+        # the first answer token already sees recalled tier pages (prefill attends hot
+        # tokens only)
         t1 = time.perf_counter()
-        last.append(prefill(model, questions[min(s, n - 1)], cache, seq=s,
-                            chunk_size=chunk_size))
+        if q.shape[1] > 1:
+            prefill(model, q[:, :-1], cache, seq=s, chunk_size=chunk_size)
         if compress == "question":
             kv.compress(seq=s)
         spent.append(time.perf_counter() - t1)
-    step_logits = torch.stack([x[0] for x in last])  # [rows, vocab]
-    tokens = step_logits.argmax(-1)
+    tokens = torch.stack([q[0, -1] for q in rowq])
     out: list[list[int]] = [[] for _ in range(rows)]
     kept: list[list[Tensor]] = [[] for _ in range(rows)]
-    done = [False] * rows
+    done, first = [False] * rows, 0.0
     for step in range(max_new_tokens):
+        pos = torch.tensor([[kv.next_position(s)] for s in range(rows)],
+                           device=document.device)
+        logits = model(input_ids=tokens[:, None].to(document.device), position_ids=pos,
+                       use_cache=True, **cache_kwargs(model, cache)).logits
+        step_logits = logits[:, -1].float()
+        tokens = step_logits.argmax(-1)
+        if step == 0:
+            first = time.perf_counter() - t0
         for s in range(n):
             if done[s]:
                 continue
@@ -132,14 +145,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
                 if tok not in eos:
                     out[s].append(tok)
                 yield Answer(s, out[s], spent[s], time.perf_counter() - t0,
-                             doc_len + questions[s].shape[1], kept[s])
+                             doc_len + questions[s].shape[1], first, kept[s])
             else:
                 out[s].append(tok)
         if all(done[:n]):
             return
-        pos = torch.tensor([[kv.next_position(s)] for s in range(rows)],
-                           device=document.device)
-        logits = model(input_ids=tokens[:, None].to(document.device), position_ids=pos,
-                       use_cache=True, **cache_kwargs(model, cache)).logits
-        step_logits = logits[:, -1].float()
-        tokens = step_logits.argmax(-1)

@@ -3,15 +3,18 @@
     torchrun --standalone --nproc-per-node 2 ringmem/launch/infer.py [--config configs/infer_demo.toml]
     ringmem infer --nproc 2                      # the same, through the console command
 
-Loads the model (the bundled SmolLM2-135M by default), reads a document (a file, or the
-King James Bible pass-key haystack), prefills it sharded across the ranks chunk by chunk,
-answers the question with the sharded cache, and prints per-rank memory, time to first
-token, decode tokens/s and cache statistics. gloo on CPU, NCCL when CUDA is available.
+Loads the model (the bundled SmolLM2-135M by default; "gemma3-270m", or a checkpoint
+directory), reads a document (a file, or the King James Bible pass-key haystack), prefills
+it sharded across the ranks chunk by chunk (compressed as it goes with `eviction`; found on
+disk instead with `doc_cache`), answers its questions from that one prefill as one batch
+(`launch/documents.py`), and prints per-rank memory (KV pools, tiers, peak), time to first
+token, decode tokens/s and the answers. With `--jobs FILE.jsonl`: every document and
+question of the file, answers appended to a JSONL as they come, resumable. gloo on CPU,
+NCCL when CUDA is available.
 """
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -20,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from ringmem.config import ArgumentParser, InferConfig, from_dict, load_config
-from ringmem.layouts import chunk_count
 from ringmem.timeouts import exit_on_comm_error, init_process_group, resolve
 
 
@@ -39,6 +41,16 @@ def parse(argv: list[str] | None = None) -> InferConfig:
     p.add_argument("--allocation", help="with --eviction: uniform, adaptive or global")
     p.add_argument("--snapkv-kernel", type=int, dest="snapkv_kernel",
                    help="with --eviction snapkv: pooling width (odd)")
+    p.add_argument("--questions", nargs="+", help="several questions about --document, "
+                   "answered from one prefill")
+    p.add_argument("--answer-prefix", dest="answer_prefix")
+    p.add_argument("--jobs", help="a JSONL file of jobs: document, questions, options")
+    p.add_argument("--output", help="with --jobs: the answers' JSONL")
+    p.add_argument("--on-error", dest="on_error", help="with --jobs: skip or stop")
+    p.add_argument("--doc-cache", dest="doc_cache", action="store_true", default=None,
+                   help="reuse prefilled document caches across runs (content-keyed)")
+    p.add_argument("--compress", help="with --eviction: document or question")
+    p.add_argument("--tier-host-pages", type=int, dest="tier_host_pages")
     p.add_argument("--timeout", type=float, help="seconds to wait for a peer (RINGMEM_TIMEOUT)")
     args = vars(p.parse_args(argv))
     path = args.pop("config")
@@ -72,49 +84,36 @@ def check_inputs(cfg: InferConfig, world: int | None) -> Path:
             raise ValueError(f"document {cfg.document!r} is empty")
     if cfg.model not in (models.BUNDLED, models.GEMMA3):
         models.check_tokenizer(cfg.model)
+    if cfg.jobs is not None and not Path(cfg.jobs).is_file():
+        raise ValueError(f"jobs file {cfg.jobs!r} does not exist or is not a file")
     return Path(cfg.document) if cfg.document else Path()
 
 
-def check_prompt(cfg: InferConfig, tok) -> tuple[torch.Tensor, str | None]:
-    """(prompt ids, pass key) of `build_prompt`, or ValueError when longer than
-    max_context: the count the workers see (the document plus the question and the chat
-    template), not the document's alone."""
-    ids, key = build_prompt(cfg, tok)
-    if ids.shape[1] > cfg.max_context:
-        raise ValueError(f"the prompt is {ids.shape[1]} tokens, longer than "
-                         f"max_context={cfg.max_context}")
-    return ids, key
-
-
-def build_prompt(cfg: InferConfig, tok) -> tuple[torch.Tensor, str | None]:
-    """(prompt ids [1, S], the expected pass key or None)."""
+def document(cfg: InferConfig, tok) -> tuple[str, list[str], str | None]:
+    """(document text, its questions, the expected pass key or None): the file and
+    `questions` (or `question`), or the KJV pass-key haystack demo. A model with a chat
+    template gets an announcing preamble and an instruction; a base model (no template)
+    neither: it is prompted as a completion (`answer_prefix`)."""
     from ringmem.demo import haystack
     if cfg.document is None:
-        return haystack.passkey_prompt(tok, tokens=cfg.haystack_tokens,
-                                       depth=cfg.passkey_depth, seed=cfg.seed,
-                                       offset=cfg.seed * 997 % 20000)
+        chat = bool(getattr(tok, "chat_template", None))
+        text, key = haystack.passkey_document(tok, tokens=cfg.haystack_tokens,
+                                              depth=cfg.passkey_depth, seed=cfg.seed,
+                                              offset=cfg.seed * 997 % 20000, preamble=chat)
+        q = "What is the pass key? Answer with the number only." if chat else \
+            "What is the pass key?"
+        return text, [q], key
     text = Path(cfg.document).read_text(encoding="utf-8")
-    content = f"{text}\n\n{cfg.question}"
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": content}],
-                                      add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)["input_ids"]
-    else:
-        ids = tok(f"{content}\nAnswer:", return_tensors="pt")["input_ids"]
-    return ids, None
+    return text, list(cfg.questions or [cfg.question]), None
 
 
-class _Clock:
-    """A generate() streamer that timestamps tokens (the first put() is the prompt)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
+def check_prompt(cfg: InferConfig, tok) -> None:
+    """ValueError when the prompt (the document, the longest question with its template
+    or answer prefix) and max_new_tokens do not fit max_context: the count the workers
+    see."""
+    from ringmem.launch.documents import prompt_ids
+    text, questions, _ = document(cfg, tok)
+    prompt_ids(cfg, tok, text, questions)
 
 
 def check(argv: list[str] | None, world: int | None, prompt: bool = True) -> InferConfig:
@@ -146,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def job(cfg: InferConfig, world: int) -> None:
-    from ringmem.demo import haystack, models
-    from ringmem.integrations import hf, hf_cache
+    from ringmem.demo import models
+    from ringmem.integrations import hf
+    from ringmem.jobs.keys import model_revision
+    from ringmem.launch.documents import Documents
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -155,13 +156,15 @@ def job(cfg: InferConfig, world: int) -> None:
     rank, device = dist.get_rank(), "cuda" if cuda else "cpu"
     try:  # the prompt is checked with the tokenizer alone, before any weights exist
         tok = models.load_tokenizer(cfg.model)
-        ids, key = check_prompt(cfg, tok)
+        if cfg.jobs is None:
+            text, questions, key = document(cfg, tok)
+            check_prompt(cfg, tok)
     except ValueError as e:
         dist.destroy_process_group()
         sys.exit(f"infer: {e}")
     from transformers import AutoModelForCausalLM
     if rank == 0:
-        models.model_path(cfg.model)  # the bundled model's de-quantized copy, built once
+        models.model_path(cfg.model)  # a packaged model's de-quantized copy, built once
     dist.barrier()
     path = models.model_path(cfg.model)
     t_load = time.perf_counter()
@@ -169,70 +172,87 @@ def job(cfg: InferConfig, world: int) -> None:
     model = model.to(device).eval()
     model.set_attn_implementation(hf.register(layout=cfg.layout, backend=cfg.backend))
     t_load = time.perf_counter() - t_load
-    n = ids.shape[1]
-    capacity = -(-(n + cfg.max_new_tokens) // world) + 2 * cfg.page_size
-    policy = None
-    if cfg.eviction is not None:
-        from ringmem.eviction import EvictionPolicy, SnapKV, make_scorer
-        scorer = (SnapKV(cfg.snapkv_kernel) if cfg.eviction == "snapkv"
-                  else make_scorer(cfg.eviction))
-        policy = EvictionPolicy(scorer=scorer, budget=float(cfg.budget),
-                                decode_every=cfg.decode_every, allocation=cfg.allocation)
-    options = {}
-    if cfg.backend in ("torch", "sdpa", "triton"):  # decode through that backend too
-        options["decode_backend"] = cfg.backend
-    cache = hf_cache.RingmemCache.for_model(model, capacity=capacity, page_size=cfg.page_size,
-                                            layout=cfg.layout, eviction=policy, **options)
-    cache.backend = cfg.backend
-    gran = chunk_count(cfg.layout, world)
-    chunk = -(-cfg.chunk_size // gran) * gran  # the layout splits chunks evenly
+    docs = Documents(cfg, model, tok, world=world, rank=rank, revision=model_revision(path))
+    if cfg.jobs is not None:
+        _jobs(cfg, docs, rank)
+    else:
+        _one(cfg, docs, text, questions, key, t_load)
+    dist.destroy_process_group()
+
+
+def _jobs(cfg: InferConfig, docs, rank: int) -> None:
+    """Every job of the jobs file, resumable; answers appended to the output as they come."""
+    from ringmem.jobs.jobsfile import Results, parse_jobs, run_jobs
+    from ringmem.launch.documents import OPTIONS
+    jobs, bad = parse_jobs(cfg.jobs, OPTIONS)
+    out = cfg.output or str(Path(cfg.jobs).with_suffix(".answers.jsonl"))
+
+    def answer(job, pending: list[int]):
+        jc = docs.with_options(dict(job.options))
+        for rec in docs.answer(jc, job.text, [job.questions[i] for i in pending]):
+            rec["question_index"] = pending[rec["question_index"]]
+            yield rec
+
+    with Results(out, readonly=rank != 0) as results:
+        summary = run_jobs(jobs, results, answer, bad=bad, on_error=cfg.on_error,
+                           progress=rank == 0, write=rank == 0)
+    if rank == 0:
+        print(f"infer: jobs {cfg.jobs}: {summary}; answers in {out}", flush=True)
+
+
+def _one(cfg: InferConfig, docs, text: str, questions: list[str], key: str | None,
+         t_load: float) -> None:
+    """One document and its questions, with the per-rank memory and timing report."""
+    from ringmem.demo import haystack
+    world, rank = docs.world, docs.rank
     bar = None
     if rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=n - 1, desc=f"prefill on {world} ranks", unit="tok", file=sys.stderr)
-    clock = _Clock()
-    ids = ids.to(device)
+        bar = tqdm(desc=f"prefill on {world} ranks", unit="tok", file=sys.stderr)
+    progress = (lambda done: bar.update(done - bar.n)) if bar is not None else None
     dist.barrier()
-    t0 = time.perf_counter()
-    out = hf_cache.generate(model, ids, cache, chunk_size=chunk,
-                            progress=(lambda done: bar.update(done - bar.n)) if bar else None,
-                            max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                            streamer=clock, pad_token_id=tok.eos_token_id)
-    t_end = time.perf_counter()
+    records = list(docs.answer(cfg, text, questions, progress=progress))
     if bar is not None:
         bar.close()
-    new = out[0, n:]
-    reply = tok.decode(new, skip_special_tokens=True).strip()
-    ttft = clock.times[1] - t0 if len(clock.times) > 1 else float("nan")
-    decode_s = t_end - clock.times[1] if len(clock.times) > 1 else float("nan")
-    rate = (len(new) - 1) / decode_s if len(new) > 1 else float("nan")
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    stats = hf_cache.cache_stats(cache)
-    line = (f"[rank {rank}/{world}] peak memory {peak / 2**20:.0f} MiB, KV cache "
-            f"{stats['memory_bytes'] / 2**20:.1f} MiB allocated, "
-            f"{cache.kv.rank_counts()[rank]} tokens held")
+    st = records[-1]["cache"]
+    mib = 2 ** 20
+    line = (f"[rank {rank}/{world}] peak memory {st['peak_rss_bytes'] / mib:.0f} MiB, KV cache "
+            f"{st['pool_bytes'] / mib:.1f} MiB allocated "
+            f"({st['pages_in_use_bytes'] / mib:.1f} MiB in use), "
+            f"{st['tokens_per_rank'][rank]} tokens held")
+    if cfg.tier_host_pages or cfg.tier_disk_pages:
+        line += (f"; tiers: host {st['host_tier_bytes'] / mib:.1f} MiB, disk "
+                 f"{st['disk_tier_bytes'] / mib:.1f} MiB, pending "
+                 f"{st['pending_bytes'] / mib:.1f} MiB")
     lines = [None] * world
     dist.all_gather_object(lines, line)
-    if rank == 0:
-        print(f"infer: model {cfg.model} ({t_load:.1f} s to load), prompt {n} tokens, "
-              f"{world} ranks, layout {cfg.layout}, chunk {chunk}", flush=True)
-        print(*lines, sep="\n")
-        print(f"time to first token {ttft:.2f} s ({(n - 1) / ttft:,.0f} prompt tokens/s), "
-              f"decode {rate:.1f} tokens/s over {len(new)} tokens")
-        print(f"cache: tokens per rank {stats['tokens_per_rank'][0]}, "
-              f"{stats['cached_tokens'][0]} cached, page size {stats['page_size']}, "
-              f"{stats['layers']} layers")
-        if policy is not None:
-            rec = cache.kv.eviction.records
-            print(f"eviction: {cfg.eviction} at {cfg.budget:.0%} of the prompt per layer x KV "
-                  f"head ({cfg.allocation} allocation), {len(rec)} compressions, "
-                  f"{sum(r.evicted for r in rec):,} (layer, head, token) entries evicted")
-        print(f"answer: {reply}")
-        if key is not None:
-            print(f"pass key {key}: {'correct' if haystack.answered(reply, key) else 'WRONG'}",
-                  flush=True)
-    dist.destroy_process_group()
+    if rank != 0:
+        return
+    first = records[0]
+    n = first["prompt_tokens"]
+    print(f"infer: model {cfg.model} ({t_load:.1f} s to load), prompt {n} tokens (document "
+          f"{first['document_tokens']}), {len(questions)} question(s), {world} ranks, "
+          f"layout {cfg.layout}, chunk {docs.chunk}", flush=True)
+    print(*lines, sep="\n")
+    last = max(records, key=lambda r: r["latency_s"])
+    new = sum(r["new_tokens"] for r in records)
+    decode_s = last["latency_s"] - first["first_token_s"]
+    rate = (new - len(records)) / decode_s if decode_s > 0 else float("nan")
+    print(f"time to first token {first['first_token_s']:.2f} s "
+          f"({n / first['first_token_s']:,.0f} prompt tokens/s), decode "
+          f"{rate:.1f} tokens/s over {new} tokens ({len(records)} row(s))")
+    print(f"cache: tokens per rank {st['tokens_per_rank']}, document cache "
+          f"{first['doc_cache']}, page size {cfg.page_size}")
+    if cfg.eviction is not None:
+        print(f"eviction: {cfg.eviction} at {cfg.budget:.0%} of the document per layer x KV "
+              f"head ({cfg.allocation} allocation, compressed per {cfg.compress})")
+    for r in sorted(records, key=lambda r: r["question_index"]):
+        print(f"answer{'' if len(records) == 1 else ' ' + str(r['question_index'])}: "
+              f"{r['answer']}")
+    if key is not None:
+        reply = records[0]["answer"]
+        print(f"pass key {key}: {'correct' if haystack.answered(reply, key) else 'WRONG'}",
+              flush=True)
 
 
 if __name__ == "__main__":

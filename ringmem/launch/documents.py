@@ -1,0 +1,240 @@
+"""One document, its questions, every rank: the work of `ringmem infer` per document.
+
+`Documents.answer(cfg, text, questions)` tokenizes the document and questions
+(`hf_questions.split_prompt`), sizes a cache for them, finds the document's cache on disk
+(`doc_cache`, content-keyed: `ringmem.jobs`) or prefills it sharded across the ranks (and
+saves it), then answers the questions in batches of `max_batch` from that one prefill
+(`hf_questions.answer_questions`), yielding one record per answer.
+
+Cache size, per rank and global layer, in tokens: the document's share (ceil(S / P)); with
+question-agnostic eviction ("document"), compressed after every prefill chunk, the budget's
+share instead (x1.5: rebalancing keeps every rank within 1.5x the mean; x the layers or
+heads a "global" or "adaptive" allocation may pool into one) plus one chunk's share; then
+per question row its tokens and answer (spread over the ranks) and two pages (its copy of
+the document's last page, its own last page). Windowed layers hold their window.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..config import InferConfig
+from ..layouts import chunk_count
+
+QUESTION_TOKENS = 512
+"""The longest question (with its chat template or answer prefix), in tokens."""
+MAX_BATCH = 16
+"""Questions decoded together; more are answered in further batches of the same prefill
+(reloaded from the document cache when it is on, else prefilled again)."""
+OPTIONS: dict[str, Any] = {"max_new_tokens": int, "eviction": (str, type(None)),
+                           "budget": float, "allocation": str, "compress": str,
+                           "snapkv_kernel": int, "answer_prefix": str}
+"""Per-job options of a jobs file (`InferConfig` fields)."""
+
+
+def prompt_ids(cfg: InferConfig, tok: Any, text: str, questions: list[str]
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(document ids [1, S], question ids [1, Q_i]), checked against max_context."""
+    from ..integrations.hf_questions import split_prompt
+    doc, qs = None, []
+    for q in questions:
+        d, qi = split_prompt(tok, text, q, answer_prefix=cfg.answer_prefix)
+        doc = d if doc is None else doc
+        qs.append(qi)
+    longest = max(q.shape[1] for q in qs)
+    if longest > QUESTION_TOKENS:
+        raise ValueError(f"a question is {longest} tokens with its prompt, more than "
+                         f"{QUESTION_TOKENS}")
+    total = doc.shape[1] + longest + cfg.max_new_tokens
+    if total > cfg.max_context:
+        raise ValueError(f"the prompt ({doc.shape[1] + longest} tokens: document "
+                         f"{doc.shape[1]}, longest question {longest}) plus "
+                         f"max_new_tokens={cfg.max_new_tokens} is longer than "
+                         f"max_context={cfg.max_context}")
+    return doc, qs
+
+
+class Documents:
+    """The loaded model and tokenizer on this rank, and what every document needs."""
+
+    def __init__(self, cfg: InferConfig, model: Any, tok: Any, *, world: int, rank: int,
+                 revision: str) -> None:
+        self.cfg, self.model, self.tok = cfg, model, tok
+        self.world, self.rank, self.revision = world, rank, revision
+        self.device = next(model.parameters()).device
+        gran = chunk_count(cfg.layout, world)
+        self.chunk = -(-cfg.chunk_size // gran) * gran  # the layout splits chunks evenly
+        self.store = None
+        if cfg.doc_cache:
+            from ..jobs.store import DocCacheStore
+            self.store = DocCacheStore(cfg.doc_cache_dir,
+                                       max_bytes=int(cfg.doc_cache_gb * 2**30))
+
+    def with_options(self, options: dict[str, Any]) -> InferConfig:
+        """The run's config with a job's options (checked like the config's own)."""
+        return dataclasses.replace(self.cfg, **options)
+
+    # ---------------------------------------------------------------- prompts
+    def prompt(self, cfg: InferConfig, text: str, questions: list[str]
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return prompt_ids(cfg, self.tok, text, questions)
+
+    # ---------------------------------------------------------------- the cache
+    def policies(self, cfg: InferConfig) -> tuple[Any, Any]:
+        """(EvictionPolicy or None, TierPolicy or None) of `cfg`."""
+        if cfg.eviction is None:
+            return None, None
+        from ..cache import TierPolicy
+        from ..eviction import EvictionPolicy, SnapKV, make_scorer
+        scorer = (SnapKV(cfg.snapkv_kernel) if cfg.eviction == "snapkv"
+                  else make_scorer(cfg.eviction))
+        policy = EvictionPolicy(scorer=scorer, budget=float(cfg.budget),
+                                decode_every=cfg.decode_every, allocation=cfg.allocation,
+                                prefill="chunk" if cfg.compress == "document" else "after",
+                                rebalance=1.5 if self.world > 1 else 0.0)
+        tiers = None
+        if cfg.tier_host_pages or cfg.tier_disk_pages:
+            tiers = TierPolicy(host_pages=cfg.tier_host_pages, disk_pages=cfg.tier_disk_pages,
+                               disk_dir=cfg.tier_dir, recall=cfg.tier_recall)
+        return policy, tiers
+
+    def capacity(self, cfg: InferConfig, doc_len: int, rows: int, policy: Any) -> int:
+        """Tokens per rank per global layer (see the module doc)."""
+        p, ps = self.world, cfg.page_size
+        doc = -(-doc_len // p)
+        if policy is not None and cfg.compress == "document":
+            c = self.model.config
+            pooled = {"global": c.num_hidden_layers, "adaptive": c.num_key_value_heads
+                      }.get(cfg.allocation, 1)
+            share = math.ceil(1.5 * pooled * policy.tokens(doc_len) / p) + 1
+            doc = min(doc, share) + -(-self.chunk // p)
+        per_row = -(-(QUESTION_TOKENS + cfg.max_new_tokens) // p) + 2 + 2 * ps
+        return doc + rows * per_row + ps
+
+    def build(self, cfg: InferConfig, doc_len: int, rows: int) -> Any:
+        """An empty `RingmemCache` for `rows` questions about a `doc_len`-token document."""
+        from ..integrations import hf_cache
+        policy, tiers = self.policies(cfg)
+        options = {"decode_backend": cfg.backend} if cfg.backend in ("torch", "sdpa",
+                                                                     "triton") else {}
+        cache = hf_cache.RingmemCache.for_model(
+            self.model, capacity=self.capacity(cfg, doc_len, rows, policy), max_seqs=rows,
+            page_size=cfg.page_size, layout=cfg.layout, eviction=policy, tiers=tiers,
+            **options)
+        cache.backend = cfg.backend
+        return cache
+
+    def key(self, cfg: InferConfig, doc: torch.Tensor, cache: Any) -> str:
+        """The document cache's content key: tokens, model, layout, ranks, dtype, policy,
+        and what shapes the saved pools (capacity, rows, page size, chunk, windows)."""
+        from ..jobs.keys import content_key
+        kv = cache.kv
+        policy = None if kv.eviction is None else list(kv.eviction.policy.signature())
+        c = kv.config
+        return content_key(token_ids=doc, model_id=cfg.model, model_revision=self.revision,
+                           layout=c.layout, world_size=self.world, dtype=c.dtype,
+                           policy=[policy, cfg.compress if policy else None],
+                           extra={"capacity": c.capacity, "rows": c.max_seqs,
+                                  "page_size": c.page_size, "chunk": self.chunk,
+                                  "windows": list(c.windows),
+                                  "tiers": None if kv.tiers is None else
+                                  [cfg.tier_host_pages, cfg.tier_disk_pages, cfg.tier_recall]})
+
+    def _document(self, cfg: InferConfig, doc: torch.Tensor, rows: int,
+                  progress: Callable[[int], None] | None) -> tuple[Any, str, float]:
+        """(a cache with the document in sequence 0, "hit"/"miss"/"off", seconds)."""
+        from ..integrations import hf_cache
+        t0 = time.perf_counter()
+        cache = self.build(cfg, doc.shape[1], rows)
+        kv, how = cache.kv, "off"
+        if self.store is not None:
+            from ..jobs.collective import load_or_none, save_entry
+            key = self.key(cfg, doc, cache)
+            found = load_or_none(self.store, key, kv.config, model_id=cfg.model,
+                                 group=kv.group, eviction=kv.eviction and kv.eviction.policy,
+                                 tiers=self.policies(cfg)[1])
+            if found is not None:
+                kv.close()
+                cache = hf_cache.RingmemCache(found)
+                cache.backend = cfg.backend
+                for i, layer in enumerate(cache.layers):
+                    layer.seen = found.next_position(0, i)
+                if progress is not None:
+                    progress(doc.shape[1])
+                return cache, "hit", time.perf_counter() - t0
+            how = "miss"
+        hf_cache.prefill(self.model, doc.to(self.device), cache, seq=0, chunk_size=self.chunk,
+                         progress=progress)
+        if kv.eviction is not None and cfg.compress == "document":
+            kv.compress(seq=0)
+        if self.store is not None:
+            save_entry(self.store, key, kv, model_id=cfg.model,
+                       meta={"tokens": int(doc.shape[1]), "fields": {
+                           "model": cfg.model, "world": self.world, "layout": cfg.layout,
+                           "dtype": cfg.dtype, "eviction": cfg.eviction,
+                           "budget": cfg.budget if cfg.eviction else None}})
+        return cache, how, time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- answers
+    def answer(self, cfg: InferConfig, text: str, questions: list[str], *,
+               progress: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
+        """One record per question as it is answered (the same on every rank)."""
+        from ..integrations.hf_questions import answer_questions
+        doc, qs = self.prompt(cfg, text, questions)
+        rows = min(len(qs), MAX_BATCH)
+        for first in range(0, len(qs), rows):
+            batch = qs[first:first + rows]
+            cache, how, doc_s = self._document(cfg, doc, rows, progress)
+            try:
+                t0 = time.perf_counter()
+                for a in answer_questions(self.model, cache, doc, [q.to(self.device)
+                                                                   for q in batch],
+                                          max_new_tokens=cfg.max_new_tokens,
+                                          eos_token_id=self.tok.eos_token_id,
+                                          chunk_size=self.chunk, prefilled=True,
+                                          compress="question" if cache.kv.eviction
+                                          is not None and cfg.compress == "question"
+                                          else None):
+                    yield {"question_index": first + a.index,
+                           "answer": self.tok.decode(a.tokens, skip_special_tokens=True
+                                                     ).strip(),
+                           "new_tokens": len(a.tokens), "prompt_tokens": a.prompt_tokens,
+                           "document_tokens": int(doc.shape[1]), "doc_cache": how,
+                           "document_s": round(doc_s, 3),
+                           "first_token_s": round(doc_s + a.first_token_s, 3),
+                           "latency_s": round(doc_s + a.seconds, 3),
+                           "question_prefill_s": round(a.question_prefill_s, 3),
+                           "batch": rows, "cache": self.stats(cache)}
+            finally:
+                cache.kv.close()
+
+    def stats(self, cache: Any) -> dict[str, Any]:
+        """This rank's cache bytes per tier and peak memory (a rank-0 view in records)."""
+        kv = cache.kv
+        tiers = kv.tier_stats()
+        page_bytes = kv.memory_bytes() // max(1, sum(s.num_pages for s in kv.stores))
+        return {"pool_bytes": kv.memory_bytes(),
+                "pages_in_use_bytes": sum(kv.pages_in_use()) * page_bytes,
+                "host_tier_bytes": int(tiers.get("host_bytes", 0)),
+                "disk_tier_bytes": int(tiers.get("disk_bytes", 0)),
+                "pending_bytes": int(tiers.get("pending_bytes", 0)),
+                "tokens_per_rank": kv.rank_counts(0, _global_layer(kv)),
+                "peak_rss_bytes": peak_bytes()}
+
+
+def _global_layer(kv: Any) -> int:
+    c = kv.config
+    return next((i for i in range(c.num_layers) if c.window(i) < 0), 0)
+
+
+def peak_bytes() -> int:
+    """This process's peak memory: CUDA's allocator peak on a GPU, else the peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,6 +1,7 @@
 """The torchrun launcher runs end to end from a config; bad configs fail before any work."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,47 @@ def test_missing_config_file(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"'.*b.toml' is not a TOML file: not UTF-8 text "
                                          r"\(byte 12\)"):
         load_config(PrefillConfig, tmp_path / "b.toml")
+
+
+@pytest.mark.slow
+def test_infer_jobs_file_resumes_and_reuses_document_caches(tmp_path) -> None:
+    """`ringmem infer --jobs`: two documents (one asked two questions from one prefill), a
+    bad line reported and skipped; a rerun answers nothing twice; with --doc-cache the
+    second run finds each document's cache (a hit) and answers exactly as the prefill did."""
+    require_demo()
+    from ringmem.demo import haystack
+    doc = tmp_path / "a.txt"
+    doc.write_text(" ".join(haystack.kjv_verses()[:12]))
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(x) for x in [
+        {"id": "a", "document": "a.txt", "questions": ["Who created the heaven?",
+                                                       "What was upon the face of the deep?"]},
+        {"id": "b", "text": "The pass key is 4242. Remember it.",
+         "questions": ["What is the pass key?"], "options": {"max_new_tokens": 6}},
+        {"id": "c", "questions": ["no document"]},
+    ]) + "\n")
+    out, store = tmp_path / "answers.jsonl", tmp_path / "store"
+
+    def args(output):
+        return ["infer", "--nproc", "2", "--jobs", str(jobs), "--output", str(output),
+                "--max-new-tokens", "8", "--chunk-size", "64", "--page-size", "32",
+                "--doc-cache", "--doc-cache-dir", str(store)]
+    res = _ringmem(*args(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "line 3" in res.stderr, res.stderr[-2000:]
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((r["id"], r["question_index"]) for r in first) == [("a", 0), ("a", 1),
+                                                                     ("b", 0)], first
+    assert all(r["doc_cache"] == "miss" for r in first), first
+    assert {r["batch"] for r in first if r["id"] == "a"} == {2}  # one prefill, one batch
+    res = _ringmem(*args(out))  # everything answered: nothing is asked again
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(out.read_text().splitlines()) == 3
+    again = tmp_path / "again.jsonl"
+    res = _ringmem(*args(again))
+    assert res.returncode == 0, res.stderr[-3000:]
+    second = [json.loads(x) for x in again.read_text().splitlines()]
+    assert all(r["doc_cache"] == "hit" for r in second), second
+    key = lambda r: (r["id"], r["question_index"])  # noqa: E731
+    assert [r["answer"] for r in sorted(first, key=key)] == \
+        [r["answer"] for r in sorted(second, key=key)]

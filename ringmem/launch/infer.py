@@ -49,6 +49,10 @@ def parse(argv: list[str] | None = None) -> InferConfig:
     p.add_argument("--on-error", dest="on_error", help="with --jobs: skip or stop")
     p.add_argument("--doc-cache", dest="doc_cache", action="store_true", default=None,
                    help="reuse prefilled document caches across runs (content-keyed)")
+    p.add_argument("--doc-cache-dir", dest="doc_cache_dir")
+    p.add_argument("--page-size", type=int, dest="page_size")
+    p.add_argument("--max-context", type=int, dest="max_context")
+    p.add_argument("--passkey-depth", type=float, dest="passkey_depth")
     p.add_argument("--compress", help="with --eviction: document or question")
     p.add_argument("--tier-host-pages", type=int, dest="tier_host_pages")
     p.add_argument("--timeout", type=float, help="seconds to wait for a peer (RINGMEM_TIMEOUT)")

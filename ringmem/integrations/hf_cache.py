@@ -66,7 +66,8 @@ class _Layer(CacheLayerMixin):
 
     def __init__(self, owner: "RingmemCache", idx: int) -> None:
         super().__init__()
-        self.owner, self.idx, self.seen = owner, idx, 0
+        # a cache over a loaded `ShardedKVCache.load` resumes at the tokens it was fed
+        self.owner, self.idx, self.seen = owner, idx, owner.kv.next_position(0, idx)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -131,9 +132,11 @@ class RingmemCache(Cache):
     @classmethod
     def for_model(cls, model: Any, *, capacity: int, group: Group = None, max_seqs: int = 1,
                   page_size: int = 256, layout: str = "stripe", eviction: Any = None,
-                  **options: Any) -> "RingmemCache":
+                  tiers: Any = None, **options: Any) -> "RingmemCache":
         """A cache shaped for `model` (layers, heads, head_dim, dtype, device from it);
-        `eviction`: an optional `ringmem.eviction.EvictionPolicy`."""
+        `eviction`: an optional `ringmem.eviction.EvictionPolicy`, `tiers` an optional
+        `ringmem.cache.TierPolicy` (both act on the global layers only; sliding-window
+        layers keep their window)."""
         c = model.config
         if not registered(getattr(c, "_attn_implementation", None)):
             raise ValueError(f"the model's attention implementation is "
@@ -150,7 +153,7 @@ class RingmemCache(Cache):
                           layout=layout,
                           windows=tuple(windows) if any(w >= 0 for w in windows) else (),
                           **options)
-        return cls(ShardedKVCache(cfg, group=group, eviction=eviction))
+        return cls(ShardedKVCache(cfg, group=group, eviction=eviction, tiers=tiers))
 
     def reset(self) -> None:
         super().reset()

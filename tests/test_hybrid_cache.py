@@ -208,3 +208,108 @@ def _compare(rank: int, world: int, alloc: str, refs: dict, root: str) -> None:
 def test_hybrid_eviction_tiers_exact_and_equal_world_one(tmp_path, world: int,
                                                          alloc: str) -> None:
     spawn(_compare, world, alloc, _references(alloc), str(tmp_path), timeout=180)
+
+
+# --------------------------------------------------------------- checkpoints and errors
+def _checkpoints(rank: int, world: int, root: str) -> None:
+    """The window state survives save/load per rank; a windows mismatch, a tampered window
+    state and a damaged record raise on every rank; a windowed layer cannot be compressed
+    or extended locally (every rank raises)."""
+    data = [_data(lay, torch.float32) for lay in range(len(WINDOWS))]
+    pol = _policy(KeyNorm(), "uniform")
+    a = ShardedKVCache(_cfg(torch.float32), eviction=pol, tiers=TierPolicy(host_pages=64))
+    _prefill(a, data)
+    a.compress()
+    _decode(a, data, N_PROMPT)
+    with pytest.raises(ValueError, match=r"layer 1 has a sliding window \(config.windows\[1\]"
+                                         r"=8\).*never compressed"):
+        a.compress(layer=1)
+    assert {r.layer for r in a.compress(layer=3)} <= {3}
+    with pytest.raises(ValueError, match="layer 2 has a sliding window .*extend_local"):
+        a.extend_local(2, 0, *(x[:1] for x in data[2][1:]), torch.tensor([99]))
+    a.save(root, model_id="test/hybrid")
+    b = ShardedKVCache.load(root, _cfg(torch.float32), model_id="test/hybrid", eviction=pol,
+                            tiers=TierPolicy(host_pages=64))
+    for lay in (1, 2):
+        for r in range(world):
+            assert b.windows.positions(lay, 0, r) == a.windows.positions(lay, 0, r)
+        st = b.stores[lay]
+        assert st.pos[0, st.head_slots(0, 0)].tolist() == b.windows.positions(lay, 0, rank)
+    want, got = _decode(a, data, N_PROMPT + 1), _decode(b, data, N_PROMPT + 1)
+    assert all(torch.equal(x, y) for x, y in zip(want, got))
+    for c in (a, b):
+        c.close()
+    # a cache of other windows (a plain cache, or other window sizes) is refused
+    for windows in ((-1, -1, -1, -1), (-1, 8, 6, -1)):
+        with pytest.raises(ValueError, match=r"checkpoint: windows is \[-1, 8, 8, -1\], this "
+                                             r"cache has"):
+            ShardedKVCache.load(root, _cfg(torch.float32, windows), model_id="test/hybrid",
+                                eviction=pol, tiers=TierPolicy(host_pages=64))
+    # rank 1's window state altered (its manifest still self-consistent): the replicated
+    # state differs across ranks, which the load names on every rank
+    path = current(root) / "rank00001.json"
+    if rank == 1:
+        keep = path.read_text()
+        man = json.loads(keep)
+        man.pop("crc32")
+        man["state"]["windows"][1][0][0] = man["state"]["windows"][1][0][0][1:]
+        man["crc32"] = persist._manifest_crc(man)
+        path.write_text(json.dumps(man))
+    dist.barrier()
+    with pytest.raises(ValueError, match="come from different saves"):
+        ShardedKVCache.load(root, _cfg(torch.float32), model_id="test/hybrid", eviction=pol,
+                            tiers=TierPolicy(host_pages=64))
+    if rank == 1:
+        path.write_text(keep)
+        rec = next(current(root).glob("rank00001/*/layer00002.rec"))  # a windowed layer
+        raw = bytearray(rec.read_bytes())
+        raw[-3] ^= 0x10
+        rec.write_bytes(raw)
+    dist.barrier()
+    err = PageCorruptError if rank == 1 else ValueError
+    with pytest.raises(err, match="corrupt" if rank == 1 else "rejected"):
+        ShardedKVCache.load(root, _cfg(torch.float32), model_id="test/hybrid", eviction=pol,
+                            tiers=TierPolicy(host_pages=64))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_hybrid_checkpoint_window_state_and_faults(tmp_path, world: int) -> None:
+    spawn(_checkpoints, world, str(tmp_path), timeout=120)
+
+
+# --------------------------------------------------------------- extend_local
+def _extend(rank: int, world: int) -> None:
+    """Global layers filled by extend_local (rank r: positions r, r + world, ...) + sync,
+    windowed ones by prefill_chunk; eviction demotes, every page is recalled: decode
+    equals dense attention."""
+    data = [_data(lay, torch.float64) for lay in range(len(WINDOWS))]
+    cache = ShardedKVCache(_cfg(torch.float64), eviction=_policy(KeyNorm(), "global"),
+                           tiers=TierPolicy(host_pages=64, recall=1000))
+    mine = torch.arange(rank, N_PROMPT, world)
+    for lay, (q, k, v) in enumerate(data):
+        if lay in GLOBAL:
+            cache.extend_local(lay, 0, k[mine], v[mine], mine)
+    cache.sync()
+    for lo in range(0, N_PROMPT, CHUNK):  # the windowed layers, as a model's prefill would
+        n = min(CHUNK, N_PROMPT - lo)
+        for lay in (1, 2):
+            loc = [cache.shard_chunk(torch.cat([x[lo:lo + n], x.new_zeros(CHUNK - n,
+                                                                          *x.shape[1:])])[None])
+                   for x in data[lay]]
+            cache.prefill_chunk(lay, *loc, n_valid=n)
+    for lay in range(len(WINDOWS)):
+        assert cache.next_position(0, lay) == N_PROMPT, lay
+    assert [cache.seq_len(0, lay) for lay in GLOBAL] == [N_PROMPT] * 2
+    recs = cache.compress()
+    assert {r.layer for r in recs} == set(GLOBAL) and all(r.evicted for r in recs), recs
+    for t in range(N_PROMPT, N_PROMPT + STEPS):
+        for lay, (o, (q, k, v)) in enumerate(zip(_decode(cache, data, t), data)):
+            ref = _dense(q[:t + 1], k[:t + 1], v[:t + 1], WINDOWS[lay])[t]
+            assert (o - ref).abs().max() < 1e-10, (lay, t)
+    _check_windows(cache, N_PROMPT + STEPS)
+    cache.close()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_extend_local_on_global_layers_of_a_hybrid_cache(world: int) -> None:
+    spawn(_extend, world, timeout=120)

@@ -11,8 +11,9 @@ JSON state carries the page tables, the replicated per-rank counts, the position
 rank holds of each windowed layer (`WindowTracker.state`), the config fields the manifest
 does not (windows included), and the coordinator's counters. Loading verifies every file,
 then that model id, layout, world size, rank, dtype, dims, page size, capacity, windows,
-eviction policy and tiers match, then that all ranks loaded the same replicated state. Both are
-collective: an error on any rank (bad file, mismatch, full disk) is raised on every rank.
+eviction policy and tiers match, then that all ranks loaded the same replicated state.
+Both are collective: an error on any rank (bad file, mismatch, full disk) is raised on
+every rank.
 """
 from __future__ import annotations
 

@@ -7,11 +7,13 @@ that fails on any rank (full disk, bad input) leaves the previous checkpoint cur
 whole. Each rank writes its shard with `persist.save_shard` (checksummed records): per
 layer the hot pools (k, v, pos, score), the demoted tier pages and pending entries
 (`tiers.pages.TieredPages.export`) and the eviction coordinator's observation window; the
-JSON state carries the page tables, the replicated per-rank counts, the config fields
-the manifest does not, and the coordinator's counters. Loading verifies every file, then
-that model id, layout, world size, rank, dtype, dims, page size, capacity, eviction policy
-and tiers match, then that all ranks loaded the same replicated state. Both are
-collective: an error on any rank (bad file, mismatch, full disk) is raised on every rank.
+JSON state carries the page tables, the replicated per-rank counts, the positions each
+rank holds of each windowed layer (`WindowTracker.state`), the config fields the manifest
+does not (windows included), and the coordinator's counters. Loading verifies every file,
+then that model id, layout, world size, rank, dtype, dims, page size, capacity, windows,
+eviction policy and tiers match, then that all ranks loaded the same replicated state.
+Both are collective: an error on any rank (bad file, mismatch, full disk) is raised on
+every rank.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def _model_id(model_id: object) -> str:
 def _replicated_crc(cache: ShardedKVCache) -> int:
     """CRC of the state every rank holds alike (ranks of different saves differ here)."""
     i = cache.index.state()
-    rep = [i["seen"], i["head_counts"], i["split"]]
+    rep = [i["seen"], i["head_counts"], i["split"], cache.windows.state()]
     return zlib.crc32(json.dumps(rep).encode())
 
 
@@ -55,7 +57,7 @@ def _config_state(cache: ShardedKVCache) -> dict[str, Any]:
     c = cache.config
     sig = None if cache.eviction is None else list(cache.eviction.policy.signature())
     return {"q_heads": c.q_heads, "capacity": c.capacity, "max_seqs": c.max_seqs,
-            "eviction": sig}
+            "windows": [c.window(i) for i in range(c.num_layers)], "eviction": sig}
 
 
 def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
@@ -86,7 +88,8 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
                 "state": {"config": _config_state(cache), "free": [s.free_list for s in st],
                           "lens": [s.lens for s in st], "store_split": [s.split for s in st],
                           "head_counts": cache.index.head_counts,
-                          "split": cache.index.split, "tiers": tiers or None, "eviction": ev}}
+                          "split": cache.index.split, "windows": cache.windows.state(),
+                          "tiers": tiers or None, "eviction": ev}}
         return meta, layers
 
     def write(gen: Path, staged: tuple[dict[str, Any], list[dict]]) -> Path:
@@ -130,7 +133,9 @@ def load_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str) -> Non
 def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> None:
     x = m["state"]
     want = _config_state(cache)
-    for field, saved in x["config"].items():
+    # a checkpoint from before windows were saved had none (windowed caches were refused)
+    saved_config = {"windows": [-1] * cache.config.num_layers, **x["config"]}
+    for field, saved in saved_config.items():
         if saved != want[field]:
             raise ValueError(f"checkpoint: {field} is {saved!r}, this cache has "
                              f"{want[field]!r}")
@@ -147,6 +152,8 @@ def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> No
             cache.tiers.restore(i, cache.config.max_seqs, layer, x["tiers"][i])
     cache.index.load_state({"seen": m["seen"], "head_counts": x["head_counts"],
                             "split": x["split"]})
+    if x.get("windows") is not None:  # same windows, world and max_seqs: checked above
+        cache.windows.load_state(x["windows"])
     ev, co = x["eviction"], cache.eviction
     if ev is not None and co is not None:
         co.load_state(ev)

@@ -120,7 +120,9 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
     if error is None:
         owners = idx.place_decode(layer, drops)
         short, full = room(cache, layer, owners, drops)
-        wants = cache.eviction is not None and cache.eviction.wants_logits
+        # a windowed layer is never scored: no per-key scores to keep
+        wants = (cache.eviction is not None and cache.eviction.wants_logits
+                 and not cache.windows.windowed(layer))
         logits: list[list[Tensor] | None] = [[] if wants else None for _ in range(b)]
         parts = [local_partial(cache, layer, s, q[s, 0], scale, logits[s], cap)
                  for s in range(b)]

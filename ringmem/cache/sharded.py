@@ -22,7 +22,12 @@ Memory tiers (`tiers=TierPolicy(...)`, see `tiers/pages.py`): evicted entries ar
 and disk instead of dropped, and each decode step recalls, per rank, the demoted pages
 whose Quest bound is highest for the query; attention is exact over hot + recalled
 (+ pending) entries, merged by lse before the one cross-rank merge. `save` / `load`
-checkpoint the whole cache, tiers included (`checkpoint.py`).
+checkpoint the whole cache, tiers and window state included (`checkpoint.py`).
+
+Hybrid models (`config.windows`: sliding-window layers beside global ones, e.g. Gemma 3):
+a windowed layer keeps only its window (`window.py`) and is excluded from eviction (never
+scored, compressed or demoted: a token that leaves a window is never needed again, so it
+is dropped, not tiered); the eviction budget and tiers act on the global layers only.
 """
 from __future__ import annotations
 
@@ -94,7 +99,7 @@ class ShardedKVCache:
             error = e
         self.view = ShardedView(self.stores, self.index,
                                 Dims(c.num_layers, c.max_seqs, c.q_heads, c.kv_heads,
-                                     c.head_dim),
+                                     c.head_dim, windows=c.windows),
                                 group=group, rank=self.rank, world=self.world,
                                 device=self.device, action=self._action)
         self.eviction = None if eviction is None else Coordinator(self.view, eviction)
@@ -271,8 +276,9 @@ class ShardedKVCache:
         (default: every sequence), e.g. after a chunked prefill. Collective: every rank
         calls it with the same arguments (a mismatch raises on every rank). Returns what
         each compression did (layers and sequences within budget are skipped). Under
-        allocation "global" the layers share one pool: `layer` must be None. With tiers,
-        the evicted entries are demoted before it returns."""
+        allocation "global" the layers share one pool: `layer` must be None. Windowed
+        layers are never compressed: layer=None skips them, naming one raises ValueError
+        (on every rank). With tiers, the evicted entries are demoted before it returns."""
         if self.eviction is None:  # replicated: the constructor checked every rank's policy
             raise ValueError("this cache has no eviction policy (pass eviction=... to "
                              "ShardedKVCache)")
@@ -281,6 +287,10 @@ class ShardedKVCache:
             layers = (list(range(self.config.num_layers)) if layer is None
                       else [self._layer(layer)])
             seqs = list(range(self.config.max_seqs)) if seq is None else [self._seq(seq)]
+            if layer is not None and self.windows.windowed(layers[0]):
+                raise ValueError(f"layer {layer} has a sliding window (config.windows[{layer}]"
+                                 f"={self.config.window(layer)}): it keeps only its window "
+                                 f"and is never compressed; pass a global layer or None")
             if self.eviction.policy.allocation == "global" and layer is not None:
                 raise ValueError(f"allocation='global' pools the budget over every layer: "
                                  f"compress them together (layer=None), got layer={layer!r}")
@@ -313,10 +323,10 @@ class ShardedKVCache:
     def save(self, root: str | Path, *, model_id: str, fsync: bool = True) -> Path:
         """Checkpoint every rank's shard as a new generation of `root`, committed for all
         ranks at once (collective; see `checkpoint.py`): hot pages, demoted pages,
-        bookkeeping, eviction state. A failure on any rank raises on every rank and keeps
-        the previous checkpoint. Returns this rank's shard manifest path."""
+        bookkeeping, eviction state, the windowed layers' positions. A failure on any rank
+        raises on every rank and keeps the previous checkpoint. Returns this rank's shard
+        manifest path."""
         from .checkpoint import save_cache
-        _no_windows(self.config, "save")
         return save_cache(self, root, model_id=model_id, fsync=fsync)
 
     @classmethod
@@ -324,10 +334,9 @@ class ShardedKVCache:
              group: Group = None, eviction: EvictionPolicy | None = None,
              tiers: TierPolicy | None = None) -> "ShardedKVCache":
         """A cache resumed from `save` (collective). model id, layout, world size, dtype,
-        dims, page size, capacity, eviction policy and the files are all checked; any
-        mismatch or damage raises on every rank."""
+        dims, page size, capacity, windows, eviction policy and the files are all checked;
+        any mismatch or damage raises on every rank."""
         from .checkpoint import load_cache
-        _no_windows(config, "load")
         cache = cls(config, group=group, eviction=eviction, tiers=tiers)
         try:
             load_cache(cache, root, model_id=model_id)
@@ -352,13 +361,6 @@ class ShardedKVCache:
         return saved
 
 
-def _no_windows(config: CacheConfig, what: str) -> None:
-    # the replicated window positions are not in the checkpoint format yet
-    if any(w >= 0 for w in config.windows):
-        raise ValueError(f"cannot {what} a checkpoint of a cache with sliding-window layers "
-                         f"(config.windows={config.windows})")
-
-
 def _check_parts(config: object, eviction: object, tiers: object) -> None:
     if not isinstance(config, CacheConfig):
         raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
@@ -367,9 +369,6 @@ def _check_parts(config: object, eviction: object, tiers: object) -> None:
                         f"{type(eviction).__name__}")
     if tiers is not None and not isinstance(tiers, TierPolicy):
         raise TypeError(f"tiers must be a TierPolicy or None, got {type(tiers).__name__}")
-    if any(w >= 0 for w in config.windows) and (eviction is not None or tiers is not None):
-        raise ValueError("a cache with sliding-window layers (config.windows) takes no "
-                         "eviction= or tiers= (a windowed layer already keeps only its window)")
     if tiers is not None and eviction is not None and not isinstance(eviction.action, HardDrop):
         raise ValueError(f"with tiers= the cache demotes evicted entries itself; "
                          f"eviction.action must be the default HardDrop, got "

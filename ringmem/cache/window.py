@@ -12,6 +12,11 @@ A prefill chunk's queries still need the window before the chunk: those at most 
 cached tokens are all-gathered (small: one window, not the prompt) and attended with an
 explicit position mask (`window_prefix`); the chunk attends to itself through the ring with
 the window as a band.
+
+In a hybrid cache (windowed and global layers) eviction and tiers act on the global layers
+only: a windowed layer is never scored or compressed, and the tokens leaving its window
+are dropped, never demoted (no later query needs them). `save` / `load` checkpoint the
+tracker (`state`, `load_state`) with the rest of the replicated state.
 """
 from __future__ import annotations
 
@@ -69,6 +74,19 @@ class WindowTracker:
         for rows in self.held.values():
             for held in rows[seq]:
                 held.clear()
+
+    def state(self) -> list[list[list[list[int]]] | None]:
+        """Per layer (None: not windowed), per seq, per rank: the positions held (JSON)."""
+        return [[[list(h) for h in rows] for rows in self.held[layer]]
+                if layer in self.held else None for layer in range(len(self.windows))]
+
+    def load_state(self, state: list[list[list[list[int]]] | None]) -> None:
+        """Inverse of `state` (a checkpoint of the same windows, world and max_seqs)."""
+        for layer, rows in self.held.items():
+            for seq, per_rank in enumerate(rows):
+                for held, pos in zip(per_rank, state[layer][seq]):
+                    held.clear()
+                    held.extend(int(p) for p in pos)
 
 
 def evict(cache: ShardedKVCache, layer: int, seq: int, counts: list[int]) -> None:

@@ -15,6 +15,11 @@ adaptive allocation), 1 gather of the new counts; rebalancing adds point-to-poin
 Hooks the cache calls: `on_prefill` after each prompt chunk of a layer, `on_decode` once
 per layer per decode step (it stores the new tokens through the cache's callback, so the
 new token's initial score and any due compression land in order), `reset`.
+
+Sliding-window layers (`Dims.windowed`, hybrid models such as Gemma 3) are never scored
+or compressed: a window already keeps only its last `left` tokens. Their hooks only store
+the token; budgets, and the "global" pool, cover the other layers (`Dims.evicted_layers`),
+and "global" compresses after the last of those.
 """
 from __future__ import annotations
 
@@ -106,7 +111,10 @@ class Coordinator:
                    scale: float) -> None:
         """After a prompt chunk of `layer` (every rank, even with n = 0 tokens here):
         remember the queries of the tokens this rank stored (q [n, Hq, D], lse [n, Hq],
-        pos [n]), then compress if the policy compresses per chunk."""
+        pos [n]), then compress if the policy compresses per chunk. Nothing for a
+        windowed layer."""
+        if self.view.dims.windowed(layer):  # its window evicts: nothing to observe
+            return
         self.pending[layer][seq] = True
         self.scale[layer][seq] = scale
         self.obs.add(layer, seq, q, lse, pos)
@@ -117,7 +125,12 @@ class Coordinator:
                   store: Callable[[int, Tensor | None], None]) -> list[EvictionRecord]:
         """Per sequence: fold the prompt's pending window (older queries first), fold this
         query's exact mass into the scores, `store(seq, initial scores [1, Hkv])` the new
-        token; then compress every `decode_every` steps."""
+        token; then compress every `decode_every` steps. A windowed layer's tokens are
+        only stored (no scores, no compression)."""
+        if self.view.dims.windowed(layer):
+            for s in range(len(step.owners)):
+                store(s, None)
+            return []
         for s, owner in enumerate(step.owners):
             if self.wants_logits and self.pending[layer][s]:
                 self.fold(layer, s)
@@ -184,12 +197,15 @@ class Coordinator:
     # ------------------------------------------------------------ compression
     def enforce(self, layer: int, seq: int) -> list[EvictionRecord]:
         """The hook after a layer's prefill chunk or decode step. Layers run in order, so
-        under allocation "global" (one pool over every layer) the last layer's call
-        compresses them all together and the others' do nothing."""
+        under allocation "global" (one pool over every non-windowed layer) the last such
+        layer's call compresses them all together and the others' do nothing."""
+        d = self.view.dims
+        if d.windowed(layer):
+            return []
         if self.policy.allocation != "global":
             rec = self.compress(layer, seq)
             return [] if rec is None else [rec]
-        if layer == self.view.dims.num_layers - 1:
+        if layer == d.evicted_layers[-1]:
             return self.compress_layers(seq)
         return []
 
@@ -205,9 +221,10 @@ class Coordinator:
 
     def compress_all(self, layers: list[int], seqs: list[int]) -> list[EvictionRecord]:
         """`ShardedKVCache.compress` after its argument check: each (layer, seq) over
-        budget (every layer at once under "global")."""
+        budget (every layer at once under "global"); windowed layers are skipped."""
         if self.policy.allocation == "global":
             return [r for s in seqs for r in self.compress_layers(s)]
+        layers = [lay for lay in layers if not self.view.dims.windowed(lay)]
         return [r for lay in layers for s in seqs if (r := self.compress(lay, s)) is not None]
 
     def compress(self, layer: int, seq: int) -> EvictionRecord | None:
@@ -216,6 +233,9 @@ class Coordinator:
         if self.policy.allocation == "global":
             raise ValueError("allocation='global' pools the budget over every layer: "
                              "compress all layers together (compress_layers)")
+        if self.view.dims.windowed(layer):
+            raise ValueError(f"layer {layer} has a sliding window: it keeps only its window "
+                             f"and is never compressed")
         if not self.over_budget(layer, seq):
             return None
         t0 = time.perf_counter()
@@ -228,31 +248,34 @@ class Coordinator:
 
     def compress_layers(self, seq: int) -> list[EvictionRecord]:
         """Allocation "global": keep the best sum-of-budgets x Hkv (layer, head, token)
-        entries of the whole cache, each (layer, head) first guaranteed its floor: budget
-        moves to the layers and heads whose attention is spread out (cross-layer AdaKV).
-        Collective; the same 2 top-k stages as adaptive allocation, for every layer at once."""
+        entries of the whole cache (its non-windowed layers), each (layer, head) first
+        guaranteed its floor: budget moves to the layers and heads whose attention is
+        spread out (cross-layer AdaKV). Collective; the same 2 top-k stages as adaptive
+        allocation, for every layer at once."""
         v, pol = self.view, self.policy
-        nl, hkv = v.dims.num_layers, v.dims.kv_heads
-        seen = [v.next_position(seq, layer) for layer in range(nl)]
+        layers, hkv = v.dims.evicted_layers, v.dims.kv_heads
+        if not layers:
+            return []
+        seen = [v.next_position(seq, layer) for layer in layers]
         budgets = [pol.tokens(s) for s in seen]
-        if sum(sum(self._totals(layer, seq)) for layer in range(nl)) <= sum(budgets) * hkv:
+        if sum(sum(self._totals(layer, seq)) for layer in layers) <= sum(budgets) * hkv:
             return []
         t0 = time.perf_counter()
-        befores = [v.rank_counts(seq, layer) for layer in range(nl)]
-        scored = [self._scored(layer, seq) for layer in range(nl)]
+        befores = [v.rank_counts(seq, layer) for layer in layers]
+        scored = [self._scored(layer, seq) for layer in layers]
         flat = torch.cat([s for _, scores in scored for s in scores])
         pos = torch.cat([p for positions, _ in scored for p in positions])
-        gid = torch.cat([torch.full_like(p, layer * hkv + h) for layer, (positions, _)
+        gid = torch.cat([torch.full_like(p, i * hkv + h) for i, (positions, _)
                          in enumerate(scored) for h, p in enumerate(positions)])
-        floors = [pol.head_floor(seen[layer]) for layer in range(nl) for _ in range(hkv)]
+        floors = [pol.head_floor(s) for s in seen for _ in range(hkv)]
         keep = self._pool(flat, pos, gid, floors, sum(budgets) * hkv)
         parts = iter(keep.split([p.numel() for positions, _ in scored for p in positions]))
-        spent = (time.perf_counter() - t0) / nl
+        spent = (time.perf_counter() - t0) / len(layers)
         recs = []
-        for layer, (_, scores) in enumerate(scored):
+        for i, (layer, (_, scores)) in enumerate(zip(layers, scored)):
             masks = [next(parts) for _ in range(hkv)]
-            recs.append(self._apply(layer, seq, scores, masks, budgets[layer],
-                                    befores[layer], time.perf_counter() - spent))
+            recs.append(self._apply(layer, seq, scores, masks, budgets[i],
+                                    befores[i], time.perf_counter() - spent))
         return recs
 
     def _scored(self, layer: int, seq: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -348,12 +371,16 @@ class Coordinator:
 
     # ------------------------------------------------------------ statistics and state
     def stats(self) -> dict[str, Any]:
-        """Per layer: compressions, entries evicted, slots moved, latest per-rank counts."""
+        """Per layer: whether it is windowed (then excluded from eviction: no
+        compressions) and its window (-1: none), compressions, entries evicted, slots
+        moved, latest per-rank counts."""
         out: dict[str, Any] = {}
         d = self.view.dims
         for layer in range(d.num_layers):
             recs = [r for r in self.records if r.layer == layer]
             out[f"layer{layer}"] = {
+                "windowed": d.windowed(layer),
+                "window": d.windows[layer] if d.windows else -1,
                 "compressions": len(recs), "evicted": sum(r.evicted for r in recs),
                 "moved": sum(r.moved for r in recs), "seconds": sum(r.seconds for r in recs),
                 "tokens_per_rank": [self.view.rank_counts(s, layer)

@@ -35,6 +35,17 @@ class Dims:
     q_heads: int
     kv_heads: int
     head_dim: int
+    windows: tuple[int, ...] = ()
+    """Per layer, the sliding window's left size (-1: none); empty: no windowed layer. A
+    windowed layer keeps only its window by itself: eviction never touches it."""
+
+    def windowed(self, layer: int) -> bool:
+        return bool(self.windows) and self.windows[layer] >= 0
+
+    @property
+    def evicted_layers(self) -> list[int]:
+        """The layers eviction covers (every layer but the windowed ones), in order."""
+        return [i for i in range(self.num_layers) if not self.windowed(i)]
 
 
 @runtime_checkable

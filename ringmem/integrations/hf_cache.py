@@ -66,7 +66,8 @@ class _Layer(CacheLayerMixin):
 
     def __init__(self, owner: "RingmemCache", idx: int) -> None:
         super().__init__()
-        self.owner, self.idx, self.seen = owner, idx, 0
+        # a cache over a loaded `ShardedKVCache.load` resumes at the tokens it was fed
+        self.owner, self.idx, self.seen = owner, idx, owner.kv.next_position(0, idx)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -154,8 +155,9 @@ class RingmemCache(Cache):
                   page_size: int = 256, layout: str = "stripe", eviction: Any = None,
                   tiers: Any = None, **options: Any) -> "RingmemCache":
         """A cache shaped for `model` (layers, heads, head_dim, dtype, device from it);
-        `eviction`: an optional `ringmem.eviction.EvictionPolicy`; `tiers`: an optional
-        `ringmem.cache.TierPolicy`."""
+        `eviction`: an optional `ringmem.eviction.EvictionPolicy`, `tiers` an optional
+        `ringmem.cache.TierPolicy` (both act on the global layers only; sliding-window
+        layers keep their window)."""
         cfg = cache_config(model, capacity=capacity, max_seqs=max_seqs, page_size=page_size,
                            layout=layout, **options)
         return cls(ShardedKVCache(cfg, group=group, eviction=eviction, tiers=tiers))

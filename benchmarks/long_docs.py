@@ -184,9 +184,66 @@ def _rank_line(line: str) -> dict:
             "disk_mib": float(disk or 0), "pending_mib": float(pend or 0)}
 
 
+def report() -> str:
+    """benchmarks/results/long_docs.md from the two JSON files (whatever has run)."""
+    lines = ["# Long-document jobs: Gemma-3-270M, 2 ranks (gloo, CPU)", "",
+             "Produced by `python benchmarks/long_docs.py questions|memory` (then `report`); "
+             "raw rows in long_docs_questions.json and long_docs_memory.json. Every run is a "
+             "real `ringmem infer` process; float32; nothing here was fitted.", ""]
+    q = RESULTS / "long_docs_questions.json"
+    if q.is_file():
+        r = json.loads(q.read_text())[0]
+        b, ind, dc = r["batched"], r["independent"], r["doc_cache"]
+        lines += [f"## (a), (b): 10 questions about one {r['config']['tokens']}-token document",
+                  "", f"Commit {r['commit']}, {r['date']}, {r['machine']}.", "",
+                  "| run | seconds |", "|---|---|",
+                  f"| one prefill + one batched decode of 10 questions: last answer | "
+                  f"{b['last_answer_s']:.1f} (document prefill {b['document_s']:.1f}) |",
+                  f"| independent runs (document + 1 question each), measured | "
+                  f"{', '.join(f'{t:.1f}' for t in ind['measured_s'])} |",
+                  f"| 10 independent runs (their mean x 10) | {ind['ten_runs_s (mean x 10)']:.1f} |",
+                  f"| **(a) speed-up** (target >= 5x) | **{r['speedup (a)']:.1f}x** |",
+                  f"| cold run with --doc-cache: document prefill (then saved) | "
+                  f"{dc['cold_document_s']:.1f} |",
+                  f"| warm run: cache found on disk and loaded | {dc['warm_load_s']:.1f} |",
+                  f"| warm run: first answer | {dc['warm_first_answer_s']:.1f} |",
+                  f"| **(b) first answer / cold prefill** (target <= 0.10) | "
+                  f"**{r['ratio (b)']:.3f}** (hit: {dc['warm_hit']}, same answers as the "
+                  f"cold run: {dc['same_answers']}) |", "",
+                  "Answers (greedy, max 8 new tokens, base model): "
+                  + "; ".join(f"{k}: {v!r}" for k, v in sorted(b["answers"].items(),
+                                                               key=lambda kv: int(kv[0]))), ""]
+    m = RESULTS / "long_docs_memory.json"
+    if m.is_file():
+        rows = json.loads(m.read_text())
+        lines += ["## (c): a 32K-token document, full cache vs SnapKV 10% during prefill + host "
+                  "tier", "", f"Commit {rows[0]['commit']}, {rows[0]['date']}. "
+                  "configs/infer_gemma3.toml (tokens from the command line), and the same "
+                  "without its eviction and tier keys. MiB per rank: KV pools allocated "
+                  "(window layers' pools included: 15 of 18 layers, the same in both), "
+                  "in use, host tier, peak RSS (model weights included).", "",
+                  "| depth | setting | pass key | KV allocated r0 / r1 | in use r0 / r1 | "
+                  "host tier r0 / r1 | peak RSS r0 / r1 | wall s |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            k = r["ranks"]
+            f = lambda name: " / ".join(f"{x.get(name, 0):.1f}" for x in k)  # noqa: E731
+            lines.append(f"| {r['depth']} | {r['setting']} | {'found' if r['found'] else 'missed'}"
+                         f" ({r['answer'].removeprefix('answer: ')[:30]}) | {f('pool_mib')} | "
+                         f"{f('in_use_mib')} | {f('host_mib')} | {f('peak_mib')} | "
+                         f"{r['wall_s']:.0f} |")
+        full = [x["pool_mib"] for r in rows if r["setting"] == "full" for x in r["ranks"]]
+        ev = [x["pool_mib"] for r in rows if r["setting"] != "full" for x in r["ranks"]]
+        if full and ev:
+            lines += ["", f"KV pools allocated: full {max(full):.1f} MiB per rank, evicted "
+                      f"{max(ev):.1f} MiB: **{max(full) / max(ev):.2f}x less** (target >= 3x)."]
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "long_docs.md").write_text(text)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["questions", "memory"])
+    p.add_argument("part", choices=["questions", "memory", "report"])
     p.add_argument("--tokens", type=int, default=None)
     p.add_argument("--new", type=int, default=8)
     p.add_argument("--independent", type=int, default=3)
@@ -196,9 +253,10 @@ def main() -> None:
     if a.part == "questions":
         a.tokens = a.tokens or 16000
         questions(a)
-    else:
+    elif a.part == "memory":
         a.tokens = a.tokens or 32000
         memory(a)
+    print(report())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ saves it), then answers the questions in batches of `max_batch` from that one pr
 
 Cache size, per rank and global layer, in tokens: the document's share (ceil(S / P)); with
 question-agnostic eviction ("document"), compressed after every prefill chunk, the budget's
-share instead (x1.5: rebalancing keeps every rank within 1.5x the mean; x the layers or
+share instead (x1.1: rebalancing keeps every rank within 1.1x the mean; x the layers or
 heads a "global" or "adaptive" allocation may pool into one) plus one chunk's share; then
 per question row its tokens and answer (spread over the ranks) and two pages (its copy of
 the document's last page, its own last page). Windowed layers hold their window.
@@ -32,6 +32,9 @@ QUESTION_TOKENS = 512
 MAX_BATCH = 16
 """Questions decoded together; more are answered in further batches of the same prefill
 (reloaded from the document cache when it is on, else prefilled again)."""
+REBALANCE = 1.1
+"""After each compression the ranks are rebalanced until none holds more than this times
+the mean (or one token over it): the pools are sized for that."""
 OPTIONS: dict[str, Any] = {"max_new_tokens": int, "eviction": (str, type(None)),
                            "budget": float, "allocation": str, "compress": str,
                            "snapkv_kernel": int, "answer_prefix": str}
@@ -97,7 +100,7 @@ class Documents:
         policy = EvictionPolicy(scorer=scorer, budget=float(cfg.budget),
                                 decode_every=cfg.decode_every, allocation=cfg.allocation,
                                 prefill="chunk" if cfg.compress == "document" else "after",
-                                rebalance=1.5 if self.world > 1 else 0.0)
+                                rebalance=REBALANCE if self.world > 1 else 0.0)
         tiers = None
         if cfg.tier_host_pages or cfg.tier_disk_pages:
             tiers = TierPolicy(host_pages=cfg.tier_host_pages, disk_pages=cfg.tier_disk_pages,
@@ -112,7 +115,7 @@ class Documents:
             c = self.model.config
             pooled = {"global": c.num_hidden_layers, "adaptive": c.num_key_value_heads
                       }.get(cfg.allocation, 1)
-            share = math.ceil(1.5 * pooled * policy.tokens(doc_len) / p) + 1
+            share = math.ceil(REBALANCE * pooled * policy.tokens(doc_len) / p) + 2
             doc = min(doc, share) + -(-self.chunk // p)
         per_row = -(-(QUESTION_TOKENS + cfg.max_new_tokens) // p) + 2 + 2 * ps
         return doc + rows * per_row + ps

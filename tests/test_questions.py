@@ -10,11 +10,11 @@ from ringmem.reference import reference_attention
 from ringmem.testing import spawn
 
 HQ, HKV, D, PS = 4, 2, 16, 4
-DOC, QLENS, STEPS, CHUNK = 21, (3, 6, 1), 3, 8
+DOC, QLENS, STEPS, CHUNK = 45, (3, 6, 1), 3, 8
 
 
 def _cfg(seqs: int, windows: tuple[int, ...]) -> CacheConfig:
-    return CacheConfig(num_layers=2, q_heads=HQ, kv_heads=HKV, head_dim=D, capacity=48,
+    return CacheConfig(num_layers=2, q_heads=HQ, kv_heads=HKV, head_dim=D, capacity=128,
                        page_size=PS, max_seqs=seqs, dtype=torch.float64, windows=windows)
 
 
@@ -99,3 +99,59 @@ def _shared(rank: int, world: int, windows: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("windows", [(), (-1, 6)])
 def test_forked_questions_equal_independent_runs(world: int, windows: tuple) -> None:
     spawn(_shared, world, windows)
+
+
+def _compressed(rank: int, world: int, how: str, scorer: str) -> None:
+    """Eviction of a shared document equals eviction in independent runs: "document"
+    (compressed before the fork, one copy shared) and "question" (each fork compressed after
+    its question, over its own view of the shared pages, into pages of its own)."""
+    from ringmem.eviction import H2O, EvictionPolicy, SnapKV
+    n = len(QLENS)
+    sc = SnapKV(kernel=1) if scorer == "snapkv" else H2O()  # H2O: scores copied on write
+
+    def cache(seqs: int) -> ShardedKVCache:
+        # granularity "layer": heads keep the same tokens, so the fork can share pages
+        return ShardedKVCache(_cfg(seqs, ()), eviction=EvictionPolicy(
+            scorer=sc, budget=20, sinks=1, recent=2, observe=4, granularity="layer"))
+
+    doc = [_tokens(7 + lay, DOC) for lay in range(2)]
+    shared = cache(n)
+    for lay in range(2):
+        _prefill(shared, lay, 0, doc[lay])
+    if how == "document":
+        shared.compress(seq=0)
+    shared.fork(0, list(range(1, n)))
+    for s in range(n):
+        for lay in range(2):
+            _prefill(shared, lay, s, _tokens(100 + 10 * s + lay, QLENS[s]))
+        if how == "question":
+            shared.compress(seq=s)
+    dec = [[shared.decode(lay, *qkv) for lay, qkv in enumerate(step)]
+           for step in _steps(list(range(n)))]
+    for s in range(n):
+        one = cache(1)
+        for lay in range(2):
+            _prefill(one, lay, 0, doc[lay])
+        if how == "document":
+            one.compress(seq=0)
+        for lay in range(2):
+            _prefill(one, lay, 0, _tokens(100 + 10 * s + lay, QLENS[s]))
+        if how == "question":
+            one.compress(seq=0)
+        for t, step in enumerate(_steps([s])):
+            for lay, qkv in enumerate(step):
+                w = one.decode(lay, *qkv)
+                assert torch.allclose(dec[t][lay][s], w[0], rtol=0, atol=1e-12), (s, t, lay)
+        assert shared.head_counts_of(s, 0) == one.head_counts_of(0, 0), (rank, s)
+    st = shared.stores[0]
+    if how == "question" and scorer == "snapkv":  # every fork owns its pages: none shared
+        assert all(st.refs[p] == 1 for t in st.tables[:n] for p in t)
+    if how == "document":  # the compressed document's full pages are held once
+        assert any(st.refs[p] == n for p in st.tables[0]), (rank, st.tables, st.refs)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("how,scorer", [("document", "snapkv"), ("question", "snapkv"),
+                                        ("question", "h2o")])
+def test_forked_eviction_equals_independent_runs(world: int, how: str, scorer: str) -> None:
+    spawn(_compressed, world, how, scorer)

@@ -10,8 +10,9 @@ Cache size, per rank and global layer, in tokens: the document's share (ceil(S /
 question-agnostic eviction ("document"), compressed after every prefill chunk, the budget's
 share instead (x1.1: rebalancing keeps every rank within 1.1x the mean; x the layers or
 heads a "global" or "adaptive" allocation may pool into one) plus one chunk's share; then
-per question row its tokens and answer (spread over the ranks) and two pages (its copy of
-the document's last page, its own last page). Windowed layers hold their window.
+per question row its tokens and answer (spread over the ranks, at most QUESTION_TOKENS +
+max_new_tokens) and a page for its copy of the document's last page, then one page of
+rounding. Windowed layers hold their window.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from ..config import InferConfig
 from ..layouts import chunk_count
 
-QUESTION_TOKENS = 512
+QUESTION_TOKENS = 256
 """The longest question (with its chat template or answer prefix), in tokens."""
 MAX_BATCH = 16
 """Questions decoded together; more are answered in further batches of the same prefill
@@ -117,7 +118,7 @@ class Documents:
                       }.get(cfg.allocation, 1)
             share = math.ceil(REBALANCE * pooled * policy.tokens(doc_len) / p) + 2
             doc = min(doc, share) + -(-self.chunk // p)
-        per_row = -(-(QUESTION_TOKENS + cfg.max_new_tokens) // p) + 2 + 2 * ps
+        per_row = -(-(QUESTION_TOKENS + cfg.max_new_tokens) // p) + 2 + ps
         return doc + rows * per_row + ps
 
     def build(self, cfg: InferConfig, doc_len: int, rows: int) -> Any:

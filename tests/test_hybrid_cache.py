@@ -21,6 +21,7 @@ from ringmem.eviction import EvictionPolicy, KeyNorm, SnapKV
 from ringmem.generations import current
 from ringmem.testing import spawn
 
+from _damage import flip_record_byte
 from _tolerance import check_close
 
 HQ, HKV, D, PS = 4, 2, 8, 4
@@ -261,10 +262,7 @@ def _checkpoints(rank: int, world: int, root: str) -> None:
                             tiers=TierPolicy(host_pages=64))
     if rank == 1:
         path.write_text(keep)
-        rec = next(current(root).glob("rank00001/*/layer00002.rec"))  # a windowed layer
-        raw = bytearray(rec.read_bytes())
-        raw[-3] ^= 0x10
-        rec.write_bytes(raw)
+        flip_record_byte(root, 1, 2)  # a windowed layer
     dist.barrier()
     err = PageCorruptError if rank == 1 else ValueError
     with pytest.raises(err, match="corrupt" if rank == 1 else "rejected"):

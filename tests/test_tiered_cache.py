@@ -17,8 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ringmem.cache import CacheConfig, PageCorruptError, ShardedKVCache, TierPolicy
 from ringmem.partial import attend
 from ringmem.eviction import H2O, EvictionPolicy, KeyNorm, SnapKV, StreamingLLM
-from ringmem.generations import current
 from ringmem.testing import spawn
+
+from _damage import flip_record_byte
 
 HQ, HKV, D, G, PS = 4, 2, 8, 2, 4
 SCALE = 1 / math.sqrt(D)
@@ -293,10 +294,7 @@ def _save_load(rank: int, world: int, root: str) -> None:
         with pytest.raises(ValueError, match=msg):
             ShardedKVCache.load(root, args.pop("config"), **args)
     if rank == 1:  # one damaged byte in rank 1's layer record
-        rec = next(current(root).glob("rank00001/*/layer00001.rec"))
-        raw = bytearray(rec.read_bytes())
-        raw[-3] ^= 0x10
-        rec.write_bytes(raw)
+        flip_record_byte(root, 1, 1)
     dist.barrier()
     err = PageCorruptError if rank == 1 else ValueError
     with pytest.raises(err, match="corrupt" if rank == 1 else "rejected"):

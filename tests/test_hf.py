@@ -263,8 +263,9 @@ def _assigned_values(body: list) -> list[tuple[str, object]]:
     for node in body:
         if isinstance(node, ast.Assign):
             out += [(ast.unparse(t), node.value) for t in node.targets]
-        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
-            out.append((ast.unparse(node.target), node.value))
+        elif isinstance(node, ast.AugAssign) or (isinstance(node, ast.AnnAssign)
+                                                 and node.value is not None):
+            out.append((ast.unparse(node.target), node.value))  # (a bare annotation: none)
     return out
 
 

@@ -164,6 +164,11 @@ def test_a_failing_job_is_skipped_or_stops_the_run(tmp_path: Path, capsys) -> No
     assert "job 'job1' (line 2) failed" in capsys.readouterr().err
     s = run_jobs(jobs, Results(out), _answer, progress=False)  # the rerun finishes job1
     assert s.answered == 2 and _answers(out) == _all(jobs)
+    # a fatal type (a lost peer) stops the run even under "skip"
+    out3 = tmp_path / "out3.jsonl"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_jobs(jobs, Results(out3), answer, progress=False, fatal=(RuntimeError,))
+    assert ("job1", 0) in _answers(out3) and ("line3", 0) not in _answers(out3)
 
     def wrong(job: Job, pending: list[int]):
         yield {"question_index": pending[0]}

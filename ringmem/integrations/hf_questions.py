@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,8 +35,7 @@ from .hf_cache import RingmemCache, cache_kwargs, prefill
 COMPRESS = ("document", "question")
 
 
-@dataclass
-class Answer:
+class Answer(NamedTuple):
     """One question's answer (the same on every rank)."""
     index: int
     """The question's index in the call's list."""
@@ -51,7 +49,7 @@ class Answer:
     """Document plus question tokens."""
     first_token_s: float = 0.0
     """Seconds from the call's start to the first answer token (every row's at once)."""
-    logits: list[Tensor] = field(default_factory=list)
+    logits: tuple[Tensor, ...] = ()
     """With keep_logits: the float32 logits [vocab] that chose each token."""
 
 
@@ -145,7 +143,7 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
                 if tok not in eos:
                     out[s].append(tok)
                 yield Answer(s, out[s], spent[s], time.perf_counter() - t0,
-                             doc_len + questions[s].shape[1], first, kept[s])
+                             doc_len + questions[s].shape[1], first, tuple(kept[s]))
             else:
                 out[s].append(tok)
         if all(done[:n]):

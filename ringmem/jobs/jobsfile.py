@@ -262,7 +262,7 @@ def _bar(total: int, jobs: int, enabled: bool) -> Any:
 
 def run_jobs(jobs: Sequence[Job], results: Results, answer: Answer, *,
              bad: Sequence[BadLine] = (), on_error: str = "skip", progress: bool = True,
-             write: bool = True) -> Summary:
+             write: bool = True, fatal: tuple[type[BaseException], ...] = ()) -> Summary:
     """Ask every job its pending questions, writing each answer as soon as it comes.
 
     answer(job, pending) yields one record (a dict with "question_index", one of `pending`)
@@ -272,8 +272,9 @@ def run_jobs(jobs: Sequence[Job], results: Results, answer: Answer, *,
     ValueError before any question is asked. An exception from `answer` (or a record it
     gets wrong): "skip" writes an error line {"id", "line", "error"} and goes on (the job
     is asked again on a rerun), "stop" re-raises. KeyboardInterrupt / SystemExit always
-    propagate; everything written so far stays. A progress bar over the pending questions
-    (tqdm, when installed) when `progress`.
+    propagate, and so do the `fatal` types (a lost peer: the ranks cannot go on together);
+    everything written so far stays. A progress bar over the pending questions (tqdm, when
+    installed) when `progress`.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -314,7 +315,7 @@ def run_jobs(jobs: Sequence[Job], results: Results, answer: Answer, *,
                     raise ValueError(f"answer yielded no record for question(s) "
                                      f"{sorted(left)} of job {job.id!r}")
             except Exception as e:  # noqa: BLE001 (the caller chose skip or stop)
-                if on_error == "stop":
+                if on_error == "stop" or isinstance(e, fatal):
                     raise
                 msg = f"{type(e).__name__}: {e}"
                 out.errors.append((job.id, msg))

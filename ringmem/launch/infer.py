@@ -188,6 +188,7 @@ def _jobs(cfg: InferConfig, docs, rank: int) -> None:
     """Every job of the jobs file, resumable; answers appended to the output as they come."""
     from ringmem.jobs.jobsfile import Results, parse_jobs, run_jobs
     from ringmem.launch.documents import OPTIONS
+    from ringmem.timeouts import CommError
     jobs, bad = parse_jobs(cfg.jobs, OPTIONS)
     out = cfg.output or str(Path(cfg.jobs).with_suffix(".answers.jsonl"))
 
@@ -198,8 +199,10 @@ def _jobs(cfg: InferConfig, docs, rank: int) -> None:
             yield rec
 
     with Results(out, readonly=rank != 0) as results:
+        # a lost or stuck peer stops the run on every rank (the others would wait for it);
+        # errors every rank raises alike (a bad option, a prompt too long) skip the job
         summary = run_jobs(jobs, results, answer, bad=bad, on_error=cfg.on_error,
-                           progress=rank == 0, write=rank == 0)
+                           progress=rank == 0, write=rank == 0, fatal=(CommError,))
     if rank == 0:
         print(f"infer: jobs {cfg.jobs}: {summary}; answers in {out}", flush=True)
 

@@ -230,13 +230,16 @@ class RingmemCache(Cache):
 @torch.no_grad()
 def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
             chunk_size: int | None = None,
-            progress: Callable[[int], None] | None = None) -> Tensor:
+            progress: Callable[[int], None] | None = None,
+            logits: bool = True) -> Tensor | None:
     """Run `model` over a prompt sharded across the ranks, chunk by chunk, filling `cache`.
 
     Every rank calls it with the same input_ids [1, S]. Each rank runs the model only on
     its shard of each chunk (the cache's layout, global position ids), so activation memory
     is bounded by chunk_size / world. Returns the logits of the last token [1, vocab] on
-    every rank. `progress(n)` is called with the tokens done after each chunk.
+    every rank (None with logits=False: the LM head then runs on no token at all, which
+    saves a vocabulary-sized product per chunk). `progress(n)` is called with the tokens
+    done after each chunk.
     """
     if not isinstance(cache, RingmemCache):
         raise TypeError(f"cache must be a RingmemCache, got {type(cache).__name__}")
@@ -263,18 +266,20 @@ def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
         final = start + chunk_size >= total
         mine = (pos == n - 1).nonzero().flatten()  # the prompt's last token, if I hold it
         keep = mine if (final and mine.numel()) else torch.tensor([0], device=ids.device)
+        if not (logits and final):  # the LM head on no token: nobody reads these logits
+            keep = keep[:0]
         cache._chunk = (n, seq)
         try:
-            logits = model(input_ids=local, position_ids=(offset + pos).unsqueeze(0),
-                           use_cache=True, logits_to_keep=keep,
-                           **cache_kwargs(model, cache)).logits
+            out = model(input_ids=local, position_ids=(offset + pos).unsqueeze(0),
+                        use_cache=True, logits_to_keep=keep,
+                        **cache_kwargs(model, cache)).logits
         finally:
             cache._chunk = None
-        if final:
-            last = logits[:, -1].float() * (1.0 if mine.numel() else 0.0)
+        if final and logits:
+            last = out[:, -1].float() * (1.0 if mine.numel() else 0.0)
         if progress is not None:
             progress(min(start + chunk_size, total))
-    if kv.world > 1:  # exactly one rank holds the last token: a sum hands it to everyone
+    if kv.world > 1 and last is not None:  # one rank holds the last token: a sum hands it on
         dist.all_reduce(last, group=kv.group)
     for i, layer in enumerate(cache.layers):  # transformers' length: this row's tokens fed
         layer.seen = kv.next_position(seq, i)

@@ -102,7 +102,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
         if any(kv.next_position(s) for s in range(rows)):
             raise ValueError("the cache is not empty: call cache.reset() first (or pass "
                              "prefilled=True with the document in sequence 0)")
-        prefill(model, document, cache, seq=0, chunk_size=chunk_size, progress=progress)
+        prefill(model, document, cache, seq=0, chunk_size=chunk_size, progress=progress,
+                logits=False)
         if compress == "document":
             kv.compress(seq=0)
     doc_len = kv.next_position(0)
@@ -115,7 +116,7 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
         # tokens only)
         t1 = time.perf_counter()
         if q.shape[1] > 1:
-            prefill(model, q[:, :-1], cache, seq=s, chunk_size=chunk_size)
+            prefill(model, q[:, :-1], cache, seq=s, chunk_size=chunk_size, logits=False)
         if compress == "question":
             kv.compress(seq=s)
         spent.append(time.perf_counter() - t1)

@@ -174,7 +174,7 @@ class Documents:
                 return cache, "hit", time.perf_counter() - t0
             how = "miss"
         hf_cache.prefill(self.model, doc.to(self.device), cache, seq=0, chunk_size=self.chunk,
-                         progress=progress)
+                         progress=progress, logits=False)
         if kv.eviction is not None and cfg.compress == "document":
             kv.compress(seq=0)
         if self.store is not None:

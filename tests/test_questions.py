@@ -155,3 +155,33 @@ def _compressed(rank: int, world: int, how: str, scorer: str) -> None:
                                         ("question", "h2o")])
 def test_forked_eviction_equals_independent_runs(world: int, how: str, scorer: str) -> None:
     spawn(_compressed, world, how, scorer)
+
+
+def test_paged_store_shares_and_copies_on_write() -> None:
+    """PagedStore alone: a fork shares full pages and copies the partial one; appends and an
+    all-kept `keep` leave shared pages shared; a real eviction gathers into fresh pages, or
+    says beforehand how many it lacks; reset frees a page only with its last reference."""
+    from ringmem.cache import PagedStore
+    st = PagedStore(num_pages=6, page_size=4, kv_heads=2, head_dim=3, max_seqs=3,
+                    dtype=torch.float64, device=torch.device("cpu"))
+    k = torch.randn(10, 2, 3, dtype=torch.float64)
+    st.append(0, k, -k, torch.arange(10))  # pages 0, 1 full; page 2 holds 2 tokens
+    st.fork(0, 1)
+    assert st.tables[1][:2] == st.tables[0][:2] and st.tables[1][2] != st.tables[0][2]
+    assert [st.refs[p] for p in st.tables[0]] == [2, 2, 1] and st.pages_in_use == 4
+    st.append(1, k[:3], k[:3], torch.arange(10, 13))  # fills its own copy, then a new page
+    assert torch.equal(st.view(0)[0][0], k) and st.view(1)[0][0, 10:].equal(k[:3])
+    st.keep(1, [torch.ones(13, dtype=torch.bool)] * 2)  # nothing leaves: still shared
+    assert st.refs[st.tables[0][0]] == 2
+    drop = torch.arange(13) % 2 == 0
+    st.fork(0, 2)  # no page free now: keeping 7 of seq 1's 13 needs 2, its own 2 free up
+    assert st.keep_short(1, [drop] * 2) == 0 and st.free_pages == 0
+    st.keep(1, [drop] * 2)
+    assert torch.equal(st.view(1)[0][0], torch.cat([k, k[:3]])[drop])
+    assert torch.equal(st.view(0)[0][0], k)  # the document is untouched
+    assert [st.refs[p] for p in st.tables[0][:2]] == [2, 2]  # seq 2 still shares them
+    st.reset(0)
+    assert all(st.refs[p] == 1 for p in st.tables[2]) and torch.equal(st.view(2)[0][0], k)
+    st.reset(2)
+    st.reset(1)
+    assert st.free_pages == 6 and not any(st.refs)

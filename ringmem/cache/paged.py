@@ -258,6 +258,8 @@ class PagedStore:
             n = self.hlens[seq][h]
             if mask.shape != (n,):
                 raise ValueError(f"masks[{h}] must have shape ({n},), got {tuple(mask.shape)}")
+        if all(bool(m.all()) for m in masks):  # nothing leaves: shared pages stay shared
+            return
         same = all(torch.equal(m, masks[0]) for m in masks)
         if self.shared(seq):
             self._keep_shared(seq, masks)
@@ -281,6 +283,15 @@ class PagedStore:
             while len(table) * self.page_size - self.page_size >= self.lens[seq] and table:
                 self._release(table.pop())
         self.split[seq] = self.split[seq] or not same
+
+    def keep_short(self, seq: int, masks: list[Tensor]) -> int:
+        """Pages `keep(seq, masks)` would lack (only a sequence with shared pages needs new
+        ones: its survivors are gathered into fresh private pages)."""
+        if all(bool(m.all()) for m in masks) or not self.shared(seq):
+            return 0
+        need = -(-max(int(m.sum()) for m in masks) // self.page_size)
+        freed = sum(self.refs[p] == 1 for p in self.tables[seq])
+        return max(0, need - len(self._free) - freed)
 
     def _keep_shared(self, seq: int, masks: list[Tensor]) -> None:
         """`keep` for a sequence with shared pages: the survivors are gathered (copies),

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..agree import agree
 from ..comm import Group, RingComm
 from ..eviction.actions import EvictionAction
 from ..eviction.view import Dims, HeadEntries
@@ -69,6 +70,16 @@ class ShardedView:
     # ------------------------------------------------------------ changes
     def keep(self, layer: int, seq: int, masks: list[Tensor], scores: list[Tensor]) -> None:
         st, action = self.stores[layer], self._action()
+        # a forked sequence's survivors go to fresh pages: a rank short of them must not
+        # raise alone (the others would wait in the next collective)
+        short = st.keep_short(seq, masks)
+        agree("evict (room)", self.group, None, **{"pages short": short},
+              explain={"pages short": "KV cache capacity exceeded on some rank(s): pages "
+                                      "each lacks for the kept entries of a forked sequence"})
+        if short:
+            raise ValueError(f"KV cache capacity exceeded: layer {layer}, sequence {seq} "
+                             f"needs {short} more page(s) on rank {self.rank} for the entries "
+                             f"it keeps (its pages were shared with another sequence)")
         for h, mask in enumerate(masks):
             drop = ~mask
             if bool(drop.any()):

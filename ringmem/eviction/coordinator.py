@@ -87,6 +87,9 @@ class Coordinator:
         self.scale = [[1.0] * d.max_seqs for _ in range(d.num_layers)]
         self.steps = [0] * d.num_layers
         self.records: list[EvictionRecord] = []
+        self.chunk_compression = True
+        """Off: prefill chunks only observe (`hf_questions` turns it off for questions, so
+        a document compressed while prefilled stays one shared copy)."""
 
     @property
     def wants_logits(self) -> bool:
@@ -118,7 +121,7 @@ class Coordinator:
         self.pending[layer][seq] = True
         self.scale[layer][seq] = scale
         self.obs.add(layer, seq, q, lse, pos)
-        if self.policy.prefill == "chunk":
+        if self.policy.prefill == "chunk" and self.chunk_compression:
             self.enforce(layer, seq)
 
     def on_decode(self, layer: int, step: DecodeStep,

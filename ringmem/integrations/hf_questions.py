@@ -98,6 +98,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     t0 = time.perf_counter()
+    if kv.eviction is not None:  # the document is compressed per chunk if the policy says so
+        kv.eviction.chunk_compression = True
     if not prefilled:
         if any(kv.next_position(s) for s in range(rows)):
             raise ValueError("the cache is not empty: call cache.reset() first (or pass "
@@ -108,6 +110,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
             kv.compress(seq=0)
     doc_len = kv.next_position(0)
     kv.fork(0, list(range(1, rows)))
+    if kv.eviction is not None:  # questions are compressed by `compress` alone, not per chunk
+        kv.eviction.chunk_compression = False
     spent = []
     rowq = [questions[min(s, n - 1)] for s in range(rows)]  # extra rows repeat the last
     for s, q in enumerate(rowq):

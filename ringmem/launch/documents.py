@@ -6,13 +6,15 @@
 saves it), then answers the questions in batches of `max_batch` from that one prefill
 (`hf_questions.answer_questions`), yielding one record per answer.
 
-Cache size, per rank and global layer, in tokens: the document's share (ceil(S / P)); with
+Cache size, per rank and layer, in tokens: the document's share (ceil(S / P)); with
 question-agnostic eviction ("document"), compressed after every prefill chunk, the budget's
-share instead (x1.1: rebalancing keeps every rank within 1.1x the mean; x the layers or
-heads a "global" or "adaptive" allocation may pool into one) plus one chunk's share; then
-per question row its tokens and answer (spread over the ranks, at most QUESTION_TOKENS +
-max_new_tokens) and a page for its copy of the document's last page, then one page of
-rounding. Windowed layers hold their window.
+share instead (x1.1: rebalancing keeps every rank within 1.1x the mean; x the layers and
+heads a "global" or "adaptive" allocation pools into one) plus one chunk's share, once, or
+once per row when the KV heads keep different tokens (forks then copy it); with
+per-question eviction the whole document plus each row's compressed copy. Then per row its
+question and answer tokens (at most QUESTION_TOKENS + max_new_tokens, spread over the ranks)
+after its copy of the document's last page, in whole pages; then a page of rounding. Windowed
+layers need each row's window: the size is at least that.
 """
 from __future__ import annotations
 
@@ -109,17 +111,27 @@ class Documents:
         return policy, tiers
 
     def capacity(self, cfg: InferConfig, doc_len: int, rows: int, policy: Any) -> int:
-        """Tokens per rank per global layer (see the module doc)."""
-        p, ps = self.world, cfg.page_size
+        """Tokens per rank per layer (see the module doc)."""
+        p, ps, c = self.world, cfg.page_size, self.model.config
+        kvh = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         doc = -(-doc_len // p)
-        if policy is not None and cfg.compress == "document":
-            c = self.model.config
-            pooled = {"global": c.num_hidden_layers, "adaptive": c.num_key_value_heads
-                      }.get(cfg.allocation, 1)
+        if policy is not None:
+            # the most one (layer, KV head) may keep: "adaptive" pools a layer's heads,
+            # "global" every global layer's heads
+            glob = sum(w < 0 for w in _windows(c))
+            pooled = {"global": glob * kvh, "adaptive": kvh}.get(cfg.allocation, 1)
             share = math.ceil(REBALANCE * pooled * policy.tokens(doc_len) / p) + 2
-            doc = min(doc, share) + -(-self.chunk // p)
-        per_row = -(-(QUESTION_TOKENS + cfg.max_new_tokens) // p) + 2 + ps
-        return doc + rows * per_row + ps
+            heads_differ = kvh > 1 and policy.granularity == "head"
+            if cfg.compress == "document":  # forks share it, unless its heads differ
+                doc = min(doc, share) * (rows if heads_differ else 1) + -(-self.chunk // p)
+            else:  # the whole document until every row holds its own compressed copy
+                doc += rows * min(doc, share)
+        # each row's question and answer tokens after its copy of the document's last page
+        mine = -(-(QUESTION_TOKENS + cfg.max_new_tokens) // p) + 2
+        per_row = ps * (1 + -(-mine // ps))
+        cap = doc + rows * per_row + ps
+        left = max(_windows(c), default=-1)  # windowed layers: every row its own window
+        return max(cap, rows * (-(-left // ps) + 1) * ps) if left > 0 else cap
 
     def build(self, cfg: InferConfig, doc_len: int, rows: int) -> Any:
         """An empty `RingmemCache` for `rows` questions about a `doc_len`-token document."""
@@ -200,7 +212,7 @@ class Documents:
                 for a in answer_questions(self.model, cache, doc, [q.to(self.device)
                                                                    for q in batch],
                                           max_new_tokens=cfg.max_new_tokens,
-                                          eos_token_id=self.tok.eos_token_id,
+                                          eos_token_id=self.eos(),
                                           chunk_size=self.chunk, prefilled=True,
                                           compress="question" if cache.kv.eviction
                                           is not None and cfg.compress == "question"
@@ -218,6 +230,15 @@ class Documents:
             finally:
                 cache.kv.close()
 
+    def eos(self) -> list[int]:
+        """End-of-sequence ids: the tokenizer's and the model's generation config's (a
+        chat model's end-of-turn token may be listed only there)."""
+        ids = set()
+        for x in (self.tok.eos_token_id,
+                  getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)):
+            ids |= {x} if isinstance(x, int) else set(x or ())
+        return sorted(ids)
+
     def stats(self, cache: Any) -> dict[str, Any]:
         """This rank's cache bytes per tier and peak memory (a rank-0 view in records)."""
         kv = cache.kv
@@ -230,6 +251,11 @@ class Documents:
                 "pending_bytes": int(tiers.get("pending_bytes", 0)),
                 "tokens_per_rank": kv.rank_counts(0, _global_layer(kv)),
                 "peak_rss_bytes": peak_bytes()}
+
+
+def _windows(model_config: Any) -> list[int]:
+    from ..integrations.hf_masks import layer_windows
+    return list(layer_windows(model_config))
 
 
 def _global_layer(kv: Any) -> int:

@@ -53,23 +53,22 @@ class Answer(NamedTuple):
     """With keep_logits: the float32 logits [vocab] that chose each token."""
 
 
-def split_prompt(tok: Any, document: str, question: str, *,
-                 answer_prefix: str = "Answer:") -> tuple[Tensor, Tensor]:
-    """(document ids [1, S], question ids [1, Q]) such that their concatenation is the
-    prompt: a chat turn cut where the document ends (models with a chat template), or the
-    completion "<document>\\n\\nQuestion: <question>\\n<answer_prefix>" (base models)."""
+def split_prompt(tok: Any, document: str, questions: list[str], *,
+                 answer_prefix: str = "Answer:") -> tuple[Tensor, list[Tensor]]:
+    """(document ids [1, S], each question's ids [1, Q_i]) such that the document's ids then
+    a question's are that question's prompt: a chat turn cut where the document ends (models
+    with a chat template), or the completion "<document>\n\nQuestion: <question>\n
+    <answer_prefix>" (base models). The document is tokenized once."""
+    def ids(text: str, special: bool = False) -> Tensor:
+        return tok(text, add_special_tokens=special, return_tensors="pt")["input_ids"]
     if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template([{"role": "user", "content": f"{document}\n\n{question}"}],
-                                       add_generation_prompt=True, tokenize=False)
-        cut = text.index(document) + len(document)
-        head, tail = text[:cut], text[cut:]
-        ids = [tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"]
-               for t in (head, tail)]
-        return ids[0], ids[1]
-    doc = tok(document, return_tensors="pt")["input_ids"]  # the BOS token, if any
-    tail = tok(f"\n\nQuestion: {question}\n{answer_prefix}", add_special_tokens=False,
-               return_tensors="pt")["input_ids"]
-    return doc, tail
+        texts = [tok.apply_chat_template([{"role": "user", "content": f"{document}\n\n{q}"}],
+                                         add_generation_prompt=True, tokenize=False)
+                 for q in questions]
+        cut = texts[0].index(document) + len(document)  # the template's text before it
+        return ids(texts[0][:cut]), [ids(t[cut:]) for t in texts]
+    # the BOS token, if any, opens the document
+    return ids(document, True), [ids(f"\n\nQuestion: {q}\n{answer_prefix}") for q in questions]
 
 
 @torch.no_grad()

@@ -48,11 +48,7 @@ def prompt_ids(cfg: InferConfig, tok: Any, text: str, questions: list[str]
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(document ids [1, S], question ids [1, Q_i]), checked against max_context."""
     from ..integrations.hf_questions import split_prompt
-    doc, qs = None, []
-    for q in questions:
-        d, qi = split_prompt(tok, text, q, answer_prefix=cfg.answer_prefix)
-        doc = d if doc is None else doc
-        qs.append(qi)
+    doc, qs = split_prompt(tok, text, questions, answer_prefix=cfg.answer_prefix)
     longest = max(q.shape[1] for q in qs)
     if longest > QUESTION_TOKENS:
         raise ValueError(f"a question is {longest} tokens with its prompt, more than "
@@ -85,11 +81,6 @@ class Documents:
     def with_options(self, options: dict[str, Any]) -> InferConfig:
         """The run's config with a job's options (checked like the config's own)."""
         return dataclasses.replace(self.cfg, **options)
-
-    # ---------------------------------------------------------------- prompts
-    def prompt(self, cfg: InferConfig, text: str, questions: list[str]
-               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return prompt_ids(cfg, self.tok, text, questions)
 
     # ---------------------------------------------------------------- the cache
     def policies(self, cfg: InferConfig) -> tuple[Any, Any]:
@@ -177,10 +168,8 @@ class Documents:
                                  tiers=self.policies(cfg)[1])
             if found is not None:
                 kv.close()
-                cache = hf_cache.RingmemCache(found)
+                cache = hf_cache.RingmemCache(found)  # its layers start at the document's end
                 cache.backend = cfg.backend
-                for i, layer in enumerate(cache.layers):
-                    layer.seen = found.next_position(0, i)
                 if progress is not None:
                     progress(doc.shape[1])
                 return cache, "hit", time.perf_counter() - t0
@@ -202,7 +191,7 @@ class Documents:
                progress: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
         """One record per question as it is answered (the same on every rank)."""
         from ..integrations.hf_questions import answer_questions
-        doc, qs = self.prompt(cfg, text, questions)
+        doc, qs = prompt_ids(cfg, self.tok, text, questions)
         rows = min(len(qs), MAX_BATCH)
         for first in range(0, len(qs), rows):
             batch = qs[first:first + rows]

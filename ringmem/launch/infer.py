@@ -111,12 +111,11 @@ def document(cfg: InferConfig, tok) -> tuple[str, list[str], str | None]:
     return text, list(cfg.questions or [cfg.question]), None
 
 
-def check_prompt(cfg: InferConfig, tok) -> None:
+def check_prompt(cfg: InferConfig, tok, text: str, questions: list[str]) -> None:
     """ValueError when the prompt (the document, the longest question with its template
     or answer prefix) and max_new_tokens do not fit max_context: the count the workers
     see."""
     from ringmem.launch.documents import prompt_ids
-    text, questions, _ = document(cfg, tok)
     prompt_ids(cfg, tok, text, questions)
 
 
@@ -134,7 +133,7 @@ def check(argv: list[str] | None, world: int | None, prompt: bool = True) -> Inf
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"model {cfg.model!r}: its tokenizer does not load: {why}"
                              ) from None
-        check_prompt(cfg, tok)
+        check_prompt(cfg, tok, *document(cfg, tok)[:2])
     return cfg
 
 
@@ -162,7 +161,7 @@ def job(cfg: InferConfig, world: int) -> None:
         tok = models.load_tokenizer(cfg.model)
         if cfg.jobs is None:
             text, questions, key = document(cfg, tok)
-            check_prompt(cfg, tok)
+            check_prompt(cfg, tok, text, questions)
     except ValueError as e:
         dist.destroy_process_group()
         sys.exit(f"infer: {e}")

@@ -66,6 +66,14 @@ def _run(rank: int, world: int, kind: str, qlens: tuple[int, ...]) -> None:
             msg = check_close(f"rank {rank} question {a.index} step {step}", x, r, b,
                               torch.float32)
             assert msg is None, msg
+    # the LM head split over the ranks (no logits kept) picks the same tokens
+    cache.reset()
+    split = sorted(hf_questions.answer_questions(model, cache, doc, questions,
+                                                 max_new_tokens=NEW, eos_token_id=None,
+                                                 chunk_size=4 * world),
+                   key=lambda a: a.index)
+    assert [a.tokens for a in split] == [a.tokens for a in got]
+    assert model.lm_head.out_features == 128  # its own head is back
     # held once: a global layer's pages are the document's (once) plus each row's own
     glob = next(i for i in range(cache.kv.config.num_layers) if cache.kv.config.window(i) < 0)
     st = cache.kv.stores[glob]
@@ -81,3 +89,50 @@ def _run(rank: int, world: int, kind: str, qlens: tuple[int, ...]) -> None:
                                         ("gemma3", (5, 2, 9))])
 def test_questions_equal_independent_runs(world: int, kind: str, qlens: tuple) -> None:
     spawn(_run, world, kind, qlens)
+
+
+def _rows(rank: int, world: int, kind: str) -> None:
+    """`prefill_rows` (the rows packed in one chunk) returns each row's last-token logits
+    as `prefill` row by row does, and leaves the same cache to decode from."""
+    g = torch.Generator().manual_seed(5)
+    doc = torch.randint(1, 128, (1, DOC), generator=g)
+    prompts = [torch.randint(1, 128, (1, n), generator=g) for n in (4, 1, 6)]
+    model = _model(kind, torch.float32, hf.register())
+    caches = [hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4, max_seqs=3)
+              for _ in range(2)]
+    for c in caches:
+        hf_cache.prefill(model, doc, c, seq=0, chunk_size=4 * world, logits=False)
+        c.kv.fork(0, [1, 2])
+    got = hf_cache.prefill_rows(model, prompts, caches[0], [0, 1, 2], logits=True)
+    want = torch.cat([hf_cache.prefill(model, p, caches[1], seq=s)
+                      for s, p in enumerate(prompts)])
+    assert got.shape == want.shape == (3, 128)
+    ref_m, base_m = (_model(kind, d, "eager") for d in (torch.float64, torch.float32))
+    for s, p in enumerate(prompts):
+        ids = torch.cat([doc, p], 1)
+        with torch.no_grad():
+            ref, base = (m(input_ids=ids).logits[0, -1] for m in (ref_m, base_m))
+        for name, x in (("packed", got[s]), ("row by row", want[s])):
+            msg = check_close(f"rank {rank} row {s} {name}", x, ref, base, torch.float32)
+            assert msg is None, msg
+    tok = got.argmax(-1)[:, None]
+    pos = torch.tensor([[DOC + p.shape[1]] for p in prompts])
+    with torch.no_grad():
+        outs = [model(input_ids=tok, position_ids=pos, use_cache=True,
+                      **hf_cache.cache_kwargs(model, c)).logits[:, -1] for c in caches]
+    for s, p in enumerate(prompts):  # the next step, from each cache, against the models
+        ids = torch.cat([doc, p, tok[s:s + 1]], 1)
+        with torch.no_grad():
+            ref, base = (m(input_ids=ids).logits[0, -1] for m in (ref_m, base_m))
+        for name, x in (("packed", outs[0][s]), ("row by row", outs[1][s])):
+            msg = check_close(f"rank {rank} row {s} {name}, next step", x, ref, base,
+                              torch.float32)
+            assert msg is None, msg
+    with pytest.raises(ValueError, match="prompts\\[1\\] must be one non-empty"):
+        hf_cache.prefill_rows(model, [prompts[0], prompts[0][:, :0]], caches[0], [1, 2])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_prefill_rows_equals_row_by_row(world: int, kind: str) -> None:
+    spawn(_rows, world, kind)

@@ -84,6 +84,7 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
                 "rank": cache.rank, "dtype": c.dtype, "num_layers": c.num_layers,
                 "kv_heads": c.kv_heads, "head_dim": c.head_dim, "page_size": c.page_size,
                 "tables": [s.tables for s in st], "hlens": [s.hlens for s in st],
+                "offsets": [s.off for s in st],
                 "seen": cache.index.seen,
                 "state": {"config": _config_state(cache), "free": [s.free_list for s in st],
                           "lens": [s.lens for s in st], "store_split": [s.split for s in st],
@@ -147,7 +148,7 @@ def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> No
         for name in ("k", "v", "pos", "score"):
             getattr(s, name).copy_(layer[name])
         s.load_tables(m["tables"][i], m["hlens"][i], x["lens"][i], x["store_split"][i],
-                      x["free"][i])
+                      x["free"][i], m["offsets"][i])
         if x["tiers"] is not None and cache.tiers is not None:
             cache.tiers.restore(i, cache.config.max_seqs, layer, x["tiers"][i])
     cache.index.load_state({"seen": m["seen"], "head_counts": x["head_counts"],

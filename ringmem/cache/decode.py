@@ -182,11 +182,11 @@ def room(cache: ShardedKVCache, layer: int, owners: list[int],
          drops: list[list[int]] | None) -> tuple[int, str | None]:
     """(pages this rank lacks to store the step's tokens it owns, after a window's drops;
     the error to raise): from its own store, so pages shared between sequences count once."""
-    st, ps, need = cache.stores[layer], cache.config.page_size, 0
+    st, need = cache.stores[layer], 0
     for s, owner in enumerate(owners):
         drop = drops[s][cache.rank] if drops is not None else 0
         add = int(owner == cache.rank) and cache.config.window(layer) != 0
-        need += -(-(st.lens[s] - drop + add) // ps) - len(st.tables[s])
+        need += st.pages_to_grow(s, drop, add)
     short = max(0, need - st.free_pages)
     if not short:
         return 0, None

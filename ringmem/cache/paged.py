@@ -8,19 +8,20 @@ sequence filled in one go occupies a single run.
 
 Per-head eviction (different KV heads keep different tokens) is stored exactly by packing
 each head independently inside the sequence's pages: head h holds its `hlens[seq][h]` tokens
-in the first hlens[h] logical slots (page table order), with its own positions
-`pos[h, slot]` and scores `score[h, slot]`. `keep` compacts every head in place (survivors
-keep their order) and frees the pages no head reaches any more, so a sequence occupies
-ceil(max_h hlens[h] / page_size) pages. Until an eviction makes the heads differ, every
-head holds the same tokens in the same slots (`uniform`), and the whole-pool views and the
-batched decode path apply unchanged.
+in the first hlens[h] logical slots (page table order, from slot `off[seq]` of the first
+page), with its own positions `pos[h, slot]` and scores `score[h, slot]`. `keep` compacts
+every head in place (survivors keep their order) and frees the pages no head reaches any
+more. Until an eviction makes the heads differ, every head holds the same tokens in the
+same slots (`uniform`), and the whole-pool views and the batched decode path apply.
+A window's oldest tokens leave in O(1): `off` moves on instead of the survivors moving back
+(they move only when the offset would cost a page).
 
 Shared pages (`fork`): a sequence forked from another shares its full pages (reference
 counted, `refs`) and gets a private copy of the last, partly filled one, so many questions
 about one document hold the document once. Writes never touch a shared page: appends and
 score updates copy the pages they would write first (copy on write), and `keep` over
-shared pages gathers the survivors into fresh private pages instead of compacting in place.
-A page returns to the free list when no sequence references it.
+shared pages gathers the survivors into fresh private pages. A page returns to the free
+list when no sequence references it.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ class PagedStore:
         self.lens = [0] * max_seqs  # logical slots in use: max over heads of hlens
         self.hlens = [[0] * kv_heads for _ in range(max_seqs)]
         self.split = [False] * max_seqs  # heads may hold different tokens
+        # dead slots before the first token, in the first page: dropping a window's oldest
+        # tokens moves this instead of the survivors (no table: 0)
+        self.off = [0] * max_seqs
 
     @property
     def free_pages(self) -> int:
@@ -84,7 +88,8 @@ class PagedStore:
         """Copy on write: give `seq` private copies of its shared pages from the one holding
         logical slot `first_slot` on (those a write there would touch)."""
         table, ps = self.tables[seq], self.page_size
-        shared = [i for i in range(first_slot // ps, len(table)) if self.refs[table[i]] > 1]
+        first = (first_slot + self.off[seq]) // ps
+        shared = [i for i in range(first, len(table)) if self.refs[table[i]] > 1]
         if len(shared) > len(self._free):
             raise ValueError(f"KV cache capacity exceeded: sequence {seq} needs "
                              f"{len(shared)} page(s) to copy shared pages before writing, "
@@ -99,8 +104,8 @@ class PagedStore:
 
     def fork_pages(self, src: int, share: bool = True) -> int:
         """Pages a `fork` of `src` copies (the others are shared)."""
-        full = self.lens[src] // self.page_size if share and not self.split[src] else 0
-        return len(self.tables[src]) - full
+        ps, end = self.page_size, self.lens[src] + (0 if self._costly(src) else self.off[src])
+        return -(-end // ps) - (end // ps if share and not self.split[src] else 0)
 
     def fork(self, src: int, dst: int, share: bool = True) -> None:
         """`dst` (empty) becomes a copy of `src` that shares its full pages (`share`; else
@@ -108,10 +113,10 @@ class PagedStore:
         never touch a shared page. Heads packed to different lengths share nothing."""
         if self.tables[dst] or self.lens[dst]:
             raise ValueError(f"sequence {dst} is not empty: reset it before forking into it")
+        self._tidy(src)  # a copy holds no more pages than its tokens need
         table, n = self.tables[src], self.lens[src]
-        copy = self.fork_pages(src, share)
+        copy, ps = self.fork_pages(src, share), self.page_size
         full = len(table) - copy
-        ps = self.page_size
         if copy > len(self._free):
             raise ValueError(f"KV cache capacity exceeded: forking sequence {src} into {dst} "
                              f"needs {copy} page(s), {len(self._free)} free of "
@@ -127,20 +132,45 @@ class PagedStore:
             self.refs[new] = 1
             self.tables[dst].append(new)
         self.lens[dst], self.hlens[dst] = n, list(self.hlens[src])
-        self.split[dst] = self.split[src]
+        self.split[dst], self.off[dst] = self.split[src], self.off[src]
 
     def uniform(self, seq: int) -> bool:
         """True when every head holds the same tokens in the same slots."""
         return not self.split[seq]
 
     def pages_needed(self, seq: int, n: int) -> int:
-        room = -self.lens[seq] % self.page_size  # free slots in the last page
+        room = -(self.off[seq] + self.lens[seq]) % self.page_size  # free in the last page
         return -(-max(0, n - room) // self.page_size)
+
+    def pages_to_grow(self, seq: int, drop: int, add: int) -> int:
+        """New pages `seq` needs to drop its `drop` oldest tokens (a window's), then append
+        `add` (negative: it shrinks); the offset costs none (`_tidy` sees to it)."""
+        return -(-(self.lens[seq] - drop + add) // self.page_size) - len(self.tables[seq])
+
+    def _costly(self, seq: int, n: int = 0) -> bool:
+        """Whether `_tidy(seq, n)` moves the tokens."""
+        ps, off, held = self.page_size, self.off[seq], self.lens[seq] + n
+        return bool(off) and -(-(off + held) // ps) > -(-held // ps) and not self.shared(seq)
+
+    def _tidy(self, seq: int, n: int = 0) -> None:
+        """Before `seq` grows by n tokens: if its offset would cost a page (and no other
+        sequence reads its pages), move its tokens to offset 0 (at most once a page)."""
+        if not self._costly(seq, n):
+            return
+        off = self.off[seq]
+        srcs = [self.slots(seq, 0, hl) for hl in self.hlens[seq]]
+        self.off[seq] = 0
+        for h, src in enumerate(srcs):  # gather (copies), then write: ranges may overlap
+            dst = self.slots(seq, 0, src.numel())
+            for t in (self.k, self.v, self.pos, self.score):
+                t[h, dst] = t[h, src]
+            dead = self.slots(seq, src.numel(), src.numel() + off)
+            self.pos[h, dead], self.score[h, dead] = -1, 0
+        self._trim(seq)
 
     def slots(self, seq: int, lo: int, hi: int) -> Tensor:
         """Pool slot indices of logical slots [lo, hi) of `seq` (int64 [hi - lo])."""
-        ps = self.page_size
-        idx = torch.arange(lo, hi, device=self.pos.device)
+        ps, idx = self.page_size, torch.arange(lo, hi, device=self.pos.device) + self.off[seq]
         table = torch.tensor(self.tables[seq], dtype=torch.int64, device=self.pos.device)
         return table[idx // ps] * ps + idx % ps
 
@@ -151,13 +181,14 @@ class PagedStore:
         n = k.shape[0]
         if n == 0:
             return
+        self._tidy(seq, n)
         self.own(seq, min(self.hlens[seq]))
         self._take(seq, self.pages_needed(seq, n))
         table = self.tables[seq]
         sc = (torch.zeros(n, self.kv_heads, dtype=torch.float32, device=self.score.device)
               if score is None else score.to(torch.float32))
         if self.uniform(seq):  # the common case: page-sized slices, all heads at once
-            done, base = 0, self.lens[seq]
+            done, base = 0, self.off[seq] + self.lens[seq]
             while done < n:
                 fill = (base + done) % self.page_size
                 page = table[(base + done) // self.page_size]
@@ -185,6 +216,7 @@ class PagedStore:
         if len(n) != self.kv_heads:
             raise ValueError(f"need one entry per KV head ({self.kv_heads}), got {len(n)}")
         new = [hl + m for hl, m in zip(self.hlens[seq], n)]
+        self._tidy(seq, max(new) - self.lens[seq])
         self.own(seq, min(self.hlens[seq]))
         self._take(seq, self.pages_needed(seq, max(new) - self.lens[seq]))
         same = len(set(n)) == 1 and all(torch.equal(p, pos[0]) for p in pos)
@@ -203,12 +235,14 @@ class PagedStore:
         merging consecutive pages."""
         n = self.lens[seq] if head is None else self.hlens[seq][head]
         out: list[tuple[int, int]] = []
-        ps = self.page_size
+        ps, off = self.page_size, self.off[seq]
         for i, page in enumerate(self.tables[seq]):
-            if i * ps >= n:
+            if i * ps >= off + n:
                 break
-            lo = page * ps
-            hi = lo + min(ps, n - i * ps)
+            lo = page * ps + max(0, off - i * ps)
+            hi = page * ps + min(ps, off + n - i * ps)
+            if lo >= hi:
+                continue
             if out and out[-1][1] == lo:
                 out[-1] = (out[-1][0], hi)
             else:
@@ -261,8 +295,11 @@ class PagedStore:
         if all(bool(m.all()) for m in masks):  # nothing leaves: shared pages stay shared
             return
         same = all(torch.equal(m, masks[0]) for m in masks)
+        front = masks[0].numel() - int(masks[0].sum())  # a window sliding on drops these
         if self.shared(seq):
             self._keep_shared(seq, masks)
+        elif same and self.uniform(seq) and bool(masks[0][front:].all()):
+            self._drop_front(seq, front)
         else:
             new = []
             for h, mask in enumerate(masks):
@@ -279,10 +316,30 @@ class PagedStore:
                 new.append(m)
             self.hlens[seq] = new
             self.lens[seq] = max(new)
-            table = self.tables[seq]
-            while len(table) * self.page_size - self.page_size >= self.lens[seq] and table:
-                self._release(table.pop())
+            self._trim(seq)
         self.split[seq] = self.split[seq] or not same
+
+    def _trim(self, seq: int) -> None:
+        """Free the pages after `seq`'s last token (all of them once it holds none)."""
+        table, ps = self.tables[seq], self.page_size
+        while table and (len(table) * ps - ps >= self.off[seq] + self.lens[seq]
+                         or not self.lens[seq]):
+            self._release(table.pop())
+        if not table:
+            self.off[seq] = 0
+
+    def _drop_front(self, seq: int, m: int) -> None:
+        """Drop the `m` oldest tokens of a uniform, unshared `seq` without moving the
+        others: the first token's offset advances, pages left behind are freed."""
+        idx = self.slots(seq, 0, m)
+        self.pos[:, idx], self.score[:, idx] = -1, 0
+        table, ps = self.tables[seq], self.page_size
+        self.off[seq], self.lens[seq] = self.off[seq] + m, self.lens[seq] - m
+        self.hlens[seq] = [hl - m for hl in self.hlens[seq]]
+        while table and self.off[seq] >= ps:
+            self._release(table.pop(0))
+            self.off[seq] -= ps
+        self._trim(seq)
 
     def keep_short(self, seq: int, masks: list[Tensor]) -> int:
         """Pages `keep(seq, masks)` would lack (only a sequence with shared pages needs new
@@ -310,7 +367,7 @@ class PagedStore:
                              f"of {self.num_pages}")
         for page in reversed(table):
             self._release(page)
-        self.tables[seq] = []
+        self.tables[seq], self.off[seq] = [], 0
         self._take(seq, need)
         for h, rows in enumerate(kept):
             idx = self.slots(seq, 0, new[h])
@@ -323,7 +380,7 @@ class PagedStore:
             self._release(page)
         self.tables[seq], self.lens[seq] = [], 0
         self.hlens[seq] = [0] * self.kv_heads
-        self.split[seq] = False
+        self.split[seq], self.off[seq] = False, 0
 
     # ------------------------------------------------------------ checkpoints
     @property
@@ -332,12 +389,12 @@ class PagedStore:
         return list(self._free)
 
     def load_tables(self, tables: list[list[int]], hlens: list[list[int]], lens: list[int],
-                    split: list[bool], free: list[int]) -> None:
+                    split: list[bool], free: list[int], off: list[int] | None = None) -> None:
         """Restore the page tables and lengths a checkpoint saved (the pools are copied in
-        by the caller)."""
+        by the caller; `off` None: a checkpoint from before offsets, all 0)."""
         self.tables, self.hlens, self.lens = tables, hlens, lens
         self.split, self._free = split, list(free)
+        self.off = list(off) if off is not None else [0] * len(tables)
         self.refs = [0] * self.num_pages
-        for table in tables:
-            for page in table:
-                self.refs[page] += 1
+        for page in (p for table in tables for p in table):
+            self.refs[page] += 1

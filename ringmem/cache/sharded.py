@@ -144,10 +144,10 @@ class ShardedKVCache:
         return check_index("seq", seq, self.config.max_seqs)
 
     # ---------------------------------------------------------------- prefill / decode
-    def prefill_chunk(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *, seq: int = 0,
-                      n_valid: int | None = None, softmax_scale: float | None = None,
-                      backend: str = "auto", softcap: float | None = None,
-                      sinks: Tensor | None = None) -> Tensor:
+    def prefill_chunk(self, layer: int, q: Tensor, k: Tensor, v: Tensor, *,
+                      seq: int | list[int] = 0, n_valid: int | list[int] | None = None,
+                      softmax_scale: float | None = None, backend: str = "auto",
+                      softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
         """Attend this rank's shard of the next prompt chunk, then cache its K/V.
 
         q [1, C/P, Hq, D], k/v [1, C/P, Hkv, D]: this rank's part of a chunk of C tokens, split
@@ -157,6 +157,12 @@ class ShardedKVCache:
         tanh(logits / softcap); `sinks` [Hq]: one more logit per head in every row's softmax
         denominator. A windowed layer (`config.windows`) sees only its window and keeps
         only the last `left` tokens. Returns out [1, C/P, Hq, D].
+
+        Several sequences at once: `seq` a list of sequences holding the same cached tokens
+        (forked from one document), `n_valid` their token counts; the chunk holds their
+        tokens one after another (padding after the last). Each row attends to the shared
+        prefix (one pass for all) and causally to its own tokens, at positions following
+        the prefix, and is cached in its own sequence.
         """
         return prefill_chunk(self, layer, q, k, v, seq=seq, n_valid=n_valid,
                              softmax_scale=softmax_scale, backend=backend, softcap=softcap,

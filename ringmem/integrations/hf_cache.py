@@ -83,8 +83,9 @@ class _Layer(CacheLayerMixin):
         owner._pending = (self.idx, key_states)
         # the attention function receives this very tensor: its way back to the cache
         setattr(key_states, PENDING_ATTR, weakref.ref(owner))
-        chunk = owner._chunk
-        self.seen += chunk[0] if chunk is not None else key_states.shape[-2]
+        chunk = owner._chunk  # packed rows (`prefill_rows`): reset after the pass
+        self.seen += (key_states.shape[-2] if chunk is None else
+                      chunk[0] if isinstance(chunk[0], int) else 0)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -145,7 +146,8 @@ class RingmemCache(Cache):
         if not isinstance(kv, ShardedKVCache):
             raise TypeError(f"kv must be a ShardedKVCache, got {type(kv).__name__}")
         self.kv = kv
-        self._chunk: tuple[int, int] | None = None  # (real tokens, seq) during `prefill`
+        # (real tokens, seq) during `prefill`; two lists (one entry a row) in `prefill_rows`
+        self._chunk: tuple[int | list[int], int | list[int]] | None = None
         self._pending: tuple[int, Tensor] | None = None  # (layer, key) of the last `update`
         self.backend = "auto"  # block backend of prefill chunks (decode: config.decode_backend)
         super().__init__(layers=[_Layer(self, i) for i in range(kv.config.num_layers)])
@@ -283,6 +285,55 @@ def prefill(model: Any, input_ids: Tensor, cache: RingmemCache, *, seq: int = 0,
         dist.all_reduce(last, group=kv.group)
     for i, layer in enumerate(cache.layers):  # transformers' length: this row's tokens fed
         layer.seen = kv.next_position(seq, i)
+    return last
+
+
+@torch.no_grad()
+def prefill_rows(model: Any, prompts: list[Tensor], cache: RingmemCache, seqs: list[int], *,
+                 logits: bool = False) -> Tensor | None:
+    """Prefill sequences `seqs` that hold the same cached tokens (a document forked to
+    every row, `ShardedKVCache.fork`) with one prompt [1, n_i] each, in one model pass: the
+    prompts are packed one after another into one chunk, sharded across the ranks; each
+    attends to the shared prefix (one pass for all rows) and causally to itself only, at
+    its own positions. The same result as `prefill` row by row, with one collective per
+    layer and step instead of one per row. Returns each row's last-token logits
+    [len(seqs), vocab] on every rank (None with logits=False: no LM head at all)."""
+    if not isinstance(cache, RingmemCache):
+        raise TypeError(f"cache must be a RingmemCache, got {type(cache).__name__}")
+    if (not isinstance(prompts, list) or not isinstance(seqs, list) or not prompts
+            or len(prompts) != len(seqs)):
+        raise ValueError(f"prompts and seqs must be lists of the same positive length, got "
+                         f"{type(prompts).__name__} and {type(seqs).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[0] != 1 or p.shape[1] < 1:
+            raise ValueError(f"prompts[{i}] must be one non-empty sequence [1, n], got "
+                             f"{tuple(getattr(p, 'shape', ()))}")
+    kv, lens = cache.kv, [p.shape[1] for p in prompts]
+    total, gran = sum(lens), chunk_count(kv.config.layout, kv.world)
+    c = -(-total // gran) * gran
+    ids = torch.cat([*prompts, prompts[0].new_zeros(1, c - total)], 1)  # pads at the end
+    dev = ids.device
+    pos = torch.cat([kv.next_position(s) + torch.arange(n, device=dev)
+                     for s, n in zip(seqs, lens)] + [torch.zeros(c - total, device=dev,
+                                                                 dtype=torch.int64)])
+    ends = torch.tensor(lens, device=dev).cumsum(0) - 1  # each row's last token
+    local = positions(kv.config.layout, kv.rank, kv.world, c // kv.world).to(dev)
+    keep = torch.isin(local, ends).nonzero().flatten() if logits else local[:0]
+    cache._chunk = (lens, list(seqs))
+    try:
+        out = model(input_ids=kv.shard_chunk(ids), position_ids=kv.shard_chunk(pos[None]),
+                    use_cache=True, logits_to_keep=keep, **cache_kwargs(model, cache)).logits
+    finally:
+        cache._chunk = None
+    for i, layer in enumerate(cache.layers):  # transformers' length, as `prefill` sets it
+        layer.seen = kv.next_position(seqs[-1], i)
+    if not logits:
+        return None
+    last = out.new_zeros(len(seqs), out.shape[-1], dtype=torch.float32)
+    row = torch.searchsorted(ends, local[keep])  # the rows whose last token I hold
+    last[row] = out[0].float()
+    if kv.world > 1:  # one rank holds each row's last token: a sum hands it on
+        dist.all_reduce(last, group=kv.group)
     return last
 
 

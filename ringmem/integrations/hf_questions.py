@@ -2,9 +2,10 @@
 
 The document is prefilled once, sharded across the ranks, into sequence 0 of a
 `RingmemCache`; the other sequences are forked from it (`ShardedKVCache.fork`: the
-document's pages are held once per rank, reference counted); each question is then
-prefilled into its own sequence (after the document's tokens, so positions follow it), and
-all questions decode together, one batch row each, greedily. Each answer is yielded as
+document's pages are held once per rank, reference counted); the questions are then
+prefilled together, each into its own sequence after the document's tokens (packed into
+one chunk, `prefill_rows`: one pass over the shared document for all of them), and all
+questions decode together, one batch row each, greedily. Each answer is yielded as
 soon as its row ends (end-of-sequence token or `max_new_tokens`).
 
 Eviction of the shared document, two ways (`compress`):
@@ -24,13 +25,15 @@ base models.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .hf_cache import RingmemCache, cache_kwargs, prefill
+from .hf_cache import RingmemCache, cache_kwargs, prefill, prefill_rows
+from .hf_vocab import greedy, split_head
 
 COMPRESS = ("document", "question")
 
@@ -42,7 +45,8 @@ class Answer(NamedTuple):
     tokens: list[int]
     """The generated token ids (the end-of-sequence token excluded)."""
     question_prefill_s: float
-    """Seconds to prefill this question's tokens (after the document's)."""
+    """Seconds to prefill every question's tokens (after the document's; they are
+    prefilled together)."""
     seconds: float
     """Seconds from the call's start (document prefill included) to this answer's end."""
     prompt_tokens: int
@@ -51,6 +55,23 @@ class Answer(NamedTuple):
     """Seconds from the call's start to the first answer token (every row's at once)."""
     logits: tuple[Tensor, ...] = ()
     """With keep_logits: the float32 logits [vocab] that chose each token."""
+
+
+def _packs(lens: list[int], chunk_size: int | None) -> list[list[int]]:
+    """Rows with tokens to prefill, in order, grouped so each group's tokens fit one chunk
+    (a longer row alone)."""
+    packs: list[list[int]] = []
+    used = 0
+    for s, n in enumerate(lens):
+        if n == 0:
+            continue
+        if packs and (chunk_size is None or used + n <= chunk_size):
+            packs[-1].append(s)
+            used += n
+        else:
+            packs.append([s])
+            used = n
+    return packs
 
 
 def split_prompt(tok: Any, document: str, questions: list[str], *,
@@ -83,7 +104,9 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
     max_seqs >= len(questions) sequences, empty, unless `prefilled` (the document is
     already in sequence 0, e.g. loaded from disk). `compress`: None, "document" or
     "question" (needs a cache with an eviction policy). `progress(n)`: document tokens
-    prefilled so far. `keep_logits`: each answer carries its logits (tests)."""
+    prefilled so far. `keep_logits`: each answer carries its logits (tests; the LM head
+    then runs whole on every rank, else each rank computes its slice of the vocabulary,
+    `hf_vocab`)."""
     kv = cache.kv
     n, rows = len(questions) if isinstance(questions, list) else -1, kv.config.max_seqs
     if not isinstance(questions, list) or not 1 <= n <= rows:
@@ -111,29 +134,38 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
     kv.fork(0, list(range(1, rows)))
     if kv.eviction is not None:  # questions are compressed by `compress` alone, not per chunk
         kv.eviction.chunk_compression = False
-    spent = []
     rowq = [questions[min(s, n - 1)] for s in range(rows)]  # extra rows repeat the last
-    for s, q in enumerate(rowq):
-        # all but the last token: the first decode step reads it, as generate() does, so
-        # the first answer token already sees recalled tier pages (prefill attends hot
-        # tokens only)
-        t1 = time.perf_counter()
-        if q.shape[1] > 1:
-            prefill(model, q[:, :-1], cache, seq=s, chunk_size=chunk_size, logits=False)
-        if compress == "question":
+    # all but each question's last token (the first decode step reads it, as generate()
+    # does, so the first answer token already sees recalled tier pages: prefill attends
+    # hot tokens only), the rows packed into as few passes as `chunk_size` allows
+    t1 = time.perf_counter()
+    for group in _packs([q.shape[1] - 1 for q in rowq], chunk_size):
+        if len(group) > 1:
+            prefill_rows(model, [rowq[s][:, :-1] for s in group], cache, group)
+        else:  # alone (maybe longer than a chunk): chunk by chunk
+            prefill(model, rowq[group[0]][:, :-1], cache, seq=group[0],
+                    chunk_size=chunk_size, logits=False)
+    if compress == "question":
+        for s in range(rows):
             kv.compress(seq=s)
-        spent.append(time.perf_counter() - t1)
+    spent = time.perf_counter() - t1
     tokens = torch.stack([q[0, -1] for q in rowq])
     out: list[list[int]] = [[] for _ in range(rows)]
     kept: list[list[Tensor]] = [[] for _ in range(rows)]
     done, first = [False] * rows, 0.0
+    # the whole logits for keep_logits; a head split_head cannot slice stays whole
+    split = (not keep_logits and kv.world > 1
+             and isinstance(model.get_output_embeddings(), torch.nn.Linear))
     for step in range(max_new_tokens):
         pos = torch.tensor([[kv.next_position(s)] for s in range(rows)],
                            device=document.device)
-        logits = model(input_ids=tokens[:, None].to(document.device), position_ids=pos,
-                       use_cache=True, **cache_kwargs(model, cache)).logits
+        # each rank's LM head covers its slice of the vocabulary (unless the whole
+        # logits are kept): one vocabulary-sized product per step split over the ranks
+        with split_head(model, kv.group) if split else nullcontext(0) as lo:
+            logits = model(input_ids=tokens[:, None].to(document.device), position_ids=pos,
+                           use_cache=True, **cache_kwargs(model, cache)).logits
         step_logits = logits[:, -1].float()
-        tokens = step_logits.argmax(-1)
+        tokens = greedy(step_logits, lo, kv.group) if split else step_logits.argmax(-1)
         if step == 0:
             first = time.perf_counter() - t0
         for s in range(n):
@@ -146,7 +178,7 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
                 done[s] = True
                 if tok not in eos:
                     out[s].append(tok)
-                yield Answer(s, out[s], spent[s], time.perf_counter() - t0,
+                yield Answer(s, out[s], spent, time.perf_counter() - t0,
                              doc_len + questions[s].shape[1], first, tuple(kept[s]))
             else:
                 out[s].append(tok)

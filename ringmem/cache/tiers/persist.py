@@ -49,7 +49,8 @@ def save_shard(root: str | Path, meta: Mapping[str, Any],
     meta: model_id (str), layout (str), world_size, rank, num_layers, kv_heads, head_dim,
     page_size (ints), dtype (torch.dtype); the page bookkeeping of each (layer, seq):
     tables [L][S] -> page ids, hlens [L][S][Hkv] -> tokens each KV head holds (packed in
-    table order), seen [L][S] -> the sequence's next global position; and optional `state`
+    table order, from slot offsets[L][S] of the first page: optional, default 0), seen
+    [L][S] -> the sequence's next global position; and optional `state`
     (any JSON: per-rank counts, free page lists, ...), returned as saved.
     layers[i]: k, v [Hkv, slots, D], pos [Hkv, slots] (or [slots]) int64, plus any other
     tensors (score). Checked: each head's positions in each sequence are distinct and lie
@@ -67,7 +68,7 @@ def save_shard(root: str | Path, meta: Mapping[str, Any],
         crc = write_record(data / name, {"layer": i, "save_id": save_id}, layer, fsync=fsync)
         files.append({"name": name, "crc32": crc})
     manifest = {"format": FORMAT, "version": VERSION, "save_id": save_id,
-                **{k: m[k] for k in (*IDENTITY, *BOOKKEEPING)}, "dtype": DTYPE_NAMES[m["dtype"]],
+                **{k: m[k] for k in (*IDENTITY, *BOOKKEEPING, "offsets")}, "dtype": DTYPE_NAMES[m["dtype"]],
                 "state": m.get("state"), "positions": positions, "files": files}
     manifest["crc32"] = _manifest_crc(manifest)
     path = root / f"rank{m['rank']:05d}.json"
@@ -118,8 +119,8 @@ def load_shard(root: str | Path, expect: Mapping[str, Any], *,
             raise PageCorruptError(f"file {data / f['name']} is not the layer {i} record of "
                                    f"save {man['save_id']} (stale or swapped file)")
         layers.append(tensors)
-    out = {**man, "dtype": NAME_DTYPES[man["dtype"]]}
-    got = _positions(_check_meta(out, layers), layers)
+    out = _check_meta({**man, "dtype": NAME_DTYPES[man["dtype"]]}, layers)
+    got = _positions(out, layers)
     for i, (a, b) in enumerate(zip(got, man["positions"])):
         for s, (x, y) in enumerate(zip(a, b)):
             if x != y:
@@ -176,6 +177,8 @@ def _check_meta(meta: Mapping[str, Any], layers: Sequence[Mapping[str, Tensor]]
     for f in (*IDENTITY, *BOOKKEEPING):
         if f not in m:
             raise ValueError(f"meta is missing {f!r}")
+    # a checkpoint from before offsets: every sequence starts at its first page's start
+    m["offsets"] = m.get("offsets") or [[0] * len(t) for t in m["tables"]]
     for f in ("model_id", "layout"):
         if not isinstance(m[f], str):
             raise ValueError(f"meta[{f!r}] must be a str, got {m[f]!r}")
@@ -211,11 +214,16 @@ def _check_meta(meta: Mapping[str, Any], layers: Sequence[Mapping[str, Tensor]]
         if len(m["hlens"][i]) != seqs or len(m["seen"][i]) != seqs:
             raise ValueError(f"layer {i}: tables, hlens and seen must cover the same "
                              f"{seqs} sequences")
-        for s, (table, hl) in enumerate(zip(m["tables"][i], m["hlens"][i])):
-            if (len(hl) != hkv or len(table) != -(-max(hl) // ps)
+        offs = m["offsets"][i]
+        if len(offs) != seqs or not all(isinstance(o, int) and 0 <= o < ps for o in offs):
+            raise ValueError(f"layer {i}: offsets must give each of the {seqs} sequences an "
+                             f"int in [0, {ps}), got {offs!r}")
+        for s, (table, hl, off) in enumerate(zip(m["tables"][i], m["hlens"][i], offs)):
+            if (len(hl) != hkv or len(table) != -(-(off + max(hl)) // ps) * bool(max(hl))
                     or any(not 0 <= p < slots // ps for p in table)):
                 raise ValueError(f"layer {i} seq {s}: page table {table} does not fit "
-                                 f"hlens={hl} ({hkv} heads) with {slots // ps} pages of {ps}")
+                                 f"hlens={hl} ({hkv} heads) from offset {off} with "
+                                 f"{slots // ps} pages of {ps}")
     return m
 
 
@@ -227,10 +235,10 @@ def _positions(m: Mapping[str, Any], layers: Sequence[Mapping[str, Tensor]]
         pos = layer["pos"].cpu()
         pos = pos.expand(m["kv_heads"], -1) if pos.dim() == 1 else pos
         row = []
-        for s, (table, hl, seen) in enumerate(zip(m["tables"][i], m["hlens"][i],
-                                                   m["seen"][i])):
+        for s, (table, hl, seen, off) in enumerate(zip(m["tables"][i], m["hlens"][i],
+                                                        m["seen"][i], m["offsets"][i])):
             pages = torch.tensor(table, dtype=torch.int64).reshape(-1, 1)
-            slots = (pages * ps + torch.arange(ps)).flatten()
+            slots = (pages * ps + torch.arange(ps)).flatten()[off:]
             held = [pos[h, slots[:n]] for h, n in enumerate(hl)]
             for h, p in enumerate(held):
                 if p.numel() and (int(p.min()) < 0 or int(p.max()) >= seen):

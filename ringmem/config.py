@@ -174,6 +174,10 @@ class InferConfig:
     answer_prefix: str = "Answer:"
     """Base models (no chat template) are prompted as a completion: the document, then
     "Question: ...", then this, which the answer continues."""
+    one_line: bool = True
+    """Base models: an answer ends at its line's end (the completion's one "Answer:" line;
+    a base model would go on with the next "Question:"). Chat models end at their
+    end-of-turn token either way."""
     jobs: str | None = None
     """A JSONL file of jobs (a document, its questions, options per line): answered one
     document at a time, resumable; answers go to `output`."""

@@ -136,3 +136,43 @@ def _rows(rank: int, world: int, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_prefill_rows_equals_row_by_row(world: int, kind: str) -> None:
     spawn(_rows, world, kind)
+
+
+def _stops(rank: int, world: int) -> None:
+    """A stop token ends its row after being emitted (kept in the row's tokens), except as
+    the row's first token; other rows go on; the answers are a prefix of the unstopped."""
+    g = torch.Generator().manual_seed(3)
+    doc = torch.randint(1, 128, (1, DOC), generator=g)
+    questions = [torch.randint(1, 128, (1, n), generator=g) for n in (3, 5, 4)]
+    model = _model("llama", torch.float32, hf.register())
+    cache = hf_cache.RingmemCache.for_model(model, capacity=64, page_size=4, max_seqs=3)
+
+    def run(stops: set[int]) -> list[list[int]]:
+        cache.reset()
+        got = hf_questions.answer_questions(model, cache, doc, questions, max_new_tokens=NEW,
+                                            eos_token_id=None, stop_token_ids=stops)
+        return [a.tokens for a in sorted(got, key=lambda a: a.index)]
+    free = run(set())
+    stop = {free[0][1], free[1][0]}  # row 0's second token; row 1's first
+    for row, got in zip(free, run(stop)):
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop and i > 0), len(row))
+        assert got == row[:cut], (rank, row, got, stop)
+    assert len(run(stop)[0]) == 2
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_stop_tokens_end_their_row_only(world: int) -> None:
+    spawn(_stops, world)
+
+
+def test_one_line_answers_stop_at_a_token_holding_a_newline() -> None:
+    from ringmem.config import InferConfig
+    from ringmem.demo import models
+    from ringmem.launch.documents import Documents
+    tok = models.load_tokenizer(models.BUNDLED)
+    docs = Documents(InferConfig(), torch.nn.Linear(1, 1), tok, world=1, rank=0,
+                     revision="test")
+    ids = docs.newlines()
+    assert tok("\n", add_special_tokens=False)["input_ids"][0] in ids
+    assert all("\n" in tok.decode([i]) for i in ids)
+    assert not any("\n" in tok.decode([i]) for i in range(200) if i not in ids)

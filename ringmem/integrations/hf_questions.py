@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -98,7 +98,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
                      eos_token_id: int | list[int] | None, chunk_size: int | None = None,
                      compress: str | None = None, prefilled: bool = False,
                      progress: Callable[[int], None] | None = None,
-                     keep_logits: bool = False) -> Iterator[Answer]:
+                     keep_logits: bool = False,
+                     stop_token_ids: Collection[int] = ()) -> Iterator[Answer]:
     """Answer every question [1, Q_i] about `document` [1, S] (see the module doc); yields
     each `Answer` as its row finishes. Every rank calls it alike. The cache must hold
     max_seqs >= len(questions) sequences, empty, unless `prefilled` (the document is
@@ -106,7 +107,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
     "question" (needs a cache with an eviction policy). `progress(n)`: document tokens
     prefilled so far. `keep_logits`: each answer carries its logits (tests; the LM head
     then runs whole on every rank, else each rank computes its slice of the vocabulary,
-    `hf_vocab`)."""
+    `hf_vocab`). `stop_token_ids`: a row also ends after one of these, kept in its tokens,
+    unless it is the row's first (e.g. the tokens holding a newline: one-line answers)."""
     kv = cache.kv
     n, rows = len(questions) if isinstance(questions, list) else -1, kv.config.max_seqs
     if not isinstance(questions, list) or not 1 <= n <= rows:
@@ -119,6 +121,7 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    stops = set(stop_token_ids)
     t0 = time.perf_counter()
     if kv.eviction is not None:  # the document is compressed per chunk if the policy says so
         kv.eviction.chunk_compression = True
@@ -174,7 +177,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
             tok = int(tokens[s])
             if keep_logits:
                 kept[s].append(step_logits[s].clone())
-            if tok in eos or step == max_new_tokens - 1:
+            if (tok in eos or step == max_new_tokens - 1
+                    or (tok in stops and out[s])):
                 done[s] = True
                 if tok not in eos:
                     out[s].append(tok)

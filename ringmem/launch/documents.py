@@ -40,7 +40,7 @@ REBALANCE = 1.1
 the mean (or one token over it): the pools are sized for that."""
 OPTIONS: dict[str, Any] = {"max_new_tokens": int, "eviction": (str, type(None)),
                            "budget": float, "allocation": str, "compress": str,
-                           "snapkv_kernel": int, "answer_prefix": str}
+                           "snapkv_kernel": int, "answer_prefix": str, "one_line": bool}
 """Per-job options of a jobs file (`InferConfig` fields)."""
 
 
@@ -73,6 +73,7 @@ class Documents:
         gran = chunk_count(cfg.layout, world)
         self.chunk = -(-cfg.chunk_size // gran) * gran  # the layout splits chunks evenly
         self.store = None
+        self._newlines: frozenset[int] | None = None
         if cfg.doc_cache:
             from ..jobs.store import DocCacheStore
             self.store = DocCacheStore(cfg.doc_cache_dir,
@@ -193,6 +194,7 @@ class Documents:
         from ..integrations.hf_questions import answer_questions
         doc, qs = prompt_ids(cfg, self.tok, text, questions)
         rows = min(len(qs), MAX_BATCH)
+        one_line = cfg.one_line and not getattr(self.tok, "chat_template", None)
         for first in range(0, len(qs), rows):
             batch = qs[first:first + rows]
             cache, how, doc_s = self._document(cfg, doc, rows, progress)
@@ -203,12 +205,14 @@ class Documents:
                                           max_new_tokens=cfg.max_new_tokens,
                                           eos_token_id=self.eos(),
                                           chunk_size=self.chunk, prefilled=True,
+                                          stop_token_ids=self.newlines() if one_line
+                                          else (),
                                           compress="question" if cache.kv.eviction
                                           is not None and cfg.compress == "question"
                                           else None):
+                    said = self.tok.decode(a.tokens, skip_special_tokens=True).strip()
                     yield {"question_index": first + a.index,
-                           "answer": self.tok.decode(a.tokens, skip_special_tokens=True
-                                                     ).strip(),
+                           "answer": said.split("\n")[0].strip() if one_line else said,
                            "new_tokens": len(a.tokens), "prompt_tokens": a.prompt_tokens,
                            "document_tokens": int(doc.shape[1]), "doc_cache": how,
                            "document_s": round(doc_s, 3),
@@ -218,6 +222,15 @@ class Documents:
                            "batch": rows, "cache": self.stats(cache)}
             finally:
                 cache.kv.close()
+
+    def newlines(self) -> frozenset[int]:
+        """The token ids whose text holds a newline (one-line answers end after one)."""
+        if self._newlines is None:
+            vocab = self.tok.get_vocab()  # a newline's spellings, then the decoded check
+            maybe = [i for t, i in vocab.items() if "\n" in t or "\u010a" in t
+                     or t == "<0x0A>"]
+            self._newlines = frozenset(i for i in maybe if "\n" in self.tok.decode([i]))
+        return self._newlines
 
     def eos(self) -> list[int]:
         """End-of-sequence ids: the tokenizer's and the model's generation config's (a

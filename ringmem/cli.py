@@ -9,6 +9,9 @@
                                                   (`ringmem bench --help`)
     ringmem cache list|remove KEY|--all [--dir D]
                                                   saved document caches (no torchrun)
+    ringmem eval --out DIR [--model M --tasks ... --tokens N --policies ... --keep ...]
+                                                  RULER-style accuracy vs compression
+                                                  (runs `ringmem infer --jobs`)
 
 `--nproc` defaults to the number of GPUs, or 2 on a CPU machine. torchrun's multi-node
 flags (--nnodes, --node-rank, --rdzv-endpoint, --rdzv-backend, --rdzv-id, --max-restarts)
@@ -210,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] == "cache":  # bookkeeping of saved document caches, in this process
         from .jobs.cache_cli import main as cache
         return cache(argv[1:])
+    if argv[0] == "eval":  # builds a jobs file, then runs `ringmem infer --jobs` on it
+        from .evals.run import main as evaluate
+        try:
+            evaluate(argv[1:])
+        except ValueError as e:
+            print(f"ringmem eval: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args, rest = p.parse_known_args(argv)
     nproc = args.nproc if args.nproc is not None else default_nproc()
     try:

@@ -267,6 +267,9 @@ class InferConfig:
         if not self.model:
             raise ValueError("model must be 'smollm2-135m' or a checkpoint directory")
         _common_choices(self, compress=("document", "question"), on_error=("skip", "stop"))
+        if self.eviction == "kvzip" and self.compress != "document":
+            raise ValueError("eviction 'kvzip' scores the document by repeating it, before "
+                             "any question: it needs compress = \"document\"")
         for name in ("tier_host_pages", "tier_disk_pages", "tier_recall"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -138,3 +138,106 @@ def test_scores_of_hand_made_outputs() -> None:
     assert means[("s", "full", "1", "a")] == 75.0
     kept, heads = headline(means, {"a": 75.0, "b": 0.0})
     assert kept == ["a"] and heads == {("s", "full", "1"): 75.0, ("s", "snap", "0.5"): 50.0}
+
+
+def test_eval_jobs_cover_every_run_and_score_back(tmp_path) -> None:
+    """`ringmem eval`'s jobs file: per sample the full cache, then each setting x policy x
+    keep with its options; answers map back to their expected answers and are scored."""
+    from ringmem.evals.run import jobs, parse, report, scores
+    from ringmem.jobs.jobsfile import parse_jobs
+    from ringmem.launch.documents import OPTIONS
+    a = parse(["--tasks", "vt", "niah_multiquery", "--tokens", "300", "--samples", "2",
+               "--haystack", "filler", "--policies", "snapkv", "keynorm", "--keep", "0.25",
+               "0.5", "--out", str(tmp_path)])
+    lines, expected = jobs(a, _WordTok())
+    assert len(lines) == 2 * 2 * (1 + 2 * 2 * 2)
+    by_id = {x["id"]: x for x in lines}
+    assert by_id["vt:0:full:full:1.0"]["options"] == {"max_new_tokens": 48}
+    assert by_id["vt:1:aware:snapkv:0.25"]["options"] == {
+        "max_new_tokens": 48, "eviction": "snapkv", "budget": 0.25, "compress": "question"}
+    assert by_id["vt:1:agnostic:keynorm:0.5"]["options"]["compress"] == "document"
+    kv = parse(["--tasks", "vt", "--tokens", "300", "--samples", "1", "--policies", "kvzip",
+                "--keep", "0.5", "--out", str(tmp_path)])
+    assert [x["id"] for x in jobs(kv, _WordTok())[0]] == [  # kvzip is question-agnostic
+        "vt:0:full:full:1.0", "vt:0:agnostic:kvzip:0.5"]
+    mq = by_id["niah_multiquery:0:agnostic:snapkv:0.5"]
+    assert len(mq["questions"]) == 4 and len(expected[mq["id"]]) == 4
+    # the jobs file parses with the run's options, each question with its own prefix
+    f = tmp_path / "jobs.jsonl"
+    f.write_text("".join(__import__("json").dumps(x) + "\n" for x in lines))
+    parsed, bad = parse_jobs(f, OPTIONS)
+    assert not bad and len(parsed) == len(lines)
+    assert parsed[0].prefixes == tuple(q["answer_prefix"] for q in lines[0]["questions"])
+    # answers: the full cache right, snapkv half right on vt; an error line is skipped
+    answers = []
+    for x in lines:
+        for qi, (refs, _) in enumerate(expected[x["id"]]):
+            said = " ".join(refs) if ":full:" in x["id"] or "niah" in x["id"] else \
+                " ".join(refs[:len(refs) // 2]) if "snapkv" in x["id"] else ""
+            answers.append({"id": x["id"], "question_index": qi, "answer": said})
+    answers.append({"id": "vt:0:full:full:1.0", "line": 1, "error": "boom"})
+    rows = scores(answers, expected)
+    assert len(rows) == sum(len(v) for v in expected.values())
+    full = [r["score"] for r in rows if r["policy"] == "full"]
+    assert full and all(s == 1.0 for s in full)
+    text = report(rows, tmp_path, "test")
+    assert "| full | full | 1.0 | 100.0 | 100.0 | 100.0 |" in text
+    assert "| aware | keynorm | 0.25 | 100.0 | 0.0 | 50.0 |" in text
+    assert (tmp_path / "report.md").read_text() == text
+
+
+def test_jobs_file_questions_may_carry_their_own_answer_prefix(tmp_path) -> None:
+    import json
+
+    from ringmem.jobs.jobsfile import parse_jobs
+    f = tmp_path / "jobs.jsonl"
+    f.write_text(json.dumps({"id": "a", "text": "doc", "questions": [
+        "plain?", {"question": "own?", "answer_prefix": "It is"}]}) + "\n"
+        + json.dumps({"id": "b", "text": "doc", "questions": [{"question": "x?",
+                                                               "extra": 1}]}) + "\n")
+    (job,), bad = parse_jobs(f, {})
+    assert job.questions == ("plain?", "own?") and job.prefixes == (None, "It is")
+    assert len(bad) == 1 and "questions[0] must be a non-empty string or an object" in \
+        bad[0].reason
+
+
+def test_split_prompt_gives_each_question_its_prefix() -> None:
+    import torch
+
+    from ringmem.integrations.hf_questions import split_prompt
+
+    class Chars:  # a base-model tokenizer stand-in: one id per character
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+            return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+    def text(t) -> str:
+        return "".join(chr(int(c)) for c in t[0])
+    doc, qs = split_prompt(Chars(), "D", ["a?", "b?"], answer_prefix=["A1", "B2"])
+    assert text(doc) == "D"
+    assert [text(q) for q in qs] == ["\n\nQuestion: a?\nA1", "\n\nQuestion: b?\nB2"]
+    with pytest.raises(ValueError, match="one per question"):
+        split_prompt(Chars(), "D", ["a?", "b?"], answer_prefix=["A1"])
+
+
+@pytest.mark.slow
+@KJV
+def test_ringmem_eval_runs_end_to_end(tmp_path) -> None:
+    """The whole harness at tiny size on the bundled model (plumbing, not accuracy)."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "eval"
+    res = subprocess.run([sys.executable, "-m", "ringmem.cli", "eval", "--nproc", "2",
+                          "--tasks", "niah_single", "--tokens", "300", "--samples", "1",
+                          "--policies", "snapkv", "kvzip", "--keep", "0.5",
+                          "--settings", "agnostic",
+                          "--max-new-tokens", "12", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((out / "scores.json").read_text())
+    assert {(r["setting"], r["policy"]) for r in rows} == {
+        ("full", "full"), ("agnostic", "snapkv"), ("agnostic", "kvzip")}
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    assert "| full | full | 1.0 |" in (out / "report.md").read_text()

@@ -214,6 +214,7 @@ def test_bad_config(data: dict, pattern: str) -> None:
     ({"eviction": "snapkv", "budget": 1.5}, r"budget must be in \(0, 1\], got 1.5"),
     ({"allocation": "pyramid"}, "allocation must be one of"),
     ({"snapkv_kernel": 4}, "snapkv_kernel must be a positive odd int, got 4"),
+    ({"eviction": "kvzip", "compress": "question"}, "kvzip.*needs compress"),
 ])
 def test_bad_infer_config(data: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):

@@ -25,7 +25,7 @@ from ..api import check_extras
 from ..backends import get_backend
 from ..agree import CAPACITY, agree
 from ..comm import Group, gather_rows
-from ..eviction.coordinator import DecodeStep
+from ..eviction.records import DecodeStep
 from ..partial import Partial, attend, empty, merge, merge_weighted
 from .checks import check_finite, check_index, check_scale, check_tensor
 from .config import MERGES

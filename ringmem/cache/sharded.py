@@ -57,7 +57,7 @@ from .window import WindowTracker
 
 if TYPE_CHECKING:
     from ..eviction.actions import EvictionAction
-    from ..eviction.coordinator import EvictionRecord
+    from ..eviction.records import EvictionRecord
 
 
 class ShardedKVCache:

@@ -41,6 +41,8 @@ HAYSTACKS = ("kjv", "filler")
 
 @dataclass(frozen=True)
 class Query:
+    """One question about a sample's context, what a base model's answer continues, and the
+    expected answers (scored by `metric`)."""
     question: str
     answer_prefix: str
     answers: tuple[str, ...]
@@ -49,6 +51,7 @@ class Query:
 
 @dataclass(frozen=True)
 class Sample:
+    """A generated context (instruction + haystack + what was planted) and its queries."""
     task: str
     index: int
     context: str

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,45 +32,12 @@ from torch import Tensor
 
 from ..partial import probs
 from .budget import EvictionPolicy
+from .reconstruct import Reconstruction
+from .records import DecodeStep, EvictionRecord
 from .scorers import ScoreContext, Window
 from .topk import grouped_topk_mask
 from .view import EvictionView
 from .window import Observations
-
-
-@dataclass
-class EvictionRecord:
-    """What one compression (or rebalance) did, identical on every rank."""
-    layer: int
-    seq: int
-    seen: int
-    budget: int
-    before: list[int]
-    """Per rank: slots in use (max over heads) before."""
-    after: list[int]
-    kept_per_head: list[int]
-    """Per KV head: tokens kept over all ranks."""
-    evicted: int
-    """(head, token) entries evicted over all ranks."""
-    moved: int = 0
-    """Tokens (slots) moved between ranks by rebalancing."""
-    seconds: float = 0.0
-
-
-@dataclass
-class DecodeStep:
-    """One decode step of one layer, as the coordinator needs it (B = max_seqs)."""
-    q: Tensor
-    """[B, Hq, D] the new queries."""
-    lse: Tensor
-    """[B, Hq] their global lse, the new token's own term included."""
-    l_new: Tensor
-    """[B, Hq] the new token's own scaled score."""
-    logits: list[list[Tensor] | None]
-    """Per sequence: per KV head the scaled scores [G, n_h] of this rank's hot tokens."""
-    positions: list[int]
-    owners: list[int]
-    scale: float
 
 
 class Coordinator:
@@ -87,6 +53,7 @@ class Coordinator:
         self.scale = [[1.0] * d.max_seqs for _ in range(d.num_layers)]
         self.steps = [0] * d.num_layers
         self.records: list[EvictionRecord] = []
+        self.recon = Reconstruction(view)  # context-reconstruction scores (KVzip-style)
         self.chunk_compression = True
         """Off: prefill chunks only observe (`hf_questions` turns it off for questions, so
         a document compressed while prefilled stays one shared copy)."""
@@ -98,6 +65,7 @@ class Coordinator:
 
     def reset(self, seq: int) -> None:
         self.obs.reset(seq)
+        self.recon.done.discard(seq)
         for layer in range(self.view.dims.num_layers):
             self.folded[layer][seq] = -1
             self.pending[layer][seq] = False
@@ -105,6 +73,8 @@ class Coordinator:
     def fork(self, src: int, dst: int) -> None:
         """`dst` starts from `src`'s state (`ShardedKVCache.fork`)."""
         self.obs.fork(src, dst)
+        if src in self.recon.done:  # its scores are in the shared pages
+            self.recon.done.add(dst)
         for per in (self.folded, self.pending, self.scale):
             for row in per:
                 row[dst] = row[src]
@@ -117,6 +87,9 @@ class Coordinator:
         pos [n]), then compress if the policy compresses per chunk. Nothing for a
         windowed layer."""
         if self.view.dims.windowed(layer):  # its window evicts: nothing to observe
+            return
+        if seq == self.recon.scratch:  # a reconstruction chunk: it scores the document
+            self.recon.fold(layer, q, lse, scale)
             return
         self.pending[layer][seq] = True
         self.scale[layer][seq] = scale
@@ -291,6 +264,9 @@ class Coordinator:
             raise ValueError(f"scorer {scorer.name!r} needs observed queries (prefill or "
                              f"decode through the cache first); none for layer {layer}, "
                              f"sequence {seq}")
+        if getattr(scorer, "reconstructs", False) and seq not in self.recon.done:
+            raise ValueError(f"scorer {scorer.name!r} scores by context reconstruction: run "
+                             f"hf_questions.reconstruct on sequence {seq} before compressing")
         if scorer.decay is not None:
             self.fold(layer, seq, ctx)
         scores = [torch.nan_to_num(s.to(torch.float32), nan=float("-inf"))  # NaN: no info

@@ -243,6 +243,18 @@ class ExpectedAttention(Scorer):
         return (self.name, bool(self.value_norm))
 
 
+class ContextReconstruction(Scorer):
+    """Question-agnostic, in the manner of KVzip (Kim et al., 2025): the most attention a
+    key receives while the model repeats the document after a "repeat the context" prompt
+    (`eviction.reconstruct`; `hf_questions.reconstruct` runs the pass), max over the query
+    heads of its KV head. Compressing without that pass raises on every rank."""
+    name = "kvzip"
+    reconstructs = True
+
+    def score(self, ctx: ScoreContext) -> list[Tensor]:
+        return list(ctx.state)
+
+
 def max_pool_positions(x: Tensor, pos: Tensor, radius: int) -> Tensor:
     """out[i] = max of x[j] over tokens j with |pos[j] - pos[i]| <= radius (pos distinct)."""
     if radius == 0 or x.numel() < 2:
@@ -260,7 +272,7 @@ def max_pool_positions(x: Tensor, pos: Tensor, radius: int) -> Tensor:
 
 
 SCORERS: tuple[type[Scorer], ...] = (StreamingLLM, KeyNorm, H2O, A2SF, TOVA, SnapKV,
-                                     ExpectedAttention)
+                                     ExpectedAttention, ContextReconstruction)
 BY_NAME = {c.name: c for c in SCORERS}
 
 

@@ -36,6 +36,8 @@ from .hf_cache import RingmemCache, cache_kwargs, prefill, prefill_rows
 from .hf_vocab import greedy, split_head
 
 COMPRESS = ("document", "question")
+REPEAT = "\n\nRepeat the previous context exactly.\n"
+"""The prompt before the document's repeat in `reconstruct`."""
 
 
 class Answer(NamedTuple):
@@ -75,11 +77,12 @@ def _packs(lens: list[int], chunk_size: int | None) -> list[list[int]]:
 
 
 def split_prompt(tok: Any, document: str, questions: list[str], *,
-                 answer_prefix: str = "Answer:") -> tuple[Tensor, list[Tensor]]:
+                 answer_prefix: str | list[str] = "Answer:") -> tuple[Tensor, list[Tensor]]:
     """(document ids [1, S], each question's ids [1, Q_i]) such that the document's ids then
     a question's are that question's prompt: a chat turn cut where the document ends (models
     with a chat template), or the completion "<document>\n\nQuestion: <question>\n
-    <answer_prefix>" (base models). The document is tokenized once."""
+    <answer_prefix>" (base models; a list: each question's own). The document is tokenized
+    once."""
     def ids(text: str, special: bool = False) -> Tensor:
         return tok(text, add_special_tokens=special, return_tensors="pt")["input_ids"]
     if getattr(tok, "chat_template", None):
@@ -89,7 +92,38 @@ def split_prompt(tok: Any, document: str, questions: list[str], *,
         cut = texts[0].index(document) + len(document)  # the template's text before it
         return ids(texts[0][:cut]), [ids(t[cut:]) for t in texts]
     # the BOS token, if any, opens the document
-    return ids(document, True), [ids(f"\n\nQuestion: {q}\n{answer_prefix}") for q in questions]
+    pre = [answer_prefix] * len(questions) if isinstance(answer_prefix, str) else answer_prefix
+    if len(pre) != len(questions):
+        raise ValueError(f"answer_prefix must be a str or one per question ({len(questions)}), "
+                         f"got {len(pre)}")
+    return ids(document, True), [ids(f"\n\nQuestion: {q}\n{p}") for q, p in zip(questions, pre)]
+
+
+@torch.no_grad()
+def reconstruct(model: Any, cache: RingmemCache, document: Tensor, repeat: Tensor, *,
+                seq: int = 0, scratch: int = 1, chunk_size: int | None = None) -> None:
+    """Score the document cached in `seq` by context reconstruction (the KVzip-style
+    `ContextReconstruction` scorer, `eviction.reconstruct`): chunk by chunk, `seq` is
+    forked into the empty `scratch`, the repeat prompt `repeat` [1, R] and the chunk of
+    `document` [1, S] are prefilled there (attending to the cached document), and
+    `scratch` is reset. Then `cache.kv.compress(seq=seq)` keeps the best. Collective."""
+    kv = cache.kv
+    co = kv.eviction
+    if co is None:
+        raise ValueError("reconstruct needs a cache with an eviction policy")
+    total = document.shape[1]
+    step = total if chunk_size is None else chunk_size
+    before, co.chunk_compression = co.chunk_compression, False
+    co.recon.begin(seq, scratch)
+    try:
+        for start in range(0, total, step):
+            kv.fork(seq, [scratch])
+            ids = torch.cat([repeat.to(document.device), document[:, start:start + step]], 1)
+            prefill(model, ids, cache, seq=scratch, logits=False)
+            kv.reset(scratch)
+        co.recon.end()
+    finally:
+        co.chunk_compression, co.recon.scratch = before, None
 
 
 @torch.no_grad()
@@ -99,7 +133,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
                      compress: str | None = None, prefilled: bool = False,
                      progress: Callable[[int], None] | None = None,
                      keep_logits: bool = False,
-                     stop_token_ids: Collection[int] = ()) -> Iterator[Answer]:
+                     stop_token_ids: Collection[int] = (),
+                     repeat: Tensor | None = None) -> Iterator[Answer]:
     """Answer every question [1, Q_i] about `document` [1, S] (see the module doc); yields
     each `Answer` as its row finishes. Every rank calls it alike. The cache must hold
     max_seqs >= len(questions) sequences, empty, unless `prefilled` (the document is
@@ -108,7 +143,9 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
     prefilled so far. `keep_logits`: each answer carries its logits (tests; the LM head
     then runs whole on every rank, else each rank computes its slice of the vocabulary,
     `hf_vocab`). `stop_token_ids`: a row also ends after one of these, kept in its tokens,
-    unless it is the row's first (e.g. the tokens holding a newline: one-line answers)."""
+    unless it is the row's first (e.g. the tokens holding a newline: one-line answers).
+    `repeat`: the repeat prompt's ids, for a scorer that reconstructs the context (with
+    compress="document", `reconstruct` scores the document before it is compressed)."""
     kv = cache.kv
     n, rows = len(questions) if isinstance(questions, list) else -1, kv.config.max_seqs
     if not isinstance(questions, list) or not 1 <= n <= rows:
@@ -132,6 +169,11 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
         prefill(model, document, cache, seq=0, chunk_size=chunk_size, progress=progress,
                 logits=False)
         if compress == "document":
+            if getattr(kv.eviction.policy.scorer, "reconstructs", False):
+                if repeat is None or rows < 2:
+                    raise ValueError("a context-reconstruction scorer needs repeat= (the "
+                                     "repeat prompt's ids) and max_seqs >= 2 (a scratch row)")
+                reconstruct(model, cache, document, repeat, chunk_size=chunk_size)
             kv.compress(seq=0)
     doc_len = kv.next_position(0)
     kv.fork(0, list(range(1, rows)))

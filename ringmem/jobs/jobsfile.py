@@ -41,6 +41,8 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
     document: str | None = None
     """The `document` path as written in the line (None: inline `text`)."""
+    prefixes: tuple[str | None, ...] = ()
+    """Each question's own answer prefix (None: the run's), when the line gives some."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,16 @@ def _job(n: int, obj: object, allowed: Mapping[str, Any], base: Path) -> Job:
     qs = obj.get("questions")
     if not isinstance(qs, list) or not qs:
         raise ValueError(f"questions must be a non-empty list of strings, got {_short(qs)}")
-    for i, q in enumerate(qs):
-        if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"questions[{i}] must be a non-empty string, got {_short(q)}")
+    texts, prefixes = [], []
+    for i, q in enumerate(qs):  # a string, or {"question": ..., "answer_prefix": ...}
+        one = q.get("question") if isinstance(q, dict) else q
+        pre = q.get("answer_prefix") if isinstance(q, dict) else None
+        if (not isinstance(one, str) or not one.strip() or not isinstance(pre, (str, type(None)))
+                or (isinstance(q, dict) and set(q) - {"question", "answer_prefix"})):
+            raise ValueError(f"questions[{i}] must be a non-empty string or an object "
+                             f"{{\"question\": str, \"answer_prefix\": str}}, got {_short(q)}")
+        texts.append(one)
+        prefixes.append(pre)
     opts = obj.get("options", {})
     if not isinstance(opts, dict):
         raise ValueError(f"options must be an object, got {_short(opts)}")
@@ -120,8 +129,9 @@ def _job(n: int, obj: object, allowed: Mapping[str, Any], base: Path) -> Job:
             want = allowed[k]
             names = "/".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise ValueError(f"options.{k} must be {names}, got {_short(v)}")
-    return Job(line=n, id=jid, text=text, questions=tuple(qs), options=dict(opts),
-               document=obj.get("document"))
+    return Job(line=n, id=jid, text=text, questions=tuple(texts), options=dict(opts),
+               document=obj.get("document"),
+               prefixes=tuple(prefixes) if any(p is not None for p in prefixes) else ())
 
 
 def parse_jobs(path: str | Path, allowed: Mapping[str, type | tuple[type, ...]]

@@ -44,11 +44,15 @@ OPTIONS: dict[str, Any] = {"max_new_tokens": int, "eviction": (str, type(None)),
 """Per-job options of a jobs file (`InferConfig` fields)."""
 
 
-def prompt_ids(cfg: InferConfig, tok: Any, text: str, questions: list[str]
+def prompt_ids(cfg: InferConfig, tok: Any, text: str, questions: list[str],
+               prefixes: list[str | None] | None = None
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(document ids [1, S], question ids [1, Q_i]), checked against max_context."""
+    """(document ids [1, S], question ids [1, Q_i]), checked against max_context;
+    `prefixes`: each question's own answer prefix (None: the config's)."""
     from ..integrations.hf_questions import split_prompt
-    doc, qs = split_prompt(tok, text, questions, answer_prefix=cfg.answer_prefix)
+    pre = ([cfg.answer_prefix if p is None else p for p in prefixes] if prefixes
+           else cfg.answer_prefix)
+    doc, qs = split_prompt(tok, text, questions, answer_prefix=pre)
     longest = max(q.shape[1] for q in qs)
     if longest > QUESTION_TOKENS:
         raise ValueError(f"a question is {longest} tokens with its prompt, more than "
@@ -94,7 +98,8 @@ class Documents:
                   else make_scorer(cfg.eviction))
         policy = EvictionPolicy(scorer=scorer, budget=float(cfg.budget),
                                 decode_every=cfg.decode_every, allocation=cfg.allocation,
-                                prefill="chunk" if cfg.compress == "document" else "after",
+                                prefill="chunk" if cfg.compress == "document"
+                                and not _reconstructs(scorer) else "after",
                                 rebalance=REBALANCE if self.world > 1 else 0.0)
         tiers = None
         if cfg.tier_host_pages or cfg.tier_disk_pages:
@@ -114,7 +119,10 @@ class Documents:
             pooled = {"global": glob * kvh, "adaptive": kvh}.get(cfg.allocation, 1)
             share = math.ceil(REBALANCE * pooled * policy.tokens(doc_len) / p) + 2
             heads_differ = kvh > 1 and policy.granularity == "head"
-            if cfg.compress == "document":  # forks share it, unless its heads differ
+            if cfg.compress == "document" and _reconstructs(policy.scorer):
+                # the whole document, then the reconstruction's chunk in its scratch row
+                doc += -(-(self.chunk + 64) // p) + rows * min(doc, share)
+            elif cfg.compress == "document":  # forks share it, unless its heads differ
                 doc = min(doc, share) * (rows if heads_differ else 1) + -(-self.chunk // p)
             else:  # the whole document until every row holds its own compressed copy
                 doc += rows * min(doc, share)
@@ -131,6 +139,8 @@ class Documents:
         policy, tiers = self.policies(cfg)
         options = {"decode_backend": cfg.backend} if cfg.backend in ("torch", "sdpa",
                                                                      "triton") else {}
+        if policy is not None and _reconstructs(policy.scorer):
+            rows = max(rows, 2)  # row 1 is the reconstruction's scratch before the questions
         cache = hf_cache.RingmemCache.for_model(
             self.model, capacity=self.capacity(cfg, doc_len, rows, policy), max_seqs=rows,
             page_size=cfg.page_size, layout=cfg.layout, eviction=policy, tiers=tiers,
@@ -178,6 +188,12 @@ class Documents:
         hf_cache.prefill(self.model, doc.to(self.device), cache, seq=0, chunk_size=self.chunk,
                          progress=progress, logits=False)
         if kv.eviction is not None and cfg.compress == "document":
+            if _reconstructs(kv.eviction.policy.scorer):  # scored by repeating the document
+                from ..integrations.hf_questions import REPEAT, reconstruct
+                repeat = self.tok(REPEAT, add_special_tokens=False,
+                                  return_tensors="pt")["input_ids"].to(self.device)
+                reconstruct(self.model, cache, doc.to(self.device), repeat, scratch=1,
+                            chunk_size=self.chunk)
             kv.compress(seq=0)
         if self.store is not None:
             save_entry(self.store, key, kv, model_id=cfg.model,
@@ -189,10 +205,12 @@ class Documents:
 
     # ---------------------------------------------------------------- answers
     def answer(self, cfg: InferConfig, text: str, questions: list[str], *,
-               progress: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
-        """One record per question as it is answered (the same on every rank)."""
+               progress: Callable[[int], None] | None = None,
+               prefixes: list[str | None] | None = None) -> Iterator[dict[str, Any]]:
+        """One record per question as it is answered (the same on every rank);
+        `prefixes`: each question's own answer prefix (base models; None: the config's)."""
         from ..integrations.hf_questions import answer_questions
-        doc, qs = prompt_ids(cfg, self.tok, text, questions)
+        doc, qs = prompt_ids(cfg, self.tok, text, questions, prefixes)
         rows = min(len(qs), MAX_BATCH)
         one_line = cfg.one_line and not getattr(self.tok, "chat_template", None)
         for first in range(0, len(qs), rows):
@@ -253,6 +271,10 @@ class Documents:
                 "pending_bytes": int(tiers.get("pending_bytes", 0)),
                 "tokens_per_rank": kv.rank_counts(0, _global_layer(kv)),
                 "peak_rss_bytes": peak_bytes()}
+
+
+def _reconstructs(scorer: Any) -> bool:
+    return bool(getattr(scorer, "reconstructs", False))
 
 
 def _windows(model_config: Any) -> list[int]:

@@ -195,7 +195,9 @@ def _jobs(cfg: InferConfig, docs, rank: int) -> None:
 
     def answer(job, pending: list[int]):
         jc = docs.with_options(dict(job.options))
-        for rec in docs.answer(jc, job.text, [job.questions[i] for i in pending]):
+        pre = [job.prefixes[i] for i in pending] if job.prefixes else None
+        for rec in docs.answer(jc, job.text, [job.questions[i] for i in pending],
+                               prefixes=pre):
             rec["question_index"] = pending[rec["question_index"]]
             yield rec
 

@@ -1,0 +1,178 @@
+"""`ringmem eval`: RULER-style tasks (`tasks.py`) through `ringmem infer --jobs`, scored.
+
+    ringmem eval --model smollm2-135m --tasks niah_single vt --tokens 4096 --samples 8 \\
+        --policies snapkv keynorm --keep 0.1 0.25 0.5 --settings aware agnostic --out DIR
+
+1. Jobs: every sample (generated with the model's tokenizer, from fixed seeds) becomes
+   one job with the full cache, then one per policy x keep x setting:
+   * "aware" (question-aware, `compress="question"`): each question is read, then its own
+     copy of the document compressed (SnapKV's observation window sees the question);
+   * "agnostic" (question-agnostic, `compress="document"`): the document is compressed
+     while it is prefilled, before any question, and every question reads that one copy.
+   `keep` is the share of the document each (layer, KV head) keeps (`budget`).
+2. `ringmem infer --jobs DIR/jobs.jsonl --output DIR/answers.jsonl`: sharded over the
+   ranks, a progress bar, resumable (answers already in the output are not asked again).
+3. Scores: every answer scored as RULER scores (`scoring.score`) into DIR/scores.json,
+   and DIR/report.md: mean accuracy per task x setting x policy x keep, and headline
+   averages over the tasks the full cache scores >= 50% on (named), with DIR/accuracy.png
+   (accuracy against keep, one panel per task) when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .scoring import headline, score, task_means
+from .tasks import HAYSTACKS, NEEDLES, TASKS, generate
+
+SETTINGS = ("aware", "agnostic")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ringmem eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tokens", type=int, default=4096, help="context length per sample")
+    p.add_argument("--samples", type=int, default=8, help="samples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--needle", default="numbers", choices=NEEDLES)
+    p.add_argument("--haystack", default="kjv", choices=HAYSTACKS)
+    p.add_argument("--policies", nargs="*", default=["snapkv", "keynorm"],
+                   help="eviction scorers (ringmem infer --eviction)")
+    p.add_argument("--keep", type=float, nargs="*", default=[0.1, 0.25, 0.5])
+    p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--max-new-tokens", type=int, default=48, dest="max_new_tokens")
+    p.add_argument("--nproc", type=int, default=None)
+    p.add_argument("--out", required=True, help="directory for jobs, answers and report")
+    p.add_argument("--report-only", action="store_true", help="score DIR/answers.jsonl only")
+    a = p.parse_args(argv)
+    for k in a.keep:
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"--keep values must be in (0, 1], got {k}")
+    if a.samples < 1 or a.tokens < 64:
+        raise ValueError(f"--samples must be >= 1 and --tokens >= 64, got {a.samples}, "
+                         f"{a.tokens}")
+    return a
+
+
+def jobs(a: argparse.Namespace, tok: Any) -> tuple[list[dict], dict[str, list]]:
+    """(the jobs file's lines, job id -> each question's [answers, metric])."""
+    lines, expected = [], {}
+    # kvzip scores the document by repeating it, before any question: agnostic only
+    runs = [("full", "full", 1.0)] + [(s, p, k) for s in a.settings for p in a.policies
+                                      for k in a.keep if s == "agnostic" or p != "kvzip"]
+    for name in a.tasks:
+        for smp in generate(name, tok, tokens=a.tokens, samples=a.samples, seed=a.seed,
+                            needle=a.needle, haystack=a.haystack):
+            for setting, policy, keep in runs:
+                jid = f"{name}:{smp.index}:{setting}:{policy}:{keep}"
+                opts: dict[str, Any] = {"max_new_tokens": a.max_new_tokens}
+                if policy != "full":
+                    opts |= {"eviction": policy, "budget": keep,
+                             "compress": "question" if setting == "aware" else "document"}
+                lines.append({"id": jid, "text": smp.context, "options": opts,
+                              "questions": [{"question": q.question,
+                                             "answer_prefix": q.answer_prefix}
+                                            for q in smp.queries]})
+                expected[jid] = [[list(q.answers), q.metric] for q in smp.queries]
+    return lines, expected
+
+
+def scores(answers: list[dict], expected: dict[str, list]) -> list[dict]:
+    """One row per answered question: task, sample, setting, policy, keep, output, score."""
+    rows = []
+    for r in answers:
+        want = expected.get(r.get("id"))
+        if want is None or "error" in r:  # another run's line, or a job that failed
+            continue
+        task, index, setting, policy, keep = r["id"].split(":")
+        refs, metric = want[r["question_index"]]
+        rows.append({"task": task, "sample": int(index), "setting": setting,
+                     "policy": policy, "keep": float(keep), "output": r["answer"],
+                     "answers": refs, "score": score(r["answer"], refs, metric)})
+    return rows
+
+
+def report(rows: list[dict], out: Path, title: str) -> str:
+    """DIR/report.md (and accuracy.png): per-task means and headline averages."""
+    means = task_means(rows)
+    full = {t: s for (setting, _, _, t), s in means.items() if setting == "full"}
+    kept, heads = headline(means, full)
+    tasks = sorted({t for *_, t in means})
+    runs = sorted({k[:3] for k in means}, key=lambda k: (k[0] != "full", k))
+    lines = [f"# {title}", "", "Accuracy (%) per task; RULER scoring (string match of the "
+             "expected answers). `keep`: share of the document each (layer, KV head) keeps.",
+             "", "| setting | policy | keep | " + " | ".join(tasks) + " | headline |",
+             "|---" * (len(tasks) + 4) + "|"]
+    for run in runs:
+        cells = [f"{means[(*run, t)]:.1f}" if (*run, t) in means else "-" for t in tasks]
+        h = heads.get(run)
+        lines.append(f"| {' | '.join(run)} | {' | '.join(cells)} | "
+                     f"{'-' if h is None else f'{h:.1f}'} |")
+    lines += ["", f"Headline: the mean over the tasks the full cache scores >= 50% on: "
+              f"{', '.join(kept) or 'none'}."]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    _plot(means, tasks, out / "accuracy.png")
+    return text
+
+
+def _plot(means: dict, tasks: list[str], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the report's table stands alone
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for (setting, policy) in sorted({k[:2] for k in means if k[0] != "full"}):
+            pts = sorted((float(k[2]), s) for k, s in means.items()
+                         if k[:2] == (setting, policy) and k[3] == t)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                    label=f"{policy} ({setting})")
+        full = [s for k, s in means.items() if k[0] == "full" and k[3] == t]
+        if full:
+            ax.axhline(full[0], color="k", ls="--", label="full cache")
+        ax.set(title=t, xlabel="keep", ylim=(-5, 105))
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.report_only:
+        from ..demo import models
+        tok = models.load_tokenizer(a.model)
+        lines, expected = jobs(a, tok)
+        (out / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (out / "expected.json").write_text(json.dumps(expected))
+        cmd = [sys.executable, "-m", "ringmem.cli", "infer", "--model", a.model,
+               "--jobs", str(out / "jobs.jsonl"), "--output", str(out / "answers.jsonl"),
+               "--max-context", str(a.tokens + 1024), "--haystack-tokens", "128"]
+        if a.nproc is not None:
+            cmd[4:4] = ["--nproc", str(a.nproc)]
+        rc = subprocess.run(cmd).returncode
+        if rc != 0:  # what was answered is kept: the same command resumes
+            raise ValueError(f"ringmem infer stopped (exit {rc}); the answers so far are in "
+                             f"{out / 'answers.jsonl'}: run the same command to resume")
+    expected = json.loads((out / "expected.json").read_text())
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()
+               if x.strip()]
+    rows = scores(answers, expected)
+    (out / "scores.json").write_text(json.dumps(rows, indent=1))
+    print(report(rows, out, f"ringmem eval: {a.model}, {a.tokens} tokens, "
+                            f"{a.samples} samples per task"))
+
+
+if __name__ == "__main__":
+    main()

@@ -97,7 +97,7 @@ def test_every_kind_of_bad_line_is_reported_with_its_line_number(tmp_path: Path)
             7: "document 'missing.txt' not found", 8: "document 'empty.txt' is empty",
             9: "document 'latin1.txt' is not UTF-8 (byte 3)",
             10: "document 'adir' cannot be read", 11: "questions must be a non-empty list",
-            12: "questions[1] must be a non-empty string, got ''",
+            12: "questions[1] must be a non-empty string or an object",
             13: "questions must be a non-empty list of strings, got 'why?'",
             14: "unknown option 'temperature'", 15: "options.max_new_tokens must be int, got '8'",
             16: "options.max_new_tokens must be int, got True",

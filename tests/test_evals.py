@@ -152,14 +152,19 @@ def test_eval_jobs_cover_every_run_and_score_back(tmp_path) -> None:
     lines, expected = jobs(a, _WordTok())
     assert len(lines) == 2 * 2 * (1 + 2 * 2 * 2)
     by_id = {x["id"]: x for x in lines}
-    assert by_id["vt:0:full:full:1.0"]["options"] == {"max_new_tokens": 48}
+    assert by_id["vt:0:full:full:1.0"]["options"] == {"max_new_tokens": 32}  # vt's own
     assert by_id["vt:1:aware:snapkv:0.25"]["options"] == {
-        "max_new_tokens": 48, "eviction": "snapkv", "budget": 0.25, "compress": "question"}
+        "max_new_tokens": 32, "eviction": "snapkv", "budget": 0.25, "compress": "question"}
     assert by_id["vt:1:agnostic:keynorm:0.5"]["options"]["compress"] == "document"
+    assert by_id["niah_multiquery:0:full:full:1.0"]["options"] == {"max_new_tokens": 24}
     kv = parse(["--tasks", "vt", "--tokens", "300", "--samples", "1", "--policies", "kvzip",
-                "--keep", "0.5", "--out", str(tmp_path)])
-    assert [x["id"] for x in jobs(kv, _WordTok())[0]] == [  # kvzip is question-agnostic
-        "vt:0:full:full:1.0", "vt:0:agnostic:kvzip:0.5"]
+                "kvzip@global", "--keep", "0.5", "--max-new-tokens", "7", "--out",
+                str(tmp_path)])
+    kvl = jobs(kv, _WordTok())[0]
+    assert [x["id"] for x in kvl] == [  # kvzip is question-agnostic
+        "vt:0:full:full:1.0", "vt:0:agnostic:kvzip:0.5", "vt:0:agnostic:kvzip@global:0.5"]
+    assert kvl[2]["options"] == {"max_new_tokens": 7, "eviction": "kvzip", "budget": 0.5,
+                                 "compress": "document", "allocation": "global"}
     mq = by_id["niah_multiquery:0:agnostic:snapkv:0.5"]
     assert len(mq["questions"]) == 4 and len(expected[mq["id"]]) == 4
     # the jobs file parses with the run's options, each question with its own prefix
@@ -184,6 +189,17 @@ def test_eval_jobs_cover_every_run_and_score_back(tmp_path) -> None:
     assert "| full | full | 1.0 | 100.0 | 100.0 | 100.0 |" in text
     assert "| aware | keynorm | 0.25 | 100.0 | 0.0 | 50.0 |" in text
     assert (tmp_path / "report.md").read_text() == text
+    # kvpress's answers to the same samples (eval_kvpress.py) score against the same
+    # expected answers; the report sets the best of each against the other at equal keep
+    kvp = [{"id": f"{x['id'].rsplit(':', 3)[0]}:kvpress:snapkv:0.5", "question_index": qi,
+            "answer": "nothing"} for x in lines if ":full:" in x["id"]
+           for qi in range(len(expected[x["id"]]))]
+    kvp[0]["answer"] = " ".join(expected[lines[0]["id"]][0][0])  # vt:0 right
+    rows = scores(answers + kvp + [{"id": "vt:9:kvpress:snapkv:0.5", "question_index": 0,
+                                    "answer": "x"}], expected)  # an unknown sample: skipped
+    text = report(rows, tmp_path, "test")
+    assert "| kvpress | snapkv | 0.5 | 0.0 | 50.0 | 25.0 |" in text
+    assert "| 0.5 | 100.0 | 70.0 (snapkv) | 25.0 (snapkv) | +45.0 |" in text
 
 
 def test_jobs_file_questions_may_carry_their_own_answer_prefix(tmp_path) -> None:
@@ -201,24 +217,60 @@ def test_jobs_file_questions_may_carry_their_own_answer_prefix(tmp_path) -> None
         bad[0].reason
 
 
-def test_split_prompt_gives_each_question_its_prefix() -> None:
-    import torch
+class _Chars:
+    """A tokenizer stand-in: one id per character; `chat` adds a toy chat template."""
 
+    def __init__(self, chat: bool = False) -> None:
+        self.chat_template = "toy" if chat else None
+
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+        import torch
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+    def apply_chat_template(self, turns, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        return f"<user>{turns[0]['content']}</user><bot>"
+
+
+def _text(t) -> str:
+    return "".join(chr(int(c)) for c in t[0])
+
+
+def test_split_prompt_gives_each_question_its_prefix() -> None:
     from ringmem.integrations.hf_questions import split_prompt
 
-    class Chars:  # a base-model tokenizer stand-in: one id per character
-        chat_template = None
-
-        def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
-            return {"input_ids": torch.tensor([[ord(c) for c in text]])}
-
-    def text(t) -> str:
-        return "".join(chr(int(c)) for c in t[0])
-    doc, qs = split_prompt(Chars(), "D", ["a?", "b?"], answer_prefix=["A1", "B2"])
-    assert text(doc) == "D"
-    assert [text(q) for q in qs] == ["\n\nQuestion: a?\nA1", "\n\nQuestion: b?\nB2"]
+    doc, qs = split_prompt(_Chars(), "D", ["a?", "b?", "c?"], prefixes=["A1", None, "C3"])
+    assert _text(doc) == "D"
+    assert [_text(q) for q in qs] == ["\n\nQuestion: a?\nA1", "\n\nQuestion: b?\nAnswer:",
+                                      "\n\nQuestion: c?\nC3"]
     with pytest.raises(ValueError, match="one per question"):
-        split_prompt(Chars(), "D", ["a?", "b?"], answer_prefix=["A1"])
+        split_prompt(_Chars(), "D", ["a?", "b?"], prefixes=["A1"])
+
+
+def test_split_prompt_opens_a_chat_models_answer_with_the_questions_own_prefix() -> None:
+    """RULER's chat prompts: the question in the user's turn, its answer prefix opening the
+    assistant's; without one a chat model gets no prefix (the base models' default is not
+    forced on it)."""
+    from ringmem.integrations.hf_questions import split_prompt
+
+    doc, qs = split_prompt(_Chars(chat=True), "DOC", ["a?", "b?"], prefixes=["The a is", None])
+    assert _text(doc) == "<user>DOC"
+    assert [_text(q) for q in qs] == ["\n\na?</user><bot>The a is", "\n\nb?</user><bot>"]
+
+
+def test_repeat_prompts_resume_from_the_previous_chunks_tail() -> None:
+    """KVzip's prompts: the first chunk's, then RESUME with the previous chunk's last
+    tokens; in the assistant's turn for a chat model, after a newline for a base model."""
+    import torch
+
+    from ringmem.integrations.hf_questions import RESUME, repeat_prompts
+
+    prev = torch.tensor([[ord(c) for c in "abcdefghijk"]])
+    chat, base = repeat_prompts(_Chars(chat=True), tail=3), repeat_prompts(_Chars())
+    assert _text(chat(None)) == "\n\nRepeat the previous context exactly.</user><bot>"
+    assert _text(chat(prev)) == f"\n\n{RESUME}ijk</user><bot>"
+    assert _text(base(None)) == "\n\nRepeat the previous context exactly.\n"
+    assert _text(base(prev)) == f"\n\n{RESUME}defghijk\n"
 
 
 @pytest.mark.slow

@@ -117,10 +117,19 @@ def _hf(rank: int, world: int) -> None:
         list(hf_questions.answer_questions(model, cache, doc, qs, max_new_tokens=3,
                                            eos_token_id=None, compress="document"))
     cache.reset()
+    seen: list = []
+
+    def prompts(prev):  # KVzip's chunking: each chunk after the first sees the one before
+        seen.append(prev)
+        return repeat
     got = list(hf_questions.answer_questions(model, cache, doc, qs, max_new_tokens=3,
                                              eos_token_id=None, compress="document",
-                                             repeat=repeat, chunk_size=8 * world))
+                                             repeat=prompts, chunk_size=8 * world))
     assert [len(a.tokens) for a in got] == [3]
+    step = 8 * world
+    assert seen[0] is None and len(seen) == -(-40 // step)
+    for i, prev in enumerate(seen[1:]):
+        assert torch.equal(prev, doc[:, i * step:(i + 1) * step])
     recs = [r for r in cache.kv.eviction.records if r.seq == 0]
     assert recs and all(r.kept_per_head == [10, 10] for r in recs)  # 0.25 of 40 tokens
     assert cache.kv.next_position(0) == 40 + 4 + 3  # the scratch row's repeat left no trace

@@ -9,13 +9,17 @@
      copy of the document compressed (SnapKV's observation window sees the question);
    * "agnostic" (question-agnostic, `compress="document"`): the document is compressed
      while it is prefilled, before any question, and every question reads that one copy.
-   `keep` is the share of the document each (layer, KV head) keeps (`budget`).
+   `keep` is the share of the document each (layer, KV head) keeps (`budget`). A policy
+   "NAME@ALLOCATION" also sets `allocation` (e.g. "snapkv@adaptive", "kvzip@global").
 2. `ringmem infer --jobs DIR/jobs.jsonl --output DIR/answers.jsonl`: sharded over the
    ranks, a progress bar, resumable (answers already in the output are not asked again).
 3. Scores: every answer scored as RULER scores (`scoring.score`) into DIR/scores.json,
    and DIR/report.md: mean accuracy per task x setting x policy x keep, and headline
    averages over the tasks the full cache scores >= 50% on (named), with DIR/accuracy.png
    (accuracy against keep, one panel per task) when matplotlib is installed.
+4. kvpress beside it (`benchmarks/eval_kvpress.py`, its own environment): its answers to
+   the same samples, DIR/answers_kvpress.jsonl, are scored into the same table (setting
+   "kvpress"), and the report compares the best of each at equal keep.
 """
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ from .scoring import headline, score, task_means
 from .tasks import HAYSTACKS, NEEDLES, TASKS, generate
 
 SETTINGS = ("aware", "agnostic")
+ANSWER_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multiquery": 24,
+                 "niah_multivalue": 64, "vt": 32, "cwe": 64, "fwe": 32, "qa": 16}
+"""Tokens generated per answer by task (RULER's tokens_to_generate, for our shorter
+answers: a chat model's preamble and the values; uuids twice a niah task's)."""
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -45,10 +53,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="eviction scorers (ringmem infer --eviction)")
     p.add_argument("--keep", type=float, nargs="*", default=[0.1, 0.25, 0.5])
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=SETTINGS)
-    p.add_argument("--max-new-tokens", type=int, default=48, dest="max_new_tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None, dest="max_new_tokens",
+                   help="tokens per answer (default: per task, ANSWER_TOKENS)")
     p.add_argument("--nproc", type=int, default=None)
     p.add_argument("--out", required=True, help="directory for jobs, answers and report")
-    p.add_argument("--report-only", action="store_true", help="score DIR/answers.jsonl only")
+    p.add_argument("--report-only", action="store_true",
+                   help="score DIR's answers only (samples 0..--samples-1)")
     a = p.parse_args(argv)
     for k in a.keep:
         if not 0.0 < k <= 1.0:
@@ -64,16 +74,22 @@ def jobs(a: argparse.Namespace, tok: Any) -> tuple[list[dict], dict[str, list]]:
     lines, expected = [], {}
     # kvzip scores the document by repeating it, before any question: agnostic only
     runs = [("full", "full", 1.0)] + [(s, p, k) for s in a.settings for p in a.policies
-                                      for k in a.keep if s == "agnostic" or p != "kvzip"]
+                                      for k in a.keep
+                                      if s == "agnostic" or not p.startswith("kvzip")]
     for name in a.tasks:
         for smp in generate(name, tok, tokens=a.tokens, samples=a.samples, seed=a.seed,
                             needle=a.needle, haystack=a.haystack):
             for setting, policy, keep in runs:
                 jid = f"{name}:{smp.index}:{setting}:{policy}:{keep}"
-                opts: dict[str, Any] = {"max_new_tokens": a.max_new_tokens}
+                opts: dict[str, Any] = {"max_new_tokens": a.max_new_tokens or
+                                        ANSWER_TOKENS[name] * (1 + (a.needle == "uuids"
+                                                                    and "niah" in name))}
                 if policy != "full":
-                    opts |= {"eviction": policy, "budget": keep,
+                    scorer, _, alloc = policy.partition("@")
+                    opts |= {"eviction": scorer, "budget": keep,
                              "compress": "question" if setting == "aware" else "document"}
+                    if alloc:
+                        opts["allocation"] = alloc
                 lines.append({"id": jid, "text": smp.context, "options": opts,
                               "questions": [{"question": q.question,
                                              "answer_prefix": q.answer_prefix}
@@ -85,11 +101,13 @@ def jobs(a: argparse.Namespace, tok: Any) -> tuple[list[dict], dict[str, list]]:
 def scores(answers: list[dict], expected: dict[str, list]) -> list[dict]:
     """One row per answered question: task, sample, setting, policy, keep, output, score."""
     rows = []
+    by_sample = {tuple(j.split(":")[:2]): want for j, want in expected.items()}
     for r in answers:
-        want = expected.get(r.get("id"))
+        parts = str(r.get("id")).split(":")
+        want = by_sample.get(tuple(parts[:2])) if len(parts) == 5 else None
         if want is None or "error" in r:  # another run's line, or a job that failed
             continue
-        task, index, setting, policy, keep = r["id"].split(":")
+        task, index, setting, policy, keep = parts
         refs, metric = want[r["question_index"]]
         rows.append({"task": task, "sample": int(index), "setting": setting,
                      "policy": policy, "keep": float(keep), "output": r["answer"],
@@ -114,11 +132,33 @@ def report(rows: list[dict], out: Path, title: str) -> str:
         lines.append(f"| {' | '.join(run)} | {' | '.join(cells)} | "
                      f"{'-' if h is None else f'{h:.1f}'} |")
     lines += ["", f"Headline: the mean over the tasks the full cache scores >= 50% on: "
-              f"{', '.join(kept) or 'none'}."]
+              f"{', '.join(kept) or 'none'}."] + _versus(heads, full, kept)
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     _plot(means, tasks, out / "accuracy.png")
     return text
+
+
+def _versus(heads: dict, full: dict, kept: list[str]) -> list[str]:
+    """The targets: the best question-agnostic policy against the full cache, and against
+    the best kvpress press, at each keep (headline means)."""
+    if not kept or not any(k[0] in ("agnostic", "kvpress") for k in heads):
+        return []
+    base = sum(full[t] for t in kept) / len(kept)
+    best: dict[tuple[str, str], tuple[float, str]] = {}
+    for (setting, policy, keep), h in heads.items():
+        if setting in ("agnostic", "kvpress"):
+            cur = best.get((setting, keep))
+            if cur is None or h > cur[0]:
+                best[(setting, keep)] = (h, policy)
+    lines = ["", "| keep | full | best ringmem agnostic | best kvpress | ringmem - kvpress |",
+             "|---|---|---|---|---|"]
+    for keep in sorted({k for _, k in best}, key=float):
+        r, v = best.get(("agnostic", keep)), best.get(("kvpress", keep))
+        cells = [f"{x[0]:.1f} ({x[1]})" if x else "-" for x in (r, v)]
+        diff = f"{r[0] - v[0]:+.1f}" if r and v else "-"
+        lines.append(f"| {keep} | {base:.1f} | {cells[0]} | {cells[1]} | {diff} |")
+    return lines
 
 
 def _plot(means: dict, tasks: list[str], path: Path) -> None:
@@ -155,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         tok = models.load_tokenizer(a.model)
         lines, expected = jobs(a, tok)
         (out / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        (out / "expected.json").write_text(json.dumps(expected))
+        old = out / "expected.json"  # an earlier run's samples in DIR are scored too
+        expected = (json.loads(old.read_text()) if old.exists() else {}) | expected
+        old.write_text(json.dumps(expected))
         cmd = [sys.executable, "-m", "ringmem.cli", "infer", "--model", a.model,
                "--jobs", str(out / "jobs.jsonl"), "--output", str(out / "answers.jsonl"),
                "--max-context", str(a.tokens + 1024), "--haystack-tokens", "128"]
@@ -166,9 +208,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"ringmem infer stopped (exit {rc}); the answers so far are in "
                              f"{out / 'answers.jsonl'}: run the same command to resume")
     expected = json.loads((out / "expected.json").read_text())
-    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()
-               if x.strip()]
-    rows = scores(answers, expected)
+    answers = [json.loads(x) for name in ("answers.jsonl", "answers_kvpress.jsonl")
+               if (out / name).exists()
+               for x in (out / name).read_text().splitlines() if x.strip()]
+    rows = [r for r in scores(answers, expected) if r["sample"] < a.samples]
     (out / "scores.json").write_text(json.dumps(rows, indent=1))
     print(report(rows, out, f"ringmem eval: {a.model}, {a.tokens} tokens, "
                             f"{a.samples} samples per task"))

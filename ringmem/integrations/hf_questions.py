@@ -20,7 +20,7 @@ Eviction of the shared document, two ways (`compress`):
 Prompts (`split_prompt`): a model with a chat template gets the document and question in
 one user turn, cut where the document ends; a base model (no template) gets a completion
 prompt, the document, then "Question: ...\\nAnswer:" (`answer_prefix`), as RULER prompts
-base models.
+base models. A question's own answer prefix opens the answer of either kind.
 """
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ from .hf_vocab import greedy, split_head
 
 COMPRESS = ("document", "question")
 REPEAT = "\n\nRepeat the previous context exactly.\n"
-"""The prompt before the document's repeat in `reconstruct`."""
+"""A plain prompt before the document's repeat in `reconstruct` (`repeat_prompts` builds
+KVzip's, per chunk, in the model's chat turn)."""
+RESUME = "Repeat the part of the previous context exactly, starting with"
+"""KVzip's prompt before a later chunk's repeat, followed by the previous chunk's tail."""
 
 
 class Answer(NamedTuple):
@@ -77,36 +80,69 @@ def _packs(lens: list[int], chunk_size: int | None) -> list[list[int]]:
 
 
 def split_prompt(tok: Any, document: str, questions: list[str], *,
-                 answer_prefix: str | list[str] = "Answer:") -> tuple[Tensor, list[Tensor]]:
+                 answer_prefix: str = "Answer:",
+                 prefixes: list[str | None] | None = None) -> tuple[Tensor, list[Tensor]]:
     """(document ids [1, S], each question's ids [1, Q_i]) such that the document's ids then
     a question's are that question's prompt: a chat turn cut where the document ends (models
     with a chat template), or the completion "<document>\n\nQuestion: <question>\n
-    <answer_prefix>" (base models; a list: each question's own). The document is tokenized
-    once."""
+    <answer_prefix>" (base models). `prefixes`: each question's own answer prefix (None:
+    the default), which opens the assistant's turn of a chat model as it does a base
+    model's answer (as RULER prompts both); by default a chat model gets none, a base
+    model `answer_prefix`. The document is tokenized once."""
     def ids(text: str, special: bool = False) -> Tensor:
         return tok(text, add_special_tokens=special, return_tensors="pt")["input_ids"]
+    own = [None] * len(questions) if prefixes is None else list(prefixes)
+    if len(own) != len(questions):
+        raise ValueError(f"prefixes must give one per question ({len(questions)}), "
+                         f"got {len(own)}")
     if getattr(tok, "chat_template", None):
         texts = [tok.apply_chat_template([{"role": "user", "content": f"{document}\n\n{q}"}],
-                                         add_generation_prompt=True, tokenize=False)
-                 for q in questions]
+                                         add_generation_prompt=True, tokenize=False) + (p or "")
+                 for q, p in zip(questions, own)]
         cut = texts[0].index(document) + len(document)  # the template's text before it
         return ids(texts[0][:cut]), [ids(t[cut:]) for t in texts]
     # the BOS token, if any, opens the document
-    pre = [answer_prefix] * len(questions) if isinstance(answer_prefix, str) else answer_prefix
-    if len(pre) != len(questions):
-        raise ValueError(f"answer_prefix must be a str or one per question ({len(questions)}), "
-                         f"got {len(pre)}")
+    pre = [answer_prefix if p is None else p for p in own]
     return ids(document, True), [ids(f"\n\nQuestion: {q}\n{p}") for q, p in zip(questions, pre)]
 
 
+def repeat_prompts(tok: Any, tail: int = 8) -> Callable[[Tensor | None], Tensor]:
+    """KVzip's repeat prompts, for `reconstruct`: given the previous chunk's ids (None
+    before the first chunk), the ids [1, R] that precede a chunk's repeat. The first chunk
+    gets "Repeat the previous context exactly.", a later one `RESUME` and the previous
+    chunk's last `tail` tokens, so the model resumes where it stopped; a chat model reads
+    the prompt as its user's turn and repeats in its own turn, a base model after a
+    newline."""
+    def ids(text: str) -> Tensor:
+        return tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if getattr(tok, "chat_template", None):  # the template's text after a user's turn
+        mark = "\x00" * 4
+        turn = tok.apply_chat_template([{"role": "user", "content": "x" + mark}],
+                                       add_generation_prompt=True, tokenize=False)
+        after = ids(turn.split(mark, 1)[1])
+    else:
+        after = ids("\n")
+    first = ids("\n\nRepeat the previous context exactly.")
+    resume = ids("\n\n" + RESUME)
+
+    def prompt(prev: Tensor | None) -> Tensor:
+        if prev is None:
+            return torch.cat([first, after], 1)
+        return torch.cat([resume, prev[:, -tail:].cpu(), after], 1)
+    return prompt
+
+
 @torch.no_grad()
-def reconstruct(model: Any, cache: RingmemCache, document: Tensor, repeat: Tensor, *,
+def reconstruct(model: Any, cache: RingmemCache, document: Tensor,
+                repeat: Tensor | Callable[[Tensor | None], Tensor], *,
                 seq: int = 0, scratch: int = 1, chunk_size: int | None = None) -> None:
     """Score the document cached in `seq` by context reconstruction (the KVzip-style
     `ContextReconstruction` scorer, `eviction.reconstruct`): chunk by chunk, `seq` is
-    forked into the empty `scratch`, the repeat prompt `repeat` [1, R] and the chunk of
-    `document` [1, S] are prefilled there (attending to the cached document), and
-    `scratch` is reset. Then `cache.kv.compress(seq=seq)` keeps the best. Collective."""
+    forked into the empty `scratch`, a repeat prompt and the chunk of `document` [1, S]
+    are prefilled there (attending to the cached document), and `scratch` is reset. Then
+    `cache.kv.compress(seq=seq)` keeps the best. `repeat`: the prompt's ids [1, R] before
+    every chunk, or a function of the previous chunk's ids (None for the first) giving
+    them (`repeat_prompts`). Collective."""
     kv = cache.kv
     co = kv.eviction
     if co is None:
@@ -118,7 +154,9 @@ def reconstruct(model: Any, cache: RingmemCache, document: Tensor, repeat: Tenso
     try:
         for start in range(0, total, step):
             kv.fork(seq, [scratch])
-            ids = torch.cat([repeat.to(document.device), document[:, start:start + step]], 1)
+            pre = (repeat(document[:, max(0, start - step):start] if start else None)
+                   if callable(repeat) else repeat)
+            ids = torch.cat([pre.to(document.device), document[:, start:start + step]], 1)
             prefill(model, ids, cache, seq=scratch, logits=False)
             kv.reset(scratch)
         co.recon.end()
@@ -134,7 +172,8 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
                      progress: Callable[[int], None] | None = None,
                      keep_logits: bool = False,
                      stop_token_ids: Collection[int] = (),
-                     repeat: Tensor | None = None) -> Iterator[Answer]:
+                     repeat: Tensor | Callable[[Tensor | None], Tensor] | None = None
+                     ) -> Iterator[Answer]:
     """Answer every question [1, Q_i] about `document` [1, S] (see the module doc); yields
     each `Answer` as its row finishes. Every rank calls it alike. The cache must hold
     max_seqs >= len(questions) sequences, empty, unless `prefilled` (the document is
@@ -144,7 +183,7 @@ def answer_questions(model: Any, cache: RingmemCache, document: Tensor,
     then runs whole on every rank, else each rank computes its slice of the vocabulary,
     `hf_vocab`). `stop_token_ids`: a row also ends after one of these, kept in its tokens,
     unless it is the row's first (e.g. the tokens holding a newline: one-line answers).
-    `repeat`: the repeat prompt's ids, for a scorer that reconstructs the context (with
+    `repeat`: the repeat prompt (`reconstruct`), for a scorer that reconstructs the context (with
     compress="document", `reconstruct` scores the document before it is compressed)."""
     kv = cache.kv
     n, rows = len(questions) if isinstance(questions, list) else -1, kv.config.max_seqs

@@ -48,11 +48,11 @@ def prompt_ids(cfg: InferConfig, tok: Any, text: str, questions: list[str],
                prefixes: list[str | None] | None = None
                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(document ids [1, S], question ids [1, Q_i]), checked against max_context;
-    `prefixes`: each question's own answer prefix (None: the config's)."""
+    `prefixes`: each question's own answer prefix (None: the config's for a base model,
+    none for a chat model)."""
     from ..integrations.hf_questions import split_prompt
-    pre = ([cfg.answer_prefix if p is None else p for p in prefixes] if prefixes
-           else cfg.answer_prefix)
-    doc, qs = split_prompt(tok, text, questions, answer_prefix=pre)
+    doc, qs = split_prompt(tok, text, questions, answer_prefix=cfg.answer_prefix,
+                           prefixes=prefixes or None)
     longest = max(q.shape[1] for q in qs)
     if longest > QUESTION_TOKENS:
         raise ValueError(f"a question is {longest} tokens with its prompt, more than "
@@ -189,11 +189,9 @@ class Documents:
                          progress=progress, logits=False)
         if kv.eviction is not None and cfg.compress == "document":
             if _reconstructs(kv.eviction.policy.scorer):  # scored by repeating the document
-                from ..integrations.hf_questions import REPEAT, reconstruct
-                repeat = self.tok(REPEAT, add_special_tokens=False,
-                                  return_tensors="pt")["input_ids"].to(self.device)
-                reconstruct(self.model, cache, doc.to(self.device), repeat, scratch=1,
-                            chunk_size=self.chunk)
+                from ..integrations.hf_questions import reconstruct, repeat_prompts
+                reconstruct(self.model, cache, doc.to(self.device), repeat_prompts(self.tok),
+                            scratch=1, chunk_size=self.chunk)
             kv.compress(seq=0)
         if self.store is not None:
             save_entry(self.store, key, kv, model_id=cfg.model,

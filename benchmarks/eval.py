@@ -1,0 +1,121 @@
+"""Accuracy of KV compression on RULER-style tasks: `ringmem eval`, and kvpress on the same
+samples, into benchmarks/results/eval_<preset>.md (+ .png, + _scores.json).
+
+    python benchmarks/eval.py --preset smollm2-4k \\
+        [--kvpress-python .venv-kvpress/bin/python] [--work DIR]
+
+Phases, each resumable (run the same command again: answered questions are kept in
+DIR/answers*.jsonl and not asked again):
+1. the full cache on every task;
+2. ringmem's policies at each keep, question-agnostic, on the tasks the full cache scores
+   at least 50% on (the headline tasks: a small model fails the others whatever its cache
+   holds; they are reported with the full cache alone);
+3. kvpress's presses at the same keeps on the same samples (`eval_kvpress.py`, in the
+   kvpress environment given by --kvpress-python; skipped without it, and said so);
+   then ringmem's question-aware setting;
+4. the report: `ringmem eval --report-only`'s tables under a header naming the machine,
+   versions, commit, date, the preset and each phase's wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import git_commit, machine
+
+PRESETS: dict[str, dict] = {
+    "smollm2-4k": {"model": "smollm2-135m", "tokens": 4096, "samples": 2,
+                   "keep": [0.1, 0.25, 0.5],
+                   "aware": ["snapkv"], "agnostic": ["snapkv", "keynorm", "expected", "kvzip"],
+                   "presses": ["snapkv", "expected", "knorm", "kvzip"]},
+    "gemma3-16k": {"model": "gemma3-270m", "tokens": 16384, "samples": 2,
+                   "keep": [0.25, 0.5],
+                   "aware": ["snapkv"], "agnostic": ["snapkv", "keynorm", "kvzip"],
+                   "presses": ["snapkv", "expected", "knorm"]},
+}
+ROOT = Path(__file__).resolve().parent
+
+
+def run(cmd: list[str]) -> float:
+    """Run a phase; its wall seconds (a failed phase stops the benchmark: rerun resumes)."""
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"{cmd[0]} ... failed: rerun the same command to resume")
+    return time.perf_counter() - t0
+
+
+def headline_tasks(work: Path) -> list[str]:
+    rows = json.loads((work / "scores.json").read_text())
+    full: dict[str, list[float]] = {}
+    for r in rows:
+        if r["setting"] == "full":
+            full.setdefault(r["task"], []).append(r["score"])
+    return sorted(t for t, v in full.items() if 100 * sum(v) / len(v) >= 50)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--kvpress-python", dest="kvpress", default=None,
+                   help="the python of a virtual environment with kvpress 0.5.5")
+    p.add_argument("--work", default=None, help="working directory (default: a folder "
+                   "under ~/.cache/ringmem/eval: the jobs hold every context, too big to keep)")
+    a = p.parse_args()
+    pre = PRESETS[a.preset]
+    work = Path(a.work or Path.home() / ".cache" / "ringmem" / "eval" / a.preset)
+    work.mkdir(parents=True, exist_ok=True)
+    ev = [sys.executable, "-m", "ringmem.cli", "eval", "--model", pre["model"],
+          "--tokens", str(pre["tokens"]), "--out", str(work)]
+    walls = {"full cache": run(ev + ["--samples", str(pre["samples"]), "--policies"])}
+    tasks = headline_tasks(work)
+    keep = [str(k) for k in pre["keep"]]
+    part = ev + ["--samples", str(pre["samples"]), "--keep", *keep, "--tasks", *tasks]
+    # the agnostic setting and kvpress (the targets) first, the aware setting last
+    if tasks:
+        walls["ringmem, agnostic"] = run(part + ["--settings", "agnostic",
+                                                 "--policies", *pre["agnostic"]])
+    if a.kvpress and tasks:  # reads DIR/jobs.jsonl: the headline tasks' samples
+        from ringmem.demo.models import model_path
+        walls["kvpress"] = run([a.kvpress, str(ROOT / "eval_kvpress.py"), "--out", str(work),
+                                "--model-dir", str(model_path(pre["model"])),
+                                "--presses", *pre["presses"], "--keep", *keep])
+    if tasks:
+        walls["ringmem, aware"] = run(part + ["--settings", "aware",
+                                              "--policies", *pre["aware"]])
+    body = subprocess.run(ev + ["--report-only", "--samples", str(pre["samples"])],
+                          capture_output=True, text=True, check=True).stdout
+    import torch
+    import transformers
+    kvp = (subprocess.run([a.kvpress, "-c", "import kvpress, transformers; print("
+                           "kvpress.__version__ if hasattr(kvpress, '__version__') else "
+                           "'0.5.5', transformers.__version__)"], capture_output=True,
+                          text=True).stdout.split() if a.kvpress else [])
+    head = [f"# eval {a.preset}: {pre['model']}, {pre['tokens']} tokens", "",
+            f"- date: {datetime.date.today()}, commit {git_commit()}",
+            f"- machine: {machine()}",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}; "
+            + (f"kvpress {kvp[0]} with transformers {kvp[1]} (its own environment)"
+               if len(kvp) == 2 else "kvpress: not run (no --kvpress-python)"),
+            f"- preset: {json.dumps(pre)}",
+            f"- headline tasks (full cache >= 50%): {', '.join(tasks) or 'none'}: compressed "
+            f"runs on those; the full cache on every task; samples 0..{pre['samples'] - 1}",
+            "- wall time per phase (s): " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
+            "- 2 gloo ranks for ringmem (float32); kvpress one process, float32, greedy.", ""]
+    out = ROOT / "results" / f"eval_{a.preset}"
+    text = "\n".join(head) + "\n" + body.split("\n", 1)[1]
+    out.with_suffix(".md").write_text(text)
+    if (work / "accuracy.png").exists():
+        shutil.copy(work / "accuracy.png", out.with_suffix(".png"))
+    shutil.copy(work / "scores.json", str(out) + "_scores.json")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 
 from .base import Backend
+from .cpu_backend import CpuBackend
 from .flash_attn_backend import FlashAttnBackend
 from .sdpa import SdpaBackend
 from .torch_ref import TorchBackend
 from .triton_backend import TritonBackend
 
 _REGISTRY: dict[str, Backend] = {"sdpa": SdpaBackend(), "torch": TorchBackend(),
-                                 "triton": TritonBackend(), "flash_attn": FlashAttnBackend()}
+                                 "triton": TritonBackend(), "flash_attn": FlashAttnBackend(),
+                                 "cpu": CpuBackend()}
 # "auto" takes the first that supports the inputs: fused GPU kernels first; on CPU the
 # fused op before the reference (the Triton interpreter is for tests, never chosen)
 _AUTO_ORDER = {"cuda": ("flash_attn", "triton", "sdpa", "torch"), "cpu": ("sdpa", "torch")}

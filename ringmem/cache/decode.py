@@ -160,12 +160,15 @@ def local_partial(cache: ShardedKVCache, layer: int, seq: int, q: Tensor, scale:
     """q [Hq, D] against this rank's hot pages of (layer, seq)."""
     store = cache.stores[layer]
     runs = store.runs(seq)
-    # per-key scores, per-head tokens, capped scores: the torch pass has them all
+    # per-key scores, per-head tokens, capped scores: the torch pass and the CPU kernel
+    # have them all
     if logits is not None or not store.uniform(seq) or softcap:
-        torch_be = get_backend("torch", q.device, q.dtype, q.shape[-1])
+        dec = cache.decoder
+        if dec.name not in ("torch", "cpu"):
+            dec = get_backend("torch", q.device, q.dtype, q.shape[-1])
         hr = None if store.uniform(seq) else store.head_runs(seq)
-        return torch_be.decode(q, store.k, store.v, runs, scale, head_runs=hr, logits=logits,
-                               softcap=softcap)
+        return dec.decode(q, store.k, store.v, runs, scale,  # type: ignore[call-arg]
+                          head_runs=hr, logits=logits, softcap=softcap)
     return cache.decoder.decode(q, store.k, store.v, runs, scale)
 
 

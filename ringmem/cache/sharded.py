@@ -384,12 +384,13 @@ def _check_parts(config: object, eviction: object, tiers: object) -> None:
 def _decoder(c: CacheConfig, device: torch.device) -> Backend:
     """The backend of decode's local pass. "paged" (the default) reads the pages in place:
     Triton's run-list kernel on CUDA (one launch per sequence, whatever the page layout),
-    else the torch backend's pass."""
+    the compiled kernel on CPU (`backends/cpu_backend.py`, which falls back to the torch
+    pass itself where it cannot be built), else the torch backend's pass."""
     if c.decode_backend != "paged":
         return get_backend(c.decode_backend, device, c.dtype, c.head_dim)
-    if device.type == "cuda":
+    for name in {"cuda": ("triton",), "cpu": ("cpu",)}.get(device.type, ()):
         try:
-            return get_backend("triton", device, c.dtype, c.head_dim)
+            return get_backend(name, device, c.dtype, c.head_dim)
         except ValueError:  # no triton, or a dtype / head dim its kernels do not take
             pass
     return get_backend("torch", device, c.dtype, c.head_dim)

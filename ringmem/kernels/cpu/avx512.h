@@ -1,0 +1,167 @@
+// The AVX-512 and AVX-512 BF16 paths of the CPU decode kernel (decode.cpp), x86-64 only.
+#pragma once
+#include "common.h"
+
+namespace ringmem_cpu {
+// ---------------------------------------------------------------- AVX-512 (+ BF16)
+#define RM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c")))
+#define RM_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c")))
+
+RM_AVX512 inline __m512 load16(const void* base, int64_t i, Elt e) {
+  if (e == Elt::F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  const __m256i h = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+  if (e == Elt::F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+RM_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// lane u of the result = the sum of a[u]'s lanes: 16 keys' dot products reduced together
+// (45 shuffles and adds for 16 keys instead of a horizontal sum per key)
+RM_AVX512 inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88),
+                       _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+RM_AVX512 void scores_avx512(const Args& a, const Tile& t, Elt e, float* s) {
+  const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
+  const int64_t base = (t.head * a.n) * D;
+  int64_t j0 = 0;
+  for (; j0 + 16 <= T; j0 += 16) {  // 16 keys per row at once: 16 independent chains
+    const int64_t kj = base + (t.lo + j0) * D;
+    for (int64_t r = 0; r < G; ++r) {
+      const float* qr = a.q + (t.head * G + r) * D;
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 16) {
+        const __m512 qv = _mm512_loadu_ps(qr + c);
+        for (int u = 0; u < 16; ++u)
+          acc[u] = _mm512_fmadd_ps(qv, load16(a.k, kj + u * D + c, e), acc[u]);
+      }
+      _mm512_storeu_ps(s + r * T + j0, reduce16(acc));
+    }
+  }
+  for (int64_t j = j0; j < T; ++j) {
+    const int64_t kj = base + (t.lo + j) * D;
+    for (int64_t r = 0; r < G; ++r) {
+      const float* qr = a.q + (t.head * G + r) * D;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c), load16(a.k, kj + c, e), acc);
+      s[r * T + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  cap_scores(s, G * T, a.softcap);
+}
+
+// bf16 keys: 32 products per instruction, the query rounded to bf16 as the torch path does
+RM_AVX512BF16 void scores_avx512bf16(const Args& a, const Tile& t, float* s) {
+  const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
+  const uint16_t* kb = static_cast<const uint16_t*>(a.k) + (t.head * a.n) * D;
+  int64_t j0 = 0;
+  for (; j0 + 16 <= T; j0 += 16) {
+    const uint16_t* kj = kb + (t.lo + j0) * D;
+    for (int64_t r = 0; r < G; ++r) {
+      const uint16_t* qr = a.qb + (t.head * G + r) * D;
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 32) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + c);
+        for (int u = 0; u < 16; ++u)
+          acc[u] = _mm512_dpbf16_ps(acc[u], qv, (__m512bh)_mm512_loadu_si512(kj + u * D + c));
+      }
+      _mm512_storeu_ps(s + r * T + j0, reduce16(acc));
+    }
+  }
+  for (int64_t j = j0; j < T; ++j) {
+    const uint16_t* kj = kb + (t.lo + j) * D;
+    for (int64_t r = 0; r < G; ++r) {
+      const uint16_t* qr = a.qb + (t.head * G + r) * D;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qr + c),
+                               (__m512bh)_mm512_loadu_si512(kj + c));
+      s[r * T + j] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  cap_scores(s, G * T, a.softcap);
+}
+
+RM_AVX512 void softmax_avx512(float* s, int64_t g, int64_t t, float* m, float* l) {
+  for (int64_t r = 0; r < g; ++r) {
+    float* row = s + r * t;
+    __m512 vmx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t j = 0;
+    for (; j + 16 <= t; j += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(row + j));
+    float mx = _mm512_reduce_max_ps(vmx);
+    for (int64_t i = j; i < t; ++i) mx = std::max(mx, row[i]);
+    const __m512 vm = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= t; j += 16) {
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm));
+      _mm512_storeu_ps(row + j, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    float tail = 0.f;
+    for (; j < t; ++j) {
+      row[j] = std::exp(row[j] - mx);
+      tail += row[j];
+    }
+    m[r] = mx;
+    l[r] = _mm512_reduce_add_ps(sum) + tail;
+  }
+}
+
+RM_AVX512 void pv_avx512(const Args& a, const Tile& t, Elt e, const float* p, float* acc) {
+  const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
+  const int64_t base = (t.head * a.n) * D;
+  for (int64_t r0 = 0; r0 < G; r0 += 4) {  // 4 rows x 64 columns of accumulators
+    const int64_t rows = std::min<int64_t>(4, G - r0);
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+      const int64_t w = std::min<int64_t>(64, D - c0) / 16;
+      __m512 ac[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) ac[r][c] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < T; ++j) {
+        const int64_t vj = base + (t.lo + j) * D + c0;
+        __m512 vv[4];
+        for (int c = 0; c < w; ++c) vv[c] = load16(a.v, vj + 16 * c, e);
+        for (int r = 0; r < rows; ++r) {
+          const __m512 pj = _mm512_set1_ps(p[(r0 + r) * T + j]);
+          for (int c = 0; c < w; ++c) ac[r][c] = _mm512_fmadd_ps(pj, vv[c], ac[r][c]);
+        }
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < w; ++c)
+          _mm512_storeu_ps(acc + (r0 + r) * D + c0 + 16 * c, ac[r][c]);
+    }
+  }
+}
+}  // namespace ringmem_cpu

@@ -78,12 +78,22 @@ class CpuBackend(Backend):
                 or not bool(torch.isfinite(q).all())):  # NaN rows: the torch path's rule
             return attend(q, k, v, scale, runs=runs, head_runs=head_runs, logits=logits,
                           softcap=softcap)
-        hkv = k.shape[0]
+        hkv, n = k.shape[0], k.shape[1]
         per_head = head_runs if head_runs is not None else [runs] * hkv
         counts = [len(r) for r in per_head]
-        flat = [b for r in per_head for run in r for b in run]
-        bounds = torch.tensor(flat, dtype=torch.long).reshape(-1, 2)
+        bounds = torch.tensor([[h * n + lo, h * n + hi] for h, r in enumerate(per_head)
+                               for lo, hi in r], dtype=torch.long).reshape(-1, 2)
         offsets = torch.tensor([0] + counts, dtype=torch.long).cumsum(0)
+        return self.rows(ext, q, k, v, bounds, offsets, scale, logits, softcap)
+
+    @staticmethod
+    def rows(ext: Any, q: Tensor, k: Tensor, v: Tensor, bounds: Tensor, offsets: Tensor,
+             scale: float, logits: list[Tensor] | None = None, softcap: float = 0.0
+             ) -> Partial:
+        """The kernel over pools read as [R, D] rows: KV head h reads the row runs
+        bounds[offsets[h]:offsets[h + 1]] (absolute rows: any pool layout, e.g. a host
+        tier's [S, Hkv, P, D] segment)."""
+        hkv = offsets.numel() - 1
         qs = (q.float() * scale).contiguous()
         res = ext.decode(qs, k, v, bounds, offsets, float(softcap), logits is not None, TILE, 3)
         if logits is not None:

@@ -39,8 +39,9 @@ def load(verbose: bool = False) -> Any | None:
                                   build_directory=str(where), extra_cflags=list(FLAGS),
                                   extra_ldflags=["-fopenmp"], verbose=verbose)
     except Exception as exc:  # no compiler / ninja, or a failed build: the torch path
-        reason = str(exc).strip().splitlines()
+        lines = str(exc).strip().splitlines()
+        why = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else "")
         logging.getLogger("ringmem").warning(
             "ringmem: the compiled CPU decode kernel is unavailable (%s); decode uses the "
-            "torch path", reason[-1] if reason else type(exc).__name__)
+            "torch path", why.strip() or type(exc).__name__)
         return None

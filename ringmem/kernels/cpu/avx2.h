@@ -41,7 +41,7 @@ RM_AVX2 inline __m256 exp8(__m256 x) {
 
 RM_AVX2 void scores_avx2(const Args& a, const Tile& t, Elt e, float* s) {
   const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
-  const int64_t base = (t.head * a.n) * D;
+  const int64_t base = 0;  // runs are absolute rows of the [R, D] pools
   for (int64_t j = 0; j < T; ++j) {
     const int64_t kj = base + (t.lo + j) * D;
     for (int64_t r = 0; r < G; ++r) {
@@ -80,7 +80,7 @@ RM_AVX2 void softmax_avx2(float* s, int64_t g, int64_t t, float* m, float* l) {
 
 RM_AVX2 void pv_avx2(const Args& a, const Tile& t, Elt e, const float* p, float* acc) {
   const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
-  const int64_t base = (t.head * a.n) * D;
+  const int64_t base = 0;  // runs are absolute rows of the [R, D] pools
   for (int64_t r0 = 0; r0 < G; r0 += 4) {  // 4 rows x 32 columns of accumulators
     const int64_t rows = std::min<int64_t>(4, G - r0);
     for (int64_t c0 = 0; c0 < D; c0 += 32) {

@@ -52,7 +52,7 @@ RM_AVX512 inline __m512 reduce16(const __m512* a) {
 
 RM_AVX512 void scores_avx512(const Args& a, const Tile& t, Elt e, float* s) {
   const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
-  const int64_t base = (t.head * a.n) * D;
+  const int64_t base = 0;  // runs are absolute rows of the [R, D] pools
   int64_t j0 = 0;
   for (; j0 + 16 <= T; j0 += 16) {  // 16 keys per row at once: 16 independent chains
     const int64_t kj = base + (t.lo + j0) * D;
@@ -84,7 +84,7 @@ RM_AVX512 void scores_avx512(const Args& a, const Tile& t, Elt e, float* s) {
 // bf16 keys: 32 products per instruction, the query rounded to bf16 as the torch path does
 RM_AVX512BF16 void scores_avx512bf16(const Args& a, const Tile& t, float* s) {
   const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
-  const uint16_t* kb = static_cast<const uint16_t*>(a.k) + (t.head * a.n) * D;
+  const uint16_t* kb = static_cast<const uint16_t*>(a.k);  // absolute rows
   int64_t j0 = 0;
   for (; j0 + 16 <= T; j0 += 16) {
     const uint16_t* kj = kb + (t.lo + j0) * D;
@@ -141,7 +141,7 @@ RM_AVX512 void softmax_avx512(float* s, int64_t g, int64_t t, float* m, float* l
 
 RM_AVX512 void pv_avx512(const Args& a, const Tile& t, Elt e, const float* p, float* acc) {
   const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
-  const int64_t base = (t.head * a.n) * D;
+  const int64_t base = 0;  // runs are absolute rows of the [R, D] pools
   for (int64_t r0 = 0; r0 < G; r0 += 4) {  // 4 rows x 64 columns of accumulators
     const int64_t rows = std::min<int64_t>(4, G - r0);
     for (int64_t c0 = 0; c0 < D; c0 += 64) {

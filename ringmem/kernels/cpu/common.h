@@ -28,7 +28,7 @@ struct Args {
   const uint16_t* qb;    // [Hq, D] bf16 (the scaled q rounded, for dpbf16), or null
   const void* k;         // [Hkv, N, D]
   const void* v;
-  int64_t n, d, g;       // pool slots, head dim, rows per KV head
+  int64_t n, d, g;       // pool rows, head dim, query rows per KV head
   float softcap;         // 0: none
 };
 
@@ -77,7 +77,7 @@ inline void cap_scores(float* s, int64_t count, float softcap) {
 template <Elt E>
 void tile_scalar(const Args& a, const Tile& t, float* s, float* m, float* l, float* acc) {
   const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
-  const int64_t base = (t.head * a.n) * D;
+  const int64_t base = 0;  // runs are absolute rows of the [R, D] pools
   for (int64_t j = 0; j < T; ++j) {
     const int64_t kj = base + (t.lo + j) * D;
     for (int64_t r = 0; r < G; ++r) {
@@ -93,7 +93,7 @@ void tile_scalar(const Args& a, const Tile& t, float* s, float* m, float* l, flo
 template <Elt E>
 void pv_scalar(const Args& a, const Tile& t, const float* p, float* acc) {
   const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
-  const int64_t base = (t.head * a.n) * D;
+  const int64_t base = 0;  // runs are absolute rows of the [R, D] pools
   std::fill(acc, acc + G * D, 0.f);
   for (int64_t j = 0; j < T; ++j) {
     const int64_t vj = base + (t.lo + j) * D;

@@ -1,7 +1,8 @@
 // One decode query's attention over paged K/V pools on the CPU, at the memory-bandwidth floor.
 //
-// q [Hq, D] (already scaled); k, v [Hkv, N, D] pools of fp32, bf16 or fp16; each KV head reads
-// its own list of slot runs [lo, hi) (CSR: bounds [R, 2], offsets [Hkv + 1]). The G = Hq / Hkv
+// q [Hq, D] (already scaled); k, v pools of fp32, bf16 or fp16 read as [R, D] rows (a cache's
+// [Hkv, N, D] pools, or a host tier's [S, Hkv, P, D] segment); each KV head reads its own list
+// of row runs [lo, hi) (CSR: bounds [runs, 2], offsets [Hkv + 1]). The G = Hq / Hkv
 // query rows of a KV head go together, so each key and value is read once. The runs are cut
 // into tiles of at most `tile` keys; each tile is one task (at::parallel_for): scores for its
 // G rows into a small buffer, an online-softmax partial (m, l, acc) in fp32, the V product in
@@ -91,15 +92,19 @@ void run_softmax_pv(Isa isa, Elt e, const Args& a, const Tile& t, float* s, floa
 std::vector<at::Tensor> decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor bounds,
                                at::Tensor offsets, double softcap, bool want_logits,
                                int64_t tile, int64_t isa_cap) {
-  TORCH_CHECK(q.dim() == 2 && k.dim() == 3 && v.sizes() == k.sizes(), "q [Hq, D], k/v [Hkv, N, D]");
+  TORCH_CHECK(q.dim() == 2 && k.dim() >= 2 && v.sizes() == k.sizes(),
+              "q [Hq, D]; k, v [..., D] of one shape");
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous(), "q: contiguous fp32 (scaled)");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == v.scalar_type(),
               "k, v: contiguous, one dtype");
   TORCH_CHECK(bounds.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong,
               "bounds, offsets: int64");
   TORCH_CHECK(tile >= 1, "tile >= 1");
-  const int64_t hkv = k.size(0), n = k.size(1), d = k.size(2), hq = q.size(0);
-  TORCH_CHECK(q.size(1) == d && hq % hkv == 0 && offsets.numel() == hkv + 1, "shapes");
+  // k, v are read as [R, D] rows; each KV head's runs are absolute row ranges
+  const int64_t hkv = offsets.numel() - 1, d = k.size(-1), n = k.numel() / std::max<int64_t>(d, 1);
+  const int64_t hq = q.size(0);
+  TORCH_CHECK(hkv >= 1 && q.size(1) == d && hq % hkv == 0,
+              "q [Hq, D] with Hq a multiple of the KV heads (offsets [Hkv + 1])");
   const int64_t g = hq / hkv;
   Elt e;
   switch (k.scalar_type()) {
@@ -122,7 +127,8 @@ std::vector<at::Tensor> decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Ten
     int64_t col = 0;
     for (int64_t r = off[h]; r < off[h + 1]; ++r) {
       const int64_t lo = b[2 * r], hi = b[2 * r + 1];
-      TORCH_CHECK(0 <= lo && lo <= hi && hi <= n, "run [", lo, ", ", hi, ") outside the pool of ", n);
+      TORCH_CHECK(0 <= lo && lo <= hi && hi <= n, "run [", lo, ", ", hi, ") outside the ", n,
+                  " rows of the pools");
       for (int64_t c = lo; c < hi; c += tile) {
         const int64_t e2 = std::min(hi, c + tile);
         tiles.push_back({h, c, e2, col});
@@ -210,7 +216,7 @@ RM_AVX512 int64_t read_avx512(const uint8_t* p, int64_t nbytes) {
 
 // A plain read of a tensor's bytes (a checksum, so it is not optimised away), split over
 // the threads like `decode`: the bandwidth floor the kernel is measured against.
-int64_t read(at::Tensor t) {
+int64_t read_bytes(at::Tensor t) {
   TORCH_CHECK(t.is_contiguous(), "read: a contiguous tensor");
   const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
   const int64_t nbytes = t.numel() * t.element_size(), block = 1 << 20;
@@ -243,5 +249,5 @@ int64_t read(at::Tensor t) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "paged decode attention over K/V pools (see decode.cpp)");
   m.def("isa", &isa, "the instruction set the kernel uses on this CPU");
-  m.def("read", &read, "read a tensor's bytes once (the bandwidth floor of `decode`)");
+  m.def("read", &read_bytes, "read a tensor's bytes once (the bandwidth floor of `decode`)");
 }

@@ -3,9 +3,10 @@
     local partial -> tier recall -> cross-rank merge -> own token -> store
 
 1. local partial: each rank attends the new queries to its hot pages (the backend's
-   `decode`; the torch backend's in-place pass when eviction needs each key's score or
-   heads hold different tokens);
-2. tier recall: with tiers, the pending and recalled demoted entries, merged by lse;
+   `decode`; when eviction needs each key's score or heads hold different tokens, the
+   CPU kernel's or else the torch backend's in-place pass);
+2. tier recall: with tiers, the pending and recalled demoted entries (with attend="host",
+   every host-tier page instead, attended where it lives by the CPU kernel), merged by lse;
 3. cross-rank merge: first a small CPU check (`check_step`: errors, the step counters, a
    full cache) that every rank raises from together, then the one device collective;
 4. own token: the new token's own term (every rank has its k, v), merged by lse;
@@ -114,6 +115,9 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
                      for s in range(b)]
         # demoted pages: flush, rank by bound, fetch (errors ride the merge below)
         recalled = None if cache.tiers is None else cache.tiers.prepare(layer, q, scale)
+        # host pages attended where they live (TierPolicy attend="host" / "auto")
+        hosted = None if cache.tiers is None else cache.tiers.host_parts(layer, q[:, 0],
+                                                                          scale, cap)
         error = None
     except Exception as e:  # noqa: BLE001 (any type: raised on every rank below)
         error = e
@@ -129,6 +133,7 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
         if recalled is not None:
             parts = [recall(p, page, q[s, 0], scale, cap) for s, (p, page)
                      in enumerate(zip(parts, recalled))]
+            parts = [p if h is None else merge([p, h]) for p, h in zip(parts, hosted)]
         lengths = [*idx.seen[layer], *(idx.held(layer, s) for s in range(b))]
     else:
         owners, full, logits, short = [], None, [], 0

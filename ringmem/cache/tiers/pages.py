@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from ...partial import Partial
 from .host import Page
 from .policy import TierPolicy
 from .staging import Readback
@@ -94,7 +95,10 @@ class TieredPages:
         self.selected: dict[tuple[int, int], list[PageKey]] = {}
         """(layer, seq) -> the pages recalled by the latest decode step, best first."""
         self._inflight: dict[int, Transfer] = {}
-        self.counters = {"recalled_pages": 0, "prefetched_used": 0, "recalled_sync": 0}
+        self.counters = {"recalled_pages": 0, "prefetched_used": 0, "recalled_sync": 0,
+                         "host_attended_bytes": 0}
+        self.in_place: dict[tuple[int, int], bool] = {}
+        """(layer, seq) -> whether the latest step attends its host pages in place."""
 
     # ------------------------------------------------------------ demotion
     def add(self, layer: int, seq: int, head: int, pos: Tensor, k: Tensor, v: Tensor,
@@ -189,9 +193,10 @@ class TieredPages:
         b, n = q.shape[0], self.policy.recall
         for s in range(b):
             self.flush(layer, s)
+            self.in_place[(layer, s)] = self._in_place(layer, s)
         handle = self._inflight.pop(layer, None)
-        picks = [self.store.summaries.select(layer, s, q[s, 0], n, scale=scale) if n else None
-                 for s in range(b)]
+        picks = [self.store.summaries.select(layer, s, q[s, 0], n, scale=scale)
+                 if n and not self.in_place[(layer, s)] else None for s in range(b)]
         read = self._read_picks(picks)
         for s in range(b):  # pending entries packed while the picks travel
             self.padded(layer, s)
@@ -220,6 +225,29 @@ class TieredPages:
             parts += [fetched[k] for k in sel[s]]  # selection order: timing-independent
             out.append(None if not parts else Gathered(*parts[0][:3]) if len(parts) == 1
                        else Gathered(*(torch.cat(x, 1) for x in zip(*(p[:3] for p in parts)))))
+        return out
+
+    def _in_place(self, layer: int, seq: int) -> bool:
+        """Whether this step attends (layer, seq)'s host pages in place (`hostattend`)."""
+        mode = self.policy.attend
+        if mode == "auto":
+            from .hostattend import use_host
+            return use_host(self.store, layer, seq, self.policy.recall,
+                            self.store.page_bytes(self.ps))
+        return mode == "host"
+
+    def host_parts(self, layer: int, q: Tensor, scale: float,
+                   softcap: float = 0.0) -> list[Partial | None]:
+        """Per sequence of q [B, Hq, D]: the exact partial over its host pages when this
+        step attends them in place (`prepare` decided), else None."""
+        from .hostattend import host_partial
+        out: list[Partial | None] = []
+        for s in range(q.shape[0]):
+            part = None
+            if self.in_place.get((layer, s)):
+                part, nbytes = host_partial(self.store, layer, s, q[s], scale, softcap)
+                self.counters["host_attended_bytes"] += nbytes
+            out.append(part)
         return out
 
     def _read_picks(self, picks: list[Picks | None]) -> Callable[[], list[int]]:

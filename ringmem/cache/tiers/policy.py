@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from ...arguments import check_flag
 
+ATTEND = ("recall", "host", "auto")
+
 
 @dataclass(frozen=True, kw_only=True)
 class TierPolicy:
@@ -29,6 +31,20 @@ class TierPolicy:
     segment_pages: int = 64
     """Host slots allocated at a time; segments are allocated whole, one at a time, as
     needed."""
+    attend: str = "recall"
+    """How decode reaches the demoted pages: "recall" (the `recall` pages the query's bound
+    ranks highest are copied to the hot device and attended there), "host" (every host-tier
+    page attended where it lives, exactly, by the compiled CPU kernel: only the partial,
+    out and lse, a few KB, moves to the device, merged there by lse), or "auto" (per step
+    and sequence, "host" when host_bytes / host_gbps <= recalled_bytes / link_gbps, else
+    "recall"). "host" and "auto" need disk_pages = 0: disk pages are not attended in
+    place."""
+    link_gbps: float = 25.0
+    """With attend="auto": host-to-device GB/s assumed by the cost rule (PCIe 4.0 x16 in
+    practice; on a CPU cache, recalls are memcpys)."""
+    host_gbps: float = 10.0
+    """With attend="auto": GB/s the CPU kernel streams the host pages at (about 70% of one
+    core's read bandwidth on a 2020s server core: benchmarks/results/decode_cpu.md)."""
     fsync: bool = False
     """fsync every spilled page file and its directory. Off by default: spilled pages live
     only as long as the process (checkpoints always sync); the rename and the checksum
@@ -45,10 +61,19 @@ class TierPolicy:
                              f"{self.disk_dir!r}")
         for name in ("prefetch", "fsync"):
             check_flag(name, getattr(self, name))
+        if self.attend not in ATTEND:
+            raise ValueError(f"attend must be one of {ATTEND}, got {self.attend!r}")
+        if self.attend != "recall" and self.disk_pages:
+            raise ValueError(f"attend={self.attend!r} attends host pages in place; with "
+                             f"disk_pages={self.disk_pages} use attend='recall'")
+        for name in ("link_gbps", "host_gbps"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
+                raise ValueError(f"{name} must be a positive number, got {val!r}")
 
     def signature(self) -> tuple[int, ...]:
         """Ints every rank must agree on."""
-        return (1, self.recall)
+        return (1, self.recall, ATTEND.index(self.attend))
 
 
 def check_count(name: str, val: object, *, positive: bool = False) -> None:

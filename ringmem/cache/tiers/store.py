@@ -103,6 +103,16 @@ class TierStore:
             return [k for t in TIERS if tier in (None, t)
                     for k in (self._host if t == "host" else self._disk)]
 
+    def host_pages(self, layer: int, seq: int) -> list[tuple[int, Page, int]]:
+        """(segment index, its [S, Hkv, P, ...] tensors, slot in it) of each host-tier page
+        of (layer, seq) in page-id order, once no device copy touches them (the host
+        reads them in place next: `hostattend`)."""
+        with self._lock:
+            got = sorted((k[2], v[0]) for k, v in self._host.items() if k[:2] == (layer, seq))
+            self._pool.wait([slot for _, slot in got])
+            n = self._pool.seg_n
+            return [(slot // n, self._pool.segments[slot // n], slot % n) for _, slot in got]
+
     def __len__(self) -> int:
         return len(self._host) + len(self._disk)
 

@@ -139,7 +139,60 @@ RM_AVX512 void softmax_avx512(float* s, int64_t g, int64_t t, float* m, float* l
   }
 }
 
+template <Elt E>
+RM_AVX512 inline __m512 load16e(const void* base, int64_t i) {
+  if constexpr (E == Elt::F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  const __m256i h = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+  if constexpr (E == Elt::F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// ROWS query rows x 64 columns of accumulators, all bounds known at compile time, so the
+// 4 x ROWS accumulators stay in registers (runtime bounds spilled them)
+template <Elt E, int ROWS>
+RM_AVX512 void pv_block(const Args& a, const Tile& t, const float* p, float* acc, int64_t r0,
+                        int64_t c0) {
+  const int64_t T = t.hi - t.lo, D = a.d;
+  __m512 ac[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < 4; ++c) ac[r][c] = _mm512_setzero_ps();
+  const float* pr[ROWS];
+  for (int r = 0; r < ROWS; ++r) pr[r] = p + (r0 + r) * T;
+  for (int64_t j = 0; j < T; ++j) {
+    const int64_t vj = (t.lo + j) * D + c0;
+    __m512 vv[4];
+    for (int c = 0; c < 4; ++c) vv[c] = load16e<E>(a.v, vj + 16 * c);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 pj = _mm512_set1_ps(pr[r][j]);
+      for (int c = 0; c < 4; ++c) ac[r][c] = _mm512_fmadd_ps(pj, vv[c], ac[r][c]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + (r0 + r) * D + c0 + 16 * c, ac[r][c]);
+}
+
+template <Elt E>
+RM_AVX512 void pv_fast(const Args& a, const Tile& t, const float* p, float* acc) {
+  for (int64_t r0 = 0; r0 < a.g; r0 += 4) {
+    const int64_t rows = std::min<int64_t>(4, a.g - r0);
+    for (int64_t c0 = 0; c0 < a.d; c0 += 64) {
+      switch (rows) {
+        case 4: pv_block<E, 4>(a, t, p, acc, r0, c0); break;
+        case 3: pv_block<E, 3>(a, t, p, acc, r0, c0); break;
+        case 2: pv_block<E, 2>(a, t, p, acc, r0, c0); break;
+        default: pv_block<E, 1>(a, t, p, acc, r0, c0); break;
+      }
+    }
+  }
+}
+
 RM_AVX512 void pv_avx512(const Args& a, const Tile& t, Elt e, const float* p, float* acc) {
+  if (a.d % 64 == 0) {  // the common head dims (64, 128, 256)
+    if (e == Elt::F32) return pv_fast<Elt::F32>(a, t, p, acc);
+    if (e == Elt::BF16) return pv_fast<Elt::BF16>(a, t, p, acc);
+    return pv_fast<Elt::F16>(a, t, p, acc);
+  }
   const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
   const int64_t base = 0;  // runs are absolute rows of the [R, D] pools
   for (int64_t r0 = 0; r0 < G; r0 += 4) {  // 4 rows x 64 columns of accumulators

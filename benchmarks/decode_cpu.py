@@ -107,8 +107,9 @@ def main() -> None:
     lines += ["", f"1 thread: the kernel streams {100 * one['kernel_over_read']:.0f}% of a "
               f"plain read's bytes/s (target >= 70%): {verdict}. Max |error| of KV head 0's "
               f"rows against float64: kernel {err:.2e}, torch path {err_torch:.2e} (the torch "
-              f"path rounds scores and probabilities to {a.dtype}; the kernel keeps them in "
-              f"fp32)."]
+              f"path rounds scores and probabilities to {a.dtype}; the kernel keeps scores "
+              f"in fp32" + (", probabilities rounded to bf16 for the V product by dpbf16"
+                           if a.dtype == "bf16" and info["isa"] == "avx512_bf16" else "") + ")."]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -39,6 +39,13 @@ inline float bf16_to_f(uint16_t x) {
   return f;
 }
 
+// round to nearest even, as _mm512_cvtneps_pbh does (finite inputs)
+inline uint16_t f_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 inline float half_to_f(uint16_t x) {
   c10::Half h;
   h.x = x;

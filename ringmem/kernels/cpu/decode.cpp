@@ -66,9 +66,15 @@ void run_tile(Isa isa, Elt e, const Args& a, const Tile& t, float* s, float* m, 
 }
 
 void run_softmax_pv(Isa isa, Elt e, const Args& a, const Tile& t, float* s, float* m,
-                    float* l, float* acc) {
+                    float* l, float* acc, uint16_t* pb) {
   const int64_t T = t.hi - t.lo;
 #ifdef RINGMEM_X86
+  if (isa == Isa::Avx512Bf16 && e == Elt::BF16 && a.d % 64 == 0) {  // p in bf16, as torch's
+    const int64_t stride = T + (T % 2);
+    softmax_bf16(s, a.g, T, m, l, pb, stride);
+    pv_bf16(a, t, pb, stride, acc);
+    return;
+  }
   if ((isa == Isa::Avx512 || isa == Isa::Avx512Bf16) && a.d % 16 == 0) {
     softmax_avx512(s, a.g, T, m, l);
     pv_avx512(a, t, e, s, acc);
@@ -151,6 +157,7 @@ std::vector<at::Tensor> decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Ten
 
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(g * tile);
+    std::vector<uint16_t> pb(g * (tile + 1));  // p in bf16 (the bf16 V path)
     for (int64_t i = begin; i < end; ++i) {
       const Tile& t = tiles[i];
       const int64_t T = t.hi - t.lo;
@@ -161,7 +168,7 @@ std::vector<at::Tensor> decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Ten
       if (lg != nullptr)
         for (int64_t r = 0; r < g; ++r)
           std::memcpy(lg + (t.head * g + r) * widest + t.col, s.data() + r * T, T * sizeof(float));
-      run_softmax_pv(isa, e, a, t, s.data(), m, l, acc);
+      run_softmax_pv(isa, e, a, t, s.data(), m, l, acc, pb.data());
     }
   });
 

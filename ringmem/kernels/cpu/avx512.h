@@ -99,8 +99,11 @@ struct Prefetch {
 };
 
 // bf16 keys: 32 products per instruction, the query rounded to bf16 as the torch path does
-RM_AVX512BF16 void scores_avx512bf16(const Args& a, const Tile& t, float* s) {
-  const int64_t T = t.hi - t.lo, D = a.d, G = a.g;
+// DD: the head dim at compile time (0: a.d), so the 16 keys' loads are one base register
+// plus constant offsets (a runtime dim spilled their 16 addresses)
+template <int DD>
+RM_AVX512BF16 void scores_bf16(const Args& a, const Tile& t, float* s) {
+  const int64_t T = t.hi - t.lo, D = DD ? DD : a.d, G = a.g;
   const uint16_t* kb = static_cast<const uint16_t*>(a.k);  // absolute rows
   int64_t j0 = 0;
   const int64_t lines = 16 * D * 2 / 64, steps = G * (D / 32);
@@ -135,6 +138,15 @@ RM_AVX512BF16 void scores_avx512bf16(const Args& a, const Tile& t, float* s) {
     }
   }
   cap_scores(s, G * T, a.softcap);
+}
+
+RM_AVX512BF16 void scores_avx512bf16(const Args& a, const Tile& t, float* s) {
+  switch (a.d) {
+    case 64: return scores_bf16<64>(a, t, s);
+    case 128: return scores_bf16<128>(a, t, s);
+    case 256: return scores_bf16<256>(a, t, s);
+    default: return scores_bf16<0>(a, t, s);
+  }
 }
 
 RM_AVX512 void softmax_avx512(float* s, int64_t g, int64_t t, float* m, float* l) {

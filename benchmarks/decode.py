@@ -97,11 +97,11 @@ def decode_latency(cache: ShardedKVCache, a: argparse.Namespace) -> list[float]:
 
 
 def local_latency(cache: ShardedKVCache, a: argparse.Namespace) -> float:
-    """Median time of the rank-local paged attention alone (no merge), all ranks at once."""
-    from ringmem.partial import attend
+    """Median time of the rank-local paged attention alone (no merge), all ranks at once:
+    the backend decode uses (`cache.decoder`: the compiled kernel on CPU)."""
     store = cache.stores[0]
     q = torch.randn(a.q_heads, a.dim).to(DTYPES[a.dtype])
-    run = lambda: attend(q, store.k, store.v, a.dim ** -0.5, runs=store.runs(0))
+    run = lambda: cache.decoder.decode(q, store.k, store.v, store.runs(0), a.dim ** -0.5)
     run()
     return statistics.median(slowest(run) for _ in range(a.steps))
 
@@ -177,6 +177,7 @@ def main() -> None:
     tick("memcpy")
     item = torch.empty((), dtype=DTYPES[a.dtype]).element_size()
     cache = make_cache(a, max(contexts) // world + (a.steps + 2) * a.page_size)
+    a.decode_backend = cache.decoder.name  # reported with the config
     rows = []
     for ctx in contexts:
         fill(cache, ctx, a)

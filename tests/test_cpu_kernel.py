@@ -181,3 +181,11 @@ def test_non_finite_queries_follow_the_torch_paths_rule(ext) -> None:
     got = be.decode(q, k, v, [(0, 40)], 0.2)
     want = attend(q, k, v, 0.2, runs=[(0, 40)])
     assert torch.equal(got.out.isnan(), want.out.isnan()) and got.out[1].isnan().all()
+
+
+@pytest.mark.parametrize("name", ["paged", "auto", "cpu"])
+def test_the_caches_decode_on_cpu_is_the_kernel(ext, name: str) -> None:
+    from ringmem.cache import CacheConfig, ShardedKVCache
+    cache = ShardedKVCache(CacheConfig(num_layers=1, q_heads=4, kv_heads=2, head_dim=64,
+                                       capacity=64, page_size=16, decode_backend=name))
+    assert cache.decoder.name == "cpu"

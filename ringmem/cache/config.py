@@ -40,8 +40,8 @@ class CacheConfig:
     decode_backend: str = "paged"
     """The backend of decode's local pass. "paged" reads the pages in place: Triton's
     run-list kernel on CUDA, the compiled kernel on CPU ("cpu", built on first use; the
-    torch pass where it cannot be built), the torch backend's pass elsewhere; a backend
-    name picks one."""
+    torch pass where it cannot be built), the torch backend's pass elsewhere ("auto" is
+    the same); another backend name picks that one."""
     windows: tuple[int, ...] = ()
     """Per layer, the sliding window's left size (a query at p sees keys p - left .. p;
     -1: full causal attention); empty: every layer full. A windowed layer keeps only the

@@ -386,7 +386,7 @@ def _decoder(c: CacheConfig, device: torch.device) -> Backend:
     Triton's run-list kernel on CUDA (one launch per sequence, whatever the page layout),
     the compiled kernel on CPU (`backends/cpu_backend.py`, which falls back to the torch
     pass itself where it cannot be built), else the torch backend's pass."""
-    if c.decode_backend != "paged":
+    if c.decode_backend not in ("paged", "auto"):  # "auto": the fastest, as for blocks
         return get_backend(c.decode_backend, device, c.dtype, c.head_dim)
     for name in {"cuda": ("triton",), "cpu": ("cpu",)}.get(device.type, ()):
         try:

@@ -12,7 +12,7 @@ DIR/answers*.jsonl and not asked again):
    holds; they are reported with the full cache alone);
 3. kvpress's presses at the same keeps on the same samples (`eval_kvpress.py`, in the
    kvpress environment given by --kvpress-python; skipped without it, and said so);
-   then ringmem's question-aware setting;
+   then ringmem's question-aware and streaming settings;
 4. the report: `ringmem eval --report-only`'s tables under a header naming the machine,
    versions, commit, date, the preset and each phase's wall time.
 """
@@ -33,11 +33,12 @@ PRESETS: dict[str, dict] = {
     "smollm2-4k": {"model": "smollm2-135m", "tokens": 4096, "samples": 2,
                    "keep": [0.1, 0.25, 0.5],
                    "aware": ["snapkv"], "agnostic": ["snapkv", "keynorm", "expected", "kvzip"],
+                   "streaming": ["snapkv", "keynorm", "expected"],
                    "presses": ["snapkv", "expected", "knorm", "kvzip"]},
     "gemma3-16k": {"model": "gemma3-270m", "tokens": 16384, "samples": 2,
                    "keep": [0.25, 0.5],
                    "aware": ["snapkv"], "agnostic": ["snapkv", "keynorm", "kvzip"],
-                   "presses": ["snapkv", "expected", "knorm"]},
+                   "streaming": ["snapkv"], "presses": ["snapkv", "expected", "knorm"]},
 }
 ROOT = Path(__file__).resolve().parent
 
@@ -89,6 +90,8 @@ def main() -> None:
     if tasks:
         walls["ringmem, aware"] = run(part + ["--settings", "aware",
                                               "--policies", *pre["aware"]])
+        walls["ringmem, streaming"] = run(part + ["--settings", "streaming",
+                                                  "--policies", *pre["streaming"]])
     body = subprocess.run(ev + ["--report-only", "--samples", str(pre["samples"])],
                           capture_output=True, text=True, check=True).stdout
     import torch

@@ -150,12 +150,15 @@ def test_eval_jobs_cover_every_run_and_score_back(tmp_path) -> None:
                "--haystack", "filler", "--policies", "snapkv", "keynorm", "--keep", "0.25",
                "0.5", "--out", str(tmp_path)])
     lines, expected = jobs(a, _WordTok())
-    assert len(lines) == 2 * 2 * (1 + 2 * 2 * 2)
+    assert len(lines) == 2 * 2 * (1 + 3 * 2 * 2)  # full, then 3 settings x 2 x 2
     by_id = {x["id"]: x for x in lines}
     assert by_id["vt:0:full:full:1.0"]["options"] == {"max_new_tokens": 32}  # vt's own
     assert by_id["vt:1:aware:snapkv:0.25"]["options"] == {
         "max_new_tokens": 32, "eviction": "snapkv", "budget": 0.25, "compress": "question"}
-    assert by_id["vt:1:agnostic:keynorm:0.5"]["options"]["compress"] == "document"
+    assert by_id["vt:1:agnostic:keynorm:0.5"]["options"] | {"max_new_tokens": 0} == {
+        "max_new_tokens": 0, "eviction": "keynorm", "budget": 0.5, "compress": "document",
+        "streaming": False}  # compressed once the document is prefilled
+    assert by_id["vt:1:streaming:keynorm:0.5"]["options"]["streaming"]  # after every chunk
     assert by_id["niah_multiquery:0:full:full:1.0"]["options"] == {"max_new_tokens": 24}
     kv = parse(["--tasks", "vt", "--tokens", "300", "--samples", "1", "--policies", "kvzip",
                 "kvzip@global", "--keep", "0.5", "--max-new-tokens", "7", "--out",
@@ -164,7 +167,8 @@ def test_eval_jobs_cover_every_run_and_score_back(tmp_path) -> None:
     assert [x["id"] for x in kvl] == [  # kvzip is question-agnostic
         "vt:0:full:full:1.0", "vt:0:agnostic:kvzip:0.5", "vt:0:agnostic:kvzip@global:0.5"]
     assert kvl[2]["options"] == {"max_new_tokens": 7, "eviction": "kvzip", "budget": 0.5,
-                                 "compress": "document", "allocation": "global"}
+                                 "compress": "document", "streaming": False,
+                                 "allocation": "global"}
     mq = by_id["niah_multiquery:0:agnostic:snapkv:0.5"]
     assert len(mq["questions"]) == 4 and len(expected[mq["id"]]) == 4
     # the jobs file parses with the run's options, each question with its own prefix

@@ -7,8 +7,12 @@
    one job with the full cache, then one per policy x keep x setting:
    * "aware" (question-aware, `compress="question"`): each question is read, then its own
      copy of the document compressed (SnapKV's observation window sees the question);
-   * "agnostic" (question-agnostic, `compress="document"`): the document is compressed
-     while it is prefilled, before any question, and every question reads that one copy.
+   * "agnostic" (question-agnostic, `compress="document"`, `streaming=False`): the
+     document is compressed once it is prefilled, before any question (as kvpress's
+     pipeline does), and every question reads that one copy;
+   * "streaming" (question-agnostic, `streaming=True`): compressed after every prefill
+     chunk, so the cache never holds more than the budget plus a chunk (kvzip, which
+     scores by repeating the whole document, runs in "agnostic" only).
    `keep` is the share of the document each (layer, KV head) keeps (`budget`). A policy
    "NAME@ALLOCATION" also sets `allocation` (e.g. "snapkv@adaptive", "kvzip@global").
 2. `ringmem infer --jobs DIR/jobs.jsonl --output DIR/answers.jsonl`: sharded over the
@@ -33,7 +37,7 @@ from typing import Any
 from .scoring import headline, score, task_means
 from .tasks import HAYSTACKS, NEEDLES, TASKS, generate
 
-SETTINGS = ("aware", "agnostic")
+SETTINGS = ("aware", "agnostic", "streaming")
 ANSWER_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multiquery": 24,
                  "niah_multivalue": 64, "vt": 32, "cwe": 64, "fwe": 32, "qa": 16}
 """Tokens generated per answer by task (RULER's tokens_to_generate, for our shorter
@@ -88,6 +92,8 @@ def jobs(a: argparse.Namespace, tok: Any) -> tuple[list[dict], dict[str, list]]:
                     scorer, _, alloc = policy.partition("@")
                     opts |= {"eviction": scorer, "budget": keep,
                              "compress": "question" if setting == "aware" else "document"}
+                    if setting != "aware":
+                        opts["streaming"] = setting == "streaming"
                     if alloc:
                         opts["allocation"] = alloc
                 lines.append({"id": jid, "text": smp.context, "options": opts,

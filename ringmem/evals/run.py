@@ -62,7 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=None)
     p.add_argument("--out", required=True, help="directory for jobs, answers and report")
     p.add_argument("--report-only", action="store_true",
-                   help="score DIR's answers only (samples 0..--samples-1)")
+                   help="score DIR's answers only (samples 0..--samples-1, --settings)")
     a = p.parse_args(argv)
     for k in a.keep:
         if not 0.0 < k <= 1.0:
@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     answers = [json.loads(x) for name in ("answers.jsonl", "answers_kvpress.jsonl")
                if (out / name).exists()
                for x in (out / name).read_text().splitlines() if x.strip()]
-    rows = [r for r in scores(answers, expected) if r["sample"] < a.samples]
+    keep = ("full", "kvpress", *a.settings)  # the report covers the settings asked for
+    rows = [r for r in scores(answers, expected)
+            if r["sample"] < a.samples and r["setting"] in keep]
     (out / "scores.json").write_text(json.dumps(rows, indent=1))
     print(report(rows, out, f"ringmem eval: {a.model}, {a.tokens} tokens, "
                             f"{a.samples} samples per task"))

@@ -48,6 +48,37 @@ def test_a_seed_gives_the_same_samples_and_the_length_fits(name: str) -> None:
         assert s.task == name and s.queries
 
 
+def test_samples_are_the_same_in_another_process() -> None:
+    """A resumed eval regenerates its samples in a new process: string hashes (and so a
+    set's order) differ there, the samples must not (they once did, for every task that
+    draws several pseudo-words)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib, sys\n"
+            "sys.path.insert(0, 'tests')\n"
+            "from test_evals import _WordTok\n"
+            "from ringmem.evals import TASKS, generate\n"
+            "for t in TASKS:\n"
+            "    if t == 'qa': continue\n"
+            "    kw = {'haystack': 'filler'} if t.startswith('niah') else {}\n"
+            "    s = generate(t, _WordTok(), tokens=400, samples=2, seed=5, **kw)\n"
+            "    print(t, hashlib.sha256(repr(s).encode()).hexdigest())\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+            for seed in ("1", "2")]
+    assert runs[0] == runs[1] and len(runs[0].splitlines()) == len(TASKS) - 1, runs
+
+
+def test_a_directory_refuses_a_different_sample(tmp_path) -> None:
+    from ringmem.evals.run import merge_expected
+    old = {"vt:0:full:full:1.0": [[["A"], "all"]]}
+    same = {"vt:0:agnostic:keynorm:0.5": [[["A"], "all"]], "vt:1:full:full:1.0": [[["B"], "all"]]}
+    assert set(merge_expected(old, same, tmp_path)) == set(old) | set(same)
+    with pytest.raises(SystemExit, match="different vt sample 0"):
+        merge_expected(old, {"vt:0:aware:snapkv:0.5": [[["C"], "all"]]}, tmp_path)
+
+
 @KJV
 @pytest.mark.parametrize("needle", ["words", "numbers", "uuids"])
 @pytest.mark.parametrize("name,keys,values,asked", [

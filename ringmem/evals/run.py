@@ -104,6 +104,19 @@ def jobs(a: argparse.Namespace, tok: Any) -> tuple[list[dict], dict[str, list]]:
     return lines, expected
 
 
+def merge_expected(old: dict[str, list], new: dict[str, list], where: Path) -> dict[str, list]:
+    """An earlier run's expected answers with this run's; answers are scored by (task,
+    sample), so a sample that differs from the one DIR already holds is refused."""
+    held = {tuple(j.split(":")[:2]): want for j, want in old.items()}
+    for j, want in new.items():
+        task, index = j.split(":")[:2]
+        if held.get((task, index), want) != want:
+            raise SystemExit(f"{where} holds a different {task} sample {index} (another "
+                             f"--tokens, --seed, --needle or --haystack, or another ringmem "
+                             f"version's generator): use a fresh --out")
+    return old | new
+
+
 def scores(answers: list[dict], expected: dict[str, list]) -> list[dict]:
     """One row per answered question: task, sample, setting, policy, keep, output, score."""
     rows = []
@@ -207,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         lines, expected = jobs(a, tok)
         (out / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         old = out / "expected.json"  # an earlier run's samples in DIR are scored too
-        expected = (json.loads(old.read_text()) if old.exists() else {}) | expected
+        expected = merge_expected(json.loads(old.read_text()) if old.exists() else {},
+                                  expected, old)
         old.write_text(json.dumps(expected))
         cmd = [sys.executable, "-m", "ringmem.cli", "infer", "--model", a.model,
                "--jobs", str(out / "jobs.jsonl"), "--output", str(out / "answers.jsonl"),

@@ -102,6 +102,9 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks of the full-cache phase (default: every task); the compressed "
                    "runs take those of them the full cache scores >= 50% on")
+    p.add_argument("--report-only", action="store_true", dest="report_only",
+                   help="run nothing: write the report from the answers in --work (after an "
+                   "interrupted run: it says which rows are missing by leaving them out)")
     p.add_argument("--work", default=None, help="working directory (default: a folder "
                    "under ~/.cache/ringmem/eval: the jobs hold every context, too big to keep)")
     a = p.parse_args()
@@ -110,6 +113,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ev = [sys.executable, "-m", "ringmem.cli", "eval", "--model", pre["model"],
           "--tokens", str(pre["tokens"]), "--out", str(work)]
+    if a.report_only:
+        return write_report(a, pre, work, headline_tasks(work), {})
     walls = {"full cache": run(ev + ["--samples", str(pre["samples"]), "--policies"]
                                + (["--tasks", *a.tasks] if a.tasks else []))}
     tasks = headline_tasks(work)
@@ -128,6 +133,13 @@ def main() -> None:
         if tasks and setting in a.settings:
             walls[f"ringmem, {setting}"] = run(part + ["--settings", setting,
                                                        "--policies", *pre[setting]])
+    write_report(a, pre, work, tasks, walls)
+
+
+def write_report(a: argparse.Namespace, pre: dict, work: Path, tasks: list[str],
+                 walls: dict[str, float]) -> None:
+    ev = [sys.executable, "-m", "ringmem.cli", "eval", "--model", pre["model"],
+          "--tokens", str(pre["tokens"]), "--out", str(work)]
     body = subprocess.run(ev + ["--report-only", "--samples", str(pre["samples"]),
                                 "--settings", *a.settings],
                           capture_output=True, text=True, check=True).stdout
@@ -152,7 +164,7 @@ def main() -> None:
             f"- ringmem settings run and reported: {', '.join(a.settings)}",
             "- wall time per phase (s) of this run (answers kept from an earlier run of the "
             "same command are not asked again): "
-            + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()),
+            + (", ".join(f"{k} {v:.0f}" for k, v in walls.items()) or "none (--report-only)"),
             "- 2 gloo ranks for ringmem (float32); kvpress one process, float32, greedy.",
             "- keep: ringmem's budget, the share of the document each (layer, KV head) "
             "keeps (`@global`: pooled over all); kvpress's compression_ratio = 1 - keep, "

@@ -222,10 +222,15 @@ class InferConfig:
     snapkv_kernel: int = 7
     """With eviction = "snapkv": the max-pooling width in positions (odd)."""
     compress: str = "document"
-    """With `eviction`: "document" (question-agnostic: compressed during prefill, after
-    every chunk, so the cache never holds more than the budget plus one chunk, and its pools
-    are sized for that) or "question" (each question's sequence compressed after its
+    """With `eviction`: "document" (question-agnostic: compressed before any question, as
+    `streaming` says) or "question" (each question's sequence compressed after its
     question is read; the full document is held until then)."""
+    streaming: bool = True
+    """With compress = "document": compress after every prefill chunk, so the cache never
+    holds more than the budget plus one chunk (its pools are sized for that); False: once,
+    after the whole document is prefilled (the scores see all of it, as kvpress's pipeline
+    does; the whole document is held until then). A context-reconstruction scorer (kvzip)
+    always compresses once."""
     tier_host_pages: int = 0
     """With `eviction`: demote evicted entries to a host tier of this many pages per rank
     (0: no tiers, evicted entries are dropped); each decode step recalls the best pages."""

@@ -48,6 +48,37 @@ def test_a_seed_gives_the_same_samples_and_the_length_fits(name: str) -> None:
         assert s.task == name and s.queries
 
 
+def test_samples_are_the_same_in_another_process() -> None:
+    """A resumed eval regenerates its samples in a new process: string hashes (and so a
+    set's order) differ there, the samples must not (they once did, for every task that
+    draws several pseudo-words)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib, sys\n"
+            "sys.path.insert(0, 'tests')\n"
+            "from test_evals import _WordTok\n"
+            "from ringmem.evals import TASKS, generate\n"
+            "for t in TASKS:\n"
+            "    if t == 'qa': continue\n"
+            "    kw = {'haystack': 'filler'} if t.startswith('niah') else {}\n"
+            "    s = generate(t, _WordTok(), tokens=400, samples=2, seed=5, **kw)\n"
+            "    print(t, hashlib.sha256(repr(s).encode()).hexdigest())\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+            for seed in ("1", "2")]
+    assert runs[0] == runs[1] and len(runs[0].splitlines()) == len(TASKS) - 1, runs
+
+
+def test_a_directory_refuses_a_different_sample(tmp_path) -> None:
+    from ringmem.evals.run import merge_expected
+    old = {"vt:0:full:full:1.0": [[["A"], "all"]]}
+    same = {"vt:0:agnostic:keynorm:0.5": [[["A"], "all"]], "vt:1:full:full:1.0": [[["B"], "all"]]}
+    assert set(merge_expected(old, same, tmp_path)) == set(old) | set(same)
+    with pytest.raises(SystemExit, match="different vt sample 0"):
+        merge_expected(old, {"vt:0:aware:snapkv:0.5": [[["C"], "all"]]}, tmp_path)
+
+
 @KJV
 @pytest.mark.parametrize("needle", ["words", "numbers", "uuids"])
 @pytest.mark.parametrize("name,keys,values,asked", [
@@ -150,12 +181,15 @@ def test_eval_jobs_cover_every_run_and_score_back(tmp_path) -> None:
                "--haystack", "filler", "--policies", "snapkv", "keynorm", "--keep", "0.25",
                "0.5", "--out", str(tmp_path)])
     lines, expected = jobs(a, _WordTok())
-    assert len(lines) == 2 * 2 * (1 + 2 * 2 * 2)
+    assert len(lines) == 2 * 2 * (1 + 3 * 2 * 2)  # full, then 3 settings x 2 x 2
     by_id = {x["id"]: x for x in lines}
     assert by_id["vt:0:full:full:1.0"]["options"] == {"max_new_tokens": 32}  # vt's own
     assert by_id["vt:1:aware:snapkv:0.25"]["options"] == {
         "max_new_tokens": 32, "eviction": "snapkv", "budget": 0.25, "compress": "question"}
-    assert by_id["vt:1:agnostic:keynorm:0.5"]["options"]["compress"] == "document"
+    assert by_id["vt:1:agnostic:keynorm:0.5"]["options"] | {"max_new_tokens": 0} == {
+        "max_new_tokens": 0, "eviction": "keynorm", "budget": 0.5, "compress": "document",
+        "streaming": False}  # compressed once the document is prefilled
+    assert by_id["vt:1:streaming:keynorm:0.5"]["options"]["streaming"]  # after every chunk
     assert by_id["niah_multiquery:0:full:full:1.0"]["options"] == {"max_new_tokens": 24}
     kv = parse(["--tasks", "vt", "--tokens", "300", "--samples", "1", "--policies", "kvzip",
                 "kvzip@global", "--keep", "0.5", "--max-new-tokens", "7", "--out",
@@ -164,7 +198,8 @@ def test_eval_jobs_cover_every_run_and_score_back(tmp_path) -> None:
     assert [x["id"] for x in kvl] == [  # kvzip is question-agnostic
         "vt:0:full:full:1.0", "vt:0:agnostic:kvzip:0.5", "vt:0:agnostic:kvzip@global:0.5"]
     assert kvl[2]["options"] == {"max_new_tokens": 7, "eviction": "kvzip", "budget": 0.5,
-                                 "compress": "document", "allocation": "global"}
+                                 "compress": "document", "streaming": False,
+                                 "allocation": "global"}
     mq = by_id["niah_multiquery:0:agnostic:snapkv:0.5"]
     assert len(mq["questions"]) == 4 and len(expected[mq["id"]]) == 4
     # the jobs file parses with the run's options, each question with its own prefix

@@ -4,6 +4,8 @@ tokens and logits equal an independent run's (within a float32 baseline of the f
 single-process model), and the document's pages are held once."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -176,3 +178,29 @@ def test_one_line_answers_stop_at_a_token_holding_a_newline() -> None:
     assert tok("\n", add_special_tokens=False)["input_ids"][0] in ids
     assert all("\n" in tok.decode([i]) for i in ids)
     assert not any("\n" in tok.decode([i]) for i in range(200) if i not in ids)
+
+
+def test_streaming_says_when_the_document_is_compressed() -> None:
+    """compress="document": after every prefill chunk (streaming, pools sized for the budget
+    plus a chunk) or once after the whole document (the pools hold all of it first);
+    kvzip always once."""
+    import transformers
+
+    from ringmem.config import InferConfig
+    from ringmem.launch.documents import Documents
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=2, max_position_embeddings=4096)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    base = InferConfig(eviction="snapkv", budget=0.25, compress="document", chunk_size=256)
+    caps = {}
+    for streaming in (True, False):
+        run = dataclasses.replace(base, streaming=streaming)
+        docs = Documents(run, model, None, world=1, rank=0, revision="test")
+        policy, _ = docs.policies(run)
+        assert policy.prefill == ("chunk" if streaming else "after")
+        caps[streaming] = docs.capacity(run, 3000, 1, policy)
+    assert caps[True] < 3000 <= caps[False]  # budget + a chunk, vs the whole document
+    kv = dataclasses.replace(base, eviction="kvzip", streaming=True)
+    policy, _ = Documents(kv, model, None, world=1, rank=0, revision="t").policies(kv)
+    assert policy.prefill == "after"

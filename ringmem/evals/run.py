@@ -7,8 +7,12 @@
    one job with the full cache, then one per policy x keep x setting:
    * "aware" (question-aware, `compress="question"`): each question is read, then its own
      copy of the document compressed (SnapKV's observation window sees the question);
-   * "agnostic" (question-agnostic, `compress="document"`): the document is compressed
-     while it is prefilled, before any question, and every question reads that one copy.
+   * "agnostic" (question-agnostic, `compress="document"`, `streaming=False`): the
+     document is compressed once it is prefilled, before any question (as kvpress's
+     pipeline does), and every question reads that one copy;
+   * "streaming" (question-agnostic, `streaming=True`): compressed after every prefill
+     chunk, so the cache never holds more than the budget plus a chunk (kvzip, which
+     scores by repeating the whole document, runs in "agnostic" only).
    `keep` is the share of the document each (layer, KV head) keeps (`budget`). A policy
    "NAME@ALLOCATION" also sets `allocation` (e.g. "snapkv@adaptive", "kvzip@global").
 2. `ringmem infer --jobs DIR/jobs.jsonl --output DIR/answers.jsonl`: sharded over the
@@ -33,7 +37,7 @@ from typing import Any
 from .scoring import headline, score, task_means
 from .tasks import HAYSTACKS, NEEDLES, TASKS, generate
 
-SETTINGS = ("aware", "agnostic")
+SETTINGS = ("aware", "agnostic", "streaming")
 ANSWER_TOKENS = {"niah_single": 24, "niah_multikey": 24, "niah_multiquery": 24,
                  "niah_multivalue": 64, "vt": 32, "cwe": 64, "fwe": 32, "qa": 16}
 """Tokens generated per answer by task (RULER's tokens_to_generate, for our shorter
@@ -58,7 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=None)
     p.add_argument("--out", required=True, help="directory for jobs, answers and report")
     p.add_argument("--report-only", action="store_true",
-                   help="score DIR's answers only (samples 0..--samples-1)")
+                   help="score DIR's answers only (samples 0..--samples-1, --settings)")
     a = p.parse_args(argv)
     for k in a.keep:
         if not 0.0 < k <= 1.0:
@@ -88,6 +92,8 @@ def jobs(a: argparse.Namespace, tok: Any) -> tuple[list[dict], dict[str, list]]:
                     scorer, _, alloc = policy.partition("@")
                     opts |= {"eviction": scorer, "budget": keep,
                              "compress": "question" if setting == "aware" else "document"}
+                    if setting != "aware":
+                        opts["streaming"] = setting == "streaming"
                     if alloc:
                         opts["allocation"] = alloc
                 lines.append({"id": jid, "text": smp.context, "options": opts,
@@ -96,6 +102,19 @@ def jobs(a: argparse.Namespace, tok: Any) -> tuple[list[dict], dict[str, list]]:
                                             for q in smp.queries]})
                 expected[jid] = [[list(q.answers), q.metric] for q in smp.queries]
     return lines, expected
+
+
+def merge_expected(old: dict[str, list], new: dict[str, list], where: Path) -> dict[str, list]:
+    """An earlier run's expected answers with this run's; answers are scored by (task,
+    sample), so a sample that differs from the one DIR already holds is refused."""
+    held = {tuple(j.split(":")[:2]): want for j, want in old.items()}
+    for j, want in new.items():
+        task, index = j.split(":")[:2]
+        if held.get((task, index), want) != want:
+            raise SystemExit(f"{where} holds a different {task} sample {index} (another "
+                             f"--tokens, --seed, --needle or --haystack, or another ringmem "
+                             f"version's generator): use a fresh --out")
+    return old | new
 
 
 def scores(answers: list[dict], expected: dict[str, list]) -> list[dict]:
@@ -168,13 +187,18 @@ def _plot(means: dict, tasks: list[str], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # the report's table stands alone
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3), squeeze=False)
+    # the tasks with compressed runs (the others hold a full-cache line alone)
+    tasks = [t for t in tasks if any(k[0] != "full" and k[3] == t for k in means)] or tasks
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for (setting, policy) in sorted({k[:2] for k in means if k[0] != "full"}):
             pts = sorted((float(k[2]), s) for k, s in means.items()
                          if k[:2] == (setting, policy) and k[3] == t)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
-                    label=f"{policy} ({setting})")
+            # kvpress dashed with hollow markers: equal results stay visible on ringmem's
+            ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                    "s--" if setting == "kvpress" else "o-",
+                    mfc="none" if setting == "kvpress" else None,
+                    ms=8 if setting == "kvpress" else 4, label=f"{policy} ({setting})")
         full = [s for k, s in means.items() if k[0] == "full" and k[3] == t]
         if full:
             ax.axhline(full[0], color="k", ls="--", label="full cache")
@@ -196,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         lines, expected = jobs(a, tok)
         (out / "jobs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         old = out / "expected.json"  # an earlier run's samples in DIR are scored too
-        expected = (json.loads(old.read_text()) if old.exists() else {}) | expected
+        expected = merge_expected(json.loads(old.read_text()) if old.exists() else {},
+                                  expected, old)
         old.write_text(json.dumps(expected))
         cmd = [sys.executable, "-m", "ringmem.cli", "infer", "--model", a.model,
                "--jobs", str(out / "jobs.jsonl"), "--output", str(out / "answers.jsonl"),
@@ -211,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     answers = [json.loads(x) for name in ("answers.jsonl", "answers_kvpress.jsonl")
                if (out / name).exists()
                for x in (out / name).read_text().splitlines() if x.strip()]
-    rows = [r for r in scores(answers, expected) if r["sample"] < a.samples]
+    keep = ("full", "kvpress", *a.settings)  # the report covers the settings asked for
+    rows = [r for r in scores(answers, expected)
+            if r["sample"] < a.samples and r["setting"] in keep]
     (out / "scores.json").write_text(json.dumps(rows, indent=1))
     print(report(rows, out, f"ringmem eval: {a.model}, {a.tokens} tokens, "
                             f"{a.samples} samples per task"))

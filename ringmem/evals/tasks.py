@@ -65,7 +65,9 @@ def _words(rng: random.Random, n: int) -> list[str]:
     cons, vows = "bcdfghjklmnprstvz", "aeiou"
     while len(out) < n:
         out.add("".join(rng.choice(cons) + rng.choice(vows) for _ in range(rng.randint(2, 4))))
-    return sorted(out, key=lambda w: rng.random())
+    words = sorted(out)  # not the set's order: string hashes differ between processes
+    rng.shuffle(words)
+    return words
 
 
 def _value(rng: random.Random, kind: str) -> str:

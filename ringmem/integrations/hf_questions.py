@@ -36,9 +36,8 @@ from .hf_cache import RingmemCache, cache_kwargs, prefill, prefill_rows
 from .hf_vocab import greedy, split_head
 
 COMPRESS = ("document", "question")
-REPEAT = "\n\nRepeat the previous context exactly.\n"
-"""A plain prompt before the document's repeat in `reconstruct` (`repeat_prompts` builds
-KVzip's, per chunk, in the model's chat turn)."""
+REPEAT = "\n\nRepeat the previous context exactly."
+"""KVzip's prompt before the first chunk's repeat (`repeat_prompts`)."""
 RESUME = "Repeat the part of the previous context exactly, starting with"
 """KVzip's prompt before a later chunk's repeat, followed by the previous chunk's tail."""
 
@@ -122,7 +121,7 @@ def repeat_prompts(tok: Any, tail: int = 8) -> Callable[[Tensor | None], Tensor]
         after = ids(turn.split(mark, 1)[1])
     else:
         after = ids("\n")
-    first = ids("\n\nRepeat the previous context exactly.")
+    first = ids(REPEAT)
     resume = ids("\n\n" + RESUME)
 
     def prompt(prev: Tensor | None) -> Tensor:

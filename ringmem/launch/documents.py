@@ -40,7 +40,8 @@ REBALANCE = 1.1
 the mean (or one token over it): the pools are sized for that."""
 OPTIONS: dict[str, Any] = {"max_new_tokens": int, "eviction": (str, type(None)),
                            "budget": float, "allocation": str, "compress": str,
-                           "snapkv_kernel": int, "answer_prefix": str, "one_line": bool}
+                           "snapkv_kernel": int, "answer_prefix": str, "one_line": bool,
+                           "streaming": bool}
 """Per-job options of a jobs file (`InferConfig` fields)."""
 
 
@@ -99,7 +100,7 @@ class Documents:
         policy = EvictionPolicy(scorer=scorer, budget=float(cfg.budget),
                                 decode_every=cfg.decode_every, allocation=cfg.allocation,
                                 prefill="chunk" if cfg.compress == "document"
-                                and not _reconstructs(scorer) else "after",
+                                and cfg.streaming and not _reconstructs(scorer) else "after",
                                 rebalance=REBALANCE if self.world > 1 else 0.0)
         tiers = None
         if cfg.tier_host_pages or cfg.tier_disk_pages:
@@ -122,6 +123,8 @@ class Documents:
             if cfg.compress == "document" and _reconstructs(policy.scorer):
                 # the whole document, then the reconstruction's chunk in its scratch row
                 doc += -(-(self.chunk + 64) // p) + rows * min(doc, share)
+            elif cfg.compress == "document" and not cfg.streaming:  # whole, then compressed
+                doc += rows * min(doc, share)
             elif cfg.compress == "document":  # forks share it, unless its heads differ
                 doc = min(doc, share) * (rows if heads_differ else 1) + -(-self.chunk // p)
             else:  # the whole document until every row holds its own compressed copy

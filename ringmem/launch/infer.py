@@ -56,6 +56,9 @@ def parse(argv: list[str] | None = None) -> InferConfig:
     p.add_argument("--max-context", type=int, dest="max_context")
     p.add_argument("--passkey-depth", type=float, dest="passkey_depth")
     p.add_argument("--compress", help="with --eviction: document or question")
+    p.add_argument("--no-streaming", dest="streaming", action="store_false", default=None,
+                   help="with --compress document: compress once after the whole document "
+                   "is prefilled, not after every chunk")
     p.add_argument("--tier-host-pages", type=int, dest="tier_host_pages")
     p.add_argument("--timeout", type=float, help="seconds to wait for a peer (RINGMEM_TIMEOUT)")
     args = vars(p.parse_args(argv))

@@ -166,6 +166,8 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, threads: int = 1,
                 p.kill()  # SIGKILL: also ends a SIGSTOPped rank
                 killed.add(r)
         for r, p in enumerate(procs):  # reap them: no zombie outlives the call
+            if p.pid is None:  # never started (start raised): nothing to reap
+                continue
             p.join(10)
             seen.setdefault(r, time.time())
     results = _collect(procs, result_dir, seen, killed)

@@ -189,3 +189,16 @@ def test_the_caches_decode_on_cpu_is_the_kernel(ext, name: str) -> None:
     cache = ShardedKVCache(CacheConfig(num_layers=1, q_heads=4, kv_heads=2, head_dim=64,
                                        capacity=64, page_size=16, decode_backend=name))
     assert cache.decoder.name == "cpu"
+
+
+def test_the_backend_pickles_after_its_kernel_is_built(ext) -> None:
+    """A cache sent to spawned ranks carries its decoder; the built module does not pickle,
+    so a copy loads it again on first use."""
+    import pickle
+    be = get_backend("cpu", torch.device("cpu"), torch.float32, 32)
+    assert be.kernel() is not None
+    copy = pickle.loads(pickle.dumps(be))
+    k, v = _pools(1, 30, 32, torch.float32)
+    q = torch.randn(2, 32)
+    a, b = be.decode(q, k, v, [(0, 30)], 0.2), copy.decode(q, k, v, [(0, 30)], 0.2)
+    assert torch.equal(a.out, b.out) and torch.equal(a.lse, b.lse)

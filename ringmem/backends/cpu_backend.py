@@ -35,6 +35,11 @@ class CpuBackend(Backend):
         self._ext: Any = None
         self._tried = False
 
+    def __getstate__(self) -> dict:
+        # the built module cannot be pickled (a cache sent to spawned ranks holds its
+        # decoder): a copy loads it again on first use
+        return {**self.__dict__, "_ext": None, "_tried": False}
+
     def kernel(self) -> Any | None:
         """The built extension, or None where it cannot be built (logged once)."""
         if not self._tried:

@@ -38,7 +38,7 @@ PRESETS: dict[str, dict] = {
                    "presses": ["snapkv", "expected", "knorm", "kvzip"]},
     "gemma3-16k": {"model": "gemma3-270m", "tokens": 16384, "samples": 2,
                    "keep": [0.25, 0.5],
-                   "aware": ["snapkv"], "agnostic": ["keynorm", "kvzip@global"],
+                   "aware": ["snapkv"], "agnostic": ["snapkv", "keynorm", "kvzip@global"],
                    "streaming": ["snapkv"], "presses": [],
                    "kvpress": "kvpress 0.5.5 cannot compress Gemma3ForCausalLM (see "
                    "eval_kvpress.SLIDING): no kvpress rows"},

@@ -149,15 +149,21 @@ RM_AVX512BF16 void scores_avx512bf16(const Args& a, const Tile& t, float* s) {
   }
 }
 
+RM_AVX512 inline float row_max(const float* row, int64_t t) {
+  __m512 vmx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 16 <= t; j += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(row + j));
+  float mx = _mm512_reduce_max_ps(vmx);
+  for (; j < t; ++j) mx = std::max(mx, row[j]);
+  return mx;
+}
+
 RM_AVX512 void softmax_avx512(float* s, int64_t g, int64_t t, float* m, float* l) {
   for (int64_t r = 0; r < g; ++r) {
     float* row = s + r * t;
-    __m512 vmx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t j = 0;
-    for (; j + 16 <= t; j += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(row + j));
-    float mx = _mm512_reduce_max_ps(vmx);
-    for (int64_t i = j; i < t; ++i) mx = std::max(mx, row[i]);
+    const float mx = row_max(row, t);
     const __m512 vm = _mm512_set1_ps(mx);
+    int64_t j = 0;
     __m512 sum = _mm512_setzero_ps();
     for (j = 0; j + 16 <= t; j += 16) {
       const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm));
@@ -261,12 +267,9 @@ RM_AVX512BF16 void softmax_bf16(float* s, int64_t g, int64_t t, float* m, float*
   for (int64_t r = 0; r < g; ++r) {
     float* row = s + r * t;
     uint16_t* out = pb + r * stride;
-    __m512 vmx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t j = 0;
-    for (; j + 16 <= t; j += 16) vmx = _mm512_max_ps(vmx, _mm512_loadu_ps(row + j));
-    float mx = _mm512_reduce_max_ps(vmx);
-    for (int64_t i = j; i < t; ++i) mx = std::max(mx, row[i]);
+    const float mx = row_max(row, t);
     const __m512 vm = _mm512_set1_ps(mx);
+    int64_t j = 0;
     __m512 sum = _mm512_setzero_ps();
     for (j = 0; j + 16 <= t; j += 16) {
       const __m256bh h = _mm512_cvtneps_pbh(exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm)));

@@ -124,7 +124,7 @@ def main() -> None:
     if tasks and "agnostic" in a.settings:
         walls["ringmem, agnostic"] = run(part + ["--settings", "agnostic",
                                                  "--policies", *pre["agnostic"]])
-    if a.kvpress and tasks and pre["presses"]:  # reads DIR/jobs.jsonl: the headline tasks' samples
+    if a.kvpress and tasks and pre["presses"]:  # DIR/jobs.jsonl: the headline tasks
         from ringmem.demo.models import model_path
         walls["kvpress"] = run([a.kvpress, str(ROOT / "eval_kvpress.py"), "--out", str(work),
                                 "--model-dir", str(model_path(pre["model"])),

@@ -55,6 +55,12 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def eval_cmd(pre: dict, work: Path) -> list[str]:
+    """`ringmem eval` for the preset's model and length, into `work`."""
+    return [sys.executable, "-m", "ringmem.cli", "eval", "--model", pre["model"],
+            "--tokens", str(pre["tokens"]), "--out", str(work)]
+
+
 def headline_tasks(work: Path) -> list[str]:
     rows = json.loads((work / "scores.json").read_text())
     full: dict[str, list[float]] = {}
@@ -111,8 +117,7 @@ def main() -> None:
     pre = PRESETS[a.preset]
     work = Path(a.work or Path.home() / ".cache" / "ringmem" / "eval" / a.preset)
     work.mkdir(parents=True, exist_ok=True)
-    ev = [sys.executable, "-m", "ringmem.cli", "eval", "--model", pre["model"],
-          "--tokens", str(pre["tokens"]), "--out", str(work)]
+    ev = eval_cmd(pre, work)
     if a.report_only:
         return write_report(a, pre, work, headline_tasks(work), {})
     walls = {"full cache": run(ev + ["--samples", str(pre["samples"]), "--policies"]
@@ -138,8 +143,7 @@ def main() -> None:
 
 def write_report(a: argparse.Namespace, pre: dict, work: Path, tasks: list[str],
                  walls: dict[str, float]) -> None:
-    ev = [sys.executable, "-m", "ringmem.cli", "eval", "--model", pre["model"],
-          "--tokens", str(pre["tokens"]), "--out", str(work)]
+    ev = eval_cmd(pre, work)
     body = subprocess.run(ev + ["--report-only", "--samples", str(pre["samples"]),
                                 "--settings", *a.settings],
                           capture_output=True, text=True, check=True).stdout

@@ -104,12 +104,16 @@ def jobs(a: argparse.Namespace, tok: Any) -> tuple[list[dict], dict[str, list]]:
     return lines, expected
 
 
+def by_sample(expected: dict[str, list]) -> dict[tuple[str, ...], list]:
+    """Expected answers by (task, sample index): a job id's first two fields."""
+    return {tuple(j.split(":")[:2]): want for j, want in expected.items()}
+
+
 def merge_expected(old: dict[str, list], new: dict[str, list], where: Path) -> dict[str, list]:
     """An earlier run's expected answers with this run's; answers are scored by (task,
     sample), so a sample that differs from the one DIR already holds is refused."""
-    held = {tuple(j.split(":")[:2]): want for j, want in old.items()}
-    for j, want in new.items():
-        task, index = j.split(":")[:2]
+    held = by_sample(old)
+    for (task, index), want in by_sample(new).items():
         if held.get((task, index), want) != want:
             raise SystemExit(f"{where} holds a different {task} sample {index} (another "
                              f"--tokens, --seed, --needle or --haystack, or another ringmem "
@@ -120,10 +124,10 @@ def merge_expected(old: dict[str, list], new: dict[str, list], where: Path) -> d
 def scores(answers: list[dict], expected: dict[str, list]) -> list[dict]:
     """One row per answered question: task, sample, setting, policy, keep, output, score."""
     rows = []
-    by_sample = {tuple(j.split(":")[:2]): want for j, want in expected.items()}
+    wants = by_sample(expected)
     for r in answers:
         parts = str(r.get("id")).split(":")
-        want = by_sample.get(tuple(parts[:2])) if len(parts) == 5 else None
+        want = wants.get(tuple(parts[:2])) if len(parts) == 5 else None
         if want is None or "error" in r:  # another run's line, or a job that failed
             continue
         task, index, setting, policy, keep = parts

@@ -8,12 +8,20 @@ namespace ringmem_cpu {
 #define RM_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c")))
 
-RM_AVX512 inline __m512 load16(const void* base, int64_t i, Elt e) {
-  if (e == Elt::F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+template <Elt E>
+RM_AVX512 inline __m512 load16e(const void* base, int64_t i) {
+  if constexpr (E == Elt::F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
   const __m256i h = _mm256_loadu_si256(
       reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
-  if (e == Elt::F16) return _mm512_cvtph_ps(h);
+  if constexpr (E == Elt::F16) return _mm512_cvtph_ps(h);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// the element type known only at run time
+RM_AVX512 inline __m512 load16(const void* base, int64_t i, Elt e) {
+  if (e == Elt::F32) return load16e<Elt::F32>(base, i);
+  if (e == Elt::F16) return load16e<Elt::F16>(base, i);
+  return load16e<Elt::BF16>(base, i);
 }
 
 RM_AVX512 inline __m512 exp16(__m512 x) {
@@ -163,9 +171,9 @@ RM_AVX512 void softmax_avx512(float* s, int64_t g, int64_t t, float* m, float* l
     float* row = s + r * t;
     const float mx = row_max(row, t);
     const __m512 vm = _mm512_set1_ps(mx);
-    int64_t j = 0;
     __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j + 16 <= t; j += 16) {
+    int64_t j = 0;
+    for (; j + 16 <= t; j += 16) {
       const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm));
       _mm512_storeu_ps(row + j, p);
       sum = _mm512_add_ps(sum, p);
@@ -178,15 +186,6 @@ RM_AVX512 void softmax_avx512(float* s, int64_t g, int64_t t, float* m, float* l
     m[r] = mx;
     l[r] = _mm512_reduce_add_ps(sum) + tail;
   }
-}
-
-template <Elt E>
-RM_AVX512 inline __m512 load16e(const void* base, int64_t i) {
-  if constexpr (E == Elt::F32) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
-  const __m256i h = _mm256_loadu_si256(
-      reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
-  if constexpr (E == Elt::F16) return _mm512_cvtph_ps(h);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 // ROWS query rows x 64 columns of accumulators, all bounds known at compile time, so the
@@ -269,9 +268,9 @@ RM_AVX512BF16 void softmax_bf16(float* s, int64_t g, int64_t t, float* m, float*
     uint16_t* out = pb + r * stride;
     const float mx = row_max(row, t);
     const __m512 vm = _mm512_set1_ps(mx);
-    int64_t j = 0;
     __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j + 16 <= t; j += 16) {
+    int64_t j = 0;
+    for (; j + 16 <= t; j += 16) {
       const __m256bh h = _mm512_cvtneps_pbh(exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)h);
       sum = _mm512_add_ps(sum, _mm512_castsi512_ps(

@@ -79,7 +79,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n", [1, 15, 16, 17, 1023, 1025, 2500])
+@pytest.mark.parametrize("n", [1, 3, 15, 16, 17, 1023, 1025, 2047, 2049, 4100])
 def test_kernel_matches_float64_at_every_length(ext, dtype, n) -> None:
     be = get_backend("cpu", torch.device("cpu"), dtype, 64)
     hkv, g, d = 2, 4, 64
@@ -90,7 +90,7 @@ def test_kernel_matches_float64_at_every_length(ext, dtype, n) -> None:
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("g,d", [(1, 64), (3, 80), (4, 128), (8, 96)])
+@pytest.mark.parametrize("g,d", [(1, 64), (3, 80), (4, 128), (8, 96), (8, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_page_layouts_group_sizes_and_head_dims(ext, layout, g, d, dtype) -> None:
     be = get_backend("cpu", torch.device("cpu"), dtype, d)
@@ -102,17 +102,19 @@ def test_page_layouts_group_sizes_and_head_dims(ext, layout, g, d, dtype) -> Non
            1 / math.sqrt(d), dtype)
 
 
-def test_per_head_runs_softcap_and_logits_equal_the_torch_path(ext) -> None:
+@pytest.mark.parametrize("dtype,g", [(torch.float32, 2), (torch.bfloat16, 4)])
+def test_per_head_runs_softcap_and_logits_equal_the_torch_path(ext, dtype, g) -> None:
     """Heads holding different tokens (after per-head eviction), a Gemma-2 softcap, and
-    the per-key logits the H2O / TOVA / A2SF scorers read, in the torch path's order."""
-    be = get_backend("cpu", torch.device("cpu"), torch.float32, 64)
-    hkv, g, d, n = 3, 2, 64, 900
-    k, v = _pools(hkv, n, d, torch.float32)
-    q = torch.randn(hkv * g, d)
+    the per-key logits the H2O / TOVA / A2SF scorers read, in the torch path's order
+    (bf16 with 4 rows: the 4-row x 4-key score blocks)."""
+    be = get_backend("cpu", torch.device("cpu"), dtype, 64)
+    hkv, d, n = 3, 64, 900
+    k, v = _pools(hkv, n, d, dtype)
+    q = torch.randn(hkv * g, d).to(dtype)
     per_head = [[(0, 10), (20, 600)], [], [(5, 6), (100, 900)]]
     mine: list = []
     got = be.decode(q, k, v, [], 0.125, head_runs=per_head, logits=mine, softcap=30.0)
-    _check(got, q, k, v, per_head, 0.125, torch.float32, softcap=30.0)
+    _check(got, q, k, v, per_head, 0.125, dtype, softcap=30.0)
     theirs: list = []
     attend(q, k, v, 0.125, head_runs=per_head, logits=theirs, softcap=30.0)
     _, _, ref = _ref(q, k, v, per_head, 0.125, softcap=30.0)
@@ -120,7 +122,7 @@ def test_per_head_runs_softcap_and_logits_equal_the_torch_path(ext) -> None:
     for a, b, r in zip(mine, theirs, ref):
         if r.numel() == 0:  # the head with no tokens
             continue
-        msg = check_close("logits", a, r, b, torch.float32)
+        msg = check_close("logits", a, r, b, dtype)
         assert msg is None, msg
 
 

@@ -91,11 +91,14 @@ RM_AVX512 void scores_avx512(const Args& a, const Tile& t, Elt e, float* s) {
 
 // One thread's K and V streams outrun the hardware prefetcher once this much compute sits
 // between the loads. Each pass asks for its own stream's lines AHEAD keys further (into
-// L2), a few per step so they never queue up in a burst: the scores pass for K, the first
-// column block of the V product for V. Rows past the pool are not asked for.
-// (measured, 1 thread, bf16, 4 rows per KV head: 10.4 -> 14.7 GB/s against a 17-20 GB/s read;
-// 32 to 256 keys ahead within noise; one burst of asks per 16 keys stalled on them instead)
-constexpr int64_t AHEAD = 256;
+// L2), a few per step so they never queue up in a burst: the scores pass for K, every
+// column pass of the V product for its own columns of V (asks in the first pass only left
+// memory idle during the second). Rows past the pool are not asked for.
+// (measured, 1 thread, 256K keys, bf16, 4 rows per KV head, ns per key against a read's
+// ~21: no asks 49; asks in the first V pass only 35.7; in every V pass 32.3; 64 keys ahead
+// rather than 256, ~2 less; with the 4 x 4 score blocks below, 23-26. Asks into L1 (T0):
+// 49. The next tile's lines asked evenly over this tile's whole work: no better.)
+constexpr int64_t AHEAD = 64;
 
 struct Prefetch {
   const char* at;   // next line to ask for
@@ -114,8 +117,38 @@ RM_AVX512BF16 void scores_bf16(const Args& a, const Tile& t, float* s) {
   const int64_t T = t.hi - t.lo, D = DD ? DD : a.d, G = a.g;
   const uint16_t* kb = static_cast<const uint16_t*>(a.k);  // absolute rows
   int64_t j0 = 0;
+  // G a multiple of 4: blocks of 4 rows x 4 keys, so each key vector is loaded once for 4
+  // rows (half the loads of 16 keys x 1 row); the 16 sums reduce together as below
+  for (; G % 4 == 0 && j0 + 4 <= T; j0 += 4) {
+    const uint16_t* kj = kb + (t.lo + j0) * D;
+    const int64_t pr = std::min(a.n, t.lo + j0 + AHEAD), steps = (G / 4) * (D / 32);
+    Prefetch pf{reinterpret_cast<const char*>(kb + pr * D),
+                reinterpret_cast<const char*>(kb + std::min(a.n, pr + 4) * D),
+                (4 * D * 2 / 64 + steps - 1) / steps};
+    for (int64_t r0 = 0; r0 < G; r0 += 4) {
+      const uint16_t* q0 = a.qb + (t.head * G + r0) * D;
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < D; c += 32) {
+        pf.step();
+        __m512bh kv[4];
+        for (int u = 0; u < 4; ++u) kv[u] = (__m512bh)_mm512_loadu_si512(kj + u * D + c);
+        for (int r = 0; r < 4; ++r) {
+          const __m512bh qv = (__m512bh)_mm512_loadu_si512(q0 + r * D + c);
+          for (int u = 0; u < 4; ++u)
+            acc[4 * r + u] = _mm512_dpbf16_ps(acc[4 * r + u], qv, kv[u]);
+        }
+      }
+      const __m512 sum = reduce16(acc);  // lane 4 r + u: row r0 + r, key j0 + u
+      float* dst = s + r0 * T + j0;
+      _mm_storeu_ps(dst, _mm512_extractf32x4_ps(sum, 0));
+      _mm_storeu_ps(dst + T, _mm512_extractf32x4_ps(sum, 1));
+      _mm_storeu_ps(dst + 2 * T, _mm512_extractf32x4_ps(sum, 2));
+      _mm_storeu_ps(dst + 3 * T, _mm512_extractf32x4_ps(sum, 3));
+    }
+  }
   const int64_t lines = 16 * D * 2 / 64, steps = G * (D / 32);
-  for (; j0 + 16 <= T; j0 += 16) {
+  for (; G % 4 != 0 && j0 + 16 <= T; j0 += 16) {
     const uint16_t* kj = kb + (t.lo + j0) * D;
     const int64_t pr = std::min(a.n, t.lo + j0 + AHEAD);  // this block's keys, AHEAD on
     Prefetch pf{reinterpret_cast<const char*>(kb + pr * D),
@@ -310,11 +343,12 @@ RM_AVX512BF16 void pv_block_bf16(const Args& a, const Tile& t, const uint16_t* p
   const char* vc = reinterpret_cast<const char*>(vb);
   for (int64_t j = 0; j < T; j += 2) {
     const uint16_t* v0 = vb + (t.lo + j) * D + c0;
-    if (c0 == 0) {  // the V lines of keys j, j + 1, AHEAD on
-      const int64_t pr = t.lo + j + AHEAD;
-      Prefetch pf{vc + std::min(a.n, pr) * D * 2, vc + std::min(a.n, pr + 2) * D * 2, 2 * D * 2 / 64};
-      pf.step();
-    }
+    if (r0 == 0)  // this pass's columns of keys j, j + 1, AHEAD on: every column pass
+      for (int64_t pr = t.lo + j + AHEAD; pr < std::min(a.n, t.lo + j + AHEAD + 2); ++pr) {
+        const char* at = vc + (pr * D + c0) * 2;
+        _mm_prefetch(at, _MM_HINT_T1);
+        _mm_prefetch(at + 64, _MM_HINT_T1);
+      }
     const __m512i a0 = _mm512_loadu_si512(v0), a1 = _mm512_loadu_si512(v0 + 32);
     __m512i b0 = _mm512_setzero_si512(), b1 = _mm512_setzero_si512();
     if (j + 1 < T) {  // an odd tail pairs with zeros (its p is 0 too), never the next row

@@ -33,10 +33,11 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from _common import git_commit, machine  # noqa: E402
-from _compile import SPECS, compile_one, fixed_tiles  # noqa: E402
 from ringmem.kernels import configs  # noqa: E402
 from ringmem.kernels.configs import Tile  # noqa: E402
+
+from _common import git_commit, machine  # noqa: E402
+from _compile import SPECS, compile_one, fixed_tiles  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 T = Tile

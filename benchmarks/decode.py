@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 import ringmem
 from ringmem.cache import CacheConfig, ShardedKVCache
+
 from _common import cpu_model, git_commit
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -45,7 +45,6 @@ import torch
 from _common import cpu_model, git_commit
 
 
-
 def _shared(kv: Any) -> dict:
     """deepcopy memo: the cache itself, its process group and config are never copied."""
     return {id(kv): kv, id(kv.group): kv.group, id(kv.config): kv.config}
@@ -126,8 +125,8 @@ def merge(rows: list[dict], path: str) -> tuple[list[dict], list[dict]]:
 
 def worker(rank: int, world: int, a: Any, out_file: str) -> None:
     from ringmem.cache import CacheConfig, ShardedKVCache
-    from ringmem.eviction import EvictionPolicy, StreamingLLM
     from ringmem.demo import haystack, models
+    from ringmem.eviction import EvictionPolicy, StreamingLLM
     from ringmem.integrations import hf, hf_cache
     torch.set_num_threads(1)
     model, tok = models.load()

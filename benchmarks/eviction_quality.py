@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from eviction_model import policy
 
 import ringmem
 from ringmem.cache import CacheConfig, ShardedKVCache
 from ringmem.testing import spawn
+
 from _common import cpu_model, git_commit
-from eviction_model import policy
 
 POLICIES = ("streaming", "keynorm", "h2o", "a2sf", "tova-layer", "tova", "snapkv", "expected")
 # TOVA as published (and as the issue states it) averages the last query's attention over
@@ -140,7 +141,8 @@ def one_run(data: dict[str, torch.Tensor], n: int, name: str, ratio: float,
     err = ((out.double() - ref).norm() / ref.norm()).item()
     rec = recs[0] if recs else None
     return {"context": n, "policy": name, "budget": ratio, "recall": kept.clamp(max=1).tolist(),
-            "rel_err": err, "needle_mass": float(data["needle_mass"]), "compress_s": dt, "kept_per_head": rec.kept_per_head if rec else [],
+            "rel_err": err, "needle_mass": float(data["needle_mass"]), "compress_s": dt,
+            "kept_per_head": rec.kept_per_head if rec else [],
             "tokens_per_rank": cache.rank_counts(0, 0)}
 
 
@@ -279,10 +281,12 @@ def report(a: argparse.Namespace, rows: list[dict], seconds: float) -> None:
         "with the last query alone (one noisy hint). As published, TOVA averages that "
         "query's attention over every head of the layer (`tova-layer`, granularity "
         "'layer': every head keeps the same tokens), which averages 4 noisy hints; the "
-        "per-KV-head variant (`tova`, 2 query heads) misses needles at small budgets. H2O and A2SF see only the question's queries at prefill (the "
+        "per-KV-head variant (`tova`, 2 query heads) misses needles at small budgets. H2O "
+        "and A2SF see only the question's queries at prefill (the "
         "prefill kernels emit no per-key mass; see `ringmem.eviction.scorers`), so here "
-        "they equal SnapKV without pooling. Streaming keeps the sinks and the latest tokens, key-norm keeps low-norm "
-        "keys and the needle's norm is the median norm, so both lose it at every budget here. SnapKV "
+        "they equal SnapKV without pooling. Streaming keeps the sinks and the latest "
+        "tokens, key-norm keeps low-norm keys and the needle's norm is the median norm, so "
+        "both lose it at every budget here. SnapKV "
         "pools over the neighbours a rank holds; under `stripe` with 4 ranks and kernel 7 "
         "a rank holds none within the kernel, so pooling does nothing here.", ""])
     out.write_text(md)

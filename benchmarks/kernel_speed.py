@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
 from _common import git_commit
 
 TARGETS = {"fwd": 0.9, "bwd": 0.8, "decode": 0.7}

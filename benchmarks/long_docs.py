@@ -211,7 +211,8 @@ def report() -> str:
                   f"{b['last_answer_s']:.1f} (document prefill {b['document_s']:.1f}) |",
                   f"| independent runs (document + 1 question each), measured | "
                   f"{', '.join(f'{t:.1f}' for t in ind['measured_s'])} |",
-                  f"| 10 independent runs (their mean x 10) | {ind['ten_runs_s (mean x 10)']:.1f} |",
+                  f"| 10 independent runs (their mean x 10) | "
+                  f"{ind['ten_runs_s (mean x 10)']:.1f} |",
                   f"| **(a) speed-up** (target >= 5x) | **{r['speedup (a)']:.1f}x** |",
                   f"| cold run with --doc-cache: document prefill (then saved) | "
                   f"{dc['cold_document_s']:.1f} |",
@@ -236,7 +237,8 @@ def report() -> str:
                   "(window layers' pools included: 15 of 18 layers, the same in both), "
                   "in use, host tier, peak RSS (model weights included).", "",
                   "| depth | setting | pass key | KV allocated r0 / r1 | in use r0 / r1 | "
-                  "host tier r0 / r1 | peak RSS r0 / r1 | wall s |", "|---|---|---|---|---|---|---|---|"]
+                  "host tier r0 / r1 | peak RSS r0 / r1 | wall s |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             k = r["ranks"]
             f = lambda name: " / ".join(f"{x.get(name, 0):.1f}" for x in k)  # noqa: E731

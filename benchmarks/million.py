@@ -36,6 +36,7 @@ import ringmem
 from ringmem.cache import CacheConfig, ShardedKVCache, TierPolicy
 from ringmem.eviction import EvictionPolicy, StreamingLLM
 from ringmem.testing import spawn
+
 from _common import git_commit, machine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -288,7 +289,8 @@ def report(a: argparse.Namespace, p: dict, steps: list[dict], ranks: list[dict],
            f"~3) |",
            f"| needle's exact attention mass (min over q heads) | {needle_mass:.4f} |",
            f"| hot tokens held / rank (end) | {', '.join(str(r['hot_held']) for r in ranks)} |",
-           f"| hot pages in use, all ranks (end) | {sum(x['hot_used'] for x in last) / mib:.1f} MiB |",
+           f"| hot pages in use, all ranks (end) | "
+           f"{sum(x['hot_used'] for x in last) / mib:.1f} MiB |",
            f"| pending + summaries (hot), all ranks | "
            f"{sum(x['pending'] + x['summaries'] for x in last) / mib:.1f} MiB |",
            f"| host tier, all ranks (end) | {sum(x['host'] for x in last) / mib:.1f} MiB in "

@@ -29,6 +29,7 @@ from torch import Tensor
 import ringmem
 from ringmem.links import Interconnect
 from ringmem.plan import parse_option
+
 from _common import git_commit, machine
 
 PHASES = ("fwd", "fwd+bwd")

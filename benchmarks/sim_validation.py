@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from ringmem.links import INTERCONNECTS, Interconnect
 from ringmem.sim import Profile, load_library, load_profile, simulate, single_s
 from ringmem.sim.kernel import Impl

@@ -30,6 +30,7 @@ import torch
 import ringmem
 from ringmem.cache.tiers import TierPolicy, TierStore, TransferEngine
 from ringmem.cache.tiers.records import raw_bytes
+
 from _common import git_commit, machine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -60,6 +60,7 @@ class Peak:
 def worker(a: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
+
     from ringmem.train import loop
     from ringmem.train.config import TrainConfig
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringmem
+
 from _common import fwd_bwd, git_commit, grad_leaves, machine, timed
 
 
@@ -77,8 +78,8 @@ def packed(a: argparse.Namespace, cu: list[int], seed: int) -> dict[str, Any]:
         attn = lambda *t: ringmem.ring_attention(*t, causal=True, **kw)  # noqa: E731
         with torch.no_grad():
             res[f"{layout} fwd"] = statistics.median(timed(lambda: attn(ql, kl, vl), a.repeats))
-        res[f"{layout} fwd+bwd"] = statistics.median(timed(fwd_bwd(attn, grad_leaves((ql, kl, vl)), dl),
-                                                a.repeats))
+        step = fwd_bwd(attn, grad_leaves((ql, kl, vl)), dl)
+        res[f"{layout} fwd+bwd"] = statistics.median(timed(step, a.repeats))
         est = ringmem.plan(tuple(ql.shape), tuple(kl.shape), world=world,
                            dtype=torch.float32, device_type="cpu", layout=layout,
                            cu_seqlens=cu).schedules["kv"]

@@ -8,18 +8,18 @@ import torch
 from torch import Tensor
 
 from .agree import agree
+from .arguments import dtype_error, flag_error, positive_number
 from .backends import check_backend_name, get_backend
 from .comm import CommStats, Group, RingComm, device_error
-from .arguments import dtype_error, flag_error, positive_number
+from .heads import heads_error
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
-from .partial import acc_dtype
-from .heads import heads_error
 from .mesh import sequence_rank, split_group
+from .partial import acc_dtype
 from .plan import Interconnect, parse_option, plan, resolve_interconnect, ring_hop
-from .ulysses import fold_order, to_heads, to_seq
 from .ring import RingSpec, ring_backward, ring_forward
 from .sharding import packing_digest, shard, unshard
+from .ulysses import fold_order, to_heads, to_seq
 
 __all__ = ["SCHEDULES", "ring_attention", "shard", "unshard"]
 

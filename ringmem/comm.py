@@ -1,8 +1,8 @@
 """Ring communication: one small object, asynchronous P2P, the same code on gloo and NCCL.
 
 Two channels: `move` passes the travelling half of the attention problem one hop (backward,
-rank r -> r-1, or forward), `ret` returns results straight to their owner on a second process group, so
-both directions of every link carry data at once and neither queues behind the other.
+rank r -> r-1, or forward), `ret` returns results straight to their owner on a second process
+group, so both directions of every link carry data at once and neither queues behind the other.
 """
 from __future__ import annotations
 

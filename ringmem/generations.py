@@ -174,7 +174,8 @@ def save(root: str | Path, write: Callable[[Path, P], T], *, group: Group, op: s
                 _sweep(root, new)  # the previous generation, now superseded
             except Exception as e:  # committed: the next save or load sweeps what is left
                 warnings.warn(f"{op}: generation {new} under {root} is committed, but "
-                              f"removing the previous one failed: {e}", RuntimeWarning)
+                              f"removing the previous one failed: {e}", RuntimeWarning,
+                              stacklevel=2)
     _phase(op, group, error, rank, f"switching {root / MANIFEST} to {gen.name}", kept)
     return out
 
@@ -215,7 +216,7 @@ def load(root: str | Path, read: Callable[[Path], T], *, group: Group, op: str,
             _sweep(root, gen)
         except OSError as e:
             warnings.warn(f"{op}: could not remove leftovers under {root}: {e}",
-                          RuntimeWarning)
+                          RuntimeWarning, stacklevel=2)
     return out
 
 

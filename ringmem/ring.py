@@ -17,8 +17,8 @@ from torch import Tensor
 from .backends import Backend
 from .backends.base import propagate_nonfinite
 from .comm import RingComm
-from .partial import Partial, acc_dtype, merge_into
 from .masking import Mask
+from .partial import Partial, acc_dtype, merge_into
 from .routing import Geometry, held, moving_side, split_rows, step_block, used
 
 Side = list[tuple[Tensor, int]]  # tensors of one side with their sequence dims

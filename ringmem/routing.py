@@ -148,7 +148,7 @@ def split_rows(pieces: tuple[Piece, ...], at: int) -> tuple[tuple[Piece, ...], t
             second.append(Piece(slice(at, b), slice(p.k.start, mid), b=p.b))
             second.append(Piece(slice(at, b), slice(mid, p.k.stop), None, 0, p.b))
         else:
-            shift = lambda x: None if x is None else x + (at - a)  # noqa: E731
+            shift = lambda x, by=at - a: None if x is None else x + by
             first.append(Piece(slice(a, at), p.k, p.lo, p.hi, p.b))
             second.append(Piece(slice(at, b), p.k, shift(p.lo), shift(p.hi), p.b))
     return tuple(first), tuple(second)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from .agree import agree
-from .comm import Group, gather_rows, group_rank_world
 from .arguments import check_flag
+from .comm import Group, gather_rows, group_rank_world
 from .layouts import check_layout, global_permutation, local_len_error, positions, split_len
 from .mesh import sequence_rank
 from .packing import Packing, normalize, padded_len, position_ids, rows_of, source_index

@@ -260,7 +260,7 @@ def test_prefill_after_a_prefix_some_ranks_lack(world: int) -> None:
 def _decode_inputs_differ(rank: int, world: int, merge: str, dtype: torch.dtype) -> None:
     cache = ShardedKVCache(_cfg(merge=merge, num_layers=1, max_seqs=1, dtype=dtype))
     g = torch.Generator().manual_seed(3)
-    for step in range(4):  # equal on every rank: fine (world 3 once refused this in fp32)
+    for _step in range(4):  # equal on every rank: fine (world 3 once refused this in fp32)
         q, k, v = (torch.randn(1, 1, h, D, generator=g, dtype=torch.float64).to(dtype) * 10
                    for h in (HQ, HKV, HKV))
         cache.decode(0, q, k, v)
@@ -278,11 +278,12 @@ def test_decode_refuses_inputs_that_differ_across_ranks(merge: str, dtype: torch
 
 
 def _decode_beside_ring(rank: int, world: int) -> None:
-    from ringmem.agree import OperationMismatchError
     import ringmem
+    from ringmem.agree import OperationMismatchError
     cache = ShardedKVCache(_cfg(num_layers=1, max_seqs=1))
     q, k, v = (torch.zeros(1, 1, h, D, dtype=torch.float64) for h in (HQ, HKV, HKV))
-    with pytest.raises(OperationMismatchError, match="decode.*ring_attention|ring_attention.*decode"):
+    with pytest.raises(OperationMismatchError,
+                       match="decode.*ring_attention|ring_attention.*decode"):
         if rank == 0:
             cache.decode(0, q, k, v)
         else:

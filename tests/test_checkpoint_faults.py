@@ -348,8 +348,9 @@ def _train_faults(rank: int, world: int, root_s: str, cfg) -> None:
 
 @pytest.mark.slow
 def test_train_save_fault_at_every_point_keeps_previous_checkpoint(tmp_path) -> None:
-    from _demo import require_demo
     from ringmem.train.config import TrainConfig, from_dict
+
+    from _demo import require_demo
     require_demo()  # the tokenizer and the KJV text
     cfg = from_dict(TrainConfig, dict(
         model=f"random:{ROOT / 'configs' / 'models' / 'llama_tiny'}", seq_len=128,

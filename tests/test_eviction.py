@@ -10,8 +10,19 @@ import torch
 import torch.distributed as dist
 
 from ringmem.cache import CacheConfig, PagedStore, ShardedKVCache
-from ringmem.eviction import (A2SF, H2O, TOVA, EvictionPolicy, ExpectedAttention, KeyNorm,
-                              Scorer, SnapKV, StreamingLLM, grouped_topk_mask, make_scorer)
+from ringmem.eviction import (
+    A2SF,
+    H2O,
+    TOVA,
+    EvictionPolicy,
+    ExpectedAttention,
+    KeyNorm,
+    Scorer,
+    SnapKV,
+    StreamingLLM,
+    grouped_topk_mask,
+    make_scorer,
+)
 from ringmem.eviction.scorers import max_pool_positions
 from ringmem.layouts import positions
 from ringmem.testing import spawn

@@ -272,6 +272,7 @@ def _assigned_values(body: list) -> list[tuple[str, object]]:
 def test_integrations_hold_no_module_state() -> None:
     import ast
     from pathlib import Path
+
     import ringmem.integrations as pkg
 
     def immutable(v) -> bool:  # a constant other than None, or a tuple of them

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_tiered_cache import HKV, _attend, _cfg, _data, _decode, _prefill
 
 from ringmem.cache import ShardedKVCache, TierPolicy
 from ringmem.eviction import EvictionPolicy, KeyNorm
 from ringmem.testing import spawn
 
 from _tolerance import check_close
-from test_tiered_cache import HKV, _attend, _cfg, _data, _decode, _prefill
 
 
 def _run(world: int, dtype: torch.dtype, tiers: TierPolicy, steps: int = 4):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 
 import pytest
 import torch
@@ -284,7 +283,7 @@ def _extend(rank: int, world: int) -> None:
     cache = ShardedKVCache(_cfg(torch.float64), eviction=_policy(KeyNorm(), "global"),
                            tiers=TierPolicy(host_pages=64, recall=1000))
     mine = torch.arange(rank, N_PROMPT, world)
-    for lay, (q, k, v) in enumerate(data):
+    for lay, (_q, k, v) in enumerate(data):
         if lay in GLOBAL:
             cache.extend_local(lay, 0, k[mine], v[mine], mine)
     cache.sync()

@@ -17,9 +17,10 @@ from ringmem.kernels.backward import attention_bwd  # noqa: E402
 from ringmem.kernels.configs import TILES, Tile, arch_of  # noqa: E402
 from ringmem.kernels.decode import decode_partial  # noqa: E402
 from ringmem.kernels.merge import merge_stacked  # noqa: E402
-from ringmem.partial import Partial, merge as merge_reference  # noqa: E402
-from ringmem.testing import spawn  # noqa: E402
 from ringmem.layouts import PLAIN_LAYOUTS  # noqa: E402
+from ringmem.partial import Partial  # noqa: E402
+from ringmem.partial import merge as merge_reference
+from ringmem.testing import spawn  # noqa: E402
 
 from _devices import INTERPRET, device_dtypes, devices, half_dtype  # noqa: E402
 from _tolerance import check_close, outputs_and_grads  # noqa: E402
@@ -207,6 +208,7 @@ def test_fused_merge_matches_reference(device: str) -> None:
 def _ring_with_triton(rank: int, world: int, layouts: tuple[str, ...],
                       causals: tuple[bool, ...]) -> None:
     import itertools
+
     from test_ring import _case
     fails = []
     for layout, causal, (hq, hkv), dtype, schedule in itertools.product(

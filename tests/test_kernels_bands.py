@@ -17,8 +17,15 @@ from ringmem.backends.torch_ref import TorchBackend  # noqa: E402
 from ringmem.kernels.attention import attention_fwd  # noqa: E402
 from ringmem.kernels.backward import attention_bwd  # noqa: E402
 from ringmem.kernels.band import band_args  # noqa: E402
-from ringmem.kernels.configs import (VARIANT_TILES, Tile, arch_of, autotune_configs,  # noqa: E402
-                                    prune_for, tiles_for, variant)
+from ringmem.kernels.configs import (  # noqa: E402
+    VARIANT_TILES,
+    Tile,
+    arch_of,
+    autotune_configs,
+    prune_for,
+    tiles_for,
+    variant,
+)
 from ringmem.testing import spawn  # noqa: E402
 
 from _devices import INTERPRET, device_dtypes, devices, half_dtype  # noqa: E402

@@ -72,6 +72,7 @@ class DenseCoreAttention(RingmemCoreAttention):
 def _model(cp: int, dense: bool, case: str, ulysses: int = 1):
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
+
     from ringmem.integrations.megatron import ringmem_layer_spec
 
     # "window": layer 1 sees a sliding window, layer 2 everything (window_attn_skip_freq),
@@ -154,6 +155,7 @@ def _loss_and_grads(model, packed: bool, rank: int, cp: int, dtype: torch.dtype)
 
 def _setup(world: int) -> None:
     from megatron.core import parallel_state
+
     from ringmem.integrations.megatron import cpu_shim
 
     cpu_shim()
@@ -276,6 +278,7 @@ def test_demo_data_does_not_depend_on_cp(packed: bool) -> None:
 def test_unsupported_options_are_refused() -> None:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
+
     from ringmem.integrations.megatron import RingmemCoreAttention, ringmem_layer_spec
 
     def make(**kw):

@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 import torch.distributed as dist
+from test_varlen import _run_case
 
 import ringmem
 from ringmem.heads import kv_heads
@@ -17,8 +18,6 @@ from ringmem.layouts import PLAIN_LAYOUTS
 from ringmem.plan import option_name, parse_option
 from ringmem.reference import dense_mask, masked_reference
 from ringmem.testing import SpawnError, spawn
-
-from test_varlen import _run_case
 
 
 def _options(world: int, hq: int) -> list[tuple[int, str]]:

@@ -12,11 +12,10 @@ import torch.distributed as dist
 
 import ringmem
 from ringmem.layouts import PLAIN_LAYOUTS
+from ringmem.masking import pieces_mask
 from ringmem.reference import reference_attention
 from ringmem.routing import Geometry, held, split_rows, step_block
-from ringmem.masking import pieces_mask
 from ringmem.testing import spawn
-
 
 # CommStats == plan for kv and q (and every other option): test_parallel.py
 

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringmem.cache import CacheConfig, PageCorruptError, ShardedKVCache, TierPolicy
-from ringmem.partial import attend
 from ringmem.eviction import H2O, EvictionPolicy, KeyNorm, SnapKV, StreamingLLM
+from ringmem.partial import attend
 from ringmem.testing import spawn
 
 from _damage import flip_record_byte

@@ -6,14 +6,18 @@ from collections import OrderedDict
 
 import pytest
 import torch
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringmem.cache.tiers import TierPolicy, TierStore, TransferEngine, persist
 from ringmem.cache.tiers.persist import PageCorruptError, load_shard, save_shard
 from ringmem.cache.tiers.staging import StagingPool
-from ringmem.cache.tiers.summaries import (PageSummaries, page_bounds, page_summary,
-                                           rank_pages, select_pages)
+from ringmem.cache.tiers.summaries import (
+    PageSummaries,
+    page_bounds,
+    page_summary,
+    rank_pages,
+    select_pages,
+)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 HKV, D, PS = 2, 8, 4
@@ -364,7 +368,7 @@ def test_bound_is_an_upper_bound(groups):
 
 def test_select_pages_matches_brute_force_ranking():
     g = torch.Generator().manual_seed(3)
-    for trial in range(20):
+    for _trial in range(20):
         p = int(torch.randint(1, 40, (1,), generator=g))
         b = torch.randint(-3, 4, (p, HKV), generator=g).double()  # many ties
         ids = torch.randperm(1000, generator=g)[:p]
@@ -799,7 +803,7 @@ def test_prefetch_equals_synchronous_recall(tmp_path, device, forced):
 
 def test_device_ranking_matches_select_pages_and_flags_nan():
     g = torch.Generator().manual_seed(4)
-    for trial in range(10):
+    for _trial in range(10):
         p = int(torch.randint(1, 30, (1,), generator=g))
         b = torch.randint(-3, 4, (p, HKV), generator=g).double()  # many ties
         ids = torch.randperm(1000, generator=g)[:p]

@@ -83,6 +83,7 @@ def _launch(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 
 def _params(ckpt: Path, out: Path) -> dict:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     from ringmem.generations import current
     dcp_to_torch_save(str(current(ckpt)), str(out))  # the generation the manifest names
     return torch.load(out, weights_only=False)["model"]
@@ -165,6 +166,7 @@ def _steps(rank: int, world: int, cfgs: dict[str, TrainConfig], out: str) -> Non
     """Step 1's loss and gradients of each config (one process each rank: the tokenizer
     loads once); the registered attention must carry each config's options."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     from ringmem.train import loop
     res = {}
     for name, cfg in cfgs.items():
@@ -200,7 +202,9 @@ def test_activation_checkpointing_without_deprecation_warning() -> None:
     """transformers 5.x deprecates gradient_checkpointing_enable (a warning per rank): the
     trainer uses activation_checkpointing_enable where it exists, the old name elsewhere."""
     import warnings
+
     from transformers import AutoConfig, AutoModelForCausalLM
+
     from ringmem.train.loop import checkpoint_activations
     model = AutoModelForCausalLM.from_config(
         AutoConfig.from_pretrained(ROOT / "configs" / "models" / "llama_tiny"))

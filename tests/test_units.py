@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import ringmem
-from ringmem.layouts import PLAIN_LAYOUTS
 from ringmem.backends import get_backend
-from ringmem.layouts import global_permutation, positions, split_len
+from ringmem.layouts import PLAIN_LAYOUTS, global_permutation, positions, split_len
 from ringmem.masking import block_pieces, pieces_mask
 from ringmem.partial import Partial, merge
 from ringmem.reference import reference_attention

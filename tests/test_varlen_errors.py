@@ -19,7 +19,7 @@ BAD = {  # world-independent: global length 8 * world
     "unsorted": (lambda w: dict(cu_seqlens=[0, 5, 3, 8 * w]), ValueError,
                  "cu_seqlens must be non-decreasing, got 5 then 3"),
     "out of range": (lambda w: dict(cu_seqlens=[0, 4, 8 * w + 1]), ValueError,
-                     f"cu_seqlens must end at the global sequence length"),
+                     "cu_seqlens must end at the global sequence length"),
     "not from 0": (lambda w: dict(cu_seqlens=[1, 8 * w]), ValueError,
                    "cu_seqlens must start at 0, got 1"),
     "float offsets": (lambda w: dict(cu_seqlens=torch.tensor([0.0, 8.0 * w])), TypeError,
@@ -53,7 +53,7 @@ def test_bad_input_single_process(case: str) -> None:
 
 
 def _every_rank(rank: int, world: int) -> None:
-    for case, (make, exc, pattern) in BAD.items():
+    for _case, (make, exc, pattern) in BAD.items():
         with pytest.raises(exc, match=pattern):
             ringmem.ring_attention(*_qkv(), **make(world))
     # offsets that differ across ranks: reported on every rank, not a wrong answer
@@ -77,7 +77,8 @@ def test_shard_packing_errors() -> None:
         ringmem.shard(x, return_position_ids=True)
     with pytest.raises(ValueError, match="layout 'document' needs cu_seqlens"):
         ringmem.shard(x, layout="document")
-    with pytest.raises(ValueError, match=re.escape("cu_seqlens[1] must end at the global sequence length 8, got 7")):
+    msg = "cu_seqlens[1] must end at the global sequence length 8, got 7"
+    with pytest.raises(ValueError, match=re.escape(msg)):
         ringmem.shard(x, layout="document", cu_seqlens=[[0, 8], [0, 7]])
 
 

@@ -5,10 +5,10 @@ GQA is handled by grouping query heads, never by copying K/V.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
-
-from collections.abc import Sequence
 
 from ..masking import band_mask
 from ..partial import Partial, acc_dtype, attend, probs

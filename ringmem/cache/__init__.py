@@ -2,8 +2,18 @@
 tiers (host, disk) that evicted entries are demoted to and recalled from."""
 from .paged import PagedStore
 from .sharded import CacheConfig, ShardedKVCache
-from .tiers import (Demote, Page, PageCorruptError, PageSummaries, TieredPages, TierPolicy,
-                    TierStore, TransferEngine, page_bounds, select_pages)
+from .tiers import (
+    Demote,
+    Page,
+    PageCorruptError,
+    PageSummaries,
+    TieredPages,
+    TierPolicy,
+    TierStore,
+    TransferEngine,
+    page_bounds,
+    select_pages,
+)
 
 __all__ = ["CacheConfig", "Demote", "Page", "PageCorruptError", "PageSummaries",
            "PagedStore", "ShardedKVCache", "TierPolicy", "TierStore",

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends import get_backend
 from ..arguments import check_flag, dtype_error
+from ..backends import get_backend
 from ..layouts import check_layout
 
 MERGES = ("allgather", "allreduce")

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..agree import CAPACITY, agree
 from ..api import check_extras
 from ..backends import get_backend
-from ..agree import CAPACITY, agree
 from ..comm import Group, gather_rows
 from ..eviction.records import DecodeStep
 from ..partial import Partial, attend, empty, merge, merge_weighted

@@ -15,7 +15,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-
 _REF = re.compile(r"^\d+:\d+\s+")
 
 

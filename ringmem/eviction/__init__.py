@@ -8,13 +8,26 @@ from .actions import EvictionAction, HardDrop
 from .budget import EvictionPolicy
 from .coordinator import Coordinator
 from .records import EvictionRecord
-from .scorers import (A2SF, H2O, SCORERS, TOVA, ContextReconstruction, ExpectedAttention,
-                      KeyNorm, ScoreContext, Scorer, SnapKV, StreamingLLM, Window,
-                      make_scorer)
+from .scorers import (
+                      A2SF,
+                      H2O,
+                      SCORERS,
+                      TOVA,
+                      ContextReconstruction,
+                      ExpectedAttention,
+                      KeyNorm,
+                      ScoreContext,
+                      Scorer,
+                      SnapKV,
+                      StreamingLLM,
+                      Window,
+                      make_scorer,
+)
 from .topk import global_topk_mask, grouped_topk_mask
 from .view import Dims, EvictionView, HeadEntries
 
-__all__ = ["A2SF", "ContextReconstruction", "Coordinator", "Dims", "EvictionAction", "EvictionPolicy", "EvictionRecord",
-           "EvictionView", "ExpectedAttention", "H2O", "HardDrop", "HeadEntries", "KeyNorm",
+__all__ = ["A2SF", "ContextReconstruction", "Coordinator", "Dims", "EvictionAction",
+           "EvictionPolicy", "EvictionRecord", "EvictionView", "ExpectedAttention", "H2O",
+           "HardDrop", "HeadEntries", "KeyNorm",
            "SCORERS", "ScoreContext", "Scorer", "SnapKV", "StreamingLLM", "TOVA", "Window",
            "global_topk_mask", "grouped_topk_mask", "make_scorer"]

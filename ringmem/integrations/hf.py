@@ -53,7 +53,6 @@ from ..comm import Group, group_rank_world
 from ..config import check_ulysses
 from .hf_masks import PackingReader, call_options
 
-
 PENDING_ATTR = "_ringmem_pending"
 """Attribute `RingmemCache.update` sets on the key tensor it returns: a weak reference to the
 cache, whose pending (layer, key) the attention function then takes."""

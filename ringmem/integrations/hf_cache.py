@@ -216,11 +216,11 @@ class RingmemCache(Cache):
             n = idx.numel()
             if n == 0:
                 continue
-            c = -(-n // gran) * gran
+            pad = -(-n // gran) * gran - n
 
-            def part(x: Tensor) -> Tensor:
+            def part(x: Tensor, b: int = b, idx: Tensor = idx, pad: int = pad) -> Tensor:
                 rows = x[b].index_select(0, idx)
-                rows = torch.cat([rows, rows.new_zeros(c - n, *rows.shape[1:])])
+                rows = torch.cat([rows, rows.new_zeros(pad, *rows.shape[1:])])
                 return kv.shard_chunk(rows.unsqueeze(0))
             o = kv.prefill_chunk(layer, part(q), part(k), part(v), seq=b, n_valid=n,
                                  softmax_scale=scaling, backend=self.backend, **extra)

@@ -25,8 +25,8 @@ base models. A question's own answer prefix opens the answer of either kind.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Collection, Iterator
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch

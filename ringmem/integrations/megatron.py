@@ -31,10 +31,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..api import SCHEDULES, ring_attention
-from ..sharding import shard
 from ..comm import Group, group_rank_world
 from ..config import check_ulysses
 from ..packing import chunks
+from ..sharding import shard
 
 _CP_COMM_TYPE = "p2p"  # Megatron's ring (None means the same); a2a / allgather would be a
 # different algorithm, so asking for one is refused rather than silently run as a ring

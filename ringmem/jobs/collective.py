@@ -127,7 +127,7 @@ def save_entry(store: DocCacheStore, key: str, cache: ShardedKVCache, *, model_i
                 store.remove(key)
             except OSError as e:  # the save's own error matters more; the next save sweeps
                 warnings.warn(f"{_SAVE}: could not remove the failed entry {key}: {e}",
-                              RuntimeWarning)
+                              RuntimeWarning, stacklevel=2)
         raise
     error = None
     if rank == 0:

@@ -3,7 +3,7 @@
 * `attention`: flash-attention forward for one ring block, the mask a band on absolute
   positions (lo <= (k_offset + j) - (q_offset + i) <= hi, either edge optional: full,
   causal, sliding-window pieces), optional logit softcap, GQA without expanding K/V
-  (`attention_fwd`; `attention_bwd` from `backward` re-exported).
+  (`attention_fwd`).
 * `backward`: delta, dK/dV and dQ kernels (`attention_bwd`), fp32 gradients, same masks.
 * `band`: the band and softcap pieces both share (constexpr HAS_LO / HAS_HI / SOFTCAP
   variants; the host folds the offsets into the edges).

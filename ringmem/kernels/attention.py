@@ -1,6 +1,6 @@
 """Flash-attention forward in Triton, for one ring block (backward: `backward.py`).
 
-Layering: @triton.jit kernels -> launchers -> `attention_fwd` (`attention_bwd` re-exported).
+Layering: @triton.jit kernels -> launchers -> `attention_fwd`.
 
 * Masks are bands on absolute positions: key j is visible from query i iff
   lo <= (k_offset + j) - (q_offset + i) <= hi, either edge optional (None). Causal is
@@ -31,9 +31,20 @@ import triton.language as tl
 from torch import Tensor
 
 from .band import Mask, _band, _key_range, _logits, band_args, scale_args
-from .configs import (TUNE_KEY, Tile, autotune_configs, block_d, check_index_range,
-                      check_qkv, default_tile, dot_precision, interpreting, prune_for,
-                      unit_last, variant)
+from .configs import (
+    TUNE_KEY,
+    Tile,
+    autotune_configs,
+    block_d,
+    check_index_range,
+    check_qkv,
+    default_tile,
+    dot_precision,
+    interpreting,
+    prune_for,
+    unit_last,
+    variant,
+)
 
 
 @triton.jit
@@ -172,4 +183,4 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: Mask = 
 
 
 
-__all__ = ["attention_bwd", "attention_fwd"]
+__all__ = ["attention_fwd"]

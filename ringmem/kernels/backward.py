@@ -19,9 +19,20 @@ import triton.language as tl
 from torch import Tensor
 
 from .band import Mask, _band, _key_range, _logits, band_args, scale_args
-from .configs import (TUNE_KEY, Tile, autotune_configs, block_d, check_index_range,
-                      check_qkv, default_tile, dot_precision, interpreting, prune_for,
-                      unit_last, variant)
+from .configs import (
+    TUNE_KEY,
+    Tile,
+    autotune_configs,
+    block_d,
+    check_index_range,
+    check_qkv,
+    default_tile,
+    dot_precision,
+    interpreting,
+    prune_for,
+    unit_last,
+    variant,
+)
 
 DELTA_BLOCK_M = 64
 

@@ -23,9 +23,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .attention import _attend, _finish, _launch_fwd
-from .configs import check_qkv
-from .configs import (LOG2E, Tile, block_d, check_index_range, decode_tile, dot_precision,
-                      unit_last)
+from .configs import (
+    LOG2E,
+    Tile,
+    block_d,
+    check_index_range,
+    check_qkv,
+    decode_tile,
+    dot_precision,
+    unit_last,
+)
 from .merge import merge_rows, merge_stacked
 
 MIN_SPLIT_KEYS = 512  # fewer keys per program and the merge costs more than it saves

@@ -218,7 +218,6 @@ class Documents:
             batch = qs[first:first + rows]
             cache, how, doc_s = self._document(cfg, doc, rows, progress)
             try:
-                t0 = time.perf_counter()
                 for a in answer_questions(self.model, cache, doc, [q.to(self.device)
                                                                    for q in batch],
                                           max_new_tokens=cfg.max_new_tokens,

@@ -1,6 +1,7 @@
 """torchrun entry: long-document inference with a real model across the ranks.
 
-    torchrun --standalone --nproc-per-node 2 ringmem/launch/infer.py [--config configs/infer_demo.toml]
+    torchrun --standalone --nproc-per-node 2 ringmem/launch/infer.py \\
+        [--config configs/infer_demo.toml]
     ringmem infer --nproc 2                      # the same, through the console command
 
 Loads the model (the bundled SmolLM2-135M by default; "gemma3-270m", or a checkpoint

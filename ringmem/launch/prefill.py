@@ -1,6 +1,7 @@
 """torchrun entry: sharded attention prefill / training step on synthetic data.
 
-    torchrun --standalone --nproc-per-node 2 ringmem/launch/prefill.py --config configs/prefill_cpu.toml
+    torchrun --standalone --nproc-per-node 2 ringmem/launch/prefill.py \\
+        --config configs/prefill_cpu.toml
 
 gloo on CPU, NCCL when CUDA is available. Prints per-rank step time, tokens/s and peak memory.
 """

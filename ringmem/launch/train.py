@@ -1,6 +1,7 @@
 """torchrun entry: context-parallel training of a causal LM on packed documents.
 
-    torchrun --standalone --nproc-per-node 2 ringmem/launch/train.py --config configs/train_smoke.toml
+    torchrun --standalone --nproc-per-node 2 ringmem/launch/train.py \\
+        --config configs/train_smoke.toml
     ringmem train --nproc 2 --config configs/train_smoke.toml        # the same
 
 gloo on CPU, NCCL when CUDA is available. Prints a progress bar (step, loss, tokens/s, peak

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import replace
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from .kernel import Profile, piece_flops
@@ -76,10 +77,10 @@ def measure(device: str = "cpu", *, heads: int = 8, dim: int = 64, dtype: str = 
         with torch.no_grad():
             o, lse = be.fwd(q, k, v, scale, causal)
             if ph == "fwd":
-                t = _best_s(lambda: be.fwd(q, k, v, scale, causal), repeats, sync)
+                t = _best_s(partial(be.fwd, q, k, v, scale, causal), repeats, sync)
             else:
                 do = torch.randn_like(o)
-                t = _best_s(lambda: be.bwd(do, q, k, v, o, lse, scale, causal), repeats,
+                t = _best_s(partial(be.bwd, do, q, k, v, o, lse, scale, causal), repeats,
                               sync)
         pairs = pairs_of(rows, keys, causal)
         flops = piece_flops(rows, keys, pairs, heads, 1, dim, ph)

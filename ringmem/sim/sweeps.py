@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ..links import Interconnect
-from .paths import benchmarks_dir, progress
 from .kernel import Library, load_library, load_profile, piece_flops
 from .model import simulate
+from .paths import benchmarks_dir, progress
 
 HQ, HKV, D = 32, 8, 128
 
@@ -155,8 +155,8 @@ def plot(res: dict[str, Any], out_dir: Path) -> list[Path]:
                                  r["kv_heads"] == h and r["context"] == c)) for c in cs]
                 for h in hs]
         ax.imshow(grid, cmap="tab10", vmin=0, vmax=9, origin="lower", aspect="auto")
-        for i, h in enumerate(hs):
-            for j, c in enumerate(cs):
+        for i in range(len(hs)):
+            for j in range(len(cs)):
                 ax.text(j, i, opts[grid[i][j]], ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(cs)), [f"{c // 1024}K" for c in cs])
         ax.set_yticks(range(len(hs)), [str(h) for h in hs])

@@ -4,8 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import DTYPES, check_timeout, from_dict, load_config  # noqa: F401  (re-exported)
-from ..config import check_ulysses
+from ..config import DTYPES, check_timeout, check_ulysses, from_dict, load_config  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -42,6 +42,7 @@ class Run:
 def load_model(spec: str, seed: int) -> tuple[Any, Any]:
     """(model in train mode, tokenizer): bundled, a local checkpoint, or random:<config>."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     from ..demo import models
     if spec.startswith("random:"):
         config = AutoConfig.from_pretrained(spec.split(":", 1)[1])
@@ -80,6 +81,7 @@ def checkpoint_activations(model: Any) -> None:
 def build(cfg: TrainConfig, world: int) -> Run:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     from ..integrations import hf
     dp, cp = cfg.mesh(world)
     cuda = torch.cuda.is_available()

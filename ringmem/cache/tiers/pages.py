@@ -9,10 +9,10 @@
   evicted fewer has empty slots (pos = -1). Pages go to this rank's `TierStore` (host, LRU
   spill to disk) with their Quest summaries on the hot device.
 * Decode (`prepare`; the decode pipeline attends what it returns): each rank bounds its
-  own demoted pages of (layer, seq) with the query, recalls its top `recall` pages (ties: lower page id),
-  attends exactly over pending + recalled (per-head masks) and merges that with the hot
-  partial by lse, before the step's one cross-rank merge. The budget is per rank: a global
-  top-n would cost a collective per layer.
+  own demoted pages of (layer, seq) with the query, recalls its top `recall` pages (ties:
+  lower page id), attends exactly over pending + recalled (per-head masks) and merges that
+  with the hot partial by lse, before the step's one cross-rank merge. The budget is per
+  rank: a global top-n would cost a collective per layer.
 * Prefetch: while layer l computes, the transfer worker recalls layer l+1's selection of
   the previous step. Pages the new selection needs but the prefetch lacks are recalled at
   once, and pages are attended in selection order, so outputs never depend on timing.

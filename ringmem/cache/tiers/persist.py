@@ -23,8 +23,15 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .records import (DTYPE_NAMES, NAME_DTYPES, PageCorruptError, fsync_dir, raw_bytes,
-                      read_record, write_record)
+from .records import (
+    DTYPE_NAMES,
+    NAME_DTYPES,
+    PageCorruptError,
+    fsync_dir,
+    raw_bytes,
+    read_record,
+    write_record,
+)
 
 FORMAT, VERSION = "ringmem.kv_shard", 1
 IDENTITY = ("model_id", "layout", "world_size", "rank", "dtype", "num_layers", "kv_heads",
@@ -68,7 +75,8 @@ def save_shard(root: str | Path, meta: Mapping[str, Any],
         crc = write_record(data / name, {"layer": i, "save_id": save_id}, layer, fsync=fsync)
         files.append({"name": name, "crc32": crc})
     manifest = {"format": FORMAT, "version": VERSION, "save_id": save_id,
-                **{k: m[k] for k in (*IDENTITY, *BOOKKEEPING, "offsets")}, "dtype": DTYPE_NAMES[m["dtype"]],
+                **{k: m[k] for k in (*IDENTITY, *BOOKKEEPING, "offsets")},
+                "dtype": DTYPE_NAMES[m["dtype"]],
                 "state": m.get("state"), "positions": positions, "files": files}
     manifest["crc32"] = _manifest_crc(manifest)
     path = root / f"rank{m['rank']:05d}.json"

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .disk import DiskFiles
 from .host import HostPool, Page
-from .records import DTYPE_NAMES
 from .policy import TierPolicy, check_count
+from .records import DTYPE_NAMES
 from .summaries import PageKey, PageSummaries
 
 TIERS = ("host", "disk")

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from .agree import PeerError, agree
-from .cache.tiers.records import fsync_dir
 from .comm import Group, group_rank_world
 
 MANIFEST = "MANIFEST.json"
@@ -51,6 +50,15 @@ before the manifest's os.replace) and "switched" (rank 0, after it); may raise."
 
 class CheckpointError(OSError):
     """A collective save or load failed (on this rank, or on the ranks it names)."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def gen_name(n: int) -> str:

@@ -141,7 +141,8 @@ def unshard(x: Tensor, dim: int = 1, *, group: Group = None, layout: str = "zigz
     if world == 1:
         gathered = x
     else:
-        rows = gather_rows(x.reshape(-1), group, world, op="unshard")  # [world, numel]
+        # detached: not differentiable, and the gather writes into views of its output
+        rows = gather_rows(x.detach().reshape(-1), group, world, op="unshard")  # [world, numel]
         gathered = torch.cat(rows.reshape(world, *x.shape).unbind(0), dim=dim)
     n = x.shape[dim]
     if layout != "document":

@@ -23,11 +23,11 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from ...generations import fsync_dir
 from .records import (
     DTYPE_NAMES,
     NAME_DTYPES,
     PageCorruptError,
-    fsync_dir,
     raw_bytes,
     read_record,
     write_record,

@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ...generations import fsync_dir
+
 DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
                torch.bfloat16: "bfloat16", torch.int64: "int64"}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
@@ -45,15 +47,6 @@ def raw_bytes(t: Tensor) -> memoryview:
     if n == 0:
         return memoryview(bytearray())
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------ records

@@ -15,7 +15,7 @@ from .heads import heads_error
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
 from .mesh import sequence_rank, split_group
-from .partial import acc_dtype
+from .partial import Partial, acc_dtype, with_sink
 from .plan import Interconnect, parse_option, plan, resolve_interconnect, ring_hop
 from .ring import RingSpec, ring_backward, ring_forward
 from .sharding import packing_digest, shard, unshard
@@ -169,13 +169,6 @@ def _nodes(q: Tensor, world: int) -> tuple[str | None, int]:
     return None, 0
 
 
-def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
-    """One more term in every row's softmax denominator: exp(sink) of the row's head."""
-    new = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
-    w = torch.exp(lse - new).transpose(1, 2).unsqueeze(-1)  # [B, S, Hq, 1]
-    return (out.to(lse.dtype) * w).to(out.dtype), new
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, spec: RingSpec,
@@ -184,8 +177,9 @@ class _RingAttention(torch.autograd.Function):
         if any(ctx.needs_input_grad[:4]):  # the backward's return channel, made while every
             comm.prepare_returns()  # rank is in this call: a skipped backward cannot strand
         out, lse = ring_forward(q, k, v, spec, comm)  # its peers in new_group's raw wait
-        if sinks is not None:
-            out, lse = _with_sinks(out, lse, sinks)
+        if sinks is not None:  # out [B, S, Hq, D], lse [B, Hq, S]: the sink per head
+            o, lse_t = with_sink(Partial(out, lse.transpose(1, 2)), sinks)
+            out, lse = o.to(out.dtype), lse_t.transpose(1, 2).contiguous()
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.spec, ctx.group, ctx.stats = spec, group, stats
         ctx.mark_non_differentiable(lse)

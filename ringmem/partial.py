@@ -66,6 +66,13 @@ def merge(parts: Sequence[Partial]) -> Partial:
     return acc
 
 
+def with_sink(p: Partial, sink: Tensor) -> Partial:
+    """`p` with one more term in every row's softmax denominator, exp(sink), that has no
+    value (GPT-OSS's attention sinks): the merge with the partial (out 0, lse = sink).
+    sink broadcasts over p.lse (e.g. [Hq] against [..., Hq]); the result in acc dtype."""
+    return merge([p, Partial(torch.zeros_like(p.out), sink.to(p.lse.dtype).expand_as(p.lse))])
+
+
 def merge_weighted(out: Tensor, lse: Tensor, dim: int = 0) -> Partial:
     """Merge partials stacked along `dim` (out [..., D], lse [...]) in one pass."""
     m = _finite(lse.amax(dim, keepdim=True))

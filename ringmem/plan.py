@@ -15,6 +15,7 @@ own; the all-to-alls are not overlapped. Link times come from `links.Cluster`.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -96,7 +97,7 @@ def ring_hop(layout: str, ring_world: int, q_len: int, kv_len: int, mask: Mask,
     return best_hop(layout, ring_world, q_len, kv_len, mask, moving_side(schedule), fold)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Estimate:
     """One option's prediction. steps[phase][rank][step] = (bytes sent, bytes received) in
     the ring loop; a2a[phase][rank] the same for the all-to-alls (zero without Ulysses);
@@ -381,8 +382,10 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
             n = option_name(u, world, s)
             if n not in names:
                 names.append(n)
-    ests = {n: _estimate(n, layout, world, tuple(q_shape), tuple(kv_shape), itemsize, acc,
-                         mask, backward, cluster, kernel, return_lse) for n in names}
+    # copies: the cached estimates must not change when a caller edits its plan
+    ests = {n: copy.deepcopy(_estimate(n, layout, world, tuple(q_shape), tuple(kv_shape),
+                                       itemsize, acc, mask, backward, cluster, kernel,
+                                       return_lse)) for n in names}
     fastest = min(e.time_s for e in ests.values())
     # a tie only where communication hides behind compute (else the bytes are the time)
     tol = 0.01 if cluster.overlap else 0.0

@@ -74,6 +74,20 @@ def test_model_prefers_kv_for_gqa_8_to_1_prefill() -> None:
         assert p.schedules["kv"].comm_s * 4 < p.schedules["q"].comm_s, str(p)
 
 
+def test_plans_are_immutable_and_do_not_share_the_cache() -> None:
+    """Estimates are frozen, and editing a plan's nested lists leaves the next plan alone
+    (the estimates are cached)."""
+    import dataclasses
+    shapes = ((1, 4096, 8, 64), (1, 4096, 8, 64))
+    p = ringmem.plan(*shapes, world=4)
+    est = p.schedules[p.choice]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        est.time_s = 0.0
+    before = list(est.steps["fwd"][0])
+    est.steps["fwd"][0][0] = (-1, -1)
+    assert ringmem.plan(*shapes, world=4).schedules[p.choice].steps["fwd"][0] == before
+
+
 def test_plan_bad_arguments() -> None:
     with pytest.raises(ValueError, match="interconnect must be one of"):
         ringmem.plan((1, 8, 2, 4), (1, 8, 2, 4), world=2, interconnect="infiniband")

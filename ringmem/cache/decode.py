@@ -27,7 +27,7 @@ from ..api import check_extras
 from ..backends import get_backend
 from ..comm import Group, gather_rows
 from ..eviction.records import DecodeStep
-from ..partial import Partial, attend, empty, merge, merge_weighted
+from ..partial import Partial, attend, empty, merge, merge_weighted, with_sink
 from .checks import check_finite, check_index, check_scale, check_tensor
 from .config import MERGES
 from .window import evict
@@ -143,9 +143,8 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
     merged = cross_rank(cache, layer, parts,
                         digest(q, k, v) if cache.world > 1 else None)
     total, l_new = own_token(merged, q, k, v, scale, cap)
-    if sinks is not None:  # one more term in the denominator: a partial with out 0
-        total = merge([total, Partial(torch.zeros_like(total.out),
-                                      sinks.to(total.lse.dtype).expand_as(total.lse))])
+    if sinks is not None:  # one more term in the denominator
+        total = with_sink(total, sinks)
     if drops is not None:  # attended: now the oldest token leaves the window
         for s in range(b):
             evict(cache, layer, s, drops[s])

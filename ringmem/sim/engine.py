@@ -21,8 +21,9 @@ s-1) shares links in `Network.durations` (contention); different groups do not.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
+from ..plan import Estimate
+from ..routing import moving_side
 from .kernel import Impl, Profile
 from .network import Network
 
@@ -53,12 +54,12 @@ def split_piece(piece: Piece) -> tuple[Piece, Piece]:
     return (a, keys, first), (rows - a, keys, pairs - first)
 
 
-def _pieces_s(prof: Profile, pieces, est: Any, phase: str, itemsize: int) -> float:
+def _pieces_s(prof: Profile, pieces, est: Estimate, phase: str, itemsize: int) -> float:
     return sum(prof.block_s(r, k, p, est.heads[0], est.batch, est.head_dim, phase,
                             est.heads[1], itemsize) for r, k, p in pieces)
 
 
-def _epilogue(prof: Profile, impl: Impl, pieces, est: Any, phase: str, moving: str,
+def _epilogue(prof: Profile, impl: Impl, pieces, est: Estimate, phase: str, moving: str,
               q_local: int) -> float:
     """The stationary side's fold of one step's results into its accumulators (for `kv`
     backward the travelling dk/dv are summed by their owner: `_ret_fold`)."""
@@ -85,7 +86,7 @@ def _ret_fold(prof: Profile, impl: Impl, nbytes: int, itemsize: int, acc: int,
     return prof.epilogue_s(nbytes / acc, impl.bwd_sum)
 
 
-def simulate_phase(est: Any, phase: str, prof: Profile, net: Network, *, itemsize: int = 2,
+def simulate_phase(est: Estimate, phase: str, prof: Profile, net: Network, *, itemsize: int = 2,
                    acc: int = 4, impl: Impl | None = None) -> PhaseResult:
     """Simulate `phase` ("fwd" or "bwd") of one `plan()` option estimate; impl: the loop's
     epilogue costs (default: ringmem's for this itemsize)."""
@@ -96,7 +97,7 @@ def simulate_phase(est: Any, phase: str, prof: Profile, net: Network, *, itemsiz
     world, r = len(est.work), len(est.work[0])
     if net.world != world:
         raise ValueError(f"network world {net.world} != the estimate's {world} ranks")
-    moving = "q" if est.ring == "q" else "kv"
+    moving = moving_side(est.ring)
     msgs = est.messages[phase]
     pre = [(m.src, m.dst, m.nbytes) for m in msgs if m.channel == "a2a" and m.step < 0]
     post = [(m.src, m.dst, m.nbytes) for m in msgs if m.channel == "a2a" and m.step >= 0]

@@ -3,9 +3,9 @@ time it with the event simulation (`engine`) on a device profile and a network."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from ..links import Interconnect
+from ..plan import Estimate
 from .engine import PhaseResult, simulate_phase
 from .kernel import Impl, Profile
 from .network import Network
@@ -18,7 +18,7 @@ class SimResult:
     option: str
     time_s: float                 # the whole call (fwd, or fwd + bwd)
     phases: dict[str, PhaseResult]
-    estimate: Any                 # plan()'s Estimate the simulation used
+    estimate: Estimate            # plan()'s Estimate the simulation used
     bytes_sent: int               # by all ranks, all phases (plan's count)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,30 +74,61 @@ def _degrees(ulysses: object, world: int, fixed: int | None) -> tuple[int, ...] 
     return (ulysses,)
 
 
-def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, interconnect,
-              grad, stats, cu_seqlens=None, window=(-1, -1), sinks=None, softcap=None,
-              ulysses=1, fixed=None, return_lse=False):
-    """Local checks; returns (spec, Ulysses degree, error). The spec is the ring loop's
-    (over world / degree ranks). Errors name the argument and the value."""
-    if stats is not None and not isinstance(stats, CommStats):
-        return None, 1, TypeError(f"stats must be a ringmem.CommStats or None, "
-                                  f"got {type(stats).__name__}")
+@dataclass(frozen=True)
+class Call:
+    """One `ring_attention` call's arguments as given, before any check."""
+    q: Any
+    k: Any
+    v: Any
+    causal: Any = True
+    layout: Any = "zigzag"
+    schedule: Any = "auto"
+    backend: Any = "auto"
+    softmax_scale: Any = None
+    interconnect: Any = None
+    stats: Any = None
+    cu_seqlens: Any = None
+    window: Any = (-1, -1)
+    sinks: Any = None
+    softcap: Any = None
+    ulysses: Any = 1
+    return_lse: Any = False
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A call checked on this rank: the ring loop's spec (over world / ulysses ranks) and
+    the Ulysses degree, or the error to raise on every rank (spec None)."""
+    spec: RingSpec | None
+    ulysses: int = 1
+    error: BaseException | None = None
+
+
+def _validate(c: Call, world: int, grad: bool, fixed: int | None) -> Validated:
+    """Local checks of `c` on a group of `world` ranks (`fixed`: a mesh's Ulysses degree;
+    `grad`: a backward will run). Errors name the argument and the value."""
+    q, k, v, causal, layout, schedule = c.q, c.k, c.v, c.causal, c.layout, c.schedule
+    softmax_scale, return_lse, ulysses = c.softmax_scale, c.return_lse, c.ulysses
+    if c.stats is not None and not isinstance(c.stats, CommStats):
+        return Validated(None, 1, TypeError(f"stats must be a ringmem.CommStats or None, "
+                                  f"got {type(c.stats).__name__}"))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            return None, 1, TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            return Validated(None, 1, TypeError(f"{name} must be a torch.Tensor, got "
+                                                f"{type(t).__name__}"))
     for name, flag in (("causal", causal), ("return_lse", return_lse)):
         if flag_error(name, flag):
-            return None, 1, flag_error(name, flag)
+            return Validated(None, 1, flag_error(name, flag))
     if softmax_scale is not None and (isinstance(softmax_scale, bool)
                                       or not isinstance(softmax_scale, (int, float))):
-        return None, 1, TypeError(f"softmax_scale must be a float or None, got "
-                                  f"{softmax_scale!r}")
+        return Validated(None, 1, TypeError(f"softmax_scale must be a float or None, got "
+                                            f"{softmax_scale!r}"))
     try:
         degrees = _degrees(ulysses, world, fixed)
         check_layout(layout)
         if not isinstance(schedule, str) or schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        check_backend_name(backend)
+        check_backend_name(c.backend)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.dim() != 4:
                 raise ValueError(f"{name} must be 4-D [B, S_local, H, D], got shape "
@@ -125,26 +158,26 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
         if hkv == 0 or hq % hkv:
             raise ValueError(f"the number of query heads (q.shape[2]={hq}) must be a multiple "
                              f"of the number of key/value heads (k.shape[2]={hkv})")
-        mask = make_mask(causal, window, cu_seqlens, bq, layout, world, sq)
+        mask = make_mask(causal, c.window, c.cu_seqlens, bq, layout, world, sq)
         if not mask.plain and sq != sk:
             raise ValueError(f"cu_seqlens and window need q and k of one local length (self-"
                              f"attention over one sequence), got {sq} and {sk}")
         err = local_len_error(layout, sq, world) if causal or not mask.plain else None
         if err:
             raise ValueError(f"q.shape[1]={sq}: {err}")
-        cap = check_extras(q, sinks, softcap)
+        cap = check_extras(q, c.sinks, c.softcap)
         # >= the smallest normal float: a subnormal scale gives NaN
         scale = (1.0 / math.sqrt(dq) if softmax_scale is None
                  else positive_number("softmax_scale", softmax_scale, _TINY))
-        impl = get_backend(backend, q.device, q.dtype, dq, bands=mask.window[0] >= 0,
+        impl = get_backend(c.backend, q.device, q.dtype, dq, bands=mask.window[0] >= 0,
                            softcap=cap > 0)
-        ic = resolve_interconnect(interconnect, q.device.type)
+        ic = resolve_interconnect(c.interconnect, q.device.type)
         for u in degrees if degrees != "auto" else ():
             err = heads_error(hq, hkv, u)
             if err:
                 raise ValueError(f"q.shape[2]={hq}: {err}")
     except (ValueError, TypeError) as e:
-        return None, 1, e
+        return Validated(None, 1, e)
     u, resolved = (degrees[0] if degrees != "auto" else 1), schedule
     if schedule == "auto" or degrees == "auto":  # deterministic in the agreed shapes/options
         inter, per_node = _nodes(q, world)
@@ -155,9 +188,9 @@ def _validate(q, k, v, causal, layout, schedule, backend, softmax_scale, world, 
                       return_lse=return_lse).choice
         u, resolved = parse_option(choice, world)
     r = world // u
-    return RingSpec(layout=layout, mask=mask, scale=scale, backend=impl, schedule=resolved,
-                    softcap=cap, hop=ring_hop(layout, r, u * sq, u * sk, mask, resolved, u),
-                    fold=u), u, None
+    return Validated(RingSpec(layout=layout, mask=mask, scale=scale, backend=impl,
+                              schedule=resolved, softcap=cap, fold=u,
+                              hop=ring_hop(layout, r, u * sq, u * sk, mask, resolved, u)), u)
 
 
 def _nodes(q: Tensor, world: int) -> tuple[str | None, int]:
@@ -271,12 +304,13 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     fixed = sp.u if sp is not None else None
     grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in (q, k, v, sinks))
+    call = Call(q, k, v, causal, layout, schedule, backend, softmax_scale, interconnect,
+                stats, cu_seqlens, window, sinks, softcap, ulysses, return_lse)
     try:  # any failure while validating, of any type, is raised on every rank together
-        spec, u, error = _validate(q, k, v, causal, layout, schedule, backend, softmax_scale,
-                                   world, interconnect, grad, stats, cu_seqlens, window,
-                                   sinks, softcap, ulysses, fixed, return_lse)
+        checked = _validate(call, world, grad, fixed)
     except Exception as e:  # noqa: BLE001 (re-raised by agree, after the exchange)
-        spec, u, error = None, 1, e
+        checked = Validated(None, 1, e)
+    spec, u, error = checked.spec, checked.ulysses, checked.error
     if world > 1:
         fields = {
             "q.shape": _shape(q), "k.shape": _shape(k), "v.shape": _shape(v),

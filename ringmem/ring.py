@@ -112,107 +112,139 @@ class _Acc:
                 for shape, d, w in self.template]
 
 
-def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
-          block: Callable[[list[Tensor], list[Tensor], bool], dict[str, list[Tensor] | None]],
-          kinds: dict[str, str | None], templates: dict[str, Template],
-          dtype: torch.dtype) -> dict[str, list[Tensor]]:
-    """The one ring loop. sides/kinds/templates are keyed by "q" and "kv"."""
-    mv = geo.moving
-    rank, world = comm.rank, comm.world
-    lengths = {"q": geo.q_lens[rank], "kv": geo.kv_lens[rank]}
-    device = sides["q"][0][0].device
-    accs = {s: _Acc(kinds[s], templates[s], lengths[s], dtype, device)
-            for s in kinds if kinds[s]}
-    returns = kinds[mv] is not None and world > 1
-    if returns:
-        comm.prepare_returns()  # before any traffic: it may create a group
-    held_ts, held_lo = [t for t, _ in sides[mv]], 0
-    pending = None  # (works, buffers kept alive, received span) of the last return
+class _Loop:
+    """One ring loop's state, in one place: what the moving side holds now (`held_ts`,
+    from row/key `held_lo`), the accumulators, and the return in flight (`pending`).
+    `run` goes over the steps; only it and `finish` change these fields."""
 
-    def post(step: int, out_ts: list[Tensor], out_lo: int, send_span, recv_span, to: int,
-             frm: int):
+    def __init__(self, comm: RingComm, geo: Geometry, sides: dict[str, Side],
+                 block: Callable[[list[Tensor], list[Tensor], bool],
+                                 dict[str, list[Tensor] | None]],
+                 kinds: dict[str, str | None], templates: dict[str, Template],
+                 dtype: torch.dtype) -> None:
+        self.comm, self.geo, self.sides, self.block = comm, geo, sides, block
+        self.kinds, self.templates, self.dtype = kinds, templates, dtype
+        self.mv, rank = geo.moving, comm.rank
+        lengths = {"q": geo.q_lens[rank], "kv": geo.kv_lens[rank]}
+        self.device = sides["q"][0][0].device
+        self.accs = {s: _Acc(kinds[s], templates[s], lengths[s], dtype, self.device)
+                     for s in kinds if kinds[s]}
+        self.returns = kinds[self.mv] is not None and comm.world > 1
+        self.held_ts, self.held_lo = self._own(), 0
+        self.pending = None  # (works, buffers kept alive, received span) of the last return
+
+    def _own(self) -> list[Tensor]:
+        return [t for t, _ in self.sides[self.mv]]
+
+    def post(self, step: int, out_ts: list[Tensor], out_lo: int, send_span, recv_span,
+             to: int, frm: int):
         """Post the send of `send_span` of `out_ts` (starting at row/key `out_lo`) and the
         receive of `recv_span`; returns (works, receive buffers)."""
+        dims = self.sides[self.mv]
         send = [] if send_span is None else [
             t.narrow(d, send_span[0] - out_lo, send_span[1] - send_span[0]).contiguous()
-            for t, (_, d) in zip(out_ts, sides[mv])]
+            for t, (_, d) in zip(out_ts, dims)]
         bufs = [] if recv_span is None else [
             torch.empty(_resized(t.shape, d, recv_span[1] - recv_span[0]), dtype=t.dtype,
-                        device=t.device) for t, d in sides[mv]]
-        if geo.fetch:
-            return comm.fetch(step, send, to, bufs, frm), bufs
-        return comm.move(step, send, bufs, geo.hop), bufs
+                        device=t.device) for t, d in dims]
+        if self.geo.fetch:
+            return self.comm.fetch(step, send, to, bufs, frm), bufs
+        return self.comm.move(step, send, bufs, self.geo.hop), bufs
 
-    # all-gather: every fetch is posted before any compute (an all-to-all of exactly the
-    # spans each rank uses); each step waits only for its own
-    fetched = {}
-    for s in range(1, world) if geo.fetch else ():
-        span = held(geo, geo.owner(rank, s), s)  # what this rank uses of that owner
-        fetched[s] = (*post(s, held_ts, 0, held(geo, rank, s), span, -geo.hop * s,
-                            geo.hop * s), span)
-
-    def compute(pieces, in_off: int, target: dict[str, _Acc], out_off: int = 0) -> None:
+    def compute(self, pieces, in_off: int, target: dict[str, _Acc], out_off: int = 0) -> None:
         """Run `pieces`; the moving side's inputs start at row/key `in_off` of the held
         buffer, its results land at `out_off` of target[mv]."""
+        mv, sides = self.mv, self.sides
         for p in pieces:
             spans = {"q": p.q, "kv": p.k}
             ins = {}
             for side, sl in spans.items():
-                ts = held_ts if side == mv else [t for t, _ in sides[side]]
+                ts = self.held_ts if side == mv else [t for t, _ in sides[side]]
                 off = in_off if side == mv else 0
                 ins[side] = [t.narrow(d, sl.start - off, sl.stop - sl.start)
                              for t, (_, d) in zip(ts, sides[side])]
                 if p.b is not None:  # a batch row with its own packing
                     ins[side] = [t[p.b] for t in ins[side]]
-            res = block(ins["q"], ins["kv"], p.band)
+            res = self.block(ins["q"], ins["kv"], p.band)
             for side, sl in spans.items():
                 if res.get(side) is not None:
                     target[side].add(sl.start - (out_off if side == mv else 0), res[side],
                                      p.b)
 
-    def finish(pend) -> None:
-        if pend is not None:
-            comm.wait(pend[0])
-            if pend[2] is not None:
-                accs[mv].add(pend[2][0], pend[1])
+    def finish(self) -> None:
+        """Wait for the return in flight and add what it brought."""
+        if self.pending is not None:
+            works, bufs, span = self.pending[:3]
+            self.comm.wait(works)
+            if span is not None:
+                self.accs[self.mv].add(span[0], bufs)
+            self.pending = None
 
-    own_first, own_last = step_block(geo, rank, 0)[2], ()
-    if returns:
-        own_first, own_last = split_rows(own_first, geo.q_lens[rank] // 2)
-    for step in range(world):
-        move_works, recv_bufs, recv_span = None, [], None
-        if step in fetched:
-            works, bufs, span = fetched.pop(step)
-            comm.wait(works)
-            held_ts, held_lo = bufs, (span[0] if span else 0)
-        elif step + 1 < world and not geo.fetch:
-            recv_span = held(geo, geo.owner(rank, step + 1), step + 1)
-            move_works, recv_bufs = post(step, held_ts, held_lo,
-                                         held(geo, geo.owner(rank, step), step + 1),
-                                         recv_span, -geo.hop, geo.hop)
-        if step == 0:
-            compute(own_first, 0, accs)
-        else:
-            span = used(geo, rank, step)
-            target = dict(accs)
-            if kinds[mv] is not None and span is not None:  # a partial for the owner
-                target[mv] = _Acc(kinds[mv], templates[mv], span[1] - span[0], dtype, device)
-            compute(step_block(geo, rank, step)[2], held_lo, target, span[0] if span else 0)
-            if returns:
-                in_span = used(geo, geo.holder(rank, step), step)
-                out = target[mv].wire() if span is not None else []
-                bufs = [] if in_span is None else accs[mv].empty_wire(in_span[1] - in_span[0])
-                works = comm.ret(step, out, geo.hop * step, bufs, -geo.hop * step)
-                finish(pending)
-                pending = (works, bufs, in_span, out)
-        if move_works is not None:
-            comm.wait(move_works)
-            held_ts, held_lo = recv_bufs, (recv_span[0] if recv_span else 0)
-    if returns:
-        held_ts = [t for t, _ in sides[mv]]
-        compute(own_last, 0, accs)  # overlaps the last return
-        finish(pending)
-    return {s: a.result() for s, a in accs.items()}
+    def run(self) -> dict[str, list[Tensor]]:
+        comm, geo = self.comm, self.geo
+        rank, world = comm.rank, comm.world
+        if self.returns:
+            comm.prepare_returns()  # before any traffic: it may create a group
+        # all-gather: every fetch is posted before any compute (an all-to-all of exactly
+        # the spans each rank uses); each step waits only for its own
+        fetched = {}
+        for s in range(1, world) if geo.fetch else ():
+            span = held(geo, geo.owner(rank, s), s)  # what this rank uses of that owner
+            fetched[s] = (*self.post(s, self.held_ts, 0, held(geo, rank, s), span,
+                                     -geo.hop * s, geo.hop * s), span)
+        own_first, own_last = step_block(geo, rank, 0)[2], ()
+        if self.returns:
+            own_first, own_last = split_rows(own_first, geo.q_lens[rank] // 2)
+        for step in range(world):
+            move_works, recv_bufs, recv_span = None, [], None
+            if step in fetched:
+                works, bufs, span = fetched.pop(step)
+                comm.wait(works)
+                self.held_ts, self.held_lo = bufs, (span[0] if span else 0)
+            elif step + 1 < world and not geo.fetch:
+                recv_span = held(geo, geo.owner(rank, step + 1), step + 1)
+                move_works, recv_bufs = self.post(step, self.held_ts, self.held_lo,
+                                                  held(geo, geo.owner(rank, step), step + 1),
+                                                  recv_span, -geo.hop, geo.hop)
+            if step == 0:
+                self.compute(own_first, 0, self.accs)
+            else:
+                self._visit(step)
+            if move_works is not None:
+                comm.wait(move_works)
+                self.held_ts, self.held_lo = recv_bufs, (recv_span[0] if recv_span else 0)
+        if self.returns:
+            self.held_ts = self._own()
+            self.compute(own_last, 0, self.accs)  # overlaps the last return
+            self.finish()
+        return {s: a.result() for s, a in self.accs.items()}
+
+    def _visit(self, step: int) -> None:
+        """Compute against the block held at `step`; a partial that belongs to the moving
+        side's owner goes straight back to it, the previous return is then collected."""
+        comm, geo, mv, rank = self.comm, self.geo, self.mv, self.comm.rank
+        span = used(geo, rank, step)
+        target = dict(self.accs)
+        if self.kinds[mv] is not None and span is not None:  # a partial for the owner
+            target[mv] = _Acc(self.kinds[mv], self.templates[mv], span[1] - span[0],
+                              self.dtype, self.device)
+        self.compute(step_block(geo, rank, step)[2], self.held_lo, target,
+                     span[0] if span else 0)
+        if self.returns:
+            in_span = used(geo, geo.holder(rank, step), step)
+            out = target[mv].wire() if span is not None else []
+            bufs = [] if in_span is None else self.accs[mv].empty_wire(in_span[1] - in_span[0])
+            works = comm.ret(step, out, geo.hop * step, bufs, -geo.hop * step)
+            self.finish()
+            self.pending = (works, bufs, in_span, out)
+
+
+def _ring(comm: RingComm, geo: Geometry, sides: dict[str, Side],
+          block: Callable[[list[Tensor], list[Tensor], bool], dict[str, list[Tensor] | None]],
+          kinds: dict[str, str | None], templates: dict[str, Template],
+          dtype: torch.dtype) -> dict[str, list[Tensor]]:
+    """The one ring loop. sides/kinds/templates are keyed by "q" and "kv"."""
+    return _Loop(comm, geo, sides, block, kinds, templates, dtype).run()
 
 
 def _extra(spec: RingSpec) -> dict:

@@ -111,7 +111,7 @@ def _validate(c: Call, world: int, grad: bool, fixed: int | None) -> Validated:
     softmax_scale, return_lse, ulysses = c.softmax_scale, c.return_lse, c.ulysses
     if c.stats is not None and not isinstance(c.stats, CommStats):
         return Validated(None, 1, TypeError(f"stats must be a ringmem.CommStats or None, "
-                                  f"got {type(c.stats).__name__}"))
+                                            f"got {type(c.stats).__name__}"))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             return Validated(None, 1, TypeError(f"{name} must be a torch.Tensor, got "

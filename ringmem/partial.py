@@ -66,11 +66,16 @@ def merge(parts: Sequence[Partial]) -> Partial:
     return acc
 
 
+def sink_partial(like: Partial, sink: Tensor) -> Partial:
+    """An attention sink (GPT-OSS) as a partial shaped like `like`: out 0, lse = sink, one
+    more term in every row's softmax denominator that has no value. sink broadcasts over
+    like.lse (e.g. [Hq] against [..., Hq])."""
+    return Partial(torch.zeros_like(like.out), sink.to(like.lse.dtype).expand_as(like.lse))
+
+
 def with_sink(p: Partial, sink: Tensor) -> Partial:
-    """`p` with one more term in every row's softmax denominator, exp(sink), that has no
-    value (GPT-OSS's attention sinks): the merge with the partial (out 0, lse = sink).
-    sink broadcasts over p.lse (e.g. [Hq] against [..., Hq]); the result in acc dtype."""
-    return merge([p, Partial(torch.zeros_like(p.out), sink.to(p.lse.dtype).expand_as(p.lse))])
+    """`p` merged with its sink partial (`sink_partial`); the result in acc dtype."""
+    return merge([p, sink_partial(p, sink)])
 
 
 def merge_weighted(out: Tensor, lse: Tensor, dim: int = 0) -> Partial:

@@ -131,7 +131,8 @@ class _Loop:
                      for s in kinds if kinds[s]}
         self.returns = kinds[self.mv] is not None and comm.world > 1
         self.held_ts, self.held_lo = self._own(), 0
-        self.pending = None  # (works, buffers kept alive, received span) of the last return
+        # the last return: (works, receive buffers, received span, sent buffers kept alive)
+        self.pending = None
 
     def _own(self) -> list[Tensor]:
         return [t for t, _ in self.sides[self.mv]]

@@ -16,7 +16,7 @@ from ..backends import Backend, get_backend
 from ..comm import RingComm
 from ..layouts import positions
 from ..masking import Mask
-from ..partial import Partial, merge, with_sink
+from ..partial import Partial, merge, sink_partial
 from ..plan import ring_hop
 from ..ring import RingSpec, ring_forward
 from .checks import check_finite, check_index, check_scale, check_tensor
@@ -64,9 +64,9 @@ def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Te
                                                      op="prefill_chunk")))
     # ring results are out [1, S, H, D], lse [1, H, S]: the lse's transpose lines up
     parts = [Partial(o, l.transpose(1, 2)) for o, l in parts]
+    if sinks is not None:  # one more term in every row's denominator, in the same merge
+        parts.append(sink_partial(parts[0], sinks))
     out, lse = merge(parts) if len(parts) > 1 else parts[0]
-    if sinks is not None:  # one more term in every row's denominator
-        out, lse = with_sink(Partial(out, lse), sinks)
     for i, s in enumerate(seqs):
         if drops is not None:
             evict(cache, layer, s, drops[i])

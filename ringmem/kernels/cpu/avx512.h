@@ -109,6 +109,16 @@ struct Prefetch {
   }
 };
 
+// the K lines of `keys` keys from row `first` + AHEAD (clipped to the pool), spread over
+// `steps` calls of step(): what each score block asks for while it computes
+RM_AVX512 inline Prefetch keys_ahead(const Args& a, const uint16_t* kb, int64_t first,
+                                     int64_t keys, int64_t steps) {
+  const int64_t pr = std::min(a.n, first + AHEAD);
+  return Prefetch{reinterpret_cast<const char*>(kb + pr * a.d),
+                  reinterpret_cast<const char*>(kb + std::min(a.n, pr + keys) * a.d),
+                  (keys * a.d * 2 / 64 + steps - 1) / steps};
+}
+
 // bf16 keys: 32 products per instruction, the query rounded to bf16 as the torch path does
 // DD: the head dim at compile time (0: a.d), so the 16 keys' loads are one base register
 // plus constant offsets (a runtime dim spilled their 16 addresses)
@@ -121,10 +131,7 @@ RM_AVX512BF16 void scores_bf16(const Args& a, const Tile& t, float* s) {
   // rows (half the loads of 16 keys x 1 row); the 16 sums reduce together as below
   for (; G % 4 == 0 && j0 + 4 <= T; j0 += 4) {
     const uint16_t* kj = kb + (t.lo + j0) * D;
-    const int64_t pr = std::min(a.n, t.lo + j0 + AHEAD), steps = (G / 4) * (D / 32);
-    Prefetch pf{reinterpret_cast<const char*>(kb + pr * D),
-                reinterpret_cast<const char*>(kb + std::min(a.n, pr + 4) * D),
-                (4 * D * 2 / 64 + steps - 1) / steps};
+    Prefetch pf = keys_ahead(a, kb, t.lo + j0, 4, (G / 4) * (D / 32));
     for (int64_t r0 = 0; r0 < G; r0 += 4) {
       const uint16_t* q0 = a.qb + (t.head * G + r0) * D;
       __m512 acc[16];
@@ -147,13 +154,9 @@ RM_AVX512BF16 void scores_bf16(const Args& a, const Tile& t, float* s) {
       _mm_storeu_ps(dst + 3 * T, _mm512_extractf32x4_ps(sum, 3));
     }
   }
-  const int64_t lines = 16 * D * 2 / 64, steps = G * (D / 32);
   for (; G % 4 != 0 && j0 + 16 <= T; j0 += 16) {
     const uint16_t* kj = kb + (t.lo + j0) * D;
-    const int64_t pr = std::min(a.n, t.lo + j0 + AHEAD);  // this block's keys, AHEAD on
-    Prefetch pf{reinterpret_cast<const char*>(kb + pr * D),
-                reinterpret_cast<const char*>(kb + std::min(a.n, pr + 16) * D),
-                (lines + steps - 1) / steps};
+    Prefetch pf = keys_ahead(a, kb, t.lo + j0, 16, G * (D / 32));
     for (int64_t r = 0; r < G; ++r) {
       const uint16_t* qr = a.qb + (t.head * G + r) * D;
       __m512 acc[16];

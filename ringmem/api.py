@@ -17,6 +17,7 @@ from .heads import heads_error
 from .layouts import check_layout, local_len_error
 from .masking import make_mask
 from .mesh import sequence_rank, split_group
+from .options import CHOICES, check_schedule
 from .partial import Partial, acc_dtype, with_sink
 from .plan import Interconnect, parse_option, plan, resolve_interconnect, ring_hop
 from .ring import RingSpec, ring_backward, ring_forward
@@ -25,7 +26,7 @@ from .ulysses import fold_order, to_heads, to_seq
 
 __all__ = ["SCHEDULES", "ring_attention", "shard", "unshard"]
 
-SCHEDULES = ("auto", "kv", "q", "allgather")
+SCHEDULES = CHOICES  # "auto" and the ring schedules (`ringmem.options`)
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -126,8 +127,7 @@ def _validate(c: Call, world: int, grad: bool, fixed: int | None) -> Validated:
     try:
         degrees = _degrees(ulysses, world, fixed)
         check_layout(layout)
-        if not isinstance(schedule, str) or schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        check_schedule(schedule)
         check_backend_name(c.backend)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.dim() != 4:

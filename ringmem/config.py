@@ -125,7 +125,7 @@ class PrefillConfig:
     """Seconds any rank waits for a peer before failing; unset: RINGMEM_TIMEOUT, else 300."""
 
     def __post_init__(self) -> None:
-        from . import SCHEDULES
+        from .options import CHOICES
         check_timeout(self)
         _positive(self, "seq_len", "batch", "heads", "kv_heads", "head_dim", "steps")
         if self.heads % self.kv_heads:
@@ -133,7 +133,7 @@ class PrefillConfig:
         if check_ulysses(self.ulysses) != "auto" and self.heads % self.ulysses:
             raise ValueError(f"ulysses={self.ulysses} must divide heads={self.heads} (each "
                              f"rank of a Ulysses group takes heads / ulysses query heads)")
-        _common_choices(self, schedule=SCHEDULES)
+        _common_choices(self, schedule=CHOICES)
 
 
 DTYPES = {"float32", "bfloat16", "float16", "float64"}

@@ -27,12 +27,12 @@ from .arguments import check_flag
 from .heads import heads_error, kv_heads
 from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
-from .routing import Geometry, best_hop, held, moving_side, step_block, used
+from .options import RING_SCHEDULES, Option, fetches, moving_side
+from .routing import Geometry, best_hop, held, step_block, used
 
 __all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "KernelModel", "Message", "Plan", "plan",
            "option_name", "parse_option", "ring_hop", "resolve_interconnect"]
 
-SCHEDULE_NAMES = ("kv", "q", "allgather")  # the ring schedules
 
 
 @dataclass(frozen=True)
@@ -73,22 +73,14 @@ class Message(NamedTuple):
 
 
 def option_name(ulysses: int, world: int, schedule: str) -> str:
-    """"kv" / "q" / "allgather" (no Ulysses), "ulysses" (all ranks), "ulysses2+kv", ..."""
-    if ulysses == 1:
-        return schedule
-    return "ulysses" if ulysses == world else f"ulysses{ulysses}+{schedule}"
+    """The name of Ulysses degree `ulysses` x ring `schedule` (`options.Option`)."""
+    return Option(ulysses, schedule).name(world)
 
 
 def parse_option(name: str, world: int) -> tuple[int, str]:
-    """(Ulysses degree, ring schedule) of an option name."""
-    if name in SCHEDULE_NAMES:
-        return 1, name
-    if name == "ulysses":
-        return world, "kv"
-    head, _, sched = name.partition("+")
-    if head.startswith("ulysses") and head[7:].isdigit() and sched in SCHEDULE_NAMES:
-        return int(head[7:]), sched
-    raise ValueError(f"not a parallel option: {name!r}")
+    """(Ulysses degree, ring schedule) of an option name (`options.Option`)."""
+    o = Option.parse(name, world)
+    return o.ulysses, o.schedule
 
 
 def ring_hop(layout: str, ring_world: int, q_len: int, kv_len: int, mask: Mask,
@@ -179,7 +171,7 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
     moving = moving_side(schedule)
     geo = Geometry.uniform(layout, r, u * sq, u * skv, mask, moving,
                            ring_hop(layout, r, u * sq, u * skv, mask, schedule, u), u,
-                           schedule == "allgather")
+                           fetches(schedule))
     # bytes per row (Q side) or key (K/V side, per ulysses rank i) of what moves and returns
     q_row = {"fwd": b * hl * d * itemsize, "bwd": b * hl * (3 * d * itemsize + acc_size)}
     kv_row = [2 * b * n * d * itemsize for n in kvn]
@@ -204,7 +196,7 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
                     p, row = j * u + i, q_row[phase] if moving == "q" else kv_row[i]
                     sent = recv = 0
                     # a fetch (for step s, straight from the owner) or a move (for s+1)
-                    fetch = schedule == "allgather"
+                    fetch = fetches(schedule)
                     nxt = s if fetch else s + 1
                     if 0 < nxt < r:
                         own, to = (j, geo.holder(j, s)) if fetch else (geo.owner(j, s),
@@ -288,7 +280,7 @@ def _ring_time(schedule: str, r: int, msgs: list[Message], comp: list[float],
     for m in msgs:
         by_step.setdefault((m.step, m.channel), []).append(m[2:])
     at = lambda s, *chs: [x for ch in chs for x in by_step.get((s, ch), ())]  # noqa: E731
-    if schedule != "allgather":
+    if not fetches(schedule):
         t = c = 0.0
         for s in range(r):
             # step s computes while the next move and the previous step's return are in
@@ -359,8 +351,8 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
         raise ValueError(f"world must be an int >= 1, got {world!r}")
     for name, flag in (("causal", causal), ("backward", backward), ("return_lse", return_lse)):
         check_flag(name, flag)
-    if schedule != "auto" and schedule not in SCHEDULE_NAMES:
-        raise ValueError(f"schedule must be 'auto' or one of {SCHEDULE_NAMES}, got "
+    if schedule != "auto" and schedule not in RING_SCHEDULES:
+        raise ValueError(f"schedule must be 'auto' or one of {RING_SCHEDULES}, got "
                          f"{schedule!r}")
     ic = resolve_interconnect(interconnect, device_type)
     inter = None if inter_node is None else resolve_interconnect(inter_node, device_type,
@@ -378,7 +370,7 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
         mask = make_mask(causal, window, cu_seqlens, q_shape[0], layout, world, q_shape[1])
     names = []
     for u in _degrees(ulysses, world, q_shape[2]):
-        for s in (SCHEDULE_NAMES if schedule == "auto" else (schedule,)):
+        for s in (RING_SCHEDULES if schedule == "auto" else (schedule,)):
             n = option_name(u, world, s)
             if n not in names:
                 names.append(n)

@@ -18,8 +18,9 @@ from .backends import Backend
 from .backends.base import propagate_nonfinite
 from .comm import RingComm
 from .masking import Mask
+from .options import fetches, moving_side
 from .partial import Partial, acc_dtype, merge_into
-from .routing import Geometry, held, moving_side, split_rows, step_block, used
+from .routing import Geometry, held, split_rows, step_block, used
 
 Side = list[tuple[Tensor, int]]  # tensors of one side with their sequence dims
 Template = list[tuple[tuple[int, ...], int, torch.dtype]]  # shape, seq dim, wire dtype
@@ -51,7 +52,7 @@ class RingSpec:
         return Geometry(self.layout, world, (q_local,) * world,
                         kv_lens if kv_lens is not None else (kv_local,) * world,
                         self.mask, moving_side(self.schedule), self.hop,
-                        self.fold, self.schedule == "allgather")
+                        self.fold, fetches(self.schedule))
 
 
 def _resized(shape: tuple[int, ...], dim: int, n: int) -> list[int]:

@@ -20,11 +20,6 @@ from .masking import Mask, Piece, block_pieces
 Span = tuple[int, int]  # [lo, hi) of rows or keys
 
 
-def moving_side(schedule: str) -> str:
-    """The side a ring schedule moves: Q for "q", K/V for "kv" and "allgather"."""
-    return "q" if schedule == "q" else "kv"
-
-
 @dataclass(frozen=True)
 class Geometry:
     layout: str

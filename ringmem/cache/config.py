@@ -8,10 +8,10 @@ import torch
 from ..arguments import check_flag, dtype_error
 from ..backends import get_backend
 from ..layouts import check_layout
+from ..options import check_schedule
 
 MERGES = ("allgather", "allreduce")
 """Cross-rank decode merges: one all-gather, or two all-reduces."""
-PREFILL_SCHEDULES = ("kv", "q", "allgather")
 """Ring schedules of a prefill chunk's causal self-attention (`ring_attention`'s, no "auto")."""
 
 
@@ -77,9 +77,7 @@ class CacheConfig:
                              f"got {len(w)}")
         if self.merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
-        if self.prefill_schedule not in PREFILL_SCHEDULES:
-            raise ValueError(f"prefill_schedule must be one of {PREFILL_SCHEDULES}, got "
-                             f"{self.prefill_schedule!r}")
+        check_schedule(self.prefill_schedule, "prefill_schedule", auto=False)
         if self.decode_backend != "paged":
             get_backend(self.decode_backend, torch.device(self.device), self.dtype,
                         self.head_dim)

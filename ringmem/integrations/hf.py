@@ -48,9 +48,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..api import SCHEDULES, ring_attention, shard
+from ..api import ring_attention, shard
 from ..comm import Group, group_rank_world
 from ..config import check_ulysses
+from ..options import check_schedule
 from .hf_masks import PackingReader, call_options
 
 PENDING_ATTR = "_ringmem_pending"
@@ -67,8 +68,7 @@ class RingAttention:
     def __init__(self, *, group: Group, layout: str, schedule: str, backend: str,
                  ulysses: int | str = 1) -> None:
         # checked here, at registration, not at the first layer of the first forward
-        if not isinstance(schedule, str) or schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        check_schedule(schedule)
         self.group, self.layout, self.schedule, self.backend = group, layout, schedule, backend
         self.ulysses = check_ulysses(ulysses)
         self._checked: tuple[Tensor, int] | None = None  # (mask, its version): once a forward

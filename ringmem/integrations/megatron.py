@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..api import SCHEDULES, ring_attention
+from ..api import ring_attention
 from ..comm import Group, group_rank_world
 from ..config import check_ulysses
+from ..options import check_schedule
 from ..packing import chunks
 from ..sharding import shard
 
@@ -122,9 +123,7 @@ class RingmemCoreAttention(torch.nn.Module):
         if cp_comm_type not in (None, _CP_COMM_TYPE):
             raise ValueError(f"RingmemCoreAttention runs a ring (cp_comm_type 'p2p'), got "
                              f"cp_comm_type={cp_comm_type!r}")
-        if not isinstance(schedule, str) or schedule not in SCHEDULES:
-            raise ValueError(f"RingmemCoreAttention: schedule must be one of {SCHEDULES}, "
-                             f"got {schedule!r}")
+        check_schedule(schedule, "RingmemCoreAttention: schedule")
         self.ulysses = check_ulysses(ulysses)
         self._check_mask_type(attn_mask_type)
         self.config, self.layer_number = config, max(1, layer_number)

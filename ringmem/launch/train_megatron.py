@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ringmem.api import SCHEDULES
 from ringmem.backends import BACKENDS
 from ringmem.config import ArgumentParser, check_timeout, check_ulysses, load_config
+from ringmem.options import CHOICES
 from ringmem.timeouts import exit_on_comm_error, init_process_group, resolve
 
 DATA = ("pattern", "random")
@@ -82,7 +82,7 @@ class TrainMegatronConfig:
         if self.heads % self.kv_heads or self.hidden % self.heads:
             raise ValueError(f"heads={self.heads} must be a multiple of kv_heads="
                              f"{self.kv_heads} and divide hidden={self.hidden}")
-        for name, allowed in (("data", DATA), ("dtype", DTYPES), ("schedule", SCHEDULES),
+        for name, allowed in (("data", DATA), ("dtype", DTYPES), ("schedule", CHOICES),
                               ("backend", BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

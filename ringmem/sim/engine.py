@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..options import moving_side
 from ..plan import Estimate
-from ..routing import moving_side
 from .kernel import Impl, Profile
 from .network import Network
 

@@ -56,8 +56,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_timeout(self)
-        from ..api import SCHEDULES
         from ..backends import BACKENDS
+        from ..options import check_schedule
         for name in ("seq_len", "batch", "grad_accum", "dp", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -74,8 +74,7 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.layout not in ("document", "zigzag"):
             raise ValueError(f"layout must be 'document' or 'zigzag', got {self.layout!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_schedule(self.schedule)
         check_ulysses(self.ulysses)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")

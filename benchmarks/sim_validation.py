@@ -18,7 +18,7 @@ from typing import Any
 
 from ringmem.links import INTERCONNECTS, Interconnect
 from ringmem.sim import Profile, load_library, load_profile, simulate, single_s
-from ringmem.sim.kernel import Impl
+from ringmem.timeline import Impl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RING_LAYOUT = {"basic": "contiguous", "zigzag": "zigzag", "stripe": "stripe"}

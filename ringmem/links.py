@@ -12,6 +12,10 @@ Topologies (bandwidth is bytes/s per link and direction, latency s per message):
 
 A `Cluster` places ranks on nodes of `per_node` ranks: messages inside a node use the
 intra-node link, messages between nodes the inter-node one (a `switch` of NIC ports).
+`duplex=False`: both directions of a link share one channel (a half-duplex PCIe path
+through a shared bridge), so TokenRing's two directions contend. Contention: messages of
+one group posted together that load the same link share it (`time`: when the whole group
+has arrived; `durations`: when each message has).
 """
 from __future__ import annotations
 
@@ -119,6 +123,19 @@ class Cluster:
         """Seconds for messages (src, dst, bytes) posted together to all arrive: the most
         loaded link's bytes / bandwidth + that link's latency."""
         return self.time_of(self.load(msgs))
+
+    def durations(self, msgs: list[tuple[int, int, int]]) -> list[float]:
+        """Seconds from posting to arrival of each message of a group posted together: a
+        message is done when the most loaded link on its path has drained (links shared
+        fairly), so a small message beside a big one on other links is not held back."""
+        load, out = self.load(msgs), []
+        for s, d, b in msgs:
+            if b <= 0 or s == d:
+                out.append(0.0)
+                continue
+            ic, keys = self.path(s, d)
+            out.append(ic.latency + max(load[k][0] for k in keys) / ic.bandwidth)
+        return out
 
     def load(self, msgs: list[tuple[int, int, int]], into: dict | None = None) -> dict:
         """Bytes per link of `msgs`, added to `into` (a running load) when given."""

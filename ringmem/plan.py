@@ -8,16 +8,18 @@ pure Ulysses). The byte counts come from the same routing rules the ring loop an
 all-to-alls follow (`routing`, `heads`), so they are exact, not estimates: `CommStats` of
 a real call equals the plan's `steps` (ring steps) and `a2a` (all-to-alls) of its option.
 
-Time: per ring step max(compute, communication) over ranks when the links move data beside
-the compute (GPU copy engines / NCCL), and their sum when they do not (gloo on the CPU cores
+Time: the event-level model of the ring loop in `ringmem.timeline` (the simulator's too):
+per rank and step, compute beside the transfers in flight when the links move data beside
+the compute (GPU copy engines / NCCL), after them when they do not (gloo on the CPU cores
 that also compute); all-gather fetches are posted together and each step waits for its
-own; the all-to-alls are not overlapped. Link times come from `links.Cluster`.
+own; the all-to-alls are not overlapped. Block costs from a `KernelModel`, link times
+from `links.Cluster`.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -29,6 +31,7 @@ from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
 from .options import RING_SCHEDULES, Option, fetches, moving_side
 from .routing import Geometry, best_hop, held, step_block, used
+from .timeline import Impl, simulate_phase
 
 __all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "KernelModel", "Message", "Plan", "plan",
            "option_name", "parse_option", "ring_hop", "resolve_interconnect"]
@@ -50,6 +53,17 @@ class KernelModel:
         f = 4 * pairs * heads * dim * batch * (2.5 if backward else 1.0)
         n = min(rows, keys)
         return self.launch + f / (self.flops * (n / (n + self.half) if self.half else 1.0))
+
+    def block_s(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
+                phase: str, kv_heads: int = 0, itemsize: int = 2) -> float:
+        """`time` as `timeline.BlockTimes` asks for it (an empty piece: no launch)."""
+        if pairs <= 0 or rows <= 0 or keys <= 0:
+            return 0.0
+        return self.time(rows, keys, pairs, heads, d, batch, phase == "bwd")
+
+    def epilogue_s(self, elems: float, per_elem: float) -> float:
+        """A memory-bound pass (the loop's merges and sums) at the local copy rate."""
+        return elems * per_elem / self.copy_bw
 
 
 # by device type, used when none is given: H100-class flash attention (half speed at
@@ -95,7 +109,8 @@ class Estimate:
     the ring loop; a2a[phase][rank] the same for the all-to-alls (zero without Ulysses);
     messages[phase] every transfer; pairs[rank][step] = (query, key) pairs that rank computes
     at that step, over the batch (the same in both phases); work[rank][step] its pieces as
-    (rows, keys, pairs per batch row); heads = (query heads, most K/V heads) per rank."""
+    (rows, keys, pairs per batch row: a piece of one row counts its share); heads = (query
+    heads, most K/V heads) per rank."""
     schedule: str
     steps: dict[str, list[list[tuple[int, int]]]]
     time_s: float
@@ -183,8 +198,7 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
     ln = lambda span: 0 if span is None else span[1] - span[0]  # noqa: E731
     blocks = [[step_block(geo, j, s)[2] for s in range(r)] for j in range(r)]
     ring_pairs = [[_piece_pairs(blocks[j][s], b) for s in range(r)] for j in range(r)]
-    steps, a2a, messages = {}, {}, {}
-    time_s = comm_s = compute_s = 0.0
+    steps, a2a, messages, copies_s = {}, {}, {}, {}
     buffers = 0
     for phase in phases:
         per_rank = [[(0, 0)] * r for _ in range(world)]
@@ -219,29 +233,32 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
             totals[m.src][0] += m.nbytes
             totals[m.dst][1] += m.nbytes
         a2a[phase] = [tuple(t) for t in totals]
-        comp = [max(sum(kernel.time(p.q.stop - p.q.start, p.k.stop - p.k.start, pairs(p), hl,
-                                    d, b if p.b is None else p.b.stop - p.b.start,
-                                    phase == "bwd") for p in blocks[j][s])
-                    for j in range(r)) for s in range(r)]
-        t, c = _ring_time(schedule, r, msgs, comp, cluster)
         # each tensor through an all-to-all is copied ~3 times on its rank (packed, joined,
         # put in position order); the busiest rank's copies add to the exchange
         copies = sum(sizes["q_in"] + sizes["q_out"] + (sizes["kv_in"] + sizes["kv_out"]) * n
                      for n in kvn) if u > 1 else 0
-        t_a2a = (cluster.time([m[2:] for m in pre]) + cluster.time([m[2:] for m in post])
-                 + 3 * copies / kernel.copy_bw)
-        time_s += t + t_a2a
-        comm_s += c + t_a2a
-        compute_s += sum(comp)
+        copies_s[phase] = 3 * copies / kernel.copy_bw
         steps[phase], messages[phase] = per_rank, pre + msgs + post
         buffers = max(buffers, _buffers(msgs, pre, world, r))
     ranks = [(j, i) for j in range(r) for i in range(u)]
-    return Estimate(name, steps, time_s, comm_s, compute_s,
-                    [[round(w * b) for w in ring_pairs[j]] for j, _ in ranks], u, schedule,
-                    a2a, messages,
-                    [[tuple((p.q.stop - p.q.start, p.k.stop - p.k.start, pairs(p))
-                            for p in blocks[j][s]) for s in range(r)] for j, _ in ranks],
-                    (hl, max(kvn)), b, d, buffers)
+    # a piece over some batch rows only counts its share of the pairs per batch row
+    work = [[tuple((p.q.stop - p.q.start, p.k.stop - p.k.start,
+                    pairs(p) * ((p.b.stop - p.b.start) / b if p.b is not None else 1))
+                   for p in blocks[j][s]) for s in range(r)] for j, _ in ranks]
+    est = Estimate(name, steps, 0.0, 0.0, 0.0,
+                   [[round(w * b) for w in ring_pairs[j]] for j, _ in ranks], u, schedule,
+                   a2a, messages, work, (hl, max(kvn)), b, d, buffers)
+    # the loop's merges and sums are not in plan()'s model until measured per backend;
+    # the simulator passes them (`Impl.ringmem`)
+    impl = Impl("none", 0.0, 0.0)
+    time_s = comm_s = compute_s = 0.0
+    for phase in phases:
+        res = simulate_phase(est, phase, kernel, cluster, itemsize=itemsize, acc=acc_size,
+                             impl=impl)
+        time_s += res.time_s + copies_s[phase]
+        comm_s += res.links_s + copies_s[phase]
+        compute_s += res.compute_s
+    return replace(est, time_s=time_s, comm_s=comm_s, compute_s=compute_s)
 
 
 def _buffers(msgs: list[Message], pre: list[Message], world: int, r: int) -> int:
@@ -271,38 +288,6 @@ def _a2a_sizes(phase: str, b: int, sq: int, skv: int, hl: int, d: int, itemsize:
         return {"q_in": q, "q_out": q + lse, "kv_in": 2 * b * skv * d * itemsize,
                 "kv_out": 0}
     return {"q_in": q, "q_out": q, "kv_in": 0, "kv_out": 2 * b * skv * d * itemsize}
-
-
-def _ring_time(schedule: str, r: int, msgs: list[Message], comp: list[float],
-               cluster: Cluster) -> tuple[float, float]:
-    """(time, communication time) of the ring loop."""
-    by_step: dict[tuple[int, str], list] = {}
-    for m in msgs:
-        by_step.setdefault((m.step, m.channel), []).append(m[2:])
-    at = lambda s, *chs: [x for ch in chs for x in by_step.get((s, ch), ())]  # noqa: E731
-    if not fetches(schedule):
-        t = c = 0.0
-        for s in range(r):
-            # step s computes while the next move and the previous step's return are in
-            # flight (a return is posted after its step's compute)
-            tc = cluster.time(at(s, "move") + at(s - 1, "ret"))
-            t += max(tc, comp[s]) if cluster.overlap else tc + comp[s]
-            c += tc
-        last = cluster.time(at(r - 1, "ret")) if r > 1 else 0.0
-        # the last return overlaps the second half of the own block, computed last
-        t += max(0.0, last - comp[0] / 2) if cluster.overlap else last
-        return t, c + last
-    # fetches all posted before step 0: step s's data arrive once it and the earlier ones
-    # have crossed their links; returns overlap the next step's compute
-    load: dict = {}
-    arrive = [cluster.time_of(cluster.load(at(s, "fetch"), load)) for s in range(r)]
-    rets = [cluster.time(at(s, "ret")) for s in range(r)]
-    if not cluster.overlap:
-        return arrive[-1] + sum(comp) + sum(rets), arrive[-1] + sum(rets)
-    t = 0.0
-    for s in range(r):
-        t = max(t, arrive[s]) + max(comp[s], rets[s - 1] if s else 0.0)
-    return t + rets[-1], arrive[-1] + sum(rets)
 
 
 def _degrees(ulysses: object, world: int, hq: int) -> tuple[int, ...]:
@@ -338,10 +323,10 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
     the query heads); schedule: a ring schedule or "auto" (all of them). interconnect links
     the ranks of a node, inter_node (e.g. "ib") the nodes of `gpus_per_node` ranks each
     (0: one node). kernel: the block time model (`KernelModel`, or any object with its
-    `time` method, e.g. a calibrated profile); default by device type, `flops` replacing
-    its rate. Returns a Plan with every option's bytes per rank per step and predicted
-    time; `str(plan)` explains the choice. Where communication overlaps compute, within 1%
-    predicted time the option with less
+    `block_s` and `epilogue_s`, `timeline.BlockTimes`: e.g. a measured `sim.Profile`);
+    default by device type, `flops` replacing its rate. Returns a Plan with every option's
+    bytes per rank per step and predicted time; `str(plan)` explains the choice. Where
+    communication overlaps compute, within 1% predicted time the option with less
     buffers (an all-gather holds every K/V span it uses at once), then the one with less
     communication (it leaves more slack); exact ties go to the first listed.
     """

@@ -50,11 +50,19 @@ def test_split_rows_preserves_the_mask() -> None:
 
 @pytest.mark.parametrize("interconnect", ["nvlink"])
 def test_model_prefers_q_for_mha_on_a_full_mesh(interconnect: str) -> None:
-    # TokenRing moves Q (one tensor) where kv moves K and V: less to hold and to send
-    for world, s in ((4, 4096), (8, 2048)):
+    # compute-bound long shards: TokenRing moves Q (one tensor) where kv moves K and V,
+    # half the buffers, at a time within 1% of kv's
+    for world, s in ((4, 16384), (8, 8192)):
         p = ringmem.plan((1, s, 32, 128), (1, s, 32, 128), world=world,
                          interconnect=interconnect)
         assert p.choice == "q", str(p)
+        assert p.schedules["q"].buffer_bytes * 2 == p.schedules["kv"].buffer_bytes
+    # short shards: q splits its own block in two launches (the second half hides the
+    # last return), and the smaller halves cost more than the 1% tie allows
+    p = ringmem.plan((1, 4096, 32, 128), (1, 4096, 32, 128), world=4,
+                     interconnect=interconnect)
+    assert p.schedules["q"].compute_s > p.schedules["kv"].compute_s * 1.01, str(p)
+    assert p.choice == "kv", str(p)
 
 
 def test_model_prefers_q_for_decode_shaped_calls() -> None:

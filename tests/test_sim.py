@@ -8,8 +8,8 @@ import pytest
 
 from ringmem.links import Cluster, Interconnect
 from ringmem.plan import KernelModel, Message, plan
-from ringmem.sim import Network, Profile, load_library, simulate, simulate_phase, split_piece
-from ringmem.sim.kernel import Impl
+from ringmem.sim import Profile, load_library, simulate, simulate_phase, split_piece
+from ringmem.timeline import Impl
 
 GB = 1e9
 
@@ -89,47 +89,48 @@ def test_calibration_reproduces_the_single_device_time():
 # ---- link model ------------------------------------------------------------------------
 
 def test_duplex_and_half_duplex_contention():
-    full = Network(2, link("mesh"))
-    half = Network(2, link("mesh"), duplex=False)
+    full = Cluster(2, link("mesh"))
+    half = Cluster(2, link("mesh"), duplex=False)
     both = [(0, 1, 10**9), (1, 0, 10**9)]
     assert full.time(both) == pytest.approx(1.0)   # each direction its own link
     assert half.time(both) == pytest.approx(2.0)   # one shared channel
 
 
 def test_switch_port_and_ring_hops_contention():
-    sw = Network(4, link("switch"))
+    sw = Cluster(4, link("switch"))
     # two sends out of rank 0 share its egress; a third pair is independent
     d = sw.durations([(0, 1, 10**9), (0, 2, 10**9), (3, 2, 0)])
     assert d[:2] == pytest.approx([2.0, 2.0])
-    ring = Network(4, link("ring", lat=1e-3))
+    ring = Cluster(4, link("ring", lat=1e-3))
     # 0 -> 2 loads links 0-1 and 1-2; 1 -> 2 shares 1-2: both wait for 2 GB on it
     d = ring.durations([(0, 2, 10**9), (1, 2, 10**9), (3, 0, 10**9)])
     assert d == pytest.approx([2.001, 2.001, 1.001])
 
 
 def test_inter_node_links():
-    net = Network(4, link("mesh", bw=100 * GB), link("switch", bw=1 * GB), per_node=2)
+    net = Cluster(4, link("mesh", bw=100 * GB), link("switch", bw=1 * GB), per_node=2)
     assert net.time([(0, 1, 10**9)]) == pytest.approx(0.01)
     assert net.time([(1, 2, 10**9)]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="inter"):
-        Network(4, link(), per_node=2)
+        Cluster(4, link(), per_node=2)
 
 
-def test_group_time_matches_links_cluster():
+def test_group_time_is_the_last_arrival():
     rnd = random.Random(0)
     for topo in ("mesh", "switch", "ring", "bus"):
         ic = link(topo, bw=3 * GB, lat=2e-6)
         for _ in range(20):
             msgs = [(rnd.randrange(8), rnd.randrange(8), rnd.randrange(1, 10**8))
                     for _ in range(rnd.randrange(1, 12))]
-            assert Network(8, ic).time(msgs) == pytest.approx(Cluster(8, ic).time(msgs))
+            c = Cluster(8, ic)
+            assert max(c.durations(msgs)) == pytest.approx(c.time(msgs))
 
 
 # ---- event simulation: hand-computed cases ---------------------------------------------
 
 def test_one_step_is_the_block():
     e = est([[((100, 100, 5050),)]], [])
-    r = simulate_phase(e, "fwd", prof(), Network(1, link()))
+    r = simulate_phase(e, "fwd", prof(), Cluster(1, link()))
     assert r.time_s == pytest.approx(secs(5050))
 
 
@@ -137,7 +138,7 @@ def two_steps(nbytes: int, pairs=(1e9, 1e9), overlap=True):
     work = [[((1, 1, pairs[0]),), ((1, 1, pairs[1]),)] for _ in range(2)]
     msgs = [Message(0, "move", 0, 1, nbytes), Message(0, "move", 1, 0, nbytes)]
     return simulate_phase(est(work, msgs), "fwd", prof(),
-                          Network(2, link(lat=1e-3, overlap=overlap)))
+                          Cluster(2, link(lat=1e-3, overlap=overlap)))
 
 
 def test_two_steps_compute_bound():
@@ -154,6 +155,18 @@ def test_two_steps_without_overlap_serialise():
     assert two_steps(10**6, overlap=False).time_s == pytest.approx(0.004 + 0.002 + 0.004)
 
 
+def test_fetches_without_overlap_are_copied_before_any_compute():
+    # all-gather on gloo: the cores that compute also copy, so both 1 MB fetches (1 ms +
+    # 1 ms latency, on their own mesh links) come before the two 4 ms blocks; with overlap
+    # step 1's fetch hides under step 0
+    work = [[((1, 1, 1e9),), ((1, 1, 1e9),)] for _ in range(2)]
+    msgs = [Message(1, "fetch", 1, 0, 10**6), Message(1, "fetch", 0, 1, 10**6)]
+    for overlap, want in ((False, 0.002 + 0.008), (True, 0.008)):
+        r = simulate_phase(est(work, msgs, ring="allgather"), "fwd", prof(),
+                           Cluster(2, link(lat=1e-3, overlap=overlap)))
+        assert r.time_s == pytest.approx(want)
+
+
 def test_pure_compute_and_pure_bandwidth_limits():
     # no bytes: the sum of the blocks; no compute: the transfer alone
     assert two_steps(0, (3e9, 2e9)).time_s == pytest.approx(0.012 + 0.008)
@@ -164,7 +177,7 @@ def test_contention_two_senders_one_receiver():
     # ranks 1 and 2 both send 1 GB to rank 0 through a switch: rank 0's ingress is shared
     work = [[((1, 1, 1.0),), ((1, 1, 1.0),)] for _ in range(3)]
     msgs = [Message(0, "move", 1, 0, 10**9), Message(0, "move", 2, 0, 10**9)]
-    r = simulate_phase(est(work, msgs), "fwd", prof(), Network(3, link("switch")))
+    r = simulate_phase(est(work, msgs), "fwd", prof(), Cluster(3, link("switch")))
     assert r.time_s == pytest.approx(2.0 + secs(1), rel=1e-6)
 
 
@@ -175,11 +188,11 @@ def test_returns_overlap_the_second_half_of_the_own_block():
     work = [[((2, 1, blk),), ((2, 1, blk),)] for _ in range(2)]
     msgs = [Message(0, "move", 0, 1, 1), Message(0, "move", 1, 0, 1),
             Message(1, "ret", 0, 1, 10**9), Message(1, "ret", 1, 0, 10**9)]
-    r = simulate_phase(est(work, msgs, ring="q"), "fwd", prof(), Network(2, link()))
+    r = simulate_phase(est(work, msgs, ring="q"), "fwd", prof(), Cluster(2, link()))
     assert r.time_s == pytest.approx(2 + 4 + 2, rel=1e-6)  # half, step 1, half
     # a return longer than the second half shows: 2 + 4 + 10
     msgs[2:] = [Message(1, "ret", 0, 1, 10 * 10**9), Message(1, "ret", 1, 0, 10 * 10**9)]
-    r = simulate_phase(est(work, msgs, ring="q"), "fwd", prof(), Network(2, link()))
+    r = simulate_phase(est(work, msgs, ring="q"), "fwd", prof(), Cluster(2, link()))
     assert r.time_s == pytest.approx(2 + 4 + 10, rel=1e-6)
 
 
@@ -188,7 +201,7 @@ def test_merge_epilogue_uses_the_implementation_bytes():
     e = est(work, [], heads=(2, 1), d=10)
     p = prof(mem_bw=1e6)
     # step 1 folds 1000 rows x 2 heads x 10 channels = 2e4 elements
-    r = simulate_phase(e, "fwd", p, Network(1, link()), impl=Impl("x", 50.0, 0.0))
+    r = simulate_phase(e, "fwd", p, Cluster(1, link()), impl=Impl("x", 50.0, 0.0))
     assert r.time_s == pytest.approx(2e4 * 50 / 1e6)
     ours = Impl.ringmem(2, 4)
     assert (ours.fwd_merge, ours.bwd_sum) == (26, 18)
@@ -221,7 +234,7 @@ def test_simulate_rejects_bad_arguments():
                  option="sideways")
     e = est([[((1, 1, 1.0),)]], [])
     with pytest.raises(ValueError, match="bwd"):
-        simulate_phase(e, "bwd", p, Network(1, link()))
+        simulate_phase(e, "bwd", p, Cluster(1, link()))
 
 
 def test_decode_block_is_bound_by_its_reads():
@@ -298,9 +311,9 @@ def test_bench_sim_quick_writes_report_and_plots(tmp_path):
 
 
 @pytest.mark.parametrize("bw", [1e12, 1e8])  # compute-bound, then bandwidth-bound
-def test_reduces_to_plans_model_in_its_limit(bw):
-    # plan()'s own model: per step max(comm, compute) with no launch, merge or mask costs;
-    # on a symmetric zigzag ring the event simulation must give the same time
+def test_plan_and_simulator_share_one_time_model(bw):
+    # plan()'s KernelModel and a Profile with the same rate and no launch, merge or mask
+    # costs: the one event model (`timeline`) gives the same time through either door
     rate = 1e12
     ic = Interconnect(name="t", topology="mesh", bandwidth=bw, latency=1e-6)
     q = kv = (1, 1024, 4, 64)
@@ -319,7 +332,7 @@ def test_allgather_fetches_posted_at_once_share_the_ingress():
     work = [[((1, 1, 1e9),)] * 3 for _ in range(3)]
     msgs = [Message(1, "fetch", 1, 0, 10**9), Message(2, "fetch", 2, 0, 10**9)]
     r = simulate_phase(est(work, msgs, ring="allgather"), "fwd", prof(),
-                       Network(3, link("switch")))
+                       Cluster(3, link("switch")))
     assert r.start[0] == pytest.approx([0.0, 1.0, 2.0])
     assert r.time_s == pytest.approx(2.004)
 
@@ -339,3 +352,18 @@ def test_gpu_check_caps_and_dry_run():
     got = subprocess.run(["bash", str(script), "/tmp/ringmem_gpu_check_dry"],
                          capture_output=True, text=True, timeout=120)
     assert got.returncode == 0 and "needs a CUDA GPU" in got.stdout
+
+
+def test_pieces_of_one_batch_row_count_once():
+    # packed documents that differ per batch row: each row's pieces cover that row only,
+    # so the time model's work (pairs per batch row, times the batch) is the plan's pairs
+    import torch
+
+    from ringmem.masking import make_mask
+    docs = [torch.tensor([0, 300, 1024, 2048]), torch.tensor([0, 2048])]
+    m = make_mask(True, (-1, -1), docs, 2, "zigzag", 2, 1024)
+    assert m.per_row
+    e = plan((2, 1024, 8, 64), (2, 1024, 8, 64), world=2, mask=m, schedule="kv",
+             device_type="cpu").schedules["kv"]
+    got = [[sum(p[2] for p in w) * e.batch for w in rank] for rank in e.work]
+    assert got == [[pytest.approx(x) for x in rank] for rank in e.pairs]

@@ -27,7 +27,7 @@ from ..arguments import check_flag
 from .tiers.persist import Shard, load_shard, save_shard
 
 if TYPE_CHECKING:
-    from .sharded import ShardedKVCache
+    from .parts import Parts
 
 
 def _model_id(model_id: object) -> str:
@@ -36,7 +36,7 @@ def _model_id(model_id: object) -> str:
     return model_id
 
 
-def _replicated_crc(cache: ShardedKVCache) -> int:
+def _replicated_crc(cache: Parts) -> int:
     """CRC of the state every rank holds alike (ranks of different saves differ here)."""
     i = cache.index.state()
     rep = [i["seen"], i["head_counts"], i["split"], cache.windows.state()]
@@ -53,14 +53,14 @@ def _shown(saved: object) -> str | None:
     return f"{where} (state {int(saved[1]):08x})"
 
 
-def _config_state(cache: ShardedKVCache) -> dict[str, Any]:
+def _config_state(cache: Parts) -> dict[str, Any]:
     c = cache.config
     sig = None if cache.eviction is None else list(cache.eviction.policy.signature())
     return {"q_heads": c.q_heads, "capacity": c.capacity, "max_seqs": c.max_seqs,
             "windows": [c.window(i) for i in range(c.num_layers)], "eviction": sig}
 
 
-def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
+def save_cache(cache: Parts, root: str | Path, *, model_id: str,
                fsync: bool = True) -> Path:
     """Write every rank's shard as a new generation of `root` and switch to it atomically
     across ranks (collective, `generations.save`); returns this rank's shard manifest."""
@@ -103,7 +103,7 @@ def save_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str,
                             prepare=prepare, fsync=fsync, model_id=str(model_id))
 
 
-def load_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str) -> None:
+def load_cache(cache: Parts, root: str | Path, *, model_id: str) -> None:
     """Fill a freshly built cache from the generation `root`'s manifest names (collective).
     A checkpoint from before generations (rank<r>.json directly under root) also loads."""
     def _read(gen: Path) -> Shard:
@@ -131,7 +131,7 @@ def load_cache(cache: ShardedKVCache, root: str | Path, *, model_id: str) -> Non
                      explain={"saved as": mixed, "replicated state crc": mixed})
 
 
-def _restore(cache: ShardedKVCache, m: dict[str, Any], layers: list[dict]) -> None:
+def _restore(cache: Parts, m: dict[str, Any], layers: list[dict]) -> None:
     x = m["state"]
     want = _config_state(cache)
     # a checkpoint from before windows were saved had none (windowed caches were refused)

@@ -33,7 +33,7 @@ from .config import MERGES
 from .window import evict
 
 if TYPE_CHECKING:
-    from .sharded import ShardedKVCache
+    from .parts import Parts
     from .tiers import Gathered
 
 
@@ -90,7 +90,7 @@ def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
     o = body[:n].reshape(b, h, d) / tot.clamp_min(1e-30).unsqueeze(-1)
     return o, torch.where(tot > 0, safe + torch.log(tot.clamp_min(1e-30)), m), flag
 
-def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
+def decode_step(cache: Parts, layer: int, q: Tensor, k: Tensor, v: Tensor,
                 softmax_scale: float | None, softcap: float | None = None,
                 sinks: Tensor | None = None) -> Tensor:
     """`ShardedKVCache.decode` (see there)."""
@@ -159,7 +159,7 @@ def decode_step(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tens
     return total.out.unsqueeze(1).to(q.dtype)
 
 
-def local_partial(cache: ShardedKVCache, layer: int, seq: int, q: Tensor, scale: float,
+def local_partial(cache: Parts, layer: int, seq: int, q: Tensor, scale: float,
                   logits: list[Tensor] | None, softcap: float = 0.0) -> Partial:
     """q [Hq, D] against this rank's hot pages of (layer, seq)."""
     store = cache.stores[layer]
@@ -185,7 +185,7 @@ def recall(part: Partial, page: Gathered | None, q: Tensor, scale: float,
                                softcap=softcap)])
 
 
-def room(cache: ShardedKVCache, layer: int, owners: list[int],
+def room(cache: Parts, layer: int, owners: list[int],
          drops: list[list[int]] | None) -> tuple[int, str | None]:
     """(pages this rank lacks to store the step's tokens it owns, after a window's drops;
     the error to raise): from its own store, so pages shared between sequences count once."""
@@ -202,7 +202,7 @@ def room(cache: ShardedKVCache, layer: int, owners: list[int],
                    f"(capacity {cache.config.capacity} tokens per rank)")
 
 
-def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], short: int,
+def check_step(cache: Parts, layer: int, lengths: list[int], short: int,
                full: str | None, error: BaseException | None, scale: float) -> None:
     """Raise on every rank if any rank failed, the ranks disagree on the step (layer, the
     softmax scale, each sequence's next position and cached length) or a rank lacks pages
@@ -219,7 +219,7 @@ def check_step(cache: ShardedKVCache, layer: int, lengths: list[int], short: int
         raise ValueError(full)
 
 
-def cross_rank(cache: ShardedKVCache, layer: int, parts: list[Partial],
+def cross_rank(cache: Parts, layer: int, parts: list[Partial],
                check: Tensor | None) -> Partial:
     """The step's one device collective: every rank's partials [B, Hq, D] merged exactly,
     with the digest of q/k/v riding along (every rank must decode the same token). On the
@@ -248,7 +248,7 @@ def raise_if_differ(layer: int, flag: Tensor, when: str = "this") -> None:
                          f"model on the same input on every rank)")
 
 
-def previous_check(cache: ShardedKVCache, layer: int) -> None:
+def previous_check(cache: Parts, layer: int) -> None:
     """The GPU flag of the layer's previous step (see `cross_rank`)."""
     pending = cache.pending_checks.pop(layer, None)
     if pending is not None:
@@ -269,7 +269,7 @@ def own_token(merged: Partial, q: Tensor, k: Tensor, v: Tensor, scale: float,
     return merge([merged, Partial(vn, l_new)]), l_new
 
 
-def store_token(cache: ShardedKVCache, layer: int, k: Tensor, v: Tensor, owners: list[int],
+def store_token(cache: Parts, layer: int, k: Tensor, v: Tensor, owners: list[int],
                 seq: int, init: Tensor | None) -> None:
     """The owner stores seq's new token (initial scores `init` [1, Hkv]); every rank
     counts it."""

@@ -7,8 +7,13 @@ after a per-head eviction), `split` (some rank's heads hold different tokens) an
 (tokens ever added: the next global position). A rank's slots in use are the most any of
 its heads holds. Collective updates (`refresh`, `sync`) re-read every rank's `PagedStore`
 with one gather; local ones (`add`, `advance`) apply what every rank does alike.
+
+`WindowTracker`, replicated alike: the positions each rank holds of each windowed layer
+(`cache/window.py` says how sliding-window layers use it).
 """
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -124,3 +129,59 @@ class CacheIndex:
     def load_state(self, state: dict) -> None:
         self.seen, self.head_counts = state["seen"], state["head_counts"]
         self.split = state["split"]
+
+
+class WindowTracker:
+    """Replicated: the positions each rank holds of each windowed (layer, seq)."""
+
+    def __init__(self, windows: list[int], world: int, max_seqs: int) -> None:
+        self.windows = windows
+        self.held: dict[int, list[list[deque[int]]]] = {
+            layer: [[deque() for _ in range(world)] for _ in range(max_seqs)]
+            for layer, left in enumerate(windows) if left >= 0}
+
+    def windowed(self, layer: int) -> bool:
+        return layer in self.held
+
+    def add(self, layer: int, seq: int, rank: int, positions: list[int]) -> None:
+        self.held[layer][seq][rank].extend(positions)
+
+    def drops(self, layer: int, seq: int, threshold: int) -> list[int]:
+        """Per rank: tokens of (layer, seq) older than `threshold` (to drop)."""
+        out = []
+        for held in self.held[layer][seq]:
+            n = 0
+            while n < len(held) and held[n] < threshold:
+                n += 1
+            out.append(n)
+        return out
+
+    def drop(self, layer: int, seq: int, counts: list[int]) -> None:
+        for held, n in zip(self.held[layer][seq], counts):
+            for _ in range(n):
+                held.popleft()
+
+    def positions(self, layer: int, seq: int, rank: int) -> list[int]:
+        return list(self.held[layer][seq][rank])
+
+    def fork(self, src: int, dst: int) -> None:
+        for rows in self.held.values():
+            rows[dst] = [deque(h) for h in rows[src]]
+
+    def reset(self, seq: int) -> None:
+        for rows in self.held.values():
+            for held in rows[seq]:
+                held.clear()
+
+    def state(self) -> list[list[list[list[int]]] | None]:
+        """Per layer (None: not windowed), per seq, per rank: the positions held (JSON)."""
+        return [[[list(h) for h in rows] for rows in self.held[layer]]
+                if layer in self.held else None for layer in range(len(self.windows))]
+
+    def load_state(self, state: list[list[list[list[int]]] | None]) -> None:
+        """Inverse of `state` (a checkpoint of the same windows, world and max_seqs)."""
+        for layer, rows in self.held.items():
+            for seq, per_rank in enumerate(rows):
+                for held, pos in zip(per_rank, state[layer][seq]):
+                    held.clear()
+                    held.extend(int(p) for p in pos)

@@ -24,10 +24,10 @@ from .window import evict, window_prefix
 
 if TYPE_CHECKING:
     from .paged import PagedStore
-    from .sharded import ShardedKVCache
+    from .parts import Parts
 
 
-def prefill_chunk(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, *,
+def prefill_chunk(cache: Parts, layer: int, q: Tensor, k: Tensor, v: Tensor, *,
                   seq: int | list[int], n_valid: int | list[int] | None,
                   softmax_scale: float | None, backend: str, softcap: float | None = None,
                   sinks: Tensor | None = None) -> Tensor:
@@ -107,7 +107,7 @@ class _Rows:
         return [pos[(row == i) & (pos >= lo)].tolist() for i, lo in enumerate(low)]
 
 
-def _checked(cache: ShardedKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor,
+def _checked(cache: Parts, layer: int, q: Tensor, k: Tensor, v: Tensor,
              seq: int | list[int], n_valid: int | list[int] | None,
              softmax_scale: float | None, backend: str, n_loc: int, softcap: float | None,
              sinks: Tensor | None
@@ -182,7 +182,7 @@ def _lens(seqs: list[int], n_valid: int | list[int] | None, chunk: int,
     return list(n_valid)
 
 
-def same_tokens(cache: ShardedKVCache, layer: int, a: int, b: int) -> bool:
+def same_tokens(cache: Parts, layer: int, a: int, b: int) -> bool:
     """Whether sequences a and b hold the same tokens of `layer` on this rank (and, by the
     replicated index, on every rank): shared pages, or equal K/V and positions."""
     idx, st = cache.index, cache.stores[layer]
@@ -212,7 +212,7 @@ SHARED = ("sequences packed in one chunk must hold the same cached tokens (a sha
           "on every rank")
 
 
-def _room(cache: ShardedKVCache, layer: int, seqs: list[int], start: int, lens: list[int],
+def _room(cache: Parts, layer: int, seqs: list[int], start: int, lens: list[int],
           n_loc: int) -> tuple[int, str]:
     """(pages this rank lacks to store its part of the chunk's rows, the error to raise):
     from its own store, so pages shared between sequences count once."""
@@ -231,7 +231,7 @@ def _room(cache: ShardedKVCache, layer: int, seqs: list[int], start: int, lens: 
                    f"{st.num_pages} free (capacity {c.capacity} tokens per rank)")
 
 
-def _prefix_pass(cache: ShardedKVCache, layer: int, seq: int, q: Tensor,
+def _prefix_pass(cache: Parts, layer: int, seq: int, q: Tensor,
                  spec: RingSpec) -> tuple[Tensor, Tensor]:
     """The chunk's queries against the cached prefix on every rank (ring, Q travels);
     once per KV head when heads hold different tokens (per-head eviction)."""

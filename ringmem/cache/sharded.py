@@ -48,12 +48,11 @@ from ..layouts import positions
 from .checks import check_index
 from .config import CacheConfig
 from .decode import decode_step
-from .index import CacheIndex
+from .index import CacheIndex, WindowTracker
 from .paged import PagedStore
 from .prefill import prefill_chunk
 from .tiers import Demote, TieredPages, TierPolicy
 from .view import ShardedView
-from .window import WindowTracker
 
 if TYPE_CHECKING:
     from ..eviction.actions import EvictionAction

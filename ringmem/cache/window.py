@@ -6,7 +6,8 @@ layer keeps only positions [n - left, n): at most `left` tokens per sequence, sp
 the ranks. Every rank knows which positions each rank holds (`WindowTracker`, replicated:
 prefill places tokens by the layout, decode on the least-loaded rank, both decided alike
 everywhere), so who drops how many tokens needs no communication; a rank's tokens sit in
-ascending position order, so dropping the oldest is dropping the first slots.
+ascending position order, so dropping the oldest is dropping the first slots. (The tracker
+lives with the rest of the replicated state, in `cache/index.py`.)
 
 A prefill chunk's queries still need the window before the chunk: those at most `left`
 cached tokens are all-gathered (small: one window, not the prompt) and attended with an
@@ -20,7 +21,6 @@ tracker (`state`, `load_state`) with the rest of the replicated state.
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,66 +30,10 @@ from ..comm import gather_rows
 from ..partial import Partial, acc_dtype, from_scores
 
 if TYPE_CHECKING:
-    from .sharded import ShardedKVCache
+    from .parts import Shards
 
 
-class WindowTracker:
-    """Replicated: the positions each rank holds of each windowed (layer, seq)."""
-
-    def __init__(self, windows: list[int], world: int, max_seqs: int) -> None:
-        self.windows = windows
-        self.held: dict[int, list[list[deque[int]]]] = {
-            layer: [[deque() for _ in range(world)] for _ in range(max_seqs)]
-            for layer, left in enumerate(windows) if left >= 0}
-
-    def windowed(self, layer: int) -> bool:
-        return layer in self.held
-
-    def add(self, layer: int, seq: int, rank: int, positions: list[int]) -> None:
-        self.held[layer][seq][rank].extend(positions)
-
-    def drops(self, layer: int, seq: int, threshold: int) -> list[int]:
-        """Per rank: tokens of (layer, seq) older than `threshold` (to drop)."""
-        out = []
-        for held in self.held[layer][seq]:
-            n = 0
-            while n < len(held) and held[n] < threshold:
-                n += 1
-            out.append(n)
-        return out
-
-    def drop(self, layer: int, seq: int, counts: list[int]) -> None:
-        for held, n in zip(self.held[layer][seq], counts):
-            for _ in range(n):
-                held.popleft()
-
-    def positions(self, layer: int, seq: int, rank: int) -> list[int]:
-        return list(self.held[layer][seq][rank])
-
-    def fork(self, src: int, dst: int) -> None:
-        for rows in self.held.values():
-            rows[dst] = [deque(h) for h in rows[src]]
-
-    def reset(self, seq: int) -> None:
-        for rows in self.held.values():
-            for held in rows[seq]:
-                held.clear()
-
-    def state(self) -> list[list[list[list[int]]] | None]:
-        """Per layer (None: not windowed), per seq, per rank: the positions held (JSON)."""
-        return [[[list(h) for h in rows] for rows in self.held[layer]]
-                if layer in self.held else None for layer in range(len(self.windows))]
-
-    def load_state(self, state: list[list[list[list[int]]] | None]) -> None:
-        """Inverse of `state` (a checkpoint of the same windows, world and max_seqs)."""
-        for layer, rows in self.held.items():
-            for seq, per_rank in enumerate(rows):
-                for held, pos in zip(per_rank, state[layer][seq]):
-                    held.clear()
-                    held.extend(int(p) for p in pos)
-
-
-def evict(cache: ShardedKVCache, layer: int, seq: int, counts: list[int]) -> None:
+def evict(cache: Shards, layer: int, seq: int, counts: list[int]) -> None:
     """Drop counts[rank] oldest tokens of (layer, seq) on every rank: this rank's store,
     the replicated index and tracker."""
     mine = counts[cache.rank]
@@ -122,7 +66,7 @@ def masked_partial(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: floa
                    p.lse.permute(2, 0, 1).reshape(s_len, hq))
 
 
-def window_prefix(cache: ShardedKVCache, layer: int, seq: int, q: Tensor, q_pos: Tensor,
+def window_prefix(cache: Shards, layer: int, seq: int, q: Tensor, q_pos: Tensor,
                   left: int, scale: float, softcap: float) -> tuple[Tensor, Tensor] | None:
     """This rank's chunk queries q [1, S, Hq, D] at positions q_pos [S] against the cached
     window of (layer, seq) on every rank: (out [1, S, Hq, D], lse [1, Hq, S]), or None when

@@ -14,7 +14,8 @@ A `Profile` describes one device running one attention backend:
   once per launch, so a ring of many launches pays it many times), and the epilogue the
   ring loop adds to each block (the fp32 log-sum-exp merge of a partial output forward,
   the fp32 sum of gradients backward) whose bytes per element depend on the
-  implementation (`Impl`: ringmem's loop, or ring-flash-attn's, counted from their ops).
+  implementation (`ringmem.timeline.Impl`: ringmem's loop, or ring-flash-attn's, counted
+  from their ops).
 
 Profiles are data (JSON): measured by `ringmem bench calibrate`, or published figures with
 their sources (`published.json`). Pure Python: no torch.
@@ -148,32 +149,6 @@ class Profile:
         d["sources"] = tuple(d.get("sources", ()))
         d["table"] = tuple(tuple(t) for t in d.get("table", ()))
         return cls(**d)
-
-
-@dataclass(frozen=True)
-class Impl:
-    """Bytes per element the ring loop moves to fold one block's result into the fp32
-    accumulators: forward merge of (out, lse), backward sum of gradients, and the extra
-    copy when a piece covers only part of the rows (a sliced update written back)."""
-    name: str
-    fwd_merge: float
-    bwd_sum: float
-    partial_copy: float = 0.0
-
-    @classmethod
-    def ringmem(cls, itemsize: int, acc: int) -> Impl:
-        """ringmem's loop (`partial.merge_into`, `ring._Acc.add`): forward = upcast the
-        block (itemsize + acc) + scale in place (2 acc) + fused multiply-add (3 acc);
-        backward = upcast (itemsize + acc) + add in place (3 acc)."""
-        return cls("ringmem", itemsize + 6 * acc, itemsize + 4 * acc)
-
-    @classmethod
-    def ring_flash_attn(cls) -> Impl:
-        """ring-flash-attn's `update_out_and_lse` in bf16/fp32 as its source writes it:
-        upcast (2 + 4), out - block_out (12), sigmoid(.) * that (8), out - that (12) = 38;
-        a zigzag half-row update writes the slice back (8); backward: dq/dk/dv += the
-        block's bf16 gradient into fp32 (4 + 2 + 4 = 10)."""
-        return cls("ring-flash-attn", 38.0, 10.0, 8.0)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..links import Interconnect
+from ..links import Cluster, Interconnect
 from ..plan import Estimate
-from .engine import PhaseResult, simulate_phase
-from .kernel import Impl, Profile
-from .network import Network
+from ..timeline import Impl, PhaseResult, simulate_phase
+from .kernel import Profile
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
@@ -51,7 +50,7 @@ def simulate(q_shape: tuple[int, int, int, int], kv_shape: tuple[int, int, int, 
               gpus_per_node=per_node if inter is not None else 0, backward=backward,
               flops=profile.fwd_flops, ulysses=u, schedule=sched)
     est = pl.schedules[option]
-    net = Network(world, intra, inter, per_node if inter is not None else 0, duplex)
+    net = Cluster(world, intra, inter, per_node if inter is not None else 0, duplex)
     itemsize, acc = ITEMSIZE[dtype], 8 if dtype == "fp64" else 4
     phases = {ph: simulate_phase(est, ph, profile, net, itemsize=itemsize, acc=acc,
                                   impl=impl)

@@ -101,7 +101,7 @@ def decode_sweep(lib: Library, prof: Any, contexts: list[int], worlds: list[int]
     """One new token against a sharded cache, as ringmem's decode does it: every rank
     attends to its C/W keys (the kernel time of plan()'s one-rank block), then the
     partials (out + lse per query head) are all-gathered and merged."""
-    from .network import Network
+    from ..links import Cluster
     rows = []
     for c, w in progress([(c, w) for c in contexts for w in worlds], "sim: decode"):
         local = simulate((1, 1, HQ, D), (1, c // w, HKV, D), world=1, profile=prof,
@@ -110,7 +110,7 @@ def decode_sweep(lib: Library, prof: Any, contexts: list[int], worlds: list[int]
         # `cache.decode.merge_across_ranks`: out, lse and a 3-number digest, packed as fp64
         part = (HQ * D + HQ + 3) * 8
         msgs = [(a, b, part) for a in range(w) for b in range(w) if a != b]
-        gather = Network(w, net["intra"], net.get("inter"), net.get("per_node", 0)).time(msgs)
+        gather = Cluster(w, net["intra"], net.get("inter"), net.get("per_node", 0)).time(msgs)
         merge = prof.epilogue_s(w * HQ * D, 6 * 4)
         rows.append({"context": c, "gpus": w, "latency_s": local.time_s + gather + merge,
                      "local_s": local.time_s, "gather_s": gather})

@@ -1,8 +1,8 @@
-"""Event-level simulation of one attention layer, per rank per ring step.
+"""When each step of the ring loop runs: the one time model of `plan()` and the simulator.
 
-The routing, the byte counts and the pieces of work come from `ringmem.plan` (its
-`Estimate`: `messages`, `work`, `heads`): this module only decides *when* things happen,
-following the real loop (`ringmem.ring._ring`):
+An option's routing, byte counts and pieces of work come from `ringmem.plan` (its
+`Estimate`: `messages`, `work`, `heads`); this module only decides *when* things happen,
+per rank per ring step, following the real loop (`ringmem.ring._Loop`):
 
 * all-to-alls (Ulysses) before and after the loop block every rank;
 * at the start of step s a rank posts the move of the buffer it holds (needed at s+1),
@@ -13,19 +13,71 @@ following the real loop (`ringmem.ring._ring`):
 * when there are returns, the own block is split by rows: the first half at step 0, the
   second half after the last step, overlapping the final return;
 * a link that does not overlap compute (gloo on the CPU cores) serialises: a transfer
-  starts when its sender's compute ends and the sender's next step waits for it.
+  starts when its sender's compute ends and the sender's next step waits for it; the
+  all-gather's fetches are all copied before any compute.
 
 Each group of messages in flight together (the moves of step s with the returns of step
-s-1) shares links in `Network.durations` (contention); different groups do not.
+s-1) shares links in `links.Cluster.durations` (contention); different groups do not.
+
+What a block costs is the caller's: `plan()` passes its `KernelModel`, the simulator a
+device `Profile` (`sim.kernel`) and the loop's epilogue costs (`Impl`). Pure Python.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..options import moving_side
-from ..plan import Estimate
-from .kernel import Impl, Profile
-from .network import Network
+from .options import moving_side
+
+if TYPE_CHECKING:
+    from .links import Cluster
+
+
+class BlockTimes(Protocol):
+    """Seconds of one block launch and of one memory-bound pass (`sim.kernel.Profile`,
+    `plan.KernelModel`)."""
+
+    def block_s(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
+                phase: str, kv_heads: int = 0, itemsize: int = 2) -> float: ...
+
+    def epilogue_s(self, elems: float, per_elem: float) -> float: ...
+
+
+class Routed(Protocol):
+    """What the time model reads of an option's routing (`plan.Estimate`)."""
+    ring: str  # the ring schedule
+    messages: dict[str, list[Any]]  # per phase: `plan.Message`s
+    work: list[list[tuple[tuple[int, int, float], ...]]]  # [rank][step]: pieces
+    heads: tuple[int, int]  # (query heads, most K/V heads) per rank
+    batch: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Impl:
+    """Bytes per element the ring loop moves to fold one block's result into the fp32
+    accumulators: forward merge of (out, lse), backward sum of gradients, and the extra
+    copy when a piece covers only part of the rows (a sliced update written back)."""
+    name: str
+    fwd_merge: float
+    bwd_sum: float
+    partial_copy: float = 0.0
+
+    @classmethod
+    def ringmem(cls, itemsize: int, acc: int) -> Impl:
+        """ringmem's loop (`partial.merge_into`, `ring._Acc.add`): forward = upcast the
+        block (itemsize + acc) + scale in place (2 acc) + fused multiply-add (3 acc);
+        backward = upcast (itemsize + acc) + add in place (3 acc)."""
+        return cls("ringmem", itemsize + 6 * acc, itemsize + 4 * acc)
+
+    @classmethod
+    def ring_flash_attn(cls) -> Impl:
+        """ring-flash-attn's `update_out_and_lse` in bf16/fp32 as its source writes it:
+        upcast (2 + 4), out - block_out (12), sigmoid(.) * that (8), out - that (12) = 38;
+        a zigzag half-row update writes the slice back (8); backward: dq/dk/dv += the
+        block's bf16 gradient into fp32 (4 + 2 + 4 = 10)."""
+        return cls("ring-flash-attn", 38.0, 10.0, 8.0)
+
 
 Piece = tuple[int, int, float]  # (rows, keys, pairs per batch row)
 
@@ -39,6 +91,7 @@ class PhaseResult:
     compute_s: float = 0.0  # the busiest rank's compute (kernels + epilogues)
     a2a_s: float = 0.0      # the blocking all-to-alls
     bytes: int = 0          # every message the simulation timed (equals plan()'s count)
+    links_s: float = 0.0    # the links busy, group after group, hidden by compute or not
 
 
 def split_piece(piece: Piece) -> tuple[Piece, Piece]:
@@ -54,12 +107,12 @@ def split_piece(piece: Piece) -> tuple[Piece, Piece]:
     return (a, keys, first), (rows - a, keys, pairs - first)
 
 
-def _pieces_s(prof: Profile, pieces, est: Estimate, phase: str, itemsize: int) -> float:
+def _pieces_s(prof: BlockTimes, pieces, est: Routed, phase: str, itemsize: int) -> float:
     return sum(prof.block_s(r, k, p, est.heads[0], est.batch, est.head_dim, phase,
                             est.heads[1], itemsize) for r, k, p in pieces)
 
 
-def _epilogue(prof: Profile, impl: Impl, pieces, est: Estimate, phase: str, moving: str,
+def _epilogue(prof: BlockTimes, impl: Impl, pieces, est: Routed, phase: str, moving: str,
               q_local: int) -> float:
     """The stationary side's fold of one step's results into its accumulators (for `kv`
     backward the travelling dk/dv are summed by their owner: `_ret_fold`)."""
@@ -77,7 +130,7 @@ def _epilogue(prof: Profile, impl: Impl, pieces, est: Estimate, phase: str, movi
     return t
 
 
-def _ret_fold(prof: Profile, impl: Impl, nbytes: int, itemsize: int, acc: int,
+def _ret_fold(prof: BlockTimes, impl: Impl, nbytes: int, itemsize: int, acc: int,
               phase: str) -> float:
     """Folding a returned partial into the owner's accumulator. It travels in the input
     dtype (out, plus a small fp32 lse) forward and in fp32 (gradients) backward."""
@@ -86,8 +139,8 @@ def _ret_fold(prof: Profile, impl: Impl, nbytes: int, itemsize: int, acc: int,
     return prof.epilogue_s(nbytes / acc, impl.bwd_sum)
 
 
-def simulate_phase(est: Estimate, phase: str, prof: Profile, net: Network, *, itemsize: int = 2,
-                   acc: int = 4, impl: Impl | None = None) -> PhaseResult:
+def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
+                   itemsize: int = 2, acc: int = 4, impl: Impl | None = None) -> PhaseResult:
     """Simulate `phase` ("fwd" or "bwd") of one `plan()` option estimate; impl: the loop's
     epilogue costs (default: ringmem's for this itemsize)."""
     impl = impl if impl is not None else Impl.ringmem(itemsize, acc)
@@ -120,6 +173,7 @@ def simulate_phase(est: Estimate, phase: str, prof: Profile, net: Network, *, it
             comp[p][0] = _pieces_s(prof, [h[0] for h in halves], est, phase, itemsize)
             last[p] = _pieces_s(prof, [h[1] for h in halves], est, phase, itemsize)
     t0 = net.time(pre)
+    links = net.time([(m.src, m.dst, m.nbytes) for m in fetches])
     arrive = [[t0] * (r + 1) for _ in range(world)]  # inputs of step s on rank p
     if fetches:  # posted together before step 0; step s's data behind the earlier steps'
         for s in sorted({m.step for m in fetches}):
@@ -131,6 +185,8 @@ def simulate_phase(est: Estimate, phase: str, prof: Profile, net: Network, *, it
     start = [[0.0] * r for _ in range(world)]
     end = [[0.0] * r for _ in range(world)]
     ready = [t0] * world  # when each rank may start its next step
+    if fetches and not net.overlap:  # the cores copy every fetch before they compute
+        ready = [t0 + links] * world
     ret_at: list[dict[int, float]] = [dict() for _ in range(world)]  # step -> arrival
     ret_cost: list[dict[int, float]] = [dict() for _ in range(world)]
     for s in range(r):
@@ -141,6 +197,7 @@ def simulate_phase(est: Estimate, phase: str, prof: Profile, net: Network, *, it
         if s:
             group += [(m, end[m.src][s - 1]) for m in rets[s - 1]]
         durs = net.durations([(m.src, m.dst, m.nbytes) for m, _ in group])
+        links += max(durs, default=0.0)
         send_busy = [0.0] * world  # without overlap: when each sender's copies end
         for (m, posted), d in zip(group, durs):
             if not net.overlap:  # the cores that compute also copy: after the compute
@@ -160,6 +217,7 @@ def simulate_phase(est: Estimate, phase: str, prof: Profile, net: Network, *, it
     # the last step's returns: posted after its compute, in flight beside the second half
     if r > 1 and rets[r - 1]:
         durs = net.durations([(m.src, m.dst, m.nbytes) for m in rets[r - 1]])
+        links += max(durs, default=0.0)
         for m, d in zip(rets[r - 1], durs):
             ret_at[m.dst][r - 1] = max(ret_at[m.dst].get(r - 1, 0.0), end[m.src][r - 1] + d)
             ret_cost[m.dst][r - 1] = (ret_cost[m.dst].get(r - 1, 0.0)
@@ -174,4 +232,5 @@ def simulate_phase(est: Estimate, phase: str, prof: Profile, net: Network, *, it
     busy = max(sum(c) + lp for c, lp in zip(comp, last))
     timed = (sum(m[2] for m in pre + post) + sum(m.nbytes for m in fetches)
              + sum(m.nbytes for g in (moves, rets) for ms in g.values() for m in ms))
-    return PhaseResult(total, start, end, busy, t0 + net.time(post), timed)
+    a2a = t0 + net.time(post)
+    return PhaseResult(total, start, end, busy, a2a, timed, links + a2a)

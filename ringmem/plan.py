@@ -30,7 +30,7 @@ from .heads import heads_error, kv_heads
 from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
 from .options import RING_SCHEDULES, Option, fetches, moving_side
-from .routing import Geometry, best_hop, held, step_block, used
+from .routing import Geometry, best_hop, held, split_rows, step_block, used
 from .timeline import Impl, simulate_phase
 
 __all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "KernelModel", "Message", "Plan", "plan",
@@ -126,6 +126,9 @@ class Estimate:
     batch: int = 1
     head_dim: int = 0
     buffer_bytes: int = 0  # received inputs alive at once on the busiest rank, any phase
+    # [rank]: the own block's work split at its middle row (the loop's split when results
+    # return: the second half hides the last return)
+    halves: list[tuple[tuple[tuple[int, int, float], ...], ...]] = field(default_factory=list)
 
     def bytes(self, phase: str | None = None) -> int:
         """Total bytes sent by all ranks (in `phase`, or both), all-to-alls included."""
@@ -242,12 +245,15 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
         buffers = max(buffers, _buffers(msgs, pre, world, r))
     ranks = [(j, i) for j in range(r) for i in range(u)]
     # a piece over some batch rows only counts its share of the pairs per batch row
-    work = [[tuple((p.q.stop - p.q.start, p.k.stop - p.k.start,
-                    pairs(p) * ((p.b.stop - p.b.start) / b if p.b is not None else 1))
-                   for p in blocks[j][s]) for s in range(r)] for j, _ in ranks]
+    work_of = lambda pieces: tuple(  # noqa: E731
+        (p.q.stop - p.q.start, p.k.stop - p.k.start,
+         pairs(p) * ((p.b.stop - p.b.start) / b if p.b is not None else 1)) for p in pieces)
+    work = [[work_of(blocks[j][s]) for s in range(r)] for j, _ in ranks]
+    halves = [tuple(work_of(h) for h in split_rows(blocks[j][0], geo.q_lens[j] // 2))
+              for j, _ in ranks]
     est = Estimate(name, steps, 0.0, 0.0, 0.0,
                    [[round(w * b) for w in ring_pairs[j]] for j, _ in ranks], u, schedule,
-                   a2a, messages, work, (hl, max(kvn)), b, d, buffers)
+                   a2a, messages, work, (hl, max(kvn)), b, d, buffers, halves)
     # the loop's merges and sums are not in plan()'s model until measured per backend;
     # the simulator passes them (`Impl.ringmem`)
     impl = Impl("none", 0.0, 0.0)

@@ -51,6 +51,9 @@ class Routed(Protocol):
     heads: tuple[int, int]  # (query heads, most K/V heads) per rank
     batch: int
     head_dim: int
+    # [rank]: the own block's pieces split at its middle row, as the loop splits it when
+    # results return (empty: each piece split by its rows, `split_piece`)
+    halves: list[tuple[tuple[tuple[int, int, float], ...], tuple[tuple[int, int, float], ...]]]
 
 
 @dataclass(frozen=True)
@@ -169,9 +172,13 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
     last = [0.0] * world
     if returns:  # the own block: half now, half while the final return travels
         for p in range(world):
-            halves = [split_piece(pc) for pc in est.work[p][0]]
-            comp[p][0] = _pieces_s(prof, [h[0] for h in halves], est, phase, itemsize)
-            last[p] = _pieces_s(prof, [h[1] for h in halves], est, phase, itemsize)
+            if est.halves:
+                first, second = est.halves[p]
+            else:
+                split = [split_piece(pc) for pc in est.work[p][0]]
+                first, second = tuple(h[0] for h in split), tuple(h[1] for h in split)
+            comp[p][0] = _pieces_s(prof, first, est, phase, itemsize)
+            last[p] = _pieces_s(prof, second, est, phase, itemsize)
     t0 = net.time(pre)
     links = net.time([(m.src, m.dst, m.nbytes) for m in fetches])
     arrive = [[t0] * (r + 1) for _ in range(world)]  # inputs of step s on rank p

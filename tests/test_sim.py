@@ -28,7 +28,7 @@ def prof(**kw) -> Profile:
 def est(work, msgs, heads=(1, 1), d=1, batch=1, ring="kv", phase="fwd"):
     """A hand-made plan() Estimate: work[rank][step] pieces, messages of one phase."""
     return SimpleNamespace(work=work, messages={phase: msgs}, heads=heads, head_dim=d,
-                           batch=batch, ring=ring)
+                           batch=batch, ring=ring, halves=[])
 
 
 def secs(pairs: float, rate: float = 1e12) -> float:
@@ -367,3 +367,23 @@ def test_pieces_of_one_batch_row_count_once():
              device_type="cpu").schedules["kv"]
     got = [[sum(p[2] for p in w) * e.batch for w in rank] for rank in e.work]
     assert got == [[pytest.approx(x) for x in rank] for rank in e.pairs]
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (256, 0)])
+def test_own_block_splits_where_the_loop_splits_it(window):
+    # with returns (q), the loop computes its own block in two halves split at the middle
+    # row (`routing.split_rows`): the plan's halves are those pieces, no pair lost
+    from ringmem.masking import make_mask, pairs
+    from ringmem.routing import Geometry, split_rows, step_block
+    e = plan((1, 2048, 4, 64), (1, 2048, 4, 64), world=2, window=window,
+             schedule="q").schedules["q"]
+    geo = Geometry.uniform("zigzag", 2, 2048, 2048,
+                           make_mask(True, window, None, 1, "zigzag", 2, 2048), "q")
+    for rank in range(2):
+        first, second = e.halves[rank]
+        a, z = split_rows(step_block(geo, rank, 0)[2], 1024)
+        assert [p[:2] for p in first] == [(p.q.stop - p.q.start, p.k.stop - p.k.start)
+                                          for p in a]
+        assert [p[2] for p in second] == [pairs(p) for p in z]
+        assert sum(p[2] for h in (first, second) for p in h) == sum(
+            p[2] for p in e.work[rank][0])

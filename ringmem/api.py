@@ -317,15 +317,16 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             "dtype": q.dtype if isinstance(q, Tensor) else None,
             "device type": q.device.type if isinstance(q, Tensor) else None,
             "causal": int(bool(causal)), "layout": _plain(layout),
-            "schedule": _plain(schedule),
-            "resolved schedule": spec.schedule if spec else None,
-            "ulysses": _plain(ulysses), "resolved ulysses": u if spec else None,
+            "schedule": _plain(schedule), "ulysses": _plain(ulysses),
             "backend": _plain(backend), "softmax_scale": spec.scale if spec else None,
             "requires grad": int(grad), "return_lse": int(bool(return_lse)),
             "window": spec.mask.window if spec else None,
             "cu_seqlens": packing_digest(spec.mask.docs) if spec else None,
             "softcap": spec.softcap if spec else None,
-            "sinks.shape": _shape(sinks) if sinks is not None else None}
+            "sinks.shape": _shape(sinks) if sinks is not None else None,
+            # derived from the above (the plan's choice): listed after its causes
+            "resolved schedule": spec.schedule if spec else None,
+            "resolved ulysses": u if spec else None}
         if sp is None:
             agree("ring_attention", group, error, **fields)
         else:  # every rank shares a Ulysses group or a ring with every other: both agree

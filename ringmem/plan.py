@@ -47,6 +47,8 @@ class KernelModel:
     launch: float = 0.0
     half: float = 0.0
     copy_bw: float = math.inf  # bytes/s of a local copy (the all-to-all's packing)
+    step_s: float = 0.0  # host seconds per ring step on every rank (`timeline.BlockTimes`)
+    call_s: float = 0.0  # host seconds per call (checks, the cross-rank agreement)
 
     def time(self, rows: int, keys: int, pairs: float, heads: int, dim: int, batch: float,
              backward: bool) -> float:
@@ -354,7 +356,7 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
         if flops is not None:
             if not flops > 0:
                 raise ValueError(f"flops must be > 0, got {flops}")
-            kernel = KernelModel(float(flops), kernel.launch, kernel.half, kernel.copy_bw)
+            kernel = replace(kernel, flops=float(flops))
     itemsize = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     if mask is None:

@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 
 class BlockTimes(Protocol):
     """Seconds of one block launch and of one memory-bound pass (`sim.kernel.Profile`,
-    `plan.KernelModel`)."""
+    `plan.KernelModel`), and the host's own: `step_s` per ring step on every rank (the
+    loop's Python, posting its transfers), `call_s` once per call (argument checks, the
+    cross-rank agreement)."""
+    step_s: float
+    call_s: float
 
     def block_s(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
                 phase: str, kv_heads: int = 0, itemsize: int = 2) -> float: ...
@@ -165,7 +169,7 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
     fetches = [m for m in msgs if m.channel == "fetch"]
     returns = any(rets.values())
     q_local = max((pc[0] for p in range(world) for pc in est.work[p][0]), default=0)
-    comp = [[_pieces_s(prof, est.work[p][s], est, phase, itemsize)
+    comp = [[_pieces_s(prof, est.work[p][s], est, phase, itemsize) + prof.step_s
              + (_epilogue(prof, impl, est.work[p][s], est, phase, moving, q_local)
                 if s else 0.0)
              for s in range(r)] for p in range(world)]
@@ -177,9 +181,9 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
             else:
                 split = [split_piece(pc) for pc in est.work[p][0]]
                 first, second = tuple(h[0] for h in split), tuple(h[1] for h in split)
-            comp[p][0] = _pieces_s(prof, first, est, phase, itemsize)
+            comp[p][0] = _pieces_s(prof, first, est, phase, itemsize) + prof.step_s
             last[p] = _pieces_s(prof, second, est, phase, itemsize)
-    t0 = net.time(pre)
+    t0 = prof.call_s + net.time(pre)
     links = net.time([(m.src, m.dst, m.nbytes) for m in fetches])
     arrive = [[t0] * (r + 1) for _ in range(world)]  # inputs of step s on rank p
     if fetches:  # posted together before step 0; step s's data behind the earlier steps'

@@ -167,6 +167,18 @@ def test_fetches_without_overlap_are_copied_before_any_compute():
         assert r.time_s == pytest.approx(want)
 
 
+def test_host_costs_per_step_and_per_call():
+    # 2 ms of host work per step on every rank and 5 ms per call: the 4 ms blocks become
+    # 6 ms, the 1 MB move (2 ms) still hides under step 0, the call adds once
+    work = [[((1, 1, 1e9),), ((1, 1, 1e9),)] for _ in range(2)]
+    msgs = [Message(0, "move", 0, 1, 10**6), Message(0, "move", 1, 0, 10**6)]
+    r = simulate_phase(est(work, msgs), "fwd", prof(step_s=0.002, call_s=0.005),
+                       Cluster(2, link(lat=1e-3)))
+    assert r.time_s == pytest.approx(0.005 + 2 * 0.006)
+    with pytest.raises(ValueError, match="step_s"):
+        prof(step_s=-1.0)
+
+
 def test_pure_compute_and_pure_bandwidth_limits():
     # no bytes: the sum of the blocks; no compute: the transfer alone
     assert two_steps(0, (3e9, 2e9)).time_s == pytest.approx(0.012 + 0.008)

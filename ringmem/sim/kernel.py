@@ -48,6 +48,8 @@ class Profile:
     bwd_flops: float            # FLOP/s, backward (2.5x forward FLOPs per block)
     causal_efficiency: float = 1.0  # masked-through blocks: per-pair rate multiplier
     launch_s: float = 0.0       # per kernel launch
+    step_s: float = 0.0         # host work per ring step on every rank (Python, posting)
+    call_s: float = 0.0         # host work per call (checks, the cross-rank agreement)
     mem_bw: float = 1e12        # B/s for the merge / gradient-sum epilogue
     units: int = 1              # parallel units (SMs); 1: no wave quantisation
     tile_rows: int = 128        # query rows (fwd) / keys (bwd) per unit of work, per head
@@ -68,6 +70,9 @@ class Profile:
         if self.launch_s < 0 or self.units < 1 or self.tile_rows < 1:
             raise ValueError(f"launch_s >= 0, units >= 1 and tile_rows >= 1 needed, got "
                              f"{self.launch_s!r}, {self.units!r}, {self.tile_rows!r}")
+        for n in ("step_s", "call_s"):
+            if not getattr(self, n) >= 0:
+                raise ValueError(f"{n} must be >= 0, got {getattr(self, n)!r}")
 
     def terms(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
               phase: str, kv_heads: int = 0, itemsize: int = 2) -> tuple[float, ...]:

@@ -1,0 +1,140 @@
+"""Fit `plan()`'s CPU model (the kernel rate, per-launch, per-step and per-call host costs,
+the gloo link) to measured runs of `benchmarks/auto_regret.py`, and say how well it fits.
+
+On gloo the cores that compute also copy, so the loop's time is a sum: FLOPs / rate +
+launches x launch + bytes / bandwidth + messages x latency + all-to-all copies / copy rate
++ steps x step cost + calls x call cost, each counted on the critical path by the one time
+model (`ringmem.timeline`, through `plan()`). Each count is read off by planning the option
+with a unit model (that term's cost 1, every other 0), so the fit is a linear least
+squares in relative error, with every cost >= 0.
+
+Fit only on a development run; judge on another seed (`auto_regret.py --seed`).
+
+Run: python benchmarks/fit_cpu_model.py benchmarks/results/auto_regret_dev.json
+         [--out benchmarks/results/cpu_model_fit]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import ringmem
+from ringmem.links import INTERCONNECTS, Interconnect
+from ringmem.plan import DEFAULT_KERNELS, KernelModel, parse_option
+
+BIG = 1e30  # "free": a rate no term reaches
+TERMS = ("1/flops", "launch", "1/bandwidth", "latency", "1/copy_bw", "step_s", "call_s")
+
+
+def _models(term: str, base: Interconnect) -> tuple[KernelModel, Interconnect]:
+    """The unit model of one term: its cost 1, every other cost 0."""
+    k = KernelModel(flops=BIG, copy_bw=BIG)
+    link = replace(base, bandwidth=BIG, latency=0.0)
+    if term == "1/flops":
+        k = replace(k, flops=1.0)
+    elif term == "launch":
+        k = replace(k, launch=1.0)
+    elif term == "1/bandwidth":
+        link = replace(link, bandwidth=1.0)
+    elif term == "latency":
+        link = replace(link, latency=1.0)
+    elif term == "1/copy_bw":
+        k = replace(k, copy_bw=1.0)
+    else:
+        k = replace(k, **{term: 1.0})
+    return k, link
+
+
+def _plan_args(case: dict[str, Any]) -> tuple[tuple, tuple, dict[str, Any]]:
+    w, seq = case["world"], case["seq"]
+    rows = 1 if case["mask"] == "decode" else seq // w
+    q = (1, rows, case["hq"], case["dim"])
+    kv = (1, seq // w, case["hkv"], case["dim"])
+    docs = case["docs"]
+    kw = dict(world=w, dtype=torch.float32, device_type="cpu", layout="zigzag",
+              causal=case["mask"] not in ("full", "decode"), window=tuple(case["window"]),
+              cu_seqlens=list(docs) if docs else None, backward=case["phase"] == "fwd+bwd")
+    return q, kv, kw
+
+
+def features(case: dict[str, Any], option: str, base: Interconnect) -> list[float]:
+    q, kv, kw = _plan_args(case)
+    u, s = parse_option(option, case["world"])
+    out = []
+    for term in TERMS:
+        k, link = _models(term, base)
+        est = ringmem.plan(q, kv, interconnect=link, kernel=k, ulysses=u, schedule=s,
+                           **kw).schedules[option]
+        out.append(est.time_s)
+    return out
+
+
+def nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """min |x t - y| with t >= 0 (active set: drop the most negative, re-solve)."""
+    keep = list(range(x.shape[1]))
+    while True:
+        t = torch.linalg.lstsq(x[:, keep], y[:, None]).solution[:, 0]
+        if (t >= 0).all():
+            full = torch.zeros(x.shape[1], dtype=x.dtype)
+            full[keep] = t
+            return full
+        keep.pop(int(torch.argmin(t)))
+
+
+def fit(rows: list[dict[str, Any]], base: Interconnect
+        ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    samples = []
+    for c in rows:
+        for option, t in c["median_s"].items():
+            if option != "auto":
+                samples.append((c["case"], option, t))
+    x = torch.tensor([features(c, o, base) for c, o, _ in samples], dtype=torch.float64)
+    y = torch.tensor([t for _, _, t in samples], dtype=torch.float64)
+    theta = nnls(x / y[:, None], torch.ones_like(y))  # relative error: rows scaled by 1/y
+    pred = x @ theta
+    out = [{"config": c["id"], "option": o, "measured_s": t, "predicted_s": p.item(),
+            "error_pct": 100 * (p.item() / t - 1)} for (c, o, t), p in zip(samples, pred)]
+    return dict(zip(TERMS, theta.tolist())), out
+
+
+def model_of(theta: dict[str, float], base: Interconnect) -> tuple[KernelModel, Interconnect]:
+    inv = lambda v: 1 / v if v > 0 else math.inf  # noqa: E731
+    k = replace(DEFAULT_KERNELS["cpu"], flops=inv(theta["1/flops"]), launch=theta["launch"],
+                half=0.0, copy_bw=inv(theta["1/copy_bw"]), step_s=theta["step_s"],
+                call_s=theta["call_s"])
+    return k, replace(base, bandwidth=inv(theta["1/bandwidth"]), latency=theta["latency"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", help="auto_regret.py's .json (a development run)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
+                                         / "cpu_model_fit"))
+    a = ap.parse_args()
+    data = json.loads(Path(a.runs).read_text())
+    base = INTERCONNECTS["loopback"]
+    theta, rows = fit(data["cases"], base)
+    k, link = model_of(theta, base)
+    errs = [abs(r["error_pct"]) for r in rows]
+    res = {"fitted_on": {"file": a.runs, "seed": data["meta"]["seed"],
+                         "commit": data["meta"]["commit"]},
+           "theta": theta, "kernel": {f: getattr(k, f) for f in (
+               "flops", "launch", "copy_bw", "step_s", "call_s")},
+           "link": {"bandwidth": link.bandwidth, "latency": link.latency},
+           "fit": {"rows": len(rows), "median_abs_error_pct": statistics.median(errs),
+                   "within_10pct": sum(e <= 10 for e in errs)}, "rows": rows}
+    Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "rows"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

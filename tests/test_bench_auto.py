@@ -1,0 +1,78 @@
+"""benchmarks/auto_regret.py and fit_cpu_model.py: the config generator, the regret
+arithmetic and the linear fit of the CPU model, on hand-made inputs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import auto_regret  # noqa: E402
+import fit_cpu_model  # noqa: E402
+
+from ringmem.links import INTERCONNECTS  # noqa: E402
+
+
+def test_generator_is_seeded_capped_and_covers_the_space():
+    a, b = auto_regret.generate(1, 30), auto_regret.generate(1, 30)
+    assert a == b and a != auto_regret.generate(2, 30)
+    assert {c.world for c in a} == {2, 3, 4}
+    assert {c.mask for c in a} == {"causal", "window", "docs", "full", "decode"}
+    assert {c.phase for c in a} == {"fwd", "fwd+bwd"}
+    for c in a:
+        assert auto_regret.fwd_flops(c) <= auto_regret.FLOP_CAP
+        assert c.hq % c.hkv == 0 and c.seq % (2 * c.world) == 0
+        if c.docs:
+            assert c.docs[0] == 0 and c.docs[-1] == c.seq and list(c.docs) == sorted(c.docs)
+
+
+def test_regret_ties_and_fixed_policies():
+    case = {"id": 0, "world": 2, "seq": 8, "hq": 2, "hkv": 2, "dim": 8, "mask": "causal",
+            "phase": "fwd", "window": [-1, -1], "docs": []}
+    times = {"kv": [1.0, 1.0, 1.0, 1.0, 1.0], "q": [2.0] * 5,
+             "allgather": [1.02, 0.9, 1.1, 1.05, 0.95], "ulysses": [4.0] * 5,
+             "auto": [1.0] * 5}
+    pred = {n: 1.0 for n in ("kv", "q", "allgather", "ulysses")}
+    res = auto_regret.analyse([{"case": case, "choice": "allgather", "times": times,
+                                "predicted_s": pred}])
+    c = res["cases"][0]
+    assert c["fastest"] == "kv"
+    assert c["regret"]["auto"] == pytest.approx(0.02)  # median 1.02 over 1.0
+    assert c["tie"]  # 0.02 is inside allgather's interquartile range (0.1)
+    assert c["regret"]["q"] == pytest.approx(1.0) and c["regret"]["ulysses"] == 3.0
+    assert c["regret"]["random"] == pytest.approx((0 + 1 + 0.02 + 3) / 4)
+    assert res["accuracy"]["within_10pct"] == 2  # kv and allgather predicted at 1.0 s
+
+
+def test_nnls_recovers_nonnegative_costs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 4, generator=g, dtype=torch.float64)
+    theta = torch.tensor([2.0, 0.0, 0.5, 3.0], dtype=torch.float64)
+    got = fit_cpu_model.nnls(x, x @ theta)
+    assert torch.allclose(got, theta, atol=1e-9)
+    # a fit that wants a negative cost gets 0 there instead
+    got = fit_cpu_model.nnls(x, x @ torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=torch.float64))
+    assert (got >= 0).all() and got[1] == 0
+
+
+@pytest.mark.parametrize("option", ["kv", "q", "allgather", "ulysses"])
+def test_the_cpu_time_is_nearly_linear_in_the_fitted_costs(option):
+    # on gloo (links that do not overlap compute) the time model is nearly a sum of the
+    # terms: a model's time is close to the dot product of its costs with the unit counts
+    case = {"id": 0, "world": 2, "seq": 1024, "hq": 4, "hkv": 2, "dim": 32,
+            "mask": "causal", "phase": "fwd+bwd", "window": [-1, -1], "docs": []}
+    base = INTERCONNECTS["loopback"]
+    f = fit_cpu_model.features(case, option, base)
+    theta = {"1/flops": 1 / 40e9, "launch": 2e-5, "1/bandwidth": 1 / 1.5e9,
+             "latency": 6e-5, "1/copy_bw": 1 / 3e9, "step_s": 3e-4, "call_s": 1e-3}
+    k, link = fit_cpu_model.model_of(theta, base)
+    q, kv, kw = fit_cpu_model._plan_args(case)
+    u, s = fit_cpu_model.parse_option(option, 2)
+    t = fit_cpu_model.ringmem.plan(q, kv, interconnect=link, kernel=k, ulysses=u,
+                                   schedule=s, **kw).schedules[option].time_s
+    linear = sum(theta[n] * x for n, x in zip(fit_cpu_model.TERMS, f))
+    # each count is its own critical path, and a max of sums is at most the sum of the
+    # maxes: the linear form is an upper bound, tight up to the waits between the ranks
+    assert linear * 0.95 <= t <= linear * (1 + 1e-9)

@@ -70,9 +70,12 @@ class KernelModel:
 
 # by device type, used when none is given: H100-class flash attention (half speed at
 # 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
-# machines (copies measured at ~2 GB/s)
+# machines, fitted (with the "loopback" link) by benchmarks/fit_cpu_model.py on the
+# development run benchmarks/results/auto_regret_dev.json (seed 0) and judged on another
+# seed (benchmarks/results/auto_regret.md): 43.6 GFLOP/s, copies at 2.0 GB/s, 0.44 ms of
+# host work per ring step (the fit gave no per-launch or per-call cost)
 DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(80e9, 20e-6, 0.0, 2e9)}
+                   "cpu": KernelModel(43.6e9, 0.0, 0.0, 2.0e9, step_s=0.44e-3)}
 DEFAULT_FLOPS = {k: m.flops for k, m in DEFAULT_KERNELS.items()}
 
 

@@ -130,7 +130,12 @@ class Cluster:
         """Seconds from posting to arrival of each message of a group posted together: a
         message is done when the most loaded link on its path has drained (links shared
         fairly), so a small message beside a big one on other links is not held back."""
-        load, out = self.load(msgs), []
+        return self.arrivals(msgs, self.load(msgs))
+
+    def arrivals(self, msgs: list[tuple[int, int, int]], load: dict) -> list[float]:
+        """`durations` of `msgs` on links loaded by `load` (which holds them, and may hold
+        messages posted with them earlier: a running load)."""
+        out = []
         for s, d, b in msgs:
             if b <= 0 or s == d:
                 out.append(0.0)

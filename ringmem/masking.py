@@ -127,23 +127,24 @@ def band_mask(band: tuple[int | None, int | None], n: int, m: int,
     return keep
 
 
-def _piece(a: int, z: int, s: list[int], e: list[int], s_diag: int | None, e_diag: bool,
-           b: slice | None) -> list[Piece]:
+def _piece(a: int, z: int, s: Tensor, e: Tensor, s_diag: int | None, e_diag: bool,
+           b: slice | None, flat: Tensor) -> list[Piece]:
     """Rows [a, z) whose key runs are [s_i, e_i): full/causal pieces when the lower edge
-    stays put, else one band piece."""
-    ks, ke = s[a], e[z - 1]
+    stays put, else one band piece. flat: the rows i where e[i] == e[i - 1], ascending."""
+    ks, ke = int(s[a]), int(e[z - 1])
     if s_diag is None:  # lower edge constant: at most full + causal square + full
         if not e_diag:
             return [Piece(slice(a, z), slice(ks, ke), b=b)]
-        t = next((i for i in range(a + 1, z) if e[i] == e[i - 1]), z)  # diagonal ends
-        kc = e[a] - 1
+        j = int(torch.searchsorted(flat, a + 1))  # the diagonal ends at the first flat row
+        t = min(int(flat[j]), z) if j < flat.numel() else z
+        kc = int(e[a]) - 1
         out = [Piece(slice(a, z), slice(ks, kc), b=b)] if kc > ks else []
         out.append(Piece(slice(a, t), slice(kc, kc + t - a), None, 0, b))
         if t < z:
             out.append(Piece(slice(t, z), slice(kc, ke), b=b))
         return out
-    lo = (s[s_diag] - ks) - (s_diag - a)
-    hi = e[a] - ks - 1 if e_diag else None
+    lo = (int(s[s_diag]) - ks) - (s_diag - a)
+    hi = int(e[a]) - ks - 1 if e_diag else None
     if hi is not None and hi + 1 >= ke - ks:
         hi = None
     if hi is None or z - a <= 2 * max(hi - lo + 1, _TILE):
@@ -151,43 +152,73 @@ def _piece(a: int, z: int, s: list[int], e: list[int], s_diag: int | None, e_dia
     # a narrow band over many rows: tiles of rows, each with only the keys it can see, so
     # the work grows with rows x band width, not rows x keys
     h = max(hi - lo + 1, _TILE)
+    c0s = list(range(a, z, h))
+    c1s = [min(c0 + h, z) for c0 in c0s]
+    starts = s[torch.tensor(c0s)].tolist()
+    ends = e[torch.tensor(c1s) - 1].tolist()
     out = []
-    for c0 in range(a, z, h):
-        c1 = min(c0 + h, z)
-        shift = (c0 - a) - (s[c0] - ks)  # the band in the tile's own coordinates
-        out.append(Piece(slice(c0, c1), slice(s[c0], e[c1 - 1]), lo + shift, hi + shift, b))
+    for c0, c1, k0, k1 in zip(c0s, c1s, starts, ends):
+        shift = (c0 - a) - (k0 - ks)  # the band in the tile's own coordinates
+        out.append(Piece(slice(c0, c1), slice(k0, k1), lo + shift, hi + shift, b))
     return out
 
 
 def run_pieces(s: Tensor, e: Tensor, b: slice | None = None,
                bands: bool = True) -> tuple[Piece, ...]:
     """Pieces covering exactly the pairs (i, j) with s[i] <= j < e[i] (s, e non-decreasing).
-    bands=False: only full and causal pieces (a moving lower edge starts a new piece)."""
+    bands=False: only full and causal pieces (a moving lower edge starts a new piece).
+
+    A piece grows row by row while both edges step by 0 or 1 in a shape one piece can
+    hold. Rows are visited by runs of equal key (the row has keys, the lower edge's step,
+    the upper edge's step): within a run, once a row has joined the open piece every later
+    row joins it too and changes nothing, and a run of rows without keys opens nothing,
+    so the scan costs a few steps of Python per run, not one per row."""
     n = s.numel()
     if n == 0:
         return ()
-    sl, el = s.tolist(), e.tolist()
-    ok = (e > s).tolist()
-    ds, de = (s[1:] - s[:-1]).tolist(), (e[1:] - e[:-1]).tolist()
+    s, e = s.cpu(), e.cpu()
+    okt = e > s
+    dst, det = s[1:] - s[:-1], e[1:] - e[:-1]
+    flat = torch.nonzero(det == 0).flatten() + 1
+    # first rows of the runs: row 0, row 1, then wherever the row's key changes
+    change = (okt[2:] != okt[1:-1]) | (dst[1:] != dst[:-1]) | (det[1:] != det[:-1])
+    firsts = torch.cat([torch.tensor([0, 1][:n]), torch.nonzero(change).flatten() + 2])
+    oks = okt[firsts].tolist()
+    prev = (firsts - 1).clamp(min=0)[1:]  # row 0 has no step (nothing is open before it)
+    steps = list(zip([0, *dst[prev].tolist()], [0, *det[prev].tolist()])) if n > 1 else [(0, 0)]
+    fs = firsts.tolist()
     pieces: list[Piece] = []
     a = None  # first row of the open piece
     s_diag: int | None = None  # first row where the lower edge moved
     e_diag = e_flat = False   # the upper edge has moved / has stopped moving
-    for i in range(n + 1):
-        if a is not None and i < n and ok[i] and ds[i - 1] in (0, 1) and de[i - 1] in (0, 1):
-            s_ok = (ds[i - 1] == 1 and bands) or (ds[i - 1] == 0 and s_diag is None)
-            e_ok = de[i - 1] == 0 or not e_flat
+
+    def visit(i: int, ok: bool, ds: int, de: int) -> bool:
+        """Row i's step of the scan (its key: ok, ds, de); True if it joined the open piece."""
+        nonlocal a, s_diag, e_diag, e_flat
+        if a is not None and i < n and ok and ds in (0, 1) and de in (0, 1):
+            s_ok = (ds == 1 and bands) or (ds == 0 and s_diag is None)
+            e_ok = de == 0 or not e_flat
             if s_ok and e_ok:
-                if ds[i - 1] == 1 and s_diag is None:
+                if ds == 1 and s_diag is None:
                     s_diag = i
-                e_diag |= de[i - 1] == 1
-                e_flat |= de[i - 1] == 0
-                continue
+                e_diag |= de == 1
+                e_flat |= de == 0
+                return True
         if a is not None:
-            pieces += _piece(a, i, sl, el, s_diag, e_diag, b)
+            pieces.extend(_piece(a, i, s, e, s_diag, e_diag, b, flat))
             a = None
-        if i < n and ok[i]:
+        if i < n and ok:
             a, s_diag, e_diag, e_flat = i, None, False, False
+        return False
+
+    for first, end, ok, (ds, de) in zip(fs, fs[1:] + [n], oks, steps):
+        visit(first, ok, ds, de)
+        if not ok:  # a run of rows without keys: nothing opens, nothing joins
+            continue
+        for i in range(first + 1, end):
+            if visit(i, ok, ds, de):  # joined: the rest of the run joins too, unchanged
+                break
+    visit(n, False, 0, 0)
     return tuple(pieces)
 
 
@@ -221,13 +252,27 @@ def key_runs(q_pos: Tensor, k_pos: Tensor, mask: Mask,
     return s, torch.maximum(e, s)
 
 
-@lru_cache(maxsize=4096)
+_BY_ORDER = ("contiguous", "zigzag", "stripe")  # layouts whose causal blocks go by rank order
+
+
 def block_pieces(layout: str, world: int, q_rank: int, q_len: int, kv_rank: int,
                  kv_len: int, mask: Mask | bool, fold: int = 1) -> tuple[Piece, ...]:
     """Pieces for the query block of `q_rank` against the key block of `kv_rank` (ranks of
     `world` that each hold `fold` layout shards, see `layouts.positions`)."""
     if isinstance(mask, bool):
         mask = Mask(causal=mask)
+    if mask.plain and layout in _BY_ORDER and world > 1 and q_len == kv_len:
+        # a plain causal block of these layouts depends only on whether the query rank is
+        # before, at or after the key rank (tests/test_masks.py checks every pair), so a
+        # ring of any size computes three blocks
+        q_rank, kv_rank = ((1, 0) if q_rank > kv_rank else (0, 0) if q_rank == kv_rank
+                           else (0, 1))
+    return _block_pieces(layout, world, q_rank, q_len, kv_rank, kv_len, mask, fold)
+
+
+@lru_cache(maxsize=4096)
+def _block_pieces(layout: str, world: int, q_rank: int, q_len: int, kv_rank: int,
+                  kv_len: int, mask: Mask, fold: int) -> tuple[Piece, ...]:
     if q_len == 0 or kv_len == 0:  # e.g. a rank that holds no cached prefix yet
         return ()
     if mask.plain and not mask.causal:

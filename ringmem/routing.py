@@ -36,9 +36,17 @@ class Geometry:
     def causal(self) -> bool:
         return self.mask.causal
 
+    def __hash__(self) -> int:
+        # a key of every routing cache, hashed r^2 times per plan: computed once, not per
+        # lookup (its length tuples grow with the ring)
+        return self._hash  # type: ignore[attr-defined]
+
     def __post_init__(self) -> None:
         if isinstance(self.mask, bool):
             object.__setattr__(self, "mask", Mask(causal=self.mask))
+        object.__setattr__(self, "_hash", hash((
+            self.layout, self.world, self.q_lens, self.kv_lens, self.mask, self.moving,
+            self.hop, self.fold, self.fetch)))
         if self.hop not in (1, -1):
             raise ValueError(f"hop must be +1 or -1, got {self.hop!r}")
         if self.moving not in ("q", "kv"):
@@ -77,7 +85,7 @@ def span_of(pieces: tuple[Piece, ...], side: str) -> Span | None:
     return min(s.start for s in sl), max(s.stop for s in sl)
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=1 << 16)
 def step_block(geo: Geometry, rank: int, step: int) -> tuple[int, int, tuple[Piece, ...]]:
     """(query owner, key owner, pieces) of the block `rank` computes at `step`."""
     m = geo.owner(rank, step)
@@ -86,7 +94,7 @@ def step_block(geo: Geometry, rank: int, step: int) -> tuple[int, int, tuple[Pie
                                 geo.kv_lens[ko], geo.mask, geo.fold)
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=1 << 16)
 def used(geo: Geometry, rank: int, step: int) -> Span | None:
     """Span of the moving side that `rank` touches at `step` (None: no work)."""
     return span_of(step_block(geo, rank, step)[2], geo.moving)
@@ -101,11 +109,21 @@ def held(geo: Geometry, owner: int, step: int) -> Span | None:
         return used(geo, geo.holder(owner, step), step)
     if step == 0:
         return 0, (geo.q_lens if geo.moving == "q" else geo.kv_lens)[owner]
-    spans = [used(geo, geo.holder(owner, s), s) for s in range(step, geo.world)]
-    spans = [s for s in spans if s is not None]
-    if not spans:
-        return None
-    return min(s[0] for s in spans), max(s[1] for s in spans)
+    return _later_use(geo, owner)[step]
+
+
+@lru_cache(maxsize=1 << 14)
+def _later_use(geo: Geometry, owner: int) -> tuple[Span | None, ...]:
+    """Per step s: the span of `owner`'s moving side that its holders at s and after use
+    (one backward pass: a ring of r ranks costs r, not r^2, per owner)."""
+    out: list[Span | None] = [None] * (geo.world + 1)
+    acc: Span | None = None
+    for s in range(geo.world - 1, 0, -1):
+        u = used(geo, geo.holder(owner, s), s)
+        if u is not None:
+            acc = u if acc is None else (min(acc[0], u[0]), max(acc[1], u[1]))
+        out[s] = acc
+    return tuple(out)
 
 
 def last_step(geo: Geometry) -> int:

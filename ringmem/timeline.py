@@ -187,12 +187,14 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
     links = net.time([(m.src, m.dst, m.nbytes) for m in fetches])
     arrive = [[t0] * (r + 1) for _ in range(world)]  # inputs of step s on rank p
     if fetches:  # posted together before step 0; step s's data behind the earlier steps'
-        for s in sorted({m.step for m in fetches}):
-            group = [m for m in fetches if m.step <= s]
-            durs = net.durations([(m.src, m.dst, m.nbytes) for m in group])
-            for m, d in zip(group, durs):
-                if m.step == s:
-                    arrive[m.dst][s] = max(arrive[m.dst][s], t0 + d)
+        by_step: dict[int, list] = {}
+        for m in fetches:
+            by_step.setdefault(m.step, []).append((m.src, m.dst, m.nbytes))
+        load: dict = {}  # the links' load of every fetch up to step s (added step by step)
+        for s in sorted(by_step):
+            group = by_step[s]
+            for (_, dst, _), d in zip(group, net.arrivals(group, net.load(group, load))):
+                arrive[dst][s] = max(arrive[dst][s], t0 + d)
     start = [[0.0] * r for _ in range(world)]
     end = [[0.0] * r for _ in range(world)]
     ready = [t0] * world  # when each rank may start its next step

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import ringmem
 from ringmem.layouts import positions
-from ringmem.masking import Mask, band_mask, block_pieces, pieces_mask
+from ringmem.masking import Mask, band_mask, block_pieces, pieces_mask, run_pieces
 from ringmem.packing import padded_len
 from ringmem.reference import dense_mask
 from ringmem.testing import spawn
@@ -67,6 +67,50 @@ def test_pieces_cover_the_dense_mask(problem) -> None:
             for p in pieces:
                 assert p.lo is None and p.hi in (None, 0)
                 assert p.hi is None or p.q.stop - p.q.start == p.k.stop - p.k.start
+
+
+@st.composite
+def _edges(draw):
+    """Non-decreasing key runs [s_i, e_i) built from runs of equal steps (0-3), the shape
+    run_pieces walks by runs; empty rows (e <= s) included."""
+    s, e = [draw(st.integers(0, 4))], []
+    e.append(s[0] + draw(st.integers(-2, 5)))
+    for _ in range(draw(st.integers(0, 8))):
+        ds, de = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+        for _ in range(draw(st.integers(1, 9))):
+            s.append(s[-1] + ds)
+            e.append(e[-1] + de)
+    return torch.tensor(s), torch.tensor(e), draw(st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(_edges())
+def test_run_pieces_cover_the_runs_once(case) -> None:
+    s, e, bands = case
+    n, m = s.numel(), int(e.max().clamp(min=1))
+    pieces = run_pieces(s, e, bands=bands)
+    keys = torch.arange(m)
+    want = (keys[None, :] >= s[:, None]) & (keys[None, :] < e[:, None])
+    assert torch.equal(pieces_mask(pieces, n, m), want)
+    # each pair once: the pieces' masks do not overlap
+    assert sum(int(pieces_mask((p,), n, m).sum()) for p in pieces) == int(want.sum())
+    for p in pieces:
+        if not bands:
+            assert p.lo is None and p.hi in (None, 0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+def test_plain_causal_blocks_go_by_rank_order(layout) -> None:
+    """block_pieces answers every plain causal block of these layouts from three (query
+    rank before / at / after the key rank): each equals the block computed for its ranks."""
+    from ringmem.masking import _block_pieces
+    for world, fold, causal in itertools.product((2, 3, 5), (1, 2, 3), (True, False)):
+        n = 2 * fold * 3
+        mask = Mask(causal=causal)
+        for qr, kr in itertools.product(range(world), repeat=2):
+            got = block_pieces(layout, world, qr, n, kr, n, mask, fold)
+            assert got == _block_pieces(layout, world, qr, n, kr, n, mask, fold), (
+                world, fold, qr, kr)
 
 
 def test_band_mask() -> None:

@@ -17,7 +17,6 @@ from `links.Cluster`.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -134,6 +133,16 @@ class Estimate:
     # [rank]: the own block's work split at its middle row (the loop's split when results
     # return: the second half hides the last return)
     halves: list[tuple[tuple[tuple[int, int, float], ...], ...]] = field(default_factory=list)
+
+    def copy(self) -> Estimate:
+        """A copy whose lists and dicts a caller may edit without touching the cached
+        estimate (every leaf is a number or a tuple, so only the containers are copied)."""
+        return replace(self,
+                       steps={ph: [list(r) for r in ranks] for ph, ranks in self.steps.items()},
+                       pairs=[list(r) for r in self.pairs],
+                       a2a={ph: list(v) for ph, v in self.a2a.items()},
+                       messages={ph: list(v) for ph, v in self.messages.items()},
+                       work=[list(r) for r in self.work], halves=list(self.halves))
 
     def bytes(self, phase: str | None = None) -> int:
         """Total bytes sent by all ranks (in `phase`, or both), all-to-alls included."""
@@ -371,9 +380,8 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
             if n not in names:
                 names.append(n)
     # copies: the cached estimates must not change when a caller edits its plan
-    ests = {n: copy.deepcopy(_estimate(n, layout, world, tuple(q_shape), tuple(kv_shape),
-                                       itemsize, acc, mask, backward, cluster, kernel,
-                                       return_lse)) for n in names}
+    ests = {n: _estimate(n, layout, world, tuple(q_shape), tuple(kv_shape), itemsize, acc,
+                         mask, backward, cluster, kernel, return_lse).copy() for n in names}
     fastest = min(e.time_s for e in ests.values())
     # a tie only where communication hides behind compute (else the bytes are the time)
     tol = 0.01 if cluster.overlap else 0.0

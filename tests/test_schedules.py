@@ -91,9 +91,17 @@ def test_plans_are_immutable_and_do_not_share_the_cache() -> None:
     est = p.schedules[p.choice]
     with pytest.raises(dataclasses.FrozenInstanceError):
         est.time_s = 0.0
-    before = list(est.steps["fwd"][0])
+    before = (list(est.steps["fwd"][0]), list(est.work[0]), list(est.messages["fwd"]),
+              list(est.pairs[0]), list(est.a2a["fwd"]), list(est.halves))
     est.steps["fwd"][0][0] = (-1, -1)
-    assert ringmem.plan(*shapes, world=4).schedules[p.choice].steps["fwd"][0] == before
+    est.work[0][0] = ()
+    est.messages["fwd"].clear()
+    est.pairs[0][0] = -1
+    est.a2a["fwd"].append((1, 1))
+    est.halves.clear()
+    again = ringmem.plan(*shapes, world=4).schedules[p.choice]
+    assert (again.steps["fwd"][0], again.work[0], again.messages["fwd"], again.pairs[0],
+            again.a2a["fwd"], again.halves) == before
 
 
 def test_plan_bad_arguments() -> None:

@@ -98,6 +98,29 @@ def _cpu(res: dict[str, Any]) -> list[str]:
     return out
 
 
+CASE_NAMES = {"ring_flash_attn": "ring-flash-attn", "yunchang": "yunchang",
+              "meta_cp": "Meta CP"}
+
+
+def _sensitivity(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["## Sensitivity of the GPU cases to each input", "",
+           "Each input of `ringmem/sim/published.json` behind a GPU case, scaled alone by "
+           "0.8, 0.9, 1.1 and 1.2 (integers rounded): the worst error of each case it feeds "
+           "(ring-flash-attn: worst efficiency error; yunchang: worst error relative to "
+           "Ulysses 8; Meta CP: prefill efficiency error; all in points). An input that moves "
+           "nothing at +-20% is one the result does not rest on.", "",
+           "| input | kind | as shipped | x0.8 | x0.9 | x1.1 | x1.2 |",
+           "|---|---|---|---|---|---|---|"]
+
+    def cell(d: dict[str, float]) -> str:
+        return ", ".join(f"{CASE_NAMES[c]} {v:.1f}" for c, v in d.items())
+    for r in rows:
+        sc = r["scaled"]
+        out.append(f"| `{r['input']}` | {r['kind']} | {cell(r['base'])} | "
+                   + " | ".join(cell(sc[x]) for x in sorted(sc)) + " |")
+    return out + [""]
+
+
 def write_report(res: dict[str, Any], lib: Any, out: Path, profile_path: str,
                  notes: list[str] | None = None) -> None:
     pub = lib.published
@@ -107,6 +130,8 @@ def write_report(res: dict[str, Any], lib: Any, out: Path, profile_path: str,
     lines += _tr(res["tokenring"], pub["tokenring"]["source"])
     lines += _meta(res["meta_cp"], pub["meta_cp"]["source"])
     lines += _cpu(res["cpu"])
+    if "sensitivity" in res:
+        lines += _sensitivity(res["sensitivity"])
     notes_file = out.with_name("sim_validation_notes.md")
     if notes_file.exists():  # the hand-written discussion: what matched, what not, why
         lines += [notes_file.read_text()]

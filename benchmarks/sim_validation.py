@@ -18,6 +18,7 @@ from typing import Any
 
 from ringmem.links import INTERCONNECTS, Interconnect
 from ringmem.sim import Profile, load_library, load_profile, simulate, single_s
+from ringmem.sim.kernel import published_path
 from ringmem.timeline import Impl
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,6 +159,56 @@ def cpu(prof: Profile) -> dict[str, Any]:
             "within_10pct": sum(abs(r["error_pct"]) <= 10 for r in rows)}
 
 
+FACTORS = (0.8, 0.9, 1.1, 1.2)
+# the inputs behind the GPU cases with one error each: ring-flash-attn (worst efficiency
+# error, points), yunchang (worst error relative to Ulysses 8, points), Meta (prefill
+# efficiency error, points)
+SENSITIVE = {"H800-FA2": ("ring_flash_attn",), "A100-FA2": ("ring_flash_attn", "yunchang"),
+             "H100-FA3": ("meta_cp",), "h800-nvswitch": ("ring_flash_attn", "meta_cp"),
+             "a100-nvswitch": ("ring_flash_attn", "yunchang"), "ib-ndr": ("meta_cp",)}
+
+
+def _worst(case: str, lib: Any) -> float:
+    if case == "ring_flash_attn":
+        return max(abs(r["error_pts"]) for r in ring_flash_attn(lib)["rows"])
+    if case == "yunchang":
+        return max(abs(r["rel_error_pts"]) for r in yunchang(lib)["rows"])
+    m = meta(lib)
+    return abs(100 * (m["prefill_efficiency"] - m["published_efficiency"]))
+
+
+def sensitivity(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each numeric input of the profiles and links behind the GPU cases, scaled by each of
+    FACTORS alone: the worst error of every case it feeds (the inputs as shipped first)."""
+    import copy
+
+    from ringmem.sim.kernel import library_from
+    base = library_from(raw)
+    rows = []
+    for name, cases in SENSITIVE.items():
+        group = "profiles" if name in raw["profiles"] else "links"
+        entry = raw[group][name]
+        fields = [(f, None) for f, v in entry.items() if isinstance(v, (int, float))
+                  and not isinstance(v, bool)]
+        fields += [("calibration", f) for f in ("fwd_iters", "fwd_bwd_iters")
+                   if "calibration" in entry]
+        for f, sub in fields:
+            row = {"input": f"{name}.{f}" + (f".{sub}" if sub else ""),
+                   "kind": base.kinds.get(name, {}).get(f, "?"),
+                   "base": {c: _worst(c, base) for c in cases}, "scaled": {}}
+            for x in FACTORS:
+                r2 = copy.deepcopy(raw)
+                e = r2[group][name]
+                target = e[f] if sub else e
+                key = sub or f
+                v = target[key] * x
+                target[key] = max(1, round(v)) if isinstance(target[key], int) else v
+                lib = library_from(r2)
+                row["scaled"][x] = {c: _worst(c, lib) for c in cases}
+            rows.append(row)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-profile", default=str(RESULTS / "sim_profile_cpu.json"))
@@ -170,7 +221,8 @@ def main() -> int:
         write_profile("cpu", Path(a.cpu_profile))
     res = {"ring_flash_attn": ring_flash_attn(lib), "yunchang": yunchang(lib),
            "tokenring": tokenring(lib), "meta_cp": meta(lib),
-           "cpu": cpu(load_profile(a.cpu_profile))}
+           "cpu": cpu(load_profile(a.cpu_profile)),
+           "sensitivity": sensitivity(json.loads(published_path().read_text()))}
     from sim_report import write_report
     write_report(res, lib, Path(a.out), a.cpu_profile)
     print(Path(a.out).read_text())

@@ -399,3 +399,21 @@ def test_own_block_splits_where_the_loop_splits_it(window):
         assert [p[2] for p in second] == [pairs(p) for p in z]
         assert sum(p[2] for h in (first, second) for p in h) == sum(
             p[2] for p in e.work[rank][0])
+
+
+def test_every_published_input_names_its_kind():
+    # every number a profile or a link feeds the model with says what it is, so a reader
+    # can tell a datasheet figure from a benchmark, a count or an assumption
+    import json
+
+    from ringmem.sim.kernel import published_path
+    raw = json.loads(published_path().read_text())
+    allowed = ("datasheet", "kernel benchmark", "kernel source", "assumption")
+    lib = load_library()
+    for group in ("profiles", "links"):
+        for name, entry in raw[group].items():
+            inputs = [f for f, v in entry.items() if f == "calibration"
+                      or (isinstance(v, (int, float)) and not isinstance(v, bool))]
+            kinds = lib.kinds[name]
+            assert set(inputs) <= set(kinds), (name, set(inputs) - set(kinds))
+            assert all(k.startswith(allowed) for k in kinds.values()), (name, kinds)

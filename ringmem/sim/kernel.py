@@ -162,6 +162,8 @@ class Library:
     profiles: dict[str, Profile] = field(default_factory=dict)
     links: dict[str, dict[str, Any]] = field(default_factory=dict)
     published: dict[str, Any] = field(default_factory=dict)
+    # per profile or link: each input's kind (datasheet, kernel benchmark, assumption, ...)
+    kinds: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def published_path() -> Path:
@@ -171,10 +173,15 @@ def published_path() -> Path:
 def load_library(path: str | Path | None = None) -> Library:
     """The profiles, links and published results in `path` (default: the shipped file)."""
     p = Path(path) if path is not None else published_path()
-    raw = json.loads(p.read_text())
-    profiles = {}
+    return library_from(json.loads(p.read_text()))
+
+
+def library_from(raw: dict[str, Any]) -> Library:
+    """A `Library` from the parsed JSON of a library file (e.g. with one input changed)."""
+    profiles, kinds = {}, {}
     for k, v in raw["profiles"].items():
         v = dict(v)
+        kinds[k] = v.pop("kinds", {})
         cal = v.pop("calibration", None)
         prof = Profile.from_json({"name": k, "fwd_flops": 1.0, "bwd_flops": 1.0, **v})
         if cal is not None:  # rates from a published single-device time, through the model
@@ -182,7 +189,9 @@ def load_library(path: str | Path | None = None) -> Library:
                                    1 / cal["fwd_bwd_iters"], cal.get("batch", 1),
                                    cal.get("causal", True))
         profiles[k] = prof
-    return Library(profiles, raw.get("links", {}), raw.get("published", {}))
+    links = raw.get("links", {})
+    kinds.update({k: v.get("kinds", {}) for k, v in links.items()})
+    return Library(profiles, links, raw.get("published", {}), kinds)
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -31,6 +31,20 @@ def write(res: dict[str, Any], out: Path, plots: list[Path]) -> None:
         "Efficiency = the attention's FLOPs at the profile's unmasked attention rate, "
         "shared by the GPUs, / simulated time (the fraction of the kernel's peak reached).",
         ""]
+    if "rates" in res:
+        rt = res["rates"]
+        lines += [
+            f"What it rests on: one device runs unmasked blocks at "
+            f"{rt['unmasked_tflops']:.0f} TFLOP/s (forward) and blocks the causal mask cuts "
+            f"through at {rt['causal_efficiency']:.0%} of that "
+            f"({rt['unmasked_tflops'] * rt['causal_efficiency']:.0f} TFLOP/s); both from the "
+            "profile's sources (`published.json`). One GPU runs the whole layer as one causal "
+            "launch, so it reaches at most that fraction; a ring splits the work into "
+            "diagonal blocks (causal, the slower rate) and off-diagonal ones (unmasked, the "
+            "full rate), so 2 or more GPUs can reach a higher fraction of the peak than one "
+            "GPU. That is the model, not a bug; it is only as right as the causal-block "
+            "efficiency, which the validation's sensitivity table shows the results rest on.",
+            ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Efficiency vs GPUs", "", "| GPUs | option | time ms | efficiency |",
               "|---|---|---|---|"]

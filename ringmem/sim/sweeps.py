@@ -200,7 +200,11 @@ def run_sweeps(argv: list[str]) -> int:
     q = a.quick
     worlds = [2 ** i for i in range(11) if 2 ** i <= (16 if q else a.max_gpus)]
     res = {"profile": prof.name, "config": {"hq": HQ, "hkv": HKV, "d": D, "dtype": "bf16",
-                                            "causal": True, "quick": q}}
+                                            "causal": True, "quick": q},
+           # what the efficiencies rest on: one device's unmasked and causal rates
+           "rates": {"unmasked_tflops": prof.fwd_flops / 1e12,
+                     "causal_efficiency": prof.causal_efficiency,
+                     "sources": list(prof.sources)}}
     res["gpus"] = gpus_sweep(lib, prof, worlds, 1 << (17 if q else 20), a.ring_max)
     res["seq"] = seq_sweep(lib, prof, [1 << i for i in ((13, 15) if q else
                                                         (13, 15, 17, 19, 21, 22))])

@@ -1,8 +1,8 @@
 """`ringmem bench sim`: simulator sweeps, a markdown report and PNG plots.
 
 * efficiency vs GPUs: 1M tokens (strong scaling), 32 q / 8 kv heads, d=128, bf16, causal,
-  8 GPUs per node (NVSwitch) and InfiniBand between nodes; ring options over all GPUs
-  while plan() stays quick, Ulysses-in-node x ring-across for larger counts;
+  8 GPUs per node (NVSwitch) and InfiniBand between nodes; ring options over every GPU
+  (kv, q: up to `--ring-max`, 1024 by default) beside Ulysses-in-node x ring-across;
 * efficiency vs sequence length on one node of 8;
 * schedule-choice maps: the fastest option by K/V heads x context, one map per link;
 * decode latency (one token against a sharded cache: local attention, then an all-gather
@@ -185,8 +185,9 @@ def run_sweeps(argv: list[str]) -> int:
                    help="a profile of published.json or a calibrated profile file")
     p.add_argument("--quick", action="store_true", help="small sweeps (a smoke run)")
     p.add_argument("--max-gpus", type=int, default=1024)
-    p.add_argument("--ring-max", type=int, default=32,
-                   help="largest world for ring options over every GPU (plan() is O(n^2))")
+    p.add_argument("--ring-max", type=int, default=1024,
+                   help="largest world for ring options over every GPU (plan() grows as "
+                        "n^2: 1024 GPUs take about two minutes of the sweep)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)

@@ -28,7 +28,7 @@ from .arguments import check_flag
 from .heads import heads_error, kv_heads
 from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
-from .options import RING_SCHEDULES, Option, fetches, moving_side
+from .options import RING_SCHEDULES, Option, check_schedule, fetches, moving_side
 from .routing import Geometry, best_hop, held, split_rows, step_block, used
 from .timeline import Impl, simulate_phase
 
@@ -213,6 +213,7 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
                ("kv", "bwd"): [2 * b * n * d * acc_size for n in kvn]}   # dk, dv
     phases = ("fwd", "bwd") if backward else ("fwd",)
     ln = lambda span: 0 if span is None else span[1] - span[0]  # noqa: E731
+    fetch = geo.fetch
     blocks = [[step_block(geo, j, s)[2] for s in range(r)] for j in range(r)]
     ring_pairs = [[_piece_pairs(blocks[j][s], b) for s in range(r)] for j in range(r)]
     steps, a2a, messages, copies_s = {}, {}, {}, {}
@@ -227,7 +228,6 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
                     p, row = j * u + i, q_row[phase] if moving == "q" else kv_row[i]
                     sent = recv = 0
                     # a fetch (for step s, straight from the owner) or a move (for s+1)
-                    fetch = fetches(schedule)
                     nxt = s if fetch else s + 1
                     if 0 < nxt < r:
                         own, to = (j, geo.holder(j, s)) if fetch else (geo.owner(j, s),
@@ -356,9 +356,7 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
         raise ValueError(f"world must be an int >= 1, got {world!r}")
     for name, flag in (("causal", causal), ("backward", backward), ("return_lse", return_lse)):
         check_flag(name, flag)
-    if schedule != "auto" and schedule not in RING_SCHEDULES:
-        raise ValueError(f"schedule must be 'auto' or one of {RING_SCHEDULES}, got "
-                         f"{schedule!r}")
+    check_schedule(schedule)
     ic = resolve_interconnect(interconnect, device_type)
     inter = None if inter_node is None else resolve_interconnect(inter_node, device_type,
                                                                   "inter_node")

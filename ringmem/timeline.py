@@ -183,18 +183,19 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
                 first, second = tuple(h[0] for h in split), tuple(h[1] for h in split)
             comp[p][0] = _pieces_s(prof, first, est, phase, itemsize) + prof.step_s
             last[p] = _pieces_s(prof, second, est, phase, itemsize)
-    t0 = prof.call_s + net.time(pre)
-    links = net.time([(m.src, m.dst, m.nbytes) for m in fetches])
+    pre_s = net.time(pre)
+    t0 = prof.call_s + pre_s
     arrive = [[t0] * (r + 1) for _ in range(world)]  # inputs of step s on rank p
+    load: dict = {}  # the links' load of every fetch up to step s (added step by step)
     if fetches:  # posted together before step 0; step s's data behind the earlier steps'
         by_step: dict[int, list] = {}
         for m in fetches:
             by_step.setdefault(m.step, []).append((m.src, m.dst, m.nbytes))
-        load: dict = {}  # the links' load of every fetch up to step s (added step by step)
         for s in sorted(by_step):
             group = by_step[s]
             for (_, dst, _), d in zip(group, net.arrivals(group, net.load(group, load))):
                 arrive[dst][s] = max(arrive[dst][s], t0 + d)
+    links = net.time_of(load)  # every fetch on its links (none: 0)
     start = [[0.0] * r for _ in range(world)]
     end = [[0.0] * r for _ in range(world)]
     ready = [t0] * world  # when each rank may start its next step
@@ -245,5 +246,5 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
     busy = max(sum(c) + lp for c, lp in zip(comp, last))
     timed = (sum(m[2] for m in pre + post) + sum(m.nbytes for m in fetches)
              + sum(m.nbytes for g in (moves, rets) for ms in g.values() for m in ms))
-    a2a = t0 + net.time(post)
+    a2a = pre_s + net.time(post)  # the per-call host cost is neither link nor all-to-all
     return PhaseResult(total, start, end, busy, a2a, timed, links + a2a)

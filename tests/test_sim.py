@@ -175,6 +175,8 @@ def test_host_costs_per_step_and_per_call():
     r = simulate_phase(est(work, msgs), "fwd", prof(step_s=0.002, call_s=0.005),
                        Cluster(2, link(lat=1e-3)))
     assert r.time_s == pytest.approx(0.005 + 2 * 0.006)
+    # host time is neither link time nor all-to-all: the links carried one 2 ms group
+    assert r.a2a_s == 0.0 and r.links_s == pytest.approx(0.002)
     with pytest.raises(ValueError, match="step_s"):
         prof(step_s=-1.0)
 

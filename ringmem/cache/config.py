@@ -12,7 +12,6 @@ from ..options import check_schedule
 
 MERGES = ("allgather", "allreduce")
 """Cross-rank decode merges: one all-gather, or two all-reduces."""
-"""Ring schedules of a prefill chunk's causal self-attention (`ring_attention`'s, no "auto")."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,8 @@ the gloo link) to measured runs of `benchmarks/auto_regret.py`, and say how well
 
 On gloo the cores that compute also copy, so the loop's time is a sum: FLOPs / rate +
 launches x launch + bytes / bandwidth + messages x latency + all-to-all copies / copy rate
-+ steps x step cost + calls x call cost, each counted on the critical path by the one time
++ steps x step cost + calls x call cost (the compute and host terms times ranks / cores
+where more ranks than cores share the machine), each counted on the critical path by the one time
 model (`ringmem.timeline`, through `plan()`). Each count is read off by planning the option
 with a unit model (that term's cost 1, every other 0), so the fit is a linear least
 squares in relative error, with every cost >= 0.
@@ -31,12 +32,18 @@ from ringmem.links import INTERCONNECTS, Interconnect
 from ringmem.plan import DEFAULT_KERNELS, KernelModel, parse_option
 
 BIG = 1e30  # "free": a rate no term reaches
-TERMS = ("1/flops", "launch", "1/bandwidth", "latency", "1/copy_bw", "step_s", "call_s")
+TERMS = ("1/flops", "pair_s", "1/mem_bw", "launch", "1/bandwidth", "latency", "1/copy_bw",
+         "step_s", "call_s")
+# the model's two non-linear inputs, chosen by the fit's own error on the development run
+BWD_RATIOS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+DENSE_BANDS = (False, True)
 
 
-def _models(term: str, base: Interconnect) -> tuple[KernelModel, Interconnect]:
-    """The unit model of one term: its cost 1, every other cost 0."""
-    k = KernelModel(flops=BIG, copy_bw=BIG)
+def _models(term: str, base: Interconnect, cores: int, shape: dict[str, Any]
+            ) -> tuple[KernelModel, Interconnect]:
+    """The unit model of one term: its cost 1, every other cost 0; the ranks share the
+    run's `cores` (`KernelModel.on_node`); shape: bwd_ratio and dense_bands."""
+    k = KernelModel(flops=BIG, copy_bw=BIG, cores=cores, **shape)
     link = replace(base, bandwidth=BIG, latency=0.0)
     if term == "1/flops":
         k = replace(k, flops=1.0)
@@ -48,6 +55,8 @@ def _models(term: str, base: Interconnect) -> tuple[KernelModel, Interconnect]:
         link = replace(link, latency=1.0)
     elif term == "1/copy_bw":
         k = replace(k, copy_bw=1.0)
+    elif term == "1/mem_bw":
+        k = replace(k, mem_bw=1.0)
     else:
         k = replace(k, **{term: 1.0})
     return k, link
@@ -65,12 +74,13 @@ def _plan_args(case: dict[str, Any]) -> tuple[tuple, tuple, dict[str, Any]]:
     return q, kv, kw
 
 
-def features(case: dict[str, Any], option: str, base: Interconnect) -> list[float]:
+def features(case: dict[str, Any], option: str, base: Interconnect, cores: int,
+             shape: dict[str, Any]) -> list[float]:
     q, kv, kw = _plan_args(case)
     u, s = parse_option(option, case["world"])
     out = []
     for term in TERMS:
-        k, link = _models(term, base)
+        k, link = _models(term, base, cores, shape)
         est = ringmem.plan(q, kv, interconnect=link, kernel=k, ulysses=u, schedule=s,
                            **kw).schedules[option]
         out.append(est.time_s)
@@ -89,14 +99,15 @@ def nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         keep.pop(int(torch.argmin(t)))
 
 
-def fit(rows: list[dict[str, Any]], base: Interconnect
+def fit(rows: list[dict[str, Any]], base: Interconnect, cores: int, shape: dict[str, Any]
         ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     samples = []
     for c in rows:
         for option, t in c["median_s"].items():
             if option != "auto":
                 samples.append((c["case"], option, t))
-    x = torch.tensor([features(c, o, base) for c, o, _ in samples], dtype=torch.float64)
+    x = torch.tensor([features(c, o, base, cores, shape) for c, o, _ in samples],
+                     dtype=torch.float64)
     y = torch.tensor([t for _, _, t in samples], dtype=torch.float64)
     theta = nnls(x / y[:, None], torch.ones_like(y))  # relative error: rows scaled by 1/y
     pred = x @ theta
@@ -105,11 +116,13 @@ def fit(rows: list[dict[str, Any]], base: Interconnect
     return dict(zip(TERMS, theta.tolist())), out
 
 
-def model_of(theta: dict[str, float], base: Interconnect) -> tuple[KernelModel, Interconnect]:
+def model_of(theta: dict[str, float], base: Interconnect, shape: dict[str, Any]
+             ) -> tuple[KernelModel, Interconnect]:
     inv = lambda v: 1 / v if v > 0 else math.inf  # noqa: E731
     k = replace(DEFAULT_KERNELS["cpu"], flops=inv(theta["1/flops"]), launch=theta["launch"],
                 half=0.0, copy_bw=inv(theta["1/copy_bw"]), step_s=theta["step_s"],
-                call_s=theta["call_s"])
+                call_s=theta["call_s"], pair_s=theta["pair_s"], mem_bw=inv(theta["1/mem_bw"]),
+                **shape)
     return k, replace(base, bandwidth=inv(theta["1/bandwidth"]), latency=theta["latency"])
 
 
@@ -121,13 +134,28 @@ def main() -> int:
     a = ap.parse_args()
     data = json.loads(Path(a.runs).read_text())
     base = INTERCONNECTS["loopback"]
-    theta, rows = fit(data["cases"], base)
-    k, link = model_of(theta, base)
+    cores = data["meta"]["machine"]["cpu_count"]
+    tried = []
+    for ratio in BWD_RATIOS:
+        for dense in DENSE_BANDS:
+            shape = {"bwd_ratio": ratio, "dense_bands": dense}
+            theta, rows = fit(data["cases"], base, cores, shape)
+            errs = [abs(r["error_pct"]) for r in rows]
+            tried.append((statistics.median(errs), shape, theta, rows))
+            print(f"bwd_ratio {ratio}, dense_bands {dense}: median |error| "
+                  f"{statistics.median(errs):.1f}%, {sum(e <= 10 for e in errs)} of "
+                  f"{len(errs)} within 10%")
+    _, shape, theta, rows = min(tried, key=lambda t: t[0])
+    k, link = model_of(theta, base, shape)
     errs = [abs(r["error_pct"]) for r in rows]
     res = {"fitted_on": {"file": a.runs, "seed": data["meta"]["seed"],
                          "commit": data["meta"]["commit"]},
-           "theta": theta, "kernel": {f: getattr(k, f) for f in (
-               "flops", "launch", "copy_bw", "step_s", "call_s")},
+           "cores": cores, "shape": shape, "theta": theta,
+           "kernel": {f: getattr(k, f) for f in ("flops", "pair_s", "mem_bw", "launch",
+                                                 "copy_bw", "step_s", "call_s", "bwd_ratio",
+                                                 "dense_bands")},
+           "shapes_tried": [{"shape": sh, "median_abs_error_pct": m}
+                            for m, sh, _, _ in tried],
            "link": {"bandwidth": link.bandwidth, "latency": link.latency},
            "fit": {"rows": len(rows), "median_abs_error_pct": statistics.median(errs),
                    "within_10pct": sum(e <= 10 for e in errs)}, "rows": rows}

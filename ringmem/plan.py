@@ -18,6 +18,7 @@ from `links.Cluster`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple
@@ -39,28 +40,55 @@ __all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "KernelModel", "Message"
 
 @dataclass(frozen=True)
 class KernelModel:
-    """Time of one block-attention launch: launch + FLOPs / (flops * efficiency); a block
-    of n = min(rows, keys) reaches n / (n + half) of the peak rate (a fused kernel's tiles
-    and pipeline fill make small blocks slower: why splitting the work hurts)."""
+    """Time of one block-attention launch: launch + FLOPs / (flops * efficiency) + pairs x
+    heads x pair_s (the softmax's per-score work, whatever the head size) + bytes read /
+    mem_bw (what a one-row decode block is bound by); a backward block costs bwd_ratio
+    times its forward. A block of n = min(rows, keys) reaches n / (n + half) of the peak
+    rate (a fused kernel's tiles and pipeline fill make small blocks slower: why splitting
+    the work hurts). dense_bands: a banded piece (a window, not the plain causal triangle)
+    costs every rows x keys score (the CPU op takes the band as an explicit bias)."""
     flops: float
     launch: float = 0.0
     half: float = 0.0
     copy_bw: float = math.inf  # bytes/s of a local copy (the all-to-all's packing)
     step_s: float = 0.0  # host seconds per ring step on every rank (`timeline.BlockTimes`)
     call_s: float = 0.0  # host seconds per call (checks, the cross-rank agreement)
+    cores: int = 0  # cores the ranks of one node share, one thread each (0: a device each)
+    pair_s: float = 0.0
+    mem_bw: float = math.inf
+    bwd_ratio: float = 2.5
+    dense_bands: bool = False
+
+    def on_node(self, ranks: int) -> KernelModel:
+        """This model for `ranks` ranks of one node sharing its `cores`: more ranks than
+        cores run in turns, so every rank's compute and host work slow by ranks / cores
+        (on 2 cores, 4 gloo ranks each compute at half a core's rate)."""
+        share = ranks / self.cores if self.cores else 1.0
+        if share <= 1.0:
+            return self
+        return replace(self, flops=self.flops / share, launch=self.launch * share,
+                       copy_bw=self.copy_bw / share, step_s=self.step_s * share,
+                       pair_s=self.pair_s * share, mem_bw=self.mem_bw / share, cores=0)
 
     def time(self, rows: int, keys: int, pairs: float, heads: int, dim: int, batch: float,
-             backward: bool) -> float:
-        f = 4 * pairs * heads * dim * batch * (2.5 if backward else 1.0)
+             backward: bool, kv_heads: int = 0, itemsize: int = 2) -> float:
+        work = pairs * heads * batch * (self.bwd_ratio if backward else 1.0)
         n = min(rows, keys)
-        return self.launch + f / (self.flops * (n / (n + self.half) if self.half else 1.0))
+        t = self.launch + 4 * work * dim / (self.flops * (n / (n + self.half)
+                                                          if self.half else 1.0))
+        t += work * self.pair_s
+        if self.mem_bw != math.inf:  # q, out, k, v once each
+            read = (2 * rows * heads + 2 * keys * (kv_heads or heads)) * dim * batch
+            t += read * itemsize * (self.bwd_ratio if backward else 1.0) / self.mem_bw
+        return t
 
     def block_s(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
                 phase: str, kv_heads: int = 0, itemsize: int = 2) -> float:
         """`time` as `timeline.BlockTimes` asks for it (an empty piece: no launch)."""
         if pairs <= 0 or rows <= 0 or keys <= 0:
             return 0.0
-        return self.time(rows, keys, pairs, heads, d, batch, phase == "bwd")
+        return self.time(rows, keys, pairs, heads, d, batch, phase == "bwd", kv_heads,
+                         itemsize)
 
     def epilogue_s(self, elems: float, per_elem: float) -> float:
         """A memory-bound pass (the loop's merges and sums) at the local copy rate."""
@@ -69,12 +97,16 @@ class KernelModel:
 
 # by device type, used when none is given: H100-class flash attention (half speed at
 # 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
-# machines, fitted (with the "loopback" link) by benchmarks/fit_cpu_model.py on the
-# development run benchmarks/results/auto_regret_dev.json (seed 0) and judged on another
-# seed (benchmarks/results/auto_regret.md): 43.6 GFLOP/s, copies at 2.0 GB/s, 0.44 ms of
-# host work per ring step (the fit gave no per-launch or per-call cost)
+# machines (the ranks of a node share its cores: `on_node`), fitted with the "loopback"
+# link by benchmarks/fit_cpu_model.py on the development run
+# benchmarks/results/auto_regret_dev.json (seed 0) and judged on another seed
+# (benchmarks/results/auto_regret.md): 72.5 GFLOP/s, 1.4 ns per score (softmax),
+# 3.9 GB/s reading a block's inputs, 0.24 ms a launch, backward 1.5 x forward, windows as
+# a dense bias, copies at 2.1 GB/s, 0.14 ms of host work per ring step, none per call
 DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(43.6e9, 0.0, 0.0, 2.0e9, step_s=0.44e-3)}
+                   "cpu": KernelModel(72.5e9, 0.24e-3, 0.0, 2.1e9, step_s=0.14e-3,
+                                      pair_s=1.4e-9, mem_bw=3.9e9, bwd_ratio=1.5,
+                                      dense_bands=True)}
 DEFAULT_FLOPS = {k: m.flops for k, m in DEFAULT_KERNELS.items()}
 
 
@@ -259,9 +291,11 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
         buffers = max(buffers, _buffers(msgs, pre, world, r))
     ranks = [(j, i) for j in range(r) for i in range(u)]
     # a piece over some batch rows only counts its share of the pairs per batch row
+    dense = getattr(kernel, "dense_bands", False)
     work_of = lambda pieces: tuple(  # noqa: E731
         (p.q.stop - p.q.start, p.k.stop - p.k.start,
-         pairs(p) * ((p.b.stop - p.b.start) / b if p.b is not None else 1)) for p in pieces)
+         _cost_pairs(p, dense) * ((p.b.stop - p.b.start) / b if p.b is not None else 1))
+        for p in pieces)
     work = [[work_of(blocks[j][s]) for s in range(r)] for j, _ in ranks]
     halves = [tuple(work_of(h) for h in split_rows(blocks[j][0], geo.q_lens[j] // 2))
               for j, _ in ranks]
@@ -279,6 +313,14 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
         comm_s += res.links_s + copies_s[phase]
         compute_s += res.compute_s
     return replace(est, time_s=time_s, comm_s=comm_s, compute_s=compute_s)
+
+
+def _cost_pairs(p, dense: bool) -> int:
+    """The scores a backend computes for a piece: its pairs, or every rows x keys where a
+    band (not the plain causal triangle) runs as a dense bias (`KernelModel.dense_bands`)."""
+    if dense and p.band != (None, None) and not p.causal:
+        return (p.q.stop - p.q.start) * (p.k.stop - p.k.start)
+    return pairs(p)
 
 
 def _buffers(msgs: list[Message], pre: list[Message], world: int, r: int) -> int:
@@ -344,7 +386,8 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
     the ranks of a node, inter_node (e.g. "ib") the nodes of `gpus_per_node` ranks each
     (0: one node). kernel: the block time model (`KernelModel`, or any object with its
     `block_s` and `epilogue_s`, `timeline.BlockTimes`: e.g. a measured `sim.Profile`);
-    default by device type, `flops` replacing its rate. Returns a Plan with every option's
+    default by device type, `flops` replacing its rate (on the CPU, the ranks of a node
+    share `os.cpu_count()` cores: `KernelModel.on_node`). Returns a Plan with every option's
     bytes per rank per step and predicted time; `str(plan)` explains the choice. Where
     communication overlaps compute, within 1% predicted time the option with less
     buffers (an all-gather holds every K/V span it uses at once), then the one with less
@@ -367,6 +410,10 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
             if not flops > 0:
                 raise ValueError(f"flops must be > 0, got {flops}")
             kernel = replace(kernel, flops=float(flops))
+        if device_type == "cpu":  # gloo ranks share this machine's cores
+            kernel = replace(kernel, cores=os.cpu_count() or 1)
+    if isinstance(kernel, KernelModel):
+        kernel = kernel.on_node(gpus_per_node or world)
     itemsize = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     if mask is None:

@@ -181,6 +181,45 @@ def test_host_costs_per_step_and_per_call():
         prof(step_s=-1.0)
 
 
+def test_cpu_kernel_model_terms_and_shared_cores():
+    # one block of 1000 x 1000 scores, 2 heads (1 K/V head), d 4, fp32: each term alone
+    k = KernelModel(1e9, launch=1e-3, pair_s=1e-9, mem_bw=1e9, bwd_ratio=1.5)
+    pairs, fl = 1e6, 4 * 1e6 * 2 * 4
+    read = (2 * 1000 * 2 + 2 * 1000 * 1) * 4 * 4
+    fwd = 1e-3 + fl / 1e9 + 2e6 * 1e-9 + read / 1e9
+    assert k.block_s(1000, 1000, pairs, 2, 1, 4, "fwd", 1, 4) == pytest.approx(fwd)
+    assert k.block_s(1000, 1000, pairs, 2, 1, 4, "bwd", 1, 4) == pytest.approx(
+        1e-3 + 1.5 * (fwd - 1e-3))
+    # 4 ranks on 2 cores compute at half a core's rate; 2 ranks on 2 cores as alone; the
+    # shared model does not share again
+    two = KernelModel(1e9, launch=1e-3, step_s=1e-4, pair_s=1e-9, mem_bw=1e9, copy_bw=2e9,
+                      cores=2)
+    assert two.on_node(2) is two
+    half = two.on_node(4)
+    assert (half.flops, half.launch, half.step_s, half.pair_s, half.mem_bw, half.copy_bw
+            ) == (5e8, 2e-3, 2e-4, 2e-9, 5e8, 1e9) and half.on_node(4) is half
+    # plan() shares the CPU's cores: at more ranks than cores, the compute is slower
+    q = (1, 512, 2, 16)
+    free = plan(q, q, world=4, device_type="cpu", kernel=KernelModel(1e9, cores=0),
+                schedule="kv")
+    shared = plan(q, q, world=4, device_type="cpu", kernel=KernelModel(1e9, cores=1),
+                  schedule="kv")
+    assert shared.schedules["kv"].compute_s == pytest.approx(
+        4 * free.schedules["kv"].compute_s)
+
+
+def test_dense_bands_cost_every_score_of_a_windowed_block():
+    # the CPU op takes a window as an explicit bias: every rows x keys score is computed;
+    # the plain causal triangle and full blocks cost their pairs either way
+    q = (1, 256, 1, 8)
+    for window, dense_more in (((32, 0), True), ((-1, -1), False)):
+        t = [plan(q, q, world=2, device_type="cpu", window=window, schedule="kv",
+                  causal=True, kernel=KernelModel(1e9, dense_bands=d)).schedules["kv"]
+             for d in (False, True)]
+        assert (t[1].compute_s > 1.5 * t[0].compute_s) == dense_more, (window, t)
+        assert t[0].pairs == t[1].pairs  # the pairs reported are the pairs, not the cost
+
+
 def test_pure_compute_and_pure_bandwidth_limits():
     # no bytes: the sum of the blocks; no compute: the transfer alone
     assert two_steps(0, (3e9, 2e9)).time_s == pytest.approx(0.012 + 0.008)

@@ -81,3 +81,29 @@ def test_the_cpu_time_is_nearly_linear_in_the_fitted_costs(option):
     # each count is its own critical path, and a max of sums is at most the sum of the
     # maxes: the linear form is an upper bound, tight up to the waits between the ranks
     assert linear * 0.95 <= t <= linear * (1 + 1e-9)
+
+
+def _run(seed: int, medians: dict, predicted: dict) -> dict:
+    cases = [{"case": {"id": i}, "median_s": {**m, "auto": min(m.values())},
+              "predicted_s": predicted[i]} for i, m in medians.items()]
+    summary = {p: {"median": 0.0, "p90": 0.1, "total_s": 1.0} for p in ("auto", "kv", "q",
+                                                                         "random")}
+    summary["kv"]["total_s"] = 1.2
+    return {"meta": {"seed": seed, "date": "d", "commit": "c"}, "cases": cases,
+            "summary": summary}
+
+
+def test_repeat_report_counts_the_runs_own_reproducibility():
+    import auto_regret_repeat as rep
+    a = _run(2, {0: {"kv": 1.0, "q": 2.0}, 1: {"kv": 1.0, "q": 1.0}},
+             {0: {"kv": 1.05, "q": 1.0}, 1: {"kv": 1.0, "q": 1.3}})
+    b = _run(2, {0: {"kv": 1.05, "q": 2.5}, 1: {"kv": 0.8, "q": 1.0}},
+             {0: {"kv": 1.05, "q": 1.0}, 1: {"kv": 1.0, "q": 1.3}})
+    assert rep.accuracy(a)["within_10pct"] == 2  # 1.05 vs 1.0 and 1.0 vs 1.0
+    g = rep.agreement(a, b)  # +5%, +25%, -20%, 0%
+    assert (g["rows"], g["within_10pct"]) == (4, 2)
+    assert g["median_abs_change"] == pytest.approx(0.125)
+    md, data = rep.report([a, b], ["a", "b"])
+    assert "| a | b | 2/4 |" in md and data["runs"][0]["best_fixed_total_s"] == 1.0
+    with pytest.raises(SystemExit, match="share one seed"):
+        rep.report([a, _run(3, {}, {})], ["a", "c"])

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..agree import CAPACITY, agree
-from ..api import check_extras
 from ..backends import get_backend
+from ..call import check_extras
 from ..comm import Group, gather_rows
 from ..eviction.records import DecodeStep
 from ..partial import Partial, attend, empty, merge, merge_weighted, with_sink

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from ..agree import agree
-from ..api import check_extras
 from ..backends import Backend, get_backend
+from ..call import check_extras
 from ..comm import RingComm
 from ..layouts import positions
 from ..masking import Mask

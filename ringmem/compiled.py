@@ -1,0 +1,139 @@
+"""`ring_attention` as torch.library custom ops, for torch.compile.
+
+Under `torch.compile` the ring loop (isend/irecv, host-side agreement, `.tolist()` of
+plans) would break the graph at every step. Instead the call becomes one opaque op,
+`ringmem::ring_attention`, with a fake (meta) implementation giving its output shapes
+and a registered backward (`ringmem::ring_attention_backward`), so a model that calls it
+traces with no graph break (`fullgraph=True`). The op's real implementation is the eager
+path: every call's signature is still agreed across the ranks (`call.agreed`), inside
+the op, and the ring loop runs as in eager mode.
+
+The op takes only what a schema can carry: the group by name (None: the default group),
+the interconnect by name, cu_seqlens as an int tensor. What it cannot carry is refused by
+name: a `mesh`, `stats`, an `Interconnect` object, Ulysses degrees other than 1.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .call import Call, _validate, agreed, backward_core, forward_core
+from .comm import Group
+
+
+def _group(name: str) -> Group:
+    if not name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(name)
+
+
+def _call(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, cu_seqlens: Tensor | None,
+          causal: bool, layout: str, schedule: str, backend: str,
+          softmax_scale: float | None, window: list[int], softcap: float | None,
+          interconnect: str | None) -> Call:
+    return Call(q, k, v, causal, layout, schedule, backend, softmax_scale, interconnect, None,
+                cu_seqlens, tuple(window), sinks, softcap, 1, True)
+
+
+@torch.library.custom_op("ringmem::ring_attention", mutates_args=())
+def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None,
+                      cu_seqlens: Tensor | None, group_name: str, causal: bool, layout: str,
+                      schedule: str, backend: str, softmax_scale: float | None,
+                      window: list[int], softcap: float | None, interconnect: str | None,
+                      grad: bool) -> tuple[Tensor, Tensor]:
+    """out [B, S, Hq, D], lse [B, Hq, S]: `ring_attention(..., return_lse=True)` with
+    ulysses=1; grad: a backward will run (agreed, and it sets up the return channel)."""
+    c = _call(q, k, v, sinks, cu_seqlens, causal, layout, schedule, backend, softmax_scale,
+              window, softcap, interconnect)
+    group = _group(group_name)
+    a = agreed(c, group, None, grad)
+    return forward_core(q, k, v, sinks, a.spec, group, None, grad)
+
+
+@ring_attention_op.register_fake
+def _(q, k, v, sinks, cu_seqlens, group_name, causal, layout, schedule, backend,
+      softmax_scale, window, softcap, interconnect, grad):
+    b, s, hq, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (q.new_empty(q.shape), q.new_empty((b, hq, s), dtype=acc))
+
+
+@torch.library.custom_op("ringmem::ring_attention_backward", mutates_args=())
+def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                               lse: Tensor, sinks: Tensor | None,
+                               cu_seqlens: Tensor | None, group_name: str, causal: bool,
+                               layout: str, schedule: str, backend: str,
+                               softmax_scale: float | None, window: list[int],
+                               softcap: float | None, interconnect: str | None
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, d sinks (empty without sinks) of `ring_attention_op`. The forward
+    agreed the call: the spec is re-derived locally (deterministic in the agreed values)."""
+    c = _call(q, k, v, sinks, cu_seqlens, causal, layout, schedule, backend, softmax_scale,
+              window, softcap, interconnect)
+    group = _group(group_name)
+    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    checked = _validate(c, world, True, None)
+    if checked.spec is None:  # the forward raised this already: it cannot get here
+        raise checked.error or RuntimeError("ring_attention_backward: no spec")
+    dq, dk, dv, ds = backward_core(dout, q, k, v, out, lse, sinks, checked.spec, group, None,
+                                   sinks is not None)
+    return dq, dk, dv, ds if ds is not None else q.new_empty(0)
+
+
+@ring_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, sinks, cu_seqlens, group_name, causal, layout, schedule,
+      backend, softmax_scale, window, softcap, interconnect):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0))
+
+
+def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, sinks, cu, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, sinks, cu)
+    ctx.args = tuple(args[:-1])  # all but grad
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple:
+    q, k, v, out, lse, sinks, cu = ctx.saved_tensors
+    dq, dk, dv, ds = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, sinks,
+                                                cu, *ctx.args)
+    return (dq, dk, dv, ds if sinks is not None else None, None, *([None] * 10))
+
+
+ring_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def compiled_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, group: Group,
+                  layout: str, schedule: str, backend: str, softmax_scale: float | None,
+                  stats: object, interconnect: object, cu_seqlens: object,
+                  window: tuple[int, int], sinks: Tensor | None, softcap: float | None,
+                  ulysses: object, mesh: object, grad: bool) -> tuple[Tensor, Tensor]:
+    """`ring_attention` while torch.compile traces: the arguments as the op takes them;
+    what it cannot take is refused by name (the same on every rank: it is the code)."""
+    if mesh is not None:
+        raise ValueError("ring_attention under torch.compile takes group=, not mesh= (got "
+                         f"{type(mesh).__name__}); Ulysses meshes run eager only")
+    if ulysses != 1:
+        raise ValueError(f"ring_attention under torch.compile runs ulysses=1 only, got "
+                         f"ulysses={ulysses!r} (Ulysses all-to-alls run eager only)")
+    if stats is not None:
+        raise ValueError("ring_attention under torch.compile cannot record stats= (the op "
+                         "runs outside Python's view); pass stats=None")
+    if interconnect is not None and not isinstance(interconnect, str):
+        raise ValueError(f"ring_attention under torch.compile takes interconnect by name, got "
+                         f"{type(interconnect).__name__}")
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
+    cu = cu_seqlens
+    if cu is not None and not isinstance(cu, Tensor):
+        cu = torch.tensor(cu, dtype=torch.int32)
+    name = "" if group is None else group.group_name
+    return ring_attention_op(q, k, v, sinks, cu, name, bool(causal), layout, schedule,
+                             backend, softmax_scale, list(window), softcap, interconnect,
+                             grad)

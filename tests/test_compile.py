@@ -1,0 +1,132 @@
+"""ring_attention under torch.compile (`ringmem.compiled`): one custom op, no graph break,
+compiled equal to eager within a same-dtype baseline, forward and backward, every schedule,
+on gloo ranks; recompiles counted by torch's own tools."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ringmem
+from ringmem.links import INTERCONNECTS
+from ringmem.testing import spawn
+
+SCHEDULES = ("kv", "q", "allgather")
+
+
+class Block(torch.nn.Module):
+    """A transformer block's attention half: projections, ring attention, output, residual."""
+
+    def __init__(self, dim: int, hq: int, hkv: int, hd: int, **attn) -> None:
+        super().__init__()
+        self.hq, self.hkv, self.hd, self.attn = hq, hkv, hd, attn
+        self.qkv = torch.nn.Linear(dim, (hq + 2 * hkv) * hd)
+        self.o = torch.nn.Linear(hq * hd, dim)
+        self.sinks = torch.nn.Parameter(torch.zeros(hq)) if attn.pop("sinks", False) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(torch.nn.functional.rms_norm(x, (x.shape[-1],))).split(
+            [self.hq * self.hd, self.hkv * self.hd, self.hkv * self.hd], dim=-1)
+        q, k, v = (t.reshape(b, s, -1, self.hd) for t in (q, k, v))
+        a = ringmem.ring_attention(q, k, v, sinks=self.sinks, **self.attn)
+        return x + self.o(a.reshape(b, s, -1))
+
+
+def _grads(block: Block, fn, x: torch.Tensor) -> list[torch.Tensor]:
+    block.zero_grad()
+    xl = x.detach().clone().requires_grad_()
+    out = fn(xl)
+    out.square().sum().backward()
+    return [out.detach(), xl.grad] + [p.grad.clone() for p in block.parameters()]
+
+
+CASES = [  # (attention options, backend): every schedule through inductor
+    (dict(schedule="kv"), "inductor"),
+    (dict(schedule="q"), "inductor"),
+    (dict(schedule="allgather"), "inductor"),
+    # documents with sinks and MQA; a window with a softcap; non-causal: the op's
+    # fake and autograd without inductor's codegen (same op, cheaper to compile)
+    (dict(schedule="q", cu_seqlens=[0, 5, 17, 24], layout="document", sinks=True,
+          heads=(4, 1)), "aot_eager"),
+    (dict(schedule="kv", window=(5, 0), softcap=3.0, layout="contiguous"), "aot_eager"),
+    (dict(schedule="allgather", causal=False), "aot_eager"),
+]
+
+
+def _compiled_equals_eager(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    for opts, backend in CASES:
+        opts = dict(opts)
+        hq, hkv = opts.pop("heads", (4, 2))
+        s, dim, hd = 8 * world, 16, 8
+        if "cu_seqlens" in opts:
+            opts["cu_seqlens"] = [0, 5, 3 * world + 2, s]
+        layout = opts.get("layout", "zigzag")
+        shard_kw = dict(layout=layout, cu_seqlens=opts.get("cu_seqlens"))
+        ref64 = Block(dim, hq, hkv, hd, **opts).double()
+        block = Block(dim, hq, hkv, hd, **opts)
+        block.load_state_dict({k: v.float() for k, v in ref64.state_dict().items()})
+        x64 = torch.randn(1, s, dim, dtype=torch.float64, generator=torch.Generator()
+                          .manual_seed(1))
+        x64l = ringmem.shard(x64, **shard_kw)
+        truth = _grads(ref64, ref64, x64l)
+        eager = _grads(block, block, x64l.float())
+        torch._dynamo.reset()
+        comp = _grads(block, torch.compile(block, backend=backend, fullgraph=True),
+                      x64l.float())
+        for name, t, e, c in zip(["out", "dx"] + [n for n, _ in block.named_parameters()],
+                                 truth, eager, comp):
+            base = (e.double() - t).abs().max().item()
+            err = (c.double() - t).abs().max().item()
+            assert err <= 4 * base + 1e-6, (opts, backend, name, err, base)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_compiled_equals_eager_every_schedule(world: int) -> None:
+    spawn(_compiled_equals_eager, world, timeout=900)
+
+
+def _no_breaks_one_compile_per_shape(rank: int, world: int) -> None:
+    from torch._dynamo.testing import CompileCounter
+    block = Block(16, 4, 2, 8, schedule="auto")
+    x = torch.randn(1, 8, 16)
+    explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    f = torch.compile(block, backend=counter, fullgraph=True, dynamic=False)
+    for s in (8, 8, 16, 8, 16, 24):
+        f(torch.randn(1, s, 16)).sum().backward()
+    assert counter.frame_count == 3, counter.frame_count  # one per distinct shape
+    # the agreement still runs inside the op: a rank with another shape is named
+    torch._dynamo.reset()
+    f = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with pytest.raises(ValueError, match="q.shape"):
+        f(torch.randn(1, 8 if rank else 16, 16))
+    dist.barrier()
+
+
+def test_no_graph_break_and_one_compile_per_shape() -> None:
+    spawn(_no_breaks_one_compile_per_shape, 2, timeout=600)
+
+
+def test_what_the_op_cannot_carry_is_refused_by_name() -> None:
+    q = torch.randn(1, 8, 2, 4)
+    for kw, match in ((dict(ulysses=2), "ulysses=1 only"), (dict(mesh=(None, None)), "mesh"),
+                      (dict(ulysses="auto"), "ulysses=1 only"),
+                      (dict(stats=ringmem.CommStats()), "stats"),
+                      (dict(interconnect=INTERCONNECTS["nvlink"]), "by name")):
+        f = torch.compile(lambda q, kw=kw: ringmem.ring_attention(q, q, q, **kw),
+                          backend="eager", fullgraph=True)
+        with pytest.raises(Exception, match=match):
+            f(q)
+
+
+def test_opcheck_on_one_rank() -> None:
+    # torch's own check of the op's schema, fake and autograd registrations
+    q, k, v = (torch.randn(1, 8, h, 4, requires_grad=True) for h in (4, 2, 2))
+    from ringmem.compiled import ring_attention_op
+    args = (q, k, v, None, None, "", True, "zigzag", "kv", "auto", None, [-1, -1], None,
+            None, True)
+    torch.library.opcheck(ring_attention_op, args)

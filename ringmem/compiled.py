@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .call import Call, _validate, agreed, backward_core, forward_core
 from .comm import Group
+from .sharding import packing_of_positions
 
 
 def _group(name: str) -> Group:
@@ -29,6 +30,13 @@ def _group(name: str) -> Group:
         return None
     from torch.distributed.distributed_c10d import _resolve_process_group
     return _resolve_process_group(name)
+
+
+def _packing(cu_seqlens: Tensor | None, position_ids: Tensor | None, group: Group,
+             layout: str) -> object:
+    if cu_seqlens is not None or position_ids is None:
+        return cu_seqlens
+    return packing_of_positions(position_ids, group=group, layout=layout)
 
 
 def _call(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, cu_seqlens: Tensor | None,
@@ -41,22 +49,26 @@ def _call(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, cu_seqlens: Ten
 
 @torch.library.custom_op("ringmem::ring_attention", mutates_args=())
 def ring_attention_op(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None,
-                      cu_seqlens: Tensor | None, group_name: str, causal: bool, layout: str,
-                      schedule: str, backend: str, softmax_scale: float | None,
+                      cu_seqlens: Tensor | None, position_ids: Tensor | None,
+                      group_name: str, causal: bool, layout: str, schedule: str,
+                      backend: str, softmax_scale: float | None,
                       window: list[int], softcap: float | None, interconnect: str | None,
                       grad: bool) -> tuple[Tensor, Tensor]:
     """out [B, S, Hq, D], lse [B, Hq, S]: `ring_attention(..., return_lse=True)` with
-    ulysses=1; grad: a backward will run (agreed, and it sets up the return channel)."""
-    c = _call(q, k, v, sinks, cu_seqlens, causal, layout, schedule, backend, softmax_scale,
-              window, softcap, interconnect)
+    ulysses=1; grad: a backward will run (agreed, and it sets up the return channel);
+    position_ids: this rank's shard of the global positions, to read packed documents off
+    (`sharding.packing_of_positions`, a collective) where cu_seqlens is None."""
     group = _group(group_name)
+    cu = _packing(cu_seqlens, position_ids, group, layout)
+    c = _call(q, k, v, sinks, cu, causal, layout, schedule, backend, softmax_scale,
+              window, softcap, interconnect)
     a = agreed(c, group, None, grad)
     return forward_core(q, k, v, sinks, a.spec, group, None, grad)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, sinks, cu_seqlens, group_name, causal, layout, schedule, backend,
-      softmax_scale, window, softcap, interconnect, grad):
+def _(q, k, v, sinks, cu_seqlens, position_ids, group_name, causal, layout, schedule,
+      backend, softmax_scale, window, softcap, interconnect, grad):
     b, s, hq, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (q.new_empty(q.shape), q.new_empty((b, hq, s), dtype=acc))
@@ -65,16 +77,18 @@ def _(q, k, v, sinks, cu_seqlens, group_name, causal, layout, schedule, backend,
 @torch.library.custom_op("ringmem::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                                lse: Tensor, sinks: Tensor | None,
-                               cu_seqlens: Tensor | None, group_name: str, causal: bool,
+                               cu_seqlens: Tensor | None, position_ids: Tensor | None,
+                               group_name: str, causal: bool,
                                layout: str, schedule: str, backend: str,
                                softmax_scale: float | None, window: list[int],
                                softcap: float | None, interconnect: str | None
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, d sinks (empty without sinks) of `ring_attention_op`. The forward
     agreed the call: the spec is re-derived locally (deterministic in the agreed values)."""
-    c = _call(q, k, v, sinks, cu_seqlens, causal, layout, schedule, backend, softmax_scale,
-              window, softcap, interconnect)
     group = _group(group_name)
+    cu = _packing(cu_seqlens, position_ids, group, layout)
+    c = _call(q, k, v, sinks, cu, causal, layout, schedule, backend, softmax_scale,
+              window, softcap, interconnect)
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     checked = _validate(c, world, True, None)
     if checked.spec is None:  # the forward raised this already: it cannot get here
@@ -85,25 +99,25 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 
 @ring_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, sinks, cu_seqlens, group_name, causal, layout, schedule,
-      backend, softmax_scale, window, softcap, interconnect):
+def _(dout, q, k, v, out, lse, sinks, cu_seqlens, position_ids, group_name, causal, layout,
+      schedule, backend, softmax_scale, window, softcap, interconnect):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0))
 
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, sinks, cu, *args = inputs
+    q, k, v, sinks, cu, pos, *args = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, sinks, cu)
+    ctx.save_for_backward(q, k, v, out, lse, sinks, cu, pos)
     ctx.args = tuple(args[:-1])  # all but grad
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx: Any, dout: Tensor, _dlse: Tensor) -> tuple:
-    q, k, v, out, lse, sinks, cu = ctx.saved_tensors
+    q, k, v, out, lse, sinks, cu, pos = ctx.saved_tensors
     dq, dk, dv, ds = ring_attention_backward_op(dout.contiguous(), q, k, v, out, lse, sinks,
-                                                cu, *ctx.args)
-    return (dq, dk, dv, ds if sinks is not None else None, None, *([None] * 10))
+                                                cu, pos, *ctx.args)
+    return (dq, dk, dv, ds if sinks is not None else None, None, None, *([None] * 10))
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -113,9 +127,11 @@ def compiled_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, group: Group
                   layout: str, schedule: str, backend: str, softmax_scale: float | None,
                   stats: object, interconnect: object, cu_seqlens: object,
                   window: tuple[int, int], sinks: Tensor | None, softcap: float | None,
-                  ulysses: object, mesh: object, grad: bool) -> tuple[Tensor, Tensor]:
+                  ulysses: object, mesh: object, grad: bool,
+                  position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`ring_attention` while torch.compile traces: the arguments as the op takes them;
-    what it cannot take is refused by name (the same on every rank: it is the code)."""
+    what it cannot take is refused by name (the same on every rank: it is the code).
+    position_ids: read packed documents off them inside the op (no cu_seqlens given)."""
     if mesh is not None:
         raise ValueError("ring_attention under torch.compile takes group=, not mesh= (got "
                          f"{type(mesh).__name__}); Ulysses meshes run eager only")
@@ -134,6 +150,6 @@ def compiled_call(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, group: Group
     if cu is not None and not isinstance(cu, Tensor):
         cu = torch.tensor(cu, dtype=torch.int32)
     name = "" if group is None else group.group_name
-    return ring_attention_op(q, k, v, sinks, cu, name, bool(causal), layout, schedule,
+    return ring_attention_op(q, k, v, sinks, cu, position_ids, name, bool(causal), layout, schedule,
                              backend, softmax_scale, list(window), softcap, interconnect,
                              grad)

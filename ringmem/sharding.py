@@ -162,3 +162,20 @@ def _inverse(perm: Tensor, like: Tensor) -> Tensor:
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel())
     return inverse.to(like.device)
+
+
+def packing_of_positions(position_ids: Tensor, *, group: Group = None,
+                         layout: str = "zigzag") -> list[int] | list[list[int]] | None:
+    """cu_seqlens of the packed documents in this rank's shard of the global position ids
+    [R, S_local] (a document starts wherever a position is not the previous one + 1, as
+    transformers reads packed batches): one list, a list per row, or None when every row
+    is one document. A collective (the ids are gathered)."""
+    ids = unshard(position_ids.contiguous(), 1, group=group, layout=layout).to(torch.int64)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    s = ids.shape[1]
+    rows = [[*row.nonzero().flatten().tolist(), s] for row in starts]
+    return rows[0] if len(rows) == 1 else rows
+

@@ -127,6 +127,49 @@ def test_opcheck_on_one_rank() -> None:
     # torch's own check of the op's schema, fake and autograd registrations
     q, k, v = (torch.randn(1, 8, h, 4, requires_grad=True) for h in (4, 2, 2))
     from ringmem.compiled import ring_attention_op
-    args = (q, k, v, None, None, "", True, "zigzag", "kv", "auto", None, [-1, -1], None,
+    args = (q, k, v, None, None, None, "", True, "zigzag", "kv", "auto", None, [-1, -1], None,
             None, True)
     torch.library.opcheck(ring_attention_op, args)
+
+
+def _hf(rank: int, world: int) -> None:
+    transformers = pytest.importorskip("transformers")
+    from ringmem.integrations import hf
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256)
+    ids = torch.randint(0, 128, (1, 8 * world), generator=torch.Generator().manual_seed(1))
+    packed = torch.cat([torch.arange(5), torch.arange(8 * world - 5)])[None]  # 2 documents
+    for positions in (None, packed):
+        pos = torch.arange(8 * world)[None] if positions is None else positions
+        local_ids, local_pos = (ringmem.shard(t, layout="zigzag") for t in (ids, pos))
+        runs = []
+        for dtype, how in ((torch.float64, "eager"), (torch.float32, "eager"),
+                           (torch.float32, "compile"), (torch.float32, "model.compile")):
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
+            model.set_attn_implementation(hf.register(layout="zigzag"))
+            run = model
+            if how == "compile":
+                torch._dynamo.reset()
+                explained = torch._dynamo.explain(model)(input_ids=local_ids,
+                                                         position_ids=local_pos,
+                                                         use_cache=False)
+                assert explained.graph_break_count == 0, explained.break_reasons
+                run = torch.compile(model, backend="aot_eager")
+            elif how == "model.compile":
+                model.compile(backend="aot_eager")
+            logits = run(input_ids=local_ids, position_ids=local_pos, use_cache=False).logits
+            logits.square().mean().backward()  # a training step's gradients
+            runs.append([logits.detach().double()] + [p.grad.double()
+                                                      for p in model.parameters()])
+        truth, eager = runs[0], runs[1]
+        for got in runs[2:]:
+            for i, (t, e, g) in enumerate(zip(truth, eager, got)):
+                base = (e - t).abs().max().item()
+                assert (g - t).abs().max().item() <= 4 * base + 1e-6, (positions, i)
+
+
+def test_hugging_face_model_compiled_prefill_and_training() -> None:
+    pytest.importorskip("transformers")
+    spawn(_hf, 2, timeout=900)

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ..api import ring_attention, shard
 from ..comm import Group, group_rank_world
+from ..compiled import compiled_call
 from ..config import check_ulysses
 from ..options import check_schedule
 from .hf_masks import PackingReader, call_options
@@ -99,11 +100,22 @@ class RingAttention:
                              f"ringmem.integrations.hf_cache.RingmemCache (or pass "
                              f"use_cache=False)")
         query, key, value = _one_dtype(query, key, value)
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if (torch.compiler.is_compiling() and attention_mask is None
+                and kwargs.get("cu_seq_lens_q") is None and self.layout != "document"):
+            # one op in the graph: it reads the documents off the position ids itself
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            out, _ = compiled_call(q, k, v, causal=True, group=self.group, layout=self.layout,
+                                   schedule=self.schedule, backend=self.backend,
+                                   softmax_scale=scaling, stats=None, interconnect=None,
+                                   cu_seqlens=None, window=(window, 0), sinks=sinks,
+                                   softcap=softcap, ulysses=self.ulysses, mesh=None,
+                                   grad=grad, position_ids=kwargs.get("position_ids"))
+            return out, None
         cu = self._packing(kwargs, attention_mask, self.group, self.layout)
         if attention_mask is not None:
             self._check_right_padding(attention_mask, kwargs.get("position_ids"))
-        out = ring_attention(query.transpose(1, 2), key.transpose(1, 2),
-                             value.transpose(1, 2), causal=True, group=self.group,
+        out = ring_attention(q, k, v, causal=True, group=self.group,
                              layout=self.layout, schedule=self.schedule, backend=self.backend,
                              ulysses=self.ulysses, softmax_scale=scaling, cu_seqlens=cu,
                              window=(window, 0), sinks=sinks, softcap=softcap)

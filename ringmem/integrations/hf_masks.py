@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..comm import Group
-from ..sharding import unshard
+from ..sharding import packing_of_positions
 
 
 def window_left(sliding_window: object, where: str = "sliding_window") -> int:
@@ -80,18 +80,6 @@ def layer_windows(config: Any) -> list[int]:
     return [left] * n
 
 
-def _packing_of(ids: Tensor) -> list[list[int]] | None:
-    """cu_seqlens per row of global position ids [R, S] (a document starts wherever the
-    position is not the previous one + 1, as transformers reads packed batches), or None
-    when every row is one document."""
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1] + 1
-    if not bool(starts[:, 1:].any()):
-        return None
-    s = ids.shape[1]
-    return [[*row.nonzero().flatten().tolist(), s] for row in starts]
-
-
 class PackingReader:
     """The documents of the current forward, read once (every layer gets the same ids)."""
 
@@ -122,8 +110,6 @@ class PackingReader:
         last = self._last
         if last is not None and last[0] is ids and last[1] == ids._version:
             return last[2]
-        full = unshard(ids.contiguous(), 1, group=group, layout=layout)
-        rows = _packing_of(full.to(torch.int64))
-        packing = None if rows is None else (rows[0] if len(rows) == 1 else rows)
+        packing = packing_of_positions(ids, group=group, layout=layout)
         self._last = (ids, ids._version, packing)
         return packing

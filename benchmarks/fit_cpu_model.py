@@ -45,20 +45,11 @@ def _models(term: str, base: Interconnect, cores: int, shape: dict[str, Any]
     run's `cores` (`KernelModel.on_node`); shape: bwd_ratio and dense_bands."""
     k = KernelModel(flops=BIG, copy_bw=BIG, cores=cores, **shape)
     link = replace(base, bandwidth=BIG, latency=0.0)
-    if term == "1/flops":
-        k = replace(k, flops=1.0)
-    elif term == "launch":
-        k = replace(k, launch=1.0)
-    elif term == "1/bandwidth":
-        link = replace(link, bandwidth=1.0)
-    elif term == "latency":
-        link = replace(link, latency=1.0)
-    elif term == "1/copy_bw":
-        k = replace(k, copy_bw=1.0)
-    elif term == "1/mem_bw":
-        k = replace(k, mem_bw=1.0)
+    field = term.removeprefix("1/")  # a rate at 1 costs 1 a unit, like a cost at 1
+    if field in ("bandwidth", "latency"):
+        link = replace(link, **{field: 1.0})
     else:
-        k = replace(k, **{term: 1.0})
+        k = replace(k, **{field: 1.0})
     return k, link
 
 

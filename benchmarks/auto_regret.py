@@ -204,17 +204,24 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
                          "median_s": med, "iqr_s": iqr, "regret": regret, "time": total,
                          "tie": tie, "auto_measured_s": med["auto"],
                          "predicted_s": row["predicted_s"]})
-    errs = [abs(c["predicted_s"][n] / c["median_s"][n] - 1) for c in per_case
-            for n in c["predicted_s"]]
-    accuracy = {"rows": len(errs), "within_10pct": sum(e <= 0.10 for e in errs),
-                "median_abs_error": _q(errs, 0.5), "p90_abs_error": _q(errs, 0.9)}
     summary = {}
     for pol in POLICIES:
         rs = [c["regret"][pol] for c in per_case]
         summary[pol] = {"median": _q(rs, 0.5), "p90": _q(rs, 0.9), "max": max(rs),
                         "mean": statistics.mean(rs),
                         "total_s": sum(c["time"][pol] for c in per_case)}
-    return {"cases": per_case, "summary": summary, "accuracy": accuracy}
+    return {"cases": per_case, "summary": summary, "accuracy": accuracy(per_case)}
+
+
+def accuracy(cases: list[dict[str, Any]]) -> dict[str, float]:
+    """Every option's predicted vs measured median time: rows within 10%, the median and
+    90th percentile of |error|, the median signed error (+: predicted too slow)."""
+    errs = [c["predicted_s"][n] / c["median_s"][n] - 1 for c in cases
+            for n in c["predicted_s"]]
+    absolute = [abs(e) for e in errs]
+    return {"rows": len(errs), "within_10pct": sum(e <= 0.10 for e in absolute),
+            "median_abs_error": _q(absolute, 0.5), "p90_abs_error": _q(absolute, 0.9),
+            "median_signed_error": _q(errs, 0.5)}
 
 
 def report(res: dict[str, Any], meta: dict[str, Any], out: Path) -> None:

@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from auto_regret import accuracy  # noqa: E402
 
 
 def _rows(run: dict[str, Any]) -> dict[tuple[int, str], float]:
     return {(c["case"]["id"], o): t for c in run["cases"] for o, t in c["median_s"].items()
             if o != "auto"}
-
-
-def accuracy(run: dict[str, Any]) -> dict[str, float]:
-    """The run's predicted vs measured rows: within 10%, median |error| and signed error."""
-    errs = [p / c["median_s"][o] - 1 for c in run["cases"]
-            for o, p in c["predicted_s"].items()]
-    return {"rows": len(errs), "within_10pct": sum(abs(e) <= 0.1 for e in errs),
-            "median_abs_error": statistics.median(abs(e) for e in errs),
-            "median_signed_error": statistics.median(errs)}
 
 
 def agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
@@ -52,7 +45,7 @@ def report(runs: list[dict[str, Any]], names: list[str]) -> tuple[str, dict[str,
     for n, r in zip(names, runs):
         s = r["summary"]
         per_run.append({"run": n, "date": r["meta"]["date"], "commit": r["meta"]["commit"],
-                        "prediction": accuracy(r),
+                        "prediction": accuracy(r["cases"]),
                         "auto": {k: s["auto"][k] for k in ("median", "p90", "total_s")},
                         "best_fixed_total_s": min(v["total_s"] for p, v in s.items()
                                                   if p not in ("auto", "random"))})

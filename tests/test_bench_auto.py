@@ -99,7 +99,7 @@ def test_repeat_report_counts_the_runs_own_reproducibility():
              {0: {"kv": 1.05, "q": 1.0}, 1: {"kv": 1.0, "q": 1.3}})
     b = _run(2, {0: {"kv": 1.05, "q": 2.5}, 1: {"kv": 0.8, "q": 1.0}},
              {0: {"kv": 1.05, "q": 1.0}, 1: {"kv": 1.0, "q": 1.3}})
-    assert rep.accuracy(a)["within_10pct"] == 2  # 1.05 vs 1.0 and 1.0 vs 1.0
+    assert rep.accuracy(a["cases"])["within_10pct"] == 2  # 1.05 vs 1.0 and 1.0 vs 1.0
     g = rep.agreement(a, b)  # +5%, +25%, -20%, 0%
     assert (g["rows"], g["within_10pct"]) == (4, 2)
     assert g["median_abs_change"] == pytest.approx(0.125)

@@ -17,11 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .call import Call, _validate, agreed, backward_core, forward_core
-from .comm import Group
+from .comm import Group, group_rank_world
 from .sharding import packing_of_positions
 
 
@@ -89,8 +88,7 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
     cu = _packing(cu_seqlens, position_ids, group, layout)
     c = _call(q, k, v, sinks, cu, causal, layout, schedule, backend, softmax_scale,
               window, softcap, interconnect)
-    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-    checked = _validate(c, world, True, None)
+    checked = _validate(c, group_rank_world(group)[1], True, None)
     if checked.spec is None:  # the forward raised this already: it cannot get here
         raise checked.error or RuntimeError("ring_attention_backward: no spec")
     dq, dk, dv, ds = backward_core(dout, q, k, v, out, lse, sinks, checked.spec, group, None,

@@ -17,7 +17,6 @@ from `links.Cluster`.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -27,6 +26,7 @@ import torch
 
 from .arguments import check_flag
 from .heads import heads_error, kv_heads
+from .kernel_model import DEFAULT_KERNELS, KernelModel
 from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
 from .masking import Mask, make_mask, pairs
 from .options import RING_SCHEDULES, Option, check_schedule, fetches, moving_side
@@ -35,79 +35,6 @@ from .timeline import Impl, simulate_phase
 
 __all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "KernelModel", "Message", "Plan", "plan",
            "option_name", "parse_option", "ring_hop", "resolve_interconnect"]
-
-
-
-@dataclass(frozen=True)
-class KernelModel:
-    """Time of one block-attention launch: launch + FLOPs / (flops * efficiency) + pairs x
-    heads x pair_s (the softmax's per-score work, whatever the head size) + bytes read /
-    mem_bw (what a one-row decode block is bound by); a backward block costs bwd_ratio
-    times its forward. A block of n = min(rows, keys) reaches n / (n + half) of the peak
-    rate (a fused kernel's tiles and pipeline fill make small blocks slower: why splitting
-    the work hurts). dense_bands: a banded piece (a window, not the plain causal triangle)
-    costs every rows x keys score (the CPU op takes the band as an explicit bias)."""
-    flops: float
-    launch: float = 0.0
-    half: float = 0.0
-    copy_bw: float = math.inf  # bytes/s of a local copy (the all-to-all's packing)
-    step_s: float = 0.0  # host seconds per ring step on every rank (`timeline.BlockTimes`)
-    call_s: float = 0.0  # host seconds per call (checks, the cross-rank agreement)
-    cores: int = 0  # cores the ranks of one node share, one thread each (0: a device each)
-    pair_s: float = 0.0
-    mem_bw: float = math.inf
-    bwd_ratio: float = 2.5
-    dense_bands: bool = False
-
-    def on_node(self, ranks: int) -> KernelModel:
-        """This model for `ranks` ranks of one node sharing its `cores`: more ranks than
-        cores run in turns, so every rank's compute and host work slow by ranks / cores
-        (on 2 cores, 4 gloo ranks each compute at half a core's rate)."""
-        share = ranks / self.cores if self.cores else 1.0
-        if share <= 1.0:
-            return self
-        return replace(self, flops=self.flops / share, launch=self.launch * share,
-                       copy_bw=self.copy_bw / share, step_s=self.step_s * share,
-                       pair_s=self.pair_s * share, mem_bw=self.mem_bw / share, cores=0)
-
-    def time(self, rows: int, keys: int, pairs: float, heads: int, dim: int, batch: float,
-             backward: bool, kv_heads: int = 0, itemsize: int = 2) -> float:
-        work = pairs * heads * batch * (self.bwd_ratio if backward else 1.0)
-        n = min(rows, keys)
-        t = self.launch + 4 * work * dim / (self.flops * (n / (n + self.half)
-                                                          if self.half else 1.0))
-        t += work * self.pair_s
-        if self.mem_bw != math.inf:  # q, out, k, v once each
-            read = (2 * rows * heads + 2 * keys * (kv_heads or heads)) * dim * batch
-            t += read * itemsize * (self.bwd_ratio if backward else 1.0) / self.mem_bw
-        return t
-
-    def block_s(self, rows: int, keys: int, pairs: float, heads: int, batch: int, d: int,
-                phase: str, kv_heads: int = 0, itemsize: int = 2) -> float:
-        """`time` as `timeline.BlockTimes` asks for it (an empty piece: no launch)."""
-        if pairs <= 0 or rows <= 0 or keys <= 0:
-            return 0.0
-        return self.time(rows, keys, pairs, heads, d, batch, phase == "bwd", kv_heads,
-                         itemsize)
-
-    def epilogue_s(self, elems: float, per_elem: float) -> float:
-        """A memory-bound pass (the loop's merges and sums) at the local copy rate."""
-        return elems * per_elem / self.copy_bw
-
-
-# by device type, used when none is given: H100-class flash attention (half speed at
-# 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
-# machines (the ranks of a node share its cores: `on_node`), fitted with the "loopback"
-# link by benchmarks/fit_cpu_model.py on the development run
-# benchmarks/results/auto_regret_dev.json (seed 0) and judged on another seed
-# (benchmarks/results/auto_regret.md): 72.5 GFLOP/s, 1.4 ns per score (softmax),
-# 3.9 GB/s reading a block's inputs, 0.24 ms a launch, backward 1.5 x forward, windows as
-# a dense bias, copies at 2.1 GB/s, 0.14 ms of host work per ring step, none per call
-DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(72.5e9, 0.24e-3, 0.0, 2.1e9, step_s=0.14e-3,
-                                      pair_s=1.4e-9, mem_bw=3.9e9, bwd_ratio=1.5,
-                                      dense_bands=True)}
-DEFAULT_FLOPS = {k: m.flops for k, m in DEFAULT_KERNELS.items()}
 
 
 class Message(NamedTuple):

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 class BlockTimes(Protocol):
     """Seconds of one block launch and of one memory-bound pass (`sim.kernel.Profile`,
-    `plan.KernelModel`), and the host's own: `step_s` per ring step on every rank (the
+    `kernel_model.KernelModel`), and the host's own: `step_s` per ring step on every rank (the
     loop's Python, posting its transfers), `call_s` once per call (argument checks, the
     cross-rank agreement)."""
     step_s: float

@@ -70,11 +70,12 @@ class KernelModel:
 # 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
 # machines (the ranks of a node share its cores: `on_node`), fitted with the "loopback"
 # link by benchmarks/fit_cpu_model.py on the development run
-# benchmarks/results/auto_regret_dev.json (seed 0) and judged on another seed
-# (benchmarks/results/auto_regret.md): 72.5 GFLOP/s, 1.4 ns per score (softmax),
-# 3.9 GB/s reading a block's inputs, 0.24 ms a launch, backward 1.5 x forward, windows as
-# a dense bias, copies at 2.1 GB/s, 0.14 ms of host work per ring step, none per call
+# benchmarks/results/auto_regret_dev.json (seed 0; the fit: results/cpu_model_fit.json)
+# and judged on another seed (benchmarks/validation_sets.md): 82.8 GFLOP/s, 1.42 ns per
+# score (softmax), 4.0 GB/s reading a block's inputs, 0.20 ms a launch, backward 1.75 x
+# forward, windows as a dense bias, copies at 2.07 GB/s, 0.22 ms of host work per ring
+# step, none per call
 DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(72.5e9, 0.24e-3, 0.0, 2.1e9, step_s=0.14e-3,
-                                      pair_s=1.4e-9, mem_bw=3.9e9, bwd_ratio=1.5,
+                   "cpu": KernelModel(82.8e9, 0.20e-3, 0.0, 2.07e9, step_s=0.22e-3,
+                                      pair_s=1.42e-9, mem_bw=4.0e9, bwd_ratio=1.75,
                                       dense_bands=True)}

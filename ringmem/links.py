@@ -53,10 +53,10 @@ INTERCONNECTS = {
     # InfiniBand NDR, one 400 Gb/s NIC per GPU: ~45 GB/s per direction reached
     "ib": Interconnect(name="ib", topology="switch", bandwidth=45e9, latency=5e-6),
     # gloo between processes on one CPU host, fitted with the CPU kernel model
-    # (`kernel_model.DEFAULT_KERNELS`): 2.7 GB/s and 1.15 ms a message: mostly the wait for a peer
-    # process that shares a core
-    "loopback": Interconnect(name="loopback", topology="bus", bandwidth=2.7e9,
-                             latency=1.15e-3, overlap=False),
+    # (`kernel_model.DEFAULT_KERNELS`): 2.72 GB/s and 1.14 ms a message: mostly the wait for
+    # a peer process that shares a core
+    "loopback": Interconnect(name="loopback", topology="bus", bandwidth=2.72e9,
+                             latency=1.14e-3, overlap=False),
 }
 
 

@@ -107,8 +107,9 @@ def _no_breaks_one_compile_per_shape(rank: int, world: int) -> None:
     dist.barrier()
 
 
-def test_no_graph_break_and_one_compile_per_shape() -> None:
-    spawn(_no_breaks_one_compile_per_shape, 2, timeout=600)
+@pytest.mark.parametrize("world", [2, 3])
+def test_no_graph_break_and_one_compile_per_shape(world: int) -> None:
+    spawn(_no_breaks_one_compile_per_shape, world, timeout=600)
 
 
 def test_what_the_op_cannot_carry_is_refused_by_name() -> None:
@@ -170,6 +171,7 @@ def _hf(rank: int, world: int) -> None:
                 assert (g - t).abs().max().item() <= 4 * base + 1e-6, (positions, i)
 
 
-def test_hugging_face_model_compiled_prefill_and_training() -> None:
+@pytest.mark.parametrize("world", [2, 3])
+def test_hugging_face_model_compiled_prefill_and_training(world: int) -> None:
     pytest.importorskip("transformers")
-    spawn(_hf, 2, timeout=900)
+    spawn(_hf, world, timeout=900)

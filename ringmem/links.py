@@ -15,11 +15,16 @@ intra-node link, messages between nodes the inter-node one (a `switch` of NIC po
 `duplex=False`: both directions of a link share one channel (a half-duplex PCIe path
 through a shared bridge), so TokenRing's two directions contend. Contention: messages of
 one group posted together that load the same link share it (`time`: when the whole group
-has arrived; `durations`: when each message has).
+has arrived; `durations`: when each message has). Messages are tensors of ranks and bytes
+(`Cluster.edges` lists every link each loads), so a step of a 1024-rank ring is a few
+tensor operations, and many groups go at once (`durations_of(group=...)`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 TOPOLOGIES = ("mesh", "switch", "ring", "bus")
 
@@ -98,63 +103,119 @@ class Cluster:
     def node(self, rank: int) -> int:
         return rank // self.per_node if self.per_node else 0
 
-    def path(self, src: int, dst: int) -> tuple[Interconnect, list]:
-        """(the link type, the links a message src -> dst loads)."""
-        inter = self.node(src) != self.node(dst)
-        ic = self.inter if inter else self.intra
-        assert ic is not None
-        two = (lambda a, b: (a, b)) if self.duplex else (lambda a, b: (min(a, b), max(a, b)))
-        if ic.topology == "bus":
-            keys: list = ["bus"]
-        elif ic.topology == "mesh":
-            keys = [two(src, dst)]
-        elif ic.topology == "switch":
-            keys = [("out", src), ("in", dst)] if self.duplex else [("port", src),
-                                                                     ("port", dst)]
-        else:  # a ring inside a node (or over the world): the shorter way, hop by hop
-            n = (0 if inter else self.per_node) or self.world
-            base, a, z = (src // n) * n, src % n, dst % n
-            step = 1 if (z - a) % n <= n - (z - a) % n else -1
-            keys, x = [], a
-            while x != z:
-                keys.append(two(base + x, base + (x + step) % n))
-                x = (x + step) % n
-        return ic, [(inter, k) for k in keys]
+    def edges(self, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The links messages src -> dst load (int64 tensors of ranks), all at once:
+        (message index, link key) per loaded link, and each message's bandwidth and
+        latency. A message to itself loads nothing."""
+        w = self.world
+        m = torch.arange(len(src))
+        inter = ((src // self.per_node) != (dst // self.per_node) if self.per_node
+                 else torch.zeros(len(src), dtype=torch.bool))
+        bw = torch.empty(len(src), dtype=torch.float64)
+        lat = torch.empty(len(src), dtype=torch.float64)
+        idx, keys = [], []
+        for flag, ic in ((False, self.intra), (True, self.inter)):
+            sel = (inter == flag) & (src != dst)
+            if ic is None or not bool(sel.any()):
+                continue
+            bw[inter == flag], lat[inter == flag] = ic.bandwidth, ic.latency
+            i, a, z = m[sel], src[sel], dst[sel]
+            code = lambda kind, x, y, f=int(flag): ((f * 4 + kind) * w + x) * w + y  # noqa: E731
+            two = (lambda x, y: (x, y)) if self.duplex else (  # noqa: E731
+                lambda x, y: (torch.minimum(x, y), torch.maximum(x, y)))
+            if ic.topology == "bus":
+                idx.append(i)
+                keys.append(code(0, 0, 0) + 0 * i)
+            elif ic.topology == "mesh":
+                idx.append(i)
+                keys.append(code(1, *two(a, z)))
+            elif ic.topology == "switch":  # egress and ingress ports (one port: half duplex)
+                idx += [i, i]
+                keys += [code(2, a, 0), code(2 if not self.duplex else 3, z, 0)]
+            else:  # a ring inside a node (or over the world): the shorter way, hop by hop
+                n = (0 if flag else self.per_node) or w
+                base, x0, fwd = (a // n) * n, a % n, (z - a) % n
+                step = torch.where(fwd <= n - fwd, 1, -1)
+                hops = torch.where(step > 0, fwd, n - fwd)
+                rep = lambda t, h=hops: t.repeat_interleave(h)  # noqa: E731
+                first = torch.cumsum(hops, 0) - hops
+                k = torch.arange(int(hops.sum())) - rep(first)
+                x = (rep(x0) + rep(step) * k) % n
+                y = (x + rep(step)) % n
+                idx.append(rep(i))
+                keys.append(code(1, *two(rep(base) + x, rep(base) + y)))
+        if not idx:
+            return (torch.zeros(0, dtype=torch.long),) * 2 + (bw, lat)
+        return torch.cat(idx), torch.cat(keys), bw, lat
+
+    def durations_of(self, src: Tensor, dst: Tensor, nbytes: Tensor,
+                     group: Tensor | None = None) -> Tensor:
+        """Seconds from posting to arrival of each message of a group posted together
+        (tensors): a message is done when the most loaded link on its path has drained
+        (links shared fairly), so a small message beside a big one on other links is not
+        held back. group: a group per message (ints >= 0), for several groups at once,
+        each sharing links only within itself."""
+        live = (nbytes > 0) & (src != dst)
+        out = torch.zeros(len(src), dtype=torch.float64)
+        if not bool(live.any()):
+            return out
+        i, k, bw, lat = self.edges(src[live], dst[live])
+        if group is not None:  # a link of another group is another link
+            k = k * (int(group.max()) + 1) + group[live][i]
+        _, at = torch.unique(k, return_inverse=True)
+        on = torch.zeros(len(k), dtype=torch.int64).index_add_(0, at, nbytes[live][i])[at]
+        most = torch.zeros(len(bw), dtype=torch.int64).scatter_reduce(0, i, on, "amax")
+        out[live] = lat + most.double() / bw
+        return out
+
+    def queued_durations(self, src: Tensor, dst: Tensor, nbytes: Tensor, order: Tensor
+                         ) -> Tensor:
+        """`durations_of` for messages posted at once whose bytes queue by `order` (ints
+        >= 0): a message's links carry every message of an equal or lower order (an
+        all-gather's fetches: step s's data behind the earlier steps')."""
+        live = (nbytes > 0) & (src != dst)
+        out = torch.zeros(len(src), dtype=torch.float64)
+        if not bool(live.any()):
+            return out
+        i, k, bw, lat = self.edges(src[live], dst[live])
+        o = order[live][i]
+        span = int(o.max()) + 1
+        uniq, at = torch.unique(k * span + o, return_inverse=True)  # (link, order), sorted
+        sums = torch.zeros(len(uniq), dtype=torch.int64).index_add_(0, at, nbytes[live][i])
+        total = torch.cumsum(sums, 0)
+        _, seg, counts = torch.unique_consecutive(uniq // span, return_inverse=True,
+                                                  return_counts=True)
+        first = torch.cumsum(counts, 0) - counts  # each link's first (link, order)
+        cum = total - (total - sums)[first][seg]  # bytes on the link up to that order
+        most = torch.zeros(len(bw), dtype=torch.int64).scatter_reduce(0, i, cum[at], "amax")
+        out[live] = lat + most.double() / bw
+        return out
+
+    def time_of(self, src: Tensor, dst: Tensor, nbytes: Tensor) -> float:
+        """Seconds for messages (tensors) posted together to all arrive: the most loaded
+        link's bytes / bandwidth + that link's latency (no bytes: 0)."""
+        live = (nbytes > 0) & (src != dst)
+        if not bool(live.any()):
+            return 0.0
+        i, k, _, _ = self.edges(src[live], dst[live])
+        keys, at = torch.unique(k, return_inverse=True)
+        load = torch.zeros(len(keys), dtype=torch.int64).index_add_(0, at, nbytes[live][i])
+        inter = (keys // (4 * self.world * self.world) > 0).long()  # `edges`' key layout
+        ics = (self.intra, self.inter or self.intra)
+        bw = torch.tensor([ic.bandwidth for ic in ics], dtype=torch.float64)[inter]
+        lat = torch.tensor([ic.latency for ic in ics], dtype=torch.float64)[inter]
+        return float((load.double() / bw + lat).max())
 
     def time(self, msgs: list[tuple[int, int, int]]) -> float:
         """Seconds for messages (src, dst, bytes) posted together to all arrive: the most
         loaded link's bytes / bandwidth + that link's latency."""
-        return self.time_of(self.load(msgs))
+        return self.time_of(*_columns(msgs))
 
     def durations(self, msgs: list[tuple[int, int, int]]) -> list[float]:
-        """Seconds from posting to arrival of each message of a group posted together: a
-        message is done when the most loaded link on its path has drained (links shared
-        fairly), so a small message beside a big one on other links is not held back."""
-        return self.arrivals(msgs, self.load(msgs))
+        """`durations_of` for a list of messages (src, dst, bytes)."""
+        return self.durations_of(*_columns(msgs)).tolist()
 
-    def arrivals(self, msgs: list[tuple[int, int, int]], load: dict) -> list[float]:
-        """`durations` of `msgs` on links loaded by `load` (which holds them, and may hold
-        messages posted with them earlier: a running load)."""
-        out = []
-        for s, d, b in msgs:
-            if b <= 0 or s == d:
-                out.append(0.0)
-                continue
-            ic, keys = self.path(s, d)
-            out.append(ic.latency + max(load[k][0] for k in keys) / ic.bandwidth)
-        return out
 
-    def load(self, msgs: list[tuple[int, int, int]], into: dict | None = None) -> dict:
-        """Bytes per link of `msgs`, added to `into` (a running load) when given."""
-        load: dict = {} if into is None else into
-        for s, d, b in msgs:
-            if b <= 0 or s == d:
-                continue
-            ic, keys = self.path(s, d)
-            for k in keys:
-                load[k] = (load.get(k, (0, ic))[0] + b, ic)
-        return load
-
-    @staticmethod
-    def time_of(load: dict) -> float:
-        return max((b / ic.bandwidth + ic.latency for b, ic in load.values()), default=0.0)
+def _columns(msgs: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    t = torch.tensor(msgs, dtype=torch.int64).reshape(-1, 3)
+    return t[:, 0], t[:, 1], t[:, 2]

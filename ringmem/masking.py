@@ -255,16 +255,20 @@ def key_runs(q_pos: Tensor, k_pos: Tensor, mask: Mask,
 _BY_ORDER = ("contiguous", "zigzag", "stripe")  # layouts whose causal blocks go by rank order
 
 
+def by_rank_order(layout: str, world: int, q_len: int, kv_len: int, mask: Mask) -> bool:
+    """Whether a block's pieces depend only on whether the query rank is before, at or
+    after the key rank (a plain mask over these layouts; tests/test_masks.py checks every
+    pair), so a ring of any size computes three distinct blocks."""
+    return mask.plain and layout in _BY_ORDER and world > 1 and q_len == kv_len
+
+
 def block_pieces(layout: str, world: int, q_rank: int, q_len: int, kv_rank: int,
                  kv_len: int, mask: Mask | bool, fold: int = 1) -> tuple[Piece, ...]:
     """Pieces for the query block of `q_rank` against the key block of `kv_rank` (ranks of
     `world` that each hold `fold` layout shards, see `layouts.positions`)."""
     if isinstance(mask, bool):
         mask = Mask(causal=mask)
-    if mask.plain and layout in _BY_ORDER and world > 1 and q_len == kv_len:
-        # a plain causal block of these layouts depends only on whether the query rank is
-        # before, at or after the key rank (tests/test_masks.py checks every pair), so a
-        # ring of any size computes three blocks
+    if by_rank_order(layout, world, q_len, kv_len, mask):
         q_rank, kv_rank = ((1, 0) if q_rank > kv_rank else (0, 0) if q_rank == kv_rank
                            else (0, 1))
     return _block_pieces(layout, world, q_rank, q_len, kv_rank, kv_len, mask, fold)

@@ -14,12 +14,16 @@ the compute (GPU copy engines / NCCL), after them when they do not (gloo on the 
 that also compute); all-gather fetches are posted together and each step waits for its
 own; the all-to-alls are not overlapped. Block costs from a `KernelModel`, link times
 from `links.Cluster`.
+
+Scale: routing (`routes`) and timing (`timeline`) run on tensors over all ranks and steps,
+with blocks in a few classes (`routing.block_classes`), so every option for 1024 ranks
+plans in seconds (`benchmarks/plan_scale.py`); an estimate's lists are built when read.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 import torch
@@ -28,9 +32,10 @@ from .arguments import check_flag
 from .heads import heads_error, kv_heads
 from .kernel_model import DEFAULT_KERNELS, KernelModel
 from .links import INTERCONNECTS, Cluster, Interconnect, resolve_interconnect
-from .masking import Mask, make_mask, pairs
+from .masking import Mask, make_mask
 from .options import RING_SCHEDULES, Option, check_schedule, fetches, moving_side
-from .routing import Geometry, best_hop, held, split_rows, step_block, used
+from .routes import Routes, a2a_sizes, route
+from .routing import Geometry, best_hop
 from .timeline import Impl, simulate_phase
 
 __all__ = ["INTERCONNECTS", "Interconnect", "Estimate", "KernelModel", "Message", "Plan", "plan",
@@ -66,49 +71,64 @@ def ring_hop(layout: str, ring_world: int, q_len: int, kv_len: int, mask: Mask,
     return best_hop(layout, ring_world, q_len, kv_len, mask, moving_side(schedule), fold)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Estimate:
-    """One option's prediction. steps[phase][rank][step] = (bytes sent, bytes received) in
-    the ring loop; a2a[phase][rank] the same for the all-to-alls (zero without Ulysses);
-    messages[phase] every transfer; pairs[rank][step] = (query, key) pairs that rank computes
-    at that step, over the batch (the same in both phases); work[rank][step] its pieces as
-    (rows, keys, pairs per batch row: a piece of one row counts its share); heads = (query
-    heads, most K/V heads) per rank."""
+    """One option's prediction: its time and, from its routing (`routes.Routes`, tensors),
+    these views as lists (built when first read): steps[phase][rank][step] = (bytes sent,
+    bytes received) in the ring loop; a2a[phase][rank] the same for the all-to-alls (zero
+    without Ulysses); messages[phase] every transfer; pairs[rank][step] = (query, key)
+    pairs that rank computes at that step, over the batch (the same in both phases);
+    work[rank][step] its pieces as (rows, keys, pairs per batch row: a piece of one row
+    counts its share); halves[rank] the own block's work split at its middle row (the
+    loop's split when results return: the second half hides the last return); heads =
+    (query heads, most K/V heads) per rank."""
     schedule: str
-    steps: dict[str, list[list[tuple[int, int]]]]
     time_s: float
     comm_s: float
     compute_s: float
-    pairs: list[list[int]] = field(default_factory=list)
+    routes: Routes
     ulysses: int = 1
     ring: str = "kv"
-    a2a: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    messages: dict[str, list[Message]] = field(default_factory=dict)
-    work: list[list[tuple[tuple[int, int, int], ...]]] = field(default_factory=list)
     heads: tuple[int, int] = (0, 0)
     batch: int = 1
     head_dim: int = 0
     buffer_bytes: int = 0  # received inputs alive at once on the busiest rank, any phase
-    # [rank]: the own block's work split at its middle row (the loop's split when results
-    # return: the second half hides the last return)
-    halves: list[tuple[tuple[tuple[int, int, float], ...], ...]] = field(default_factory=list)
 
     def copy(self) -> Estimate:
-        """A copy whose lists and dicts a caller may edit without touching the cached
-        estimate (every leaf is a number or a tuple, so only the containers are copied)."""
-        return replace(self,
-                       steps={ph: [list(r) for r in ranks] for ph, ranks in self.steps.items()},
-                       pairs=[list(r) for r in self.pairs],
-                       a2a={ph: list(v) for ph, v in self.a2a.items()},
-                       messages={ph: list(v) for ph, v in self.messages.items()},
-                       work=[list(r) for r in self.work], halves=list(self.halves))
+        """A fresh estimate whose list views a caller may edit without touching the cached
+        one (the views are built per instance; the routing tensors are only read)."""
+        return replace(self)
+
+    @cached_property
+    def steps(self) -> dict[str, list[list[tuple[int, int]]]]:
+        return {ph: [[(a, b) for a, b in rank] for rank in t.tolist()]
+                for ph, t in self.routes.steps.items()}
+
+    @cached_property
+    def a2a(self) -> dict[str, list[tuple[int, int]]]:
+        return {ph: [(a, b) for a, b in t.tolist()] for ph, t in self.routes.a2a.items()}
+
+    @cached_property
+    def messages(self) -> dict[str, list[Message]]:
+        return {ph: [Message(*m) for m in t.tuples()]
+                for ph, t in self.routes.messages.items()}
+
+    @cached_property
+    def pairs(self) -> list[list[int]]:
+        return self.routes.pairs.tolist()
+
+    @cached_property
+    def work(self) -> list[list[tuple[tuple[int, int, float], ...]]]:
+        return self.routes.work.lists()
+
+    @cached_property
+    def halves(self) -> list[tuple[tuple[tuple[int, int, float], ...], ...]]:
+        return list(self.routes.work.halves)
 
     def bytes(self, phase: str | None = None) -> int:
         """Total bytes sent by all ranks (in `phase`, or both), all-to-alls included."""
-        ring = sum(s for ph, ranks in self.steps.items() if phase in (None, ph)
-                   for per in ranks for s, _ in per)
-        return ring + sum(s for ph, ranks in self.a2a.items() if phase in (None, ph)
-                          for s, _ in ranks)
+        return sum(int(t[..., 0].sum()) for d in (self.routes.steps, self.routes.a2a)
+                   for ph, t in d.items() if phase in (None, ph))
 
 
 @dataclass
@@ -125,32 +145,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def _piece_pairs(pieces, batch: int) -> float:
-    """(query, key) pairs computed, averaged over the batch rows (a piece may cover one)."""
-    return sum(pairs(p) * ((p.b.stop - p.b.start) / batch if p.b is not None else 1)
-               for p in pieces)
-
-
-def _a2a(u: int, ring_world: int, phase: str, sizes: dict, kvn: list[int]
-         ) -> tuple[list[Message], list[Message]]:
-    """Messages of the all-to-alls before (step -1) and after (step ring_world) the loop.
-    sizes: bytes per (rank pair) of the query-side tensors in and out, and per K/V head."""
-    before, after = [], []
-    for j in range(ring_world):
-        for i in range(u):
-            for i2 in range(u):
-                if i == i2:
-                    continue
-                a, z = j * u + i, j * u + i2
-                kv_in = sizes["kv_in"] * kvn[i2]   # K/V heads that i2 computes, to i2
-                before.append(Message(-1, "a2a", a, z, sizes["q_in"] + kv_in))
-                # results of i2's heads for i's rows go back to i
-                kv_out = sizes["kv_out"] * kvn[i2]
-                after.append(Message(ring_world, "a2a", z, a, sizes["q_out"] + kv_out))
-    return before, after
-
-
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=256)
 def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tuple,
               itemsize: int, acc_size: int, mask: Mask, backward: bool, cluster: Cluster,
               kernel: KernelModel, return_lse: bool) -> Estimate:
@@ -171,64 +166,18 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
                ("kv", "fwd"): [0] * u,
                ("kv", "bwd"): [2 * b * n * d * acc_size for n in kvn]}   # dk, dv
     phases = ("fwd", "bwd") if backward else ("fwd",)
-    ln = lambda span: 0 if span is None else span[1] - span[0]  # noqa: E731
-    fetch = geo.fetch
-    blocks = [[step_block(geo, j, s)[2] for s in range(r)] for j in range(r)]
-    ring_pairs = [[_piece_pairs(blocks[j][s], b) for s in range(r)] for j in range(r)]
-    steps, a2a, messages, copies_s = {}, {}, {}, {}
-    buffers = 0
-    for phase in phases:
-        per_rank = [[(0, 0)] * r for _ in range(world)]
-        rrow = ret_row[(moving, phase)]
-        msgs: list[Message] = []
-        for s in range(r):
-            for j in range(r):
-                for i in range(u):
-                    p, row = j * u + i, q_row[phase] if moving == "q" else kv_row[i]
-                    sent = recv = 0
-                    # a fetch (for step s, straight from the owner) or a move (for s+1)
-                    nxt = s if fetch else s + 1
-                    if 0 < nxt < r:
-                        own, to = (j, geo.holder(j, s)) if fetch else (geo.owner(j, s),
-                                                                      geo.holder(j, 1))
-                        out_b = ln(held(geo, own, nxt)) * row
-                        sent += out_b
-                        recv += ln(held(geo, geo.owner(j, nxt), nxt)) * row
-                        msgs.append(Message(s, "fetch" if fetch else "move", p, to * u + i,
-                                            out_b))
-                    if s > 0 and rrow[i]:
-                        out_b = ln(used(geo, j, s)) * rrow[i]
-                        sent += out_b
-                        recv += ln(used(geo, geo.holder(j, s), s)) * rrow[i]
-                        msgs.append(Message(s, "ret", p, geo.owner(j, s) * u + i, out_b))
-                    per_rank[p][s] = (sent, recv)
-        sizes = _a2a_sizes(phase, b, sq, skv, hl, d, itemsize, acc_size, return_lse)
-        pre, post = _a2a(u, r, phase, sizes, kvn) if u > 1 else ([], [])
-        totals = [[0, 0] for _ in range(world)]
-        for m in pre + post:
-            totals[m.src][0] += m.nbytes
-            totals[m.dst][1] += m.nbytes
-        a2a[phase] = [tuple(t) for t in totals]
-        # each tensor through an all-to-all is copied ~3 times on its rank (packed, joined,
-        # put in position order); the busiest rank's copies add to the exchange
-        copies = sum(sizes["q_in"] + sizes["q_out"] + (sizes["kv_in"] + sizes["kv_out"]) * n
-                     for n in kvn) if u > 1 else 0
-        copies_s[phase] = 3 * copies / kernel.copy_bw
-        steps[phase], messages[phase] = per_rank, pre + msgs + post
-        buffers = max(buffers, _buffers(msgs, pre, world, r))
-    ranks = [(j, i) for j in range(r) for i in range(u)]
-    # a piece over some batch rows only counts its share of the pairs per batch row
-    dense = getattr(kernel, "dense_bands", False)
-    work_of = lambda pieces: tuple(  # noqa: E731
-        (p.q.stop - p.q.start, p.k.stop - p.k.start,
-         _cost_pairs(p, dense) * ((p.b.stop - p.b.start) / b if p.b is not None else 1))
-        for p in pieces)
-    work = [[work_of(blocks[j][s]) for s in range(r)] for j, _ in ranks]
-    halves = [tuple(work_of(h) for h in split_rows(blocks[j][0], geo.q_lens[j] // 2))
-              for j, _ in ranks]
-    est = Estimate(name, steps, 0.0, 0.0, 0.0,
-                   [[round(w * b) for w in ring_pairs[j]] for j, _ in ranks], u, schedule,
-                   a2a, messages, work, (hl, max(kvn)), b, d, buffers, halves)
+    rows = {ph: ([q_row[ph]] * u if moving == "q" else kv_row, ret_row[(moving, ph)])
+            for ph in phases}
+    sizes = {ph: a2a_sizes(ph, b, sq, skv, hl, d, itemsize, acc_size, return_lse)
+             for ph in phases}
+    routes = route(geo, u, phases, rows, sizes, kvn, b, getattr(kernel, "dense_bands", False))
+    # each tensor through an all-to-all is copied ~3 times on its rank (packed, joined,
+    # put in position order); the busiest rank's copies add to the exchange
+    copies_s = {ph: 3 * sum(z["q_in"] + z["q_out"] + (z["kv_in"] + z["kv_out"]) * n
+                            for n in kvn) / kernel.copy_bw if u > 1 else 0.0
+                for ph, z in sizes.items()}
+    est = Estimate(name, 0.0, 0.0, 0.0, routes, u, schedule, (hl, max(kvn)), b, d,
+                   routes.buffers)
     # the loop's merges and sums are not in plan()'s model until measured per backend;
     # the simulator passes them (`Impl.ringmem`)
     impl = Impl("none", 0.0, 0.0)
@@ -240,43 +189,6 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
         comm_s += res.links_s + copies_s[phase]
         compute_s += res.compute_s
     return replace(est, time_s=time_s, comm_s=comm_s, compute_s=compute_s)
-
-
-def _cost_pairs(p, dense: bool) -> int:
-    """The scores a backend computes for a piece: its pairs, or every rows x keys where a
-    band (not the plain causal triangle) runs as a dense bias (`KernelModel.dense_bands`)."""
-    if dense and p.band != (None, None) and not p.causal:
-        return (p.q.stop - p.q.start) * (p.k.stop - p.k.start)
-    return pairs(p)
-
-
-def _buffers(msgs: list[Message], pre: list[Message], world: int, r: int) -> int:
-    """Received inputs alive at once on the busiest rank: every fetch (all-gather) or two
-    consecutive moves (the one in use and the next), plus the all-to-all's head split."""
-    got = [[0] * (r + 1) for _ in range(world)]
-    fetch = [0] * world
-    for m in msgs:
-        if m.channel == "move":
-            got[m.dst][m.step] += m.nbytes
-        elif m.channel == "fetch":
-            fetch[m.dst] += m.nbytes
-    split = [0] * world
-    for m in pre:
-        split[m.dst] += m.nbytes
-    return max(fetch[p] + split[p] + max(a + z for a, z in zip(got[p], got[p][1:]))
-               for p in range(world))
-
-
-def _a2a_sizes(phase: str, b: int, sq: int, skv: int, hl: int, d: int, itemsize: int,
-               acc: int, return_lse: bool) -> dict:
-    """Bytes per rank pair of the all-to-alls: the query side's tensors (q in, out back;
-    backward: dout in, dq back) and K/V per head (k, v in; backward: dk, dv back)."""
-    q = b * sq * hl * d * itemsize
-    if phase == "fwd":
-        lse = b * hl * sq * acc if return_lse else 0
-        return {"q_in": q, "q_out": q + lse, "kv_in": 2 * b * skv * d * itemsize,
-                "kv_out": 0}
-    return {"q_in": q, "q_out": q, "kv_in": 0, "kv_out": 2 * b * skv * d * itemsize}
 
 
 def _degrees(ulysses: object, world: int, hq: int) -> tuple[int, ...]:

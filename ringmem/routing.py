@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .masking import Mask, Piece, block_pieces
+import torch
+from torch import Tensor
+
+from .layouts import positions
+from .masking import Mask, Piece, block_pieces, by_rank_order
 
 Span = tuple[int, int]  # [lo, hi) of rows or keys
 
@@ -128,8 +132,109 @@ def _later_use(geo: Geometry, owner: int) -> tuple[Span | None, ...]:
 
 def last_step(geo: Geometry) -> int:
     """The last step at which any rank computes (later steps are empty everywhere)."""
-    return max((s for s in range(geo.world) for r in range(geo.world)
-                if step_block(geo, r, s)[2]), default=0)
+    ids, classes = block_classes(geo)
+    busy = torch.tensor([bool(c) for c in classes])[ids].any(0)
+    return int(torch.nonzero(busy).max()) if bool(busy.any()) else 0
+
+
+@lru_cache(maxsize=64)
+def block_classes(geo: Geometry) -> tuple[Tensor, list[tuple[Piece, ...]]]:
+    """(class [rank, step] of the block each ring rank computes at each step, each class's
+    pieces), for every rank and step at once. Under a plain mask of a rank-ordered layout a
+    block depends only on whether its query rank is before, at or after its key rank
+    (three classes); under a causal or windowed mask (any translation-invariant one) only
+    on how the two ranks' runs of consecutive positions lie relative to each other
+    (`_relative_keys`); documents are classified block by block."""
+    r = geo.world
+    j = torch.arange(r).unsqueeze(1).expand(r, r)
+    m = (j + geo.hop * torch.arange(r)) % r
+    qo, ko = (j, m) if geo.moving == "kv" else (m, j)
+    ql, kl = geo.q_lens[0], geo.kv_lens[0]
+    uniform = len(set(geo.q_lens)) == 1 and len(set(geo.kv_lens)) == 1
+    pieces = lambda a, b: block_pieces(geo.layout, r, a, geo.q_lens[a], b,  # noqa: E731
+                                       geo.kv_lens[b], geo.mask, geo.fold)
+    if uniform and geo.mask.plain and not geo.mask.causal:  # every block whole
+        return torch.zeros(r, r, dtype=torch.int64), [pieces(0, 0)]
+    if uniform and by_rank_order(geo.layout, r, ql, kl, geo.mask):
+        reps = ((0, 1), (0, 0), (1, 0))  # query rank before, at, after the key rank
+        return torch.sign(qo - ko) + 1, [pieces(a, b) for a, b in reps]
+    keys = _relative_keys(geo, qo, ko) if uniform and geo.mask.docs is None else None
+    if keys is not None:
+        ids = _row_ids(keys.reshape(r * r, -1))
+        first = torch.full((int(ids.max()) + 1,), r * r, dtype=torch.int64).scatter_reduce(
+            0, ids, torch.arange(r * r), "amin")  # one block of each class
+        return ids.reshape(r, r), [pieces(int(qo.flatten()[f]), int(ko.flatten()[f]))
+                                   for f in first.tolist()]
+    index: dict[tuple, int] = {}
+    found: list[tuple[Piece, ...]] = []
+    ids_l = []
+    for a, b in zip(qo.flatten().tolist(), ko.flatten().tolist()):
+        pcs = pieces(a, b)
+        key = tuple(_piece_key(pc) for pc in pcs)  # slices do not hash
+        if key not in index:
+            index[key] = len(found)
+            found.append(pcs)
+        ids_l.append(index[key])
+    return torch.tensor(ids_l).reshape(r, r), found
+
+
+_RUNS = 8  # most runs of consecutive positions per rank classified by their offsets
+
+
+def _relative_keys(geo: Geometry, qo: Tensor, ko: Tensor) -> Tensor | None:
+    """A key per block such that blocks with equal keys see the same (query row, key)
+    pairs, or None when ranks hold more than `_RUNS` runs. A causal or windowed mask sees
+    a pair by its key position minus its query position only, so a block is fixed by its
+    ranks' runs (lengths, in local order) and, per pair of runs, the offset between their
+    starts, an offset at which the pair sees nothing (before, after) or everything
+    standing for all such offsets."""
+    runs = _rank_runs(geo.layout, geo.world, geo.q_lens[0], geo.fold)
+    most_runs = max(len(x) for x in runs)
+    if most_runs > _RUNS:
+        return None
+    # [rank, run, (start, length)]; ranks with fewer runs padded with empty ones
+    t = torch.tensor([x + [(0, 0)] * (most_runs - len(x)) for x in runs], dtype=torch.int64)
+    qs, qn = t[qo][..., 0, None], t[qo][..., 1, None]   # [q rank, k rank, run a, 1]
+    ks, kn = t[ko][..., None, :, 0], t[ko][..., None, :, 1]  # [..., 1, run b]
+    left, right = geo.mask.window
+    far = 1 << 40
+    lo_ok = -left if left >= 0 else -far   # offsets (key - query) a pair may have
+    hi_ok = min(right if right >= 0 else far, 0 if geo.mask.causal else far)
+    delta = ks - qs
+    least, most = delta - (qn - 1), delta + (kn - 1)  # offsets within this pair of runs
+    code = torch.where(least > hi_ok, far + 1, delta)
+    code = torch.where(most < lo_ok, far + 2, code)
+    code = torch.where((least >= lo_ok) & (most <= hi_ok), far + 3, code)
+    code = torch.where((qn == 0) | (kn == 0), far + 4, code)  # a padding run
+    return torch.cat([t[qo][..., 1], t[ko][..., 1], code.flatten(2)], -1)
+
+
+@lru_cache(maxsize=16)
+def _rank_runs(layout: str, world: int, local_len: int, fold: int
+               ) -> list[list[tuple[int, int]]]:
+    """Per rank, (start, length) of each run of consecutive positions it holds."""
+    out = []
+    for rank in range(world):
+        pos = positions(layout, rank, world, local_len, None, fold)
+        cut = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+        bounds = [0, *cut.tolist(), len(pos)]
+        out.append([(int(pos[a]), b - a) for a, b in zip(bounds, bounds[1:])])
+    return out
+
+
+def _row_ids(keys: Tensor) -> Tensor:
+    """Dense ids of the distinct rows of an int64 matrix (equal rows, equal ids): each
+    column ranked, then the ranks joined column by column (re-ranked to stay small)."""
+    ids = torch.zeros(len(keys), dtype=torch.int64)
+    for col in keys.t():
+        _, rank = torch.unique(col, return_inverse=True)
+        _, ids = torch.unique(ids * (int(rank.max()) + 1) + rank, return_inverse=True)
+    return ids
+
+
+def _piece_key(p: Piece) -> tuple:
+    b = None if p.b is None else (p.b.start, p.b.stop)
+    return p.q.start, p.q.stop, p.k.start, p.k.stop, p.lo, p.hi, b
 
 
 @lru_cache(maxsize=1024)

@@ -20,14 +20,20 @@ Each group of messages in flight together (the moves of step s with the returns 
 s-1) shares links in `links.Cluster.durations` (contention); different groups do not.
 
 What a block costs is the caller's: `plan()` passes its `KernelModel`, the simulator a
-device `Profile` (`sim.kernel`) and the loop's epilogue costs (`Impl`). Pure Python.
+device `Profile` (`sim.kernel`) and the loop's epilogue costs (`Impl`). Each step is a few
+tensor operations over all ranks (a 1024-rank ring in a fraction of a second); the
+messages of every step's group are timed on their links at once, before the steps run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+from torch import Tensor
+
 from .options import moving_side
+from .routes import Messages, WorkTable
 
 if TYPE_CHECKING:
     from .links import Cluster
@@ -91,14 +97,23 @@ Piece = tuple[int, int, float]  # (rows, keys, pairs per batch row)
 
 @dataclass
 class PhaseResult:
-    """Simulated times of one phase; start/end[rank][step] of each block's compute."""
+    """Simulated times of one phase; starts/ends [rank, step] of each block's compute
+    (`start`/`end`: the same as lists)."""
     time_s: float
-    start: list[list[float]] = field(default_factory=list)
-    end: list[list[float]] = field(default_factory=list)
+    starts: Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    ends: Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     compute_s: float = 0.0  # the busiest rank's compute (kernels + epilogues)
     a2a_s: float = 0.0      # the blocking all-to-alls
     bytes: int = 0          # every message the simulation timed (equals plan()'s count)
     links_s: float = 0.0    # the links busy, group after group, hidden by compute or not
+
+    @property
+    def start(self) -> list[list[float]]:
+        return self.starts.tolist()
+
+    @property
+    def end(self) -> list[list[float]]:
+        return self.ends.tolist()
 
 
 def split_piece(piece: Piece) -> tuple[Piece, Piece]:
@@ -146,105 +161,140 @@ def _ret_fold(prof: BlockTimes, impl: Impl, nbytes: int, itemsize: int, acc: int
     return prof.epilogue_s(nbytes / acc, impl.bwd_sum)
 
 
+def _tables(est: Routed, phase: str) -> tuple[Messages, WorkTable]:
+    routes = getattr(est, "routes", None)
+    if routes is not None:  # plan()'s estimate: tensors already
+        return routes.messages[phase], routes.work
+    return Messages.of(est.messages[phase]), WorkTable.of(est.work, est.halves)
+
+
+def _max_at(target: Tensor, index: Tensor, values: Tensor) -> None:
+    target.scatter_reduce_(0, index, values, "amax")
+
+
 def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
                    itemsize: int = 2, acc: int = 4, impl: Impl | None = None) -> PhaseResult:
     """Simulate `phase` ("fwd" or "bwd") of one `plan()` option estimate; impl: the loop's
-    epilogue costs (default: ringmem's for this itemsize)."""
+    epilogue costs (default: ringmem's for this itemsize). Each step is computed for all
+    ranks at once (tensors), so a ring of 1024 ranks takes a fraction of a second."""
     impl = impl if impl is not None else Impl.ringmem(itemsize, acc)
-    if phase not in est.messages:
+    routes = getattr(est, "routes", None)
+    have = routes.messages if routes is not None else est.messages
+    if phase not in have:
         raise ValueError(f"phase {phase!r} not in this estimate (plan it with "
-                         f"backward=True for 'bwd'), has {sorted(est.messages)}")
-    world, r = len(est.work), len(est.work[0])
+                         f"backward=True for 'bwd'), has {sorted(have)}")
+    msgs, table = _tables(est, phase)
+    world, r = table.ids.shape
     if net.world != world:
         raise ValueError(f"network world {net.world} != the estimate's {world} ranks")
     moving = moving_side(est.ring)
-    msgs = est.messages[phase]
-    pre = [(m.src, m.dst, m.nbytes) for m in msgs if m.channel == "a2a" and m.step < 0]
-    post = [(m.src, m.dst, m.nbytes) for m in msgs if m.channel == "a2a" and m.step >= 0]
-    moves: dict[int, list] = {s: [] for s in range(r)}
-    rets: dict[int, list] = {s: [] for s in range(r)}
-    for m in msgs:
-        if m.channel in ("move", "ret") and 0 <= m.step < r:
-            (moves if m.channel == "move" else rets)[m.step].append(m)
-    fetches = [m for m in msgs if m.channel == "fetch"]
-    returns = any(rets.values())
-    q_local = max((pc[0] for p in range(world) for pc in est.work[p][0]), default=0)
-    comp = [[_pieces_s(prof, est.work[p][s], est, phase, itemsize) + prof.step_s
-             + (_epilogue(prof, impl, est.work[p][s], est, phase, moving, q_local)
-                if s else 0.0)
-             for s in range(r)] for p in range(world)]
-    last = [0.0] * world
+    a2a = msgs.channel("a2a")
+    pre, post = msgs.where(a2a & (msgs.step < 0)), msgs.where(a2a & (msgs.step >= 0))
+    fetches = msgs.where(msgs.channel("fetch"))
+    ret_m = msgs.channel("ret") & (msgs.step >= 0) & (msgs.step < r)
+    move_m = msgs.channel("move") & (msgs.step >= 0) & (msgs.step < r)
+    returns = bool(ret_m.any())
+    # per class of block: its kernels (+ the host's step) and its fold into the accumulators
+    step0_cls = table.ids[:, 0].unique().tolist()
+    q_local = max((pc[0] for c in step0_cls for pc in table.classes[c]), default=0)
+    kern = [_pieces_s(prof, pcs, est, phase, itemsize) + prof.step_s for pcs in table.classes]
+    fold = [k + _epilogue(prof, impl, pcs, est, phase, moving, q_local)
+            for k, pcs in zip(kern, table.classes)]
+    comp = torch.tensor(fold, dtype=torch.float64)[table.ids]
+    comp[:, 0] = torch.tensor(kern, dtype=torch.float64)[table.ids[:, 0]]
+    last = torch.zeros(world, dtype=torch.float64)
     if returns:  # the own block: half now, half while the final return travels
-        for p in range(world):
-            if est.halves:
-                first, second = est.halves[p]
-            else:
-                split = [split_piece(pc) for pc in est.work[p][0]]
-                first, second = tuple(h[0] for h in split), tuple(h[1] for h in split)
-            comp[p][0] = _pieces_s(prof, first, est, phase, itemsize) + prof.step_s
-            last[p] = _pieces_s(prof, second, est, phase, itemsize)
-    pre_s = net.time(pre)
+        halves = table.halves or tuple(
+            tuple(tuple(h[i] for h in (split_piece(pc) for pc in table.classes[c]))
+                  for i in (0, 1)) for c in table.ids[:, 0].tolist())
+        comp[:, 0] = torch.tensor([_pieces_s(prof, h[0], est, phase, itemsize) + prof.step_s
+                                   for h in halves], dtype=torch.float64)
+        last = torch.tensor([_pieces_s(prof, h[1], est, phase, itemsize) for h in halves],
+                            dtype=torch.float64)
+    pre_s = net.time_of(pre.src, pre.dst, pre.nbytes)
+    post_s = net.time_of(post.src, post.dst, post.nbytes)
     t0 = prof.call_s + pre_s
-    arrive = [[t0] * (r + 1) for _ in range(world)]  # inputs of step s on rank p
-    load: dict = {}  # the links' load of every fetch up to step s (added step by step)
-    if fetches:  # posted together before step 0; step s's data behind the earlier steps'
-        by_step: dict[int, list] = {}
-        for m in fetches:
-            by_step.setdefault(m.step, []).append((m.src, m.dst, m.nbytes))
-        for s in sorted(by_step):
-            group = by_step[s]
-            for (_, dst, _), d in zip(group, net.arrivals(group, net.load(group, load))):
-                arrive[dst][s] = max(arrive[dst][s], t0 + d)
-    links = net.time_of(load)  # every fetch on its links (none: 0)
-    start = [[0.0] * r for _ in range(world)]
-    end = [[0.0] * r for _ in range(world)]
-    ready = [t0] * world  # when each rank may start its next step
-    if fetches and not net.overlap:  # the cores copy every fetch before they compute
-        ready = [t0 + links] * world
-    ret_at: list[dict[int, float]] = [dict() for _ in range(world)]  # step -> arrival
-    ret_cost: list[dict[int, float]] = [dict() for _ in range(world)]
+    arrive = torch.full((r + 1, world), t0, dtype=torch.float64)  # [step, rank]: inputs
+    links = 0.0
+    if len(fetches):  # posted together before step 0; step s's data behind the earlier's
+        d = net.queued_durations(fetches.src, fetches.dst, fetches.nbytes, fetches.step)
+        arrive.view(-1).scatter_reduce_(0, fetches.step * world + fetches.dst, t0 + d, "amax")
+        links = net.time_of(fetches.src, fetches.dst, fetches.nbytes)
+    start = torch.zeros(r, world, dtype=torch.float64)
+    end = torch.zeros(r, world, dtype=torch.float64)
+    ready = torch.full((world,), t0, dtype=torch.float64)  # when each rank may start
+    if len(fetches) and not net.overlap:  # the cores copy every fetch before they compute
+        ready += links
+    ret_at = torch.zeros(r, world, dtype=torch.float64)  # [step, rank]: its returns' arrival
+    ret_cost = torch.zeros(r, world, dtype=torch.float64)
+    has_ret = torch.zeros(r, world, dtype=torch.bool)
+    moves, rets = (_by_step(msgs.where(m)) for m in (move_m, ret_m))
+    mv_at, rt_at = _starts(moves.step, r), _starts(rets.step, r)
+    rets_fold = _ret_fold_t(prof, impl, rets.nbytes, itemsize, acc, phase)
+    # the messages in flight together, sharing links: step s's moves with the returns of
+    # step s-1 (group s; the last step's returns alone, group r). Times never change
+    # which messages share, so every group's durations are computed at once.
+    group = torch.cat([moves.step, rets.step + 1])
+    durs = net.durations_of(torch.cat([moves.src, rets.src]), torch.cat([moves.dst, rets.dst]),
+                            torch.cat([moves.nbytes, rets.nbytes]), group=group)
+    d_mv, d_rt = durs[:len(moves)], durs[len(moves):]
+    longest = torch.zeros(r + 1, dtype=torch.float64).scatter_reduce(0, group, durs, "amax")
+    for g in sorted(set(group.tolist())):
+        links += float(longest[g])
+    comp_t = comp.t().contiguous()
+    zero = torch.zeros(world, dtype=torch.float64)
     for s in range(r):
-        for p in range(world):
-            start[p][s] = max(ready[p], arrive[p][s])
-            end[p][s] = start[p][s] + comp[p][s]
-        group = [(m, start[m.src][s]) for m in moves[s]]
-        if s:
-            group += [(m, end[m.src][s - 1]) for m in rets[s - 1]]
-        durs = net.durations([(m.src, m.dst, m.nbytes) for m, _ in group])
-        links += max(durs, default=0.0)
-        send_busy = [0.0] * world  # without overlap: when each sender's copies end
-        for (m, posted), d in zip(group, durs):
-            if not net.overlap:  # the cores that compute also copy: after the compute
-                posted = max(posted, end[m.src][s] if m.channel == "move" else posted)
-                send_busy[m.src] = max(send_busy[m.src], posted + d)
-            if m.channel == "move":
-                arrive[m.dst][s + 1] = max(arrive[m.dst][s + 1], posted + d)
-            else:
-                ret_at[m.dst][m.step] = max(ret_at[m.dst].get(m.step, 0.0), posted + d)
-                fold = _ret_fold(prof, impl, m.nbytes, itemsize, acc, phase)
-                ret_cost[m.dst][m.step] = ret_cost[m.dst].get(m.step, 0.0) + fold
-        for p in range(world):
-            t = max(end[p][s], send_busy[p])
-            if s >= 2 and (s - 1) in ret_at[p]:
-                t = max(t, ret_at[p][s - 1]) + ret_cost[p][s - 1]
-            ready[p] = t
+        start[s] = torch.maximum(ready, arrive[s])
+        end[s] = start[s] + comp_t[s]
+        mv, rt = slice(mv_at[s], mv_at[s + 1]), slice(rt_at[s - 1] if s else 0, rt_at[s])
+        m_src, m_dst, r_src, r_dst = moves.src[mv], moves.dst[mv], rets.src[rt], rets.dst[rt]
+        posted_mv = start[s][m_src]
+        posted_rt = end[s - 1][r_src] if s else zero[:0]
+        send_busy = zero  # without overlap: when each sender's copies end
+        if not net.overlap:  # the cores that compute also copy: after the compute
+            posted_mv = torch.maximum(posted_mv, end[s][m_src])
+            send_busy = zero.clone()
+            _max_at(send_busy, torch.cat([m_src, r_src]),
+                    torch.cat([posted_mv + d_mv[mv], posted_rt + d_rt[rt]]))
+        _max_at(arrive[s + 1], m_dst, posted_mv + d_mv[mv])
+        if len(r_src):
+            _max_at(ret_at[s - 1], r_dst, posted_rt + d_rt[rt])
+            ret_cost[s - 1].index_add_(0, r_dst, rets_fold[rt])
+            has_ret[s - 1, r_dst] = True
+        ready = torch.maximum(end[s], send_busy)
+        if s >= 2:
+            ready = torch.where(has_ret[s - 1], torch.maximum(ready, ret_at[s - 1])
+                                + ret_cost[s - 1], ready)
     # the last step's returns: posted after its compute, in flight beside the second half
-    if r > 1 and rets[r - 1]:
-        durs = net.durations([(m.src, m.dst, m.nbytes) for m in rets[r - 1]])
-        links += max(durs, default=0.0)
-        for m, d in zip(rets[r - 1], durs):
-            ret_at[m.dst][r - 1] = max(ret_at[m.dst].get(r - 1, 0.0), end[m.src][r - 1] + d)
-            ret_cost[m.dst][r - 1] = (ret_cost[m.dst].get(r - 1, 0.0)
-                                      + _ret_fold(prof, impl, m.nbytes, itemsize, acc, phase))
-    done = []
-    for p in range(world):
-        t = ready[p] + last[p]
-        if (r - 1) in ret_at[p] and r > 1:
-            t = max(t, ret_at[p][r - 1]) + ret_cost[p][r - 1]
-        done.append(t)
-    total = max(done) + net.time(post)
-    busy = max(sum(c) + lp for c, lp in zip(comp, last))
-    timed = (sum(m[2] for m in pre + post) + sum(m.nbytes for m in fetches)
-             + sum(m.nbytes for g in (moves, rets) for ms in g.values() for m in ms))
-    a2a = pre_s + net.time(post)  # the per-call host cost is neither link nor all-to-all
-    return PhaseResult(total, start, end, busy, a2a, timed, links + a2a)
+    rt = slice(rt_at[r - 1], rt_at[r])
+    if r > 1 and rt.stop > rt.start:
+        r_dst = rets.dst[rt]
+        _max_at(ret_at[r - 1], r_dst, end[r - 1][rets.src[rt]] + d_rt[rt])
+        ret_cost[r - 1].index_add_(0, r_dst, rets_fold[rt])
+        has_ret[r - 1, r_dst] = True
+    done = ready + last
+    if r > 1:
+        done = torch.where(has_ret[r - 1], torch.maximum(done, ret_at[r - 1])
+                           + ret_cost[r - 1], done)
+    total = float(done.max()) + post_s
+    busy = float((comp.sum(1) + last).max())
+    timed = int(msgs.nbytes[a2a | msgs.channel("fetch") | move_m | ret_m].sum())
+    a2a_s = pre_s + post_s  # the per-call host cost is neither link nor all-to-all
+    return PhaseResult(total, start.t(), end.t(), busy, a2a_s, timed,
+                       links + a2a_s)
+
+
+def _starts(step: Tensor, r: int) -> list[int]:
+    """Where each step's messages begin in a list sorted by step (r + 1 bounds)."""
+    return torch.searchsorted(step, torch.arange(r + 1)).tolist()
+
+
+def _by_step(m: Messages) -> Messages:
+    return m.where(torch.sort(m.step, stable=True).indices)
+
+
+def _ret_fold_t(prof: BlockTimes, impl: Impl, nbytes: Tensor, itemsize: int, acc: int,
+                phase: str) -> Tensor:
+    """`_ret_fold` of every message at once (a memory-bound pass is linear in its bytes)."""
+    return torch.as_tensor(_ret_fold(prof, impl, nbytes.double(),  # type: ignore[arg-type]
+                                     itemsize, acc, phase), dtype=torch.float64)

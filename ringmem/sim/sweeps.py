@@ -1,8 +1,9 @@
 """`ringmem bench sim`: simulator sweeps, a markdown report and PNG plots.
 
 * efficiency vs GPUs: 1M tokens (strong scaling), 32 q / 8 kv heads, d=128, bf16, causal,
-  8 GPUs per node (NVSwitch) and InfiniBand between nodes; ring options over every GPU
-  (kv, q: up to `--ring-max`, 1024 by default) beside Ulysses-in-node x ring-across;
+  8 GPUs per node (NVSwitch) and InfiniBand between nodes; every ring schedule over every
+  GPU (kv, q, allgather: up to `--ring-max`, 1024 by default) beside Ulysses-in-node x
+  each schedule across;
 * efficiency vs sequence length on one node of 8;
 * schedule-choice maps: the fastest option by K/V heads x context, one map per link;
 * decode latency (one token against a sharded cache: local attention, then an all-gather
@@ -54,11 +55,12 @@ def gpus_sweep(lib: Library, prof: Any, worlds: list[int], seq: int,
     rows = []
     jobs = []
     for w in worlds:
-        jobs += [(w, o) for o in ("kv", "q")] if w <= ring_max else []
+        jobs += [(w, o) for o in ("kv", "q", "allgather")] if w <= ring_max else []
         if 1 < w <= 8:
             jobs.append((w, "ulysses"))  # Ulysses inside the node
         elif w > 8:  # Ulysses inside nodes (or groups of 4 nodes), a ring across them
-            jobs.append((w, "ulysses8+kv" if w // 8 <= ring_max else f"ulysses{HQ}+kv"))
+            u = 8 if w // 8 <= ring_max else HQ
+            jobs += [(w, f"ulysses{u}+{s}") for s in ("kv", "q", "allgather")]
     for w, opt in progress(jobs, "sim: GPUs"):
         r = simulate((1, seq // w, HQ, D), (1, seq // w, HKV, D), world=w, profile=prof,
                      option=opt, **_net(lib, w))
@@ -186,8 +188,8 @@ def run_sweeps(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="small sweeps (a smoke run)")
     p.add_argument("--max-gpus", type=int, default=1024)
     p.add_argument("--ring-max", type=int, default=1024,
-                   help="largest world for ring options over every GPU (plan() grows as "
-                        "n^2: 1024 GPUs take about two minutes of the sweep)")
+                   help="largest world for ring options over every GPU (plan() routes "
+                        "and times every rank at each step at once: 1024 GPUs take seconds)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)

@@ -41,19 +41,24 @@ def call_options(module: Any, kwargs: dict[str, Any]
                  ) -> tuple[int, Tensor | None, float | None]:
     """The extras of one attention call, from transformers' keywords (or the module):
     (left window, -1: none; sinks [Hq] or None; softcap or None)."""
-    where = f"layer {getattr(module, 'layer_idx', '?')}"
+    # the layer's name only when raising: under torch.compile of several layers its index
+    # is a symbolic int, which a format string would turn into a graph break
+    where = lambda: f"layer {getattr(module, 'layer_idx', '?')}"  # noqa: E731
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     sinks = kwargs.get("s_aux")
     if sinks is not None and not isinstance(sinks, Tensor):
-        raise ValueError(f"{where}: s_aux (sinks) must be a tensor [Hq], got "
+        raise ValueError(f"{where()}: s_aux (sinks) must be a tensor [Hq], got "
                          f"{type(sinks).__name__}")
     softcap = kwargs.get("softcap")
     if softcap is not None and (isinstance(softcap, bool)
                                 or not isinstance(softcap, (int, float)) or softcap <= 0):
-        raise ValueError(f"{where}: softcap must be a positive number or None, got "
+        raise ValueError(f"{where()}: softcap must be a positive number or None, got "
                          f"{softcap!r}")
-    return (window_left(window, f"{where}: sliding_window"), sinks,
-            None if softcap is None else float(softcap))
+    try:
+        left = window_left(window)
+    except ValueError as e:
+        raise ValueError(f"{where()}: {e}") from None
+    return left, sinks, None if softcap is None else float(softcap)
 
 
 def layer_windows(config: Any) -> list[int]:

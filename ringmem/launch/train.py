@@ -39,6 +39,9 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool, int | None]
     p.add_argument("--stop-at", type=int, dest="stop_at",
                    help="checkpoint and stop at this step (the schedule still spans --steps)")
     p.add_argument("--timeout", type=float, help="seconds to wait for a peer (RINGMEM_TIMEOUT)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each decoder layer (needs layout = 'zigzag')")
+    p.add_argument("--layout", choices=("document", "zigzag"))
     args = p.parse_args(argv)
     over = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "stop_at")}
     return load(args.config, **over), args.resume, args.stop_at
@@ -153,7 +156,8 @@ def job(cfg: TrainConfig, resume: bool, stop_at: int, world: int, dp: int,
         t0 = time.perf_counter()
         rec = loop.train_step(run)
         dt = time.perf_counter() - t0
-        rec.update(tokens_per_s=rec["tokens"] / dt, peak_mib=peak_bytes(run.device) / 2**20)
+        rec.update(step_s=dt, tokens_per_s=rec["tokens"] / dt,
+                   peak_mib=peak_bytes(run.device) / 2**20)
         if rank == 0:
             with log.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -53,6 +53,11 @@ class TrainConfig:
     """Use only the first N documents after shuffling (0: all): small test runs."""
     timeout: float | None = None
     """Seconds any rank waits for a peer before failing; unset: RINGMEM_TIMEOUT, else 300."""
+    compile: bool = False
+    """torch.compile each decoder layer (inductor), as torchtitan does, ring attention a
+    custom op inside it (docs/compile.md). Needs layout "zigzag" and ulysses 1: the op reads
+    each batch's documents off the position ids, while the document layout's sharding is
+    itself a function of the packing (a compiled step would see a new constant per batch)."""
 
     def __post_init__(self) -> None:
         check_timeout(self)
@@ -76,6 +81,12 @@ class TrainConfig:
             raise ValueError(f"layout must be 'document' or 'zigzag', got {self.layout!r}")
         check_schedule(self.schedule)
         check_ulysses(self.ulysses)
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be true or false, got {self.compile!r}")
+        if self.compile and (self.layout != "zigzag" or self.ulysses != 1):
+            raise ValueError(f"compile = true needs layout = 'zigzag' and ulysses = 1 (the "
+                             f"compiled attention reads packed documents off the position "
+                             f"ids), got layout={self.layout!r}, ulysses={self.ulysses!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.data != "kjv":

@@ -94,6 +94,9 @@ def build(cfg: TrainConfig, world: int) -> Run:
                                               ulysses=cfg.ulysses, backend=cfg.backend))
     if cfg.activation_checkpointing:
         checkpoint_activations(model)
+    if cfg.compile:  # per layer, before FSDP wraps it (torchtitan's order)
+        for layer in model.model.layers:
+            layer.compile()
     flat = mesh["dp", "cp"]._flatten("dp_cp")
     for layer in model.model.layers:
         fully_shard(layer, mesh=flat)
@@ -133,9 +136,12 @@ def backward(run: Run) -> tuple[float, float]:
     cast = (torch.autocast(run.device.type, dtype=torch.bfloat16)
             if cfg.dtype == "bfloat16" else nullcontext())
     for (ids, lab, pos), (_, _, cus) in zip(local, micro):
+        # compiled layers read the documents off the position ids (a Python packing would
+        # be a new constant, hence a recompile, every batch)
+        docs = {} if cfg.compile else {"cu_seq_lens_q": cus}
         with cast:
             logits = run.model(input_ids=ids, position_ids=pos, use_cache=False,
-                               cu_seq_lens_q=cus).logits
+                               **docs).logits
         loss = torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), lab.flatten(), ignore_index=IGNORE, reduction="sum")
         (loss * (dist.get_world_size() / n)).backward()

@@ -88,7 +88,10 @@ def main() -> int:
         lines.append(f"| {name} | {s['median_s']:.3f} | {s['min_s']:.3f}-{s['max_s']:.3f} | "
                      f"{', '.join(f'{x:.3f}' for x in s['run_medians_s'])} | "
                      f"{', '.join(f'{x:.1f}' for x in s['first_s'])} |")
-    lines += ["", f"Compiled / eager steady step: {c['median_s'] / e['median_s']:.2f}x.",
+    lines += ["", f"Compiled / eager steady step: {c['median_s'] / e['median_s']:.2f}x. A "
+              "compiled run's first step includes compiling, from inductor's on-disk cache "
+              "once any run on this machine has filled it (so later runs' first steps are "
+              "shorter).",
               "", "Losses per step (each run; compiled and eager should agree to fp32 "
               "noise):", ""]
     for name, s in summary.items():

@@ -48,34 +48,67 @@ def _exchange(parts: list[Tensor], shapes: list[tuple[int, ...]], group: Group, 
     return [t.reshape(s) for t, s in zip(recv.split(sizes_in), shapes)]
 
 
-class _ToHeads(torch.autograd.Function):
+def heads_split(x: Tensor, idx: tuple[tuple[int, ...], ...], ctl: tuple,
+                phase: str = "fwd") -> Tensor:
     """x [B, L, H, D] (this rank's tokens, all heads) -> [B, u*L, len(idx[me]), D] (every
     group member's tokens, in member order, for the heads `idx[me]`)."""
+    group, me, stats, r = ctl
+    b, n, _, d = x.shape
+    parts = [_heads(x, h) for h in idx]  # [B, L, h_i, D] each, contiguous
+    got = _exchange(parts, [(b, n, len(idx[me]), d)] * len(idx), group, me, stats, phase, -1)
+    return torch.cat(got, dim=1)  # [B, u*L, h, D], member order
+
+
+def heads_join(g: Tensor, idx: tuple[tuple[int, ...], ...], h: int, ctl: tuple) -> Tensor:
+    """The gradient of `heads_split`: g [B, u*L, len(idx[me]), D] -> [B, L, h, D] (a head
+    sent to two ranks gets both gradients)."""
+    group, me, stats, r = ctl
+    u = len(idx)
+    b, ul, _, d = g.shape
+    n = ul // u
+    parts = [c.contiguous() for c in g.split(n, dim=1)]
+    got = _exchange(parts, [(b, n, len(hs), d) for hs in idx], group, me, stats, "bwd", r)
+    acc = torch.zeros(b, n, h, d, dtype=torch.promote_types(g.dtype, torch.float32),
+                      device=g.device)
+    for hs, part in zip(idx, got):
+        acc.index_add_(2, torch.tensor(hs, device=g.device), part.to(acc.dtype))
+    return acc.to(g.dtype)
+
+
+def seq_join(y: Tensor, ctl: tuple, dim: int, step: int) -> Tensor:
+    """y [B, u*L, hl, D] (this rank's heads, every member's tokens) -> [B, L, u*hl, D] (this
+    rank's tokens, all heads in member order); `dim` is the sequence dim (2 for an lse
+    [B, hl, u*L], whose heads are dim 1)."""
+    group, me, stats, r = ctl
+    u = group_size(group)
+    n = y.shape[dim] // u
+    parts = [c.contiguous() for c in y.split(n, dim=dim)]
+    got = _exchange(parts, [tuple(parts[0].shape)] * u, group, me, stats, "fwd", step)
+    return torch.cat(got, dim=3 - dim)  # the heads dim
+
+
+def seq_split(g: Tensor, ctl: tuple, dim: int, phase: str = "bwd") -> Tensor:
+    """The inverse of `seq_join` (and its gradient): this rank's tokens, all heads -> this
+    rank's heads, every member's tokens."""
+    group, me, stats, r = ctl
+    u = group_size(group)
+    hd = 3 - dim  # the heads dim of g
+    parts = [c.contiguous() for c in g.split(g.shape[hd] // u, dim=hd)]
+    got = _exchange(parts, [tuple(parts[0].shape)] * u, group, me, stats, phase, -1)
+    return torch.cat(got, dim=dim)
+
+
+class _ToHeads(torch.autograd.Function):
+    """`heads_split`, its backward `heads_join`."""
 
     @staticmethod
     def forward(ctx, x: Tensor, idx: tuple[tuple[int, ...], ...], ctl: tuple) -> Tensor:
-        group, me, stats, r = ctl
         ctx.idx, ctx.ctl, ctx.h = idx, ctl, x.shape[2]
-        b, n, _, d = x.shape
-        parts = [_heads(x, h) for h in idx]  # [B, L, h_i, D] each, contiguous
-        got = _exchange(parts, [(b, n, len(idx[me]), d)] * len(idx), group, me, stats, "fwd",
-                        -1)
-        return torch.cat(got, dim=1)  # [B, u*L, h, D], member order
+        return heads_split(x, idx, ctl)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        group, me, stats, r = ctx.ctl
-        u = len(ctx.idx)
-        b, ul, _, d = g.shape
-        n = ul // u
-        parts = [c.contiguous() for c in g.split(n, dim=1)]
-        got = _exchange(parts, [(b, n, len(h), d) for h in ctx.idx], group, me, stats, "bwd",
-                        r)
-        acc = torch.zeros(b, n, ctx.h, d, dtype=torch.promote_types(g.dtype, torch.float32),
-                          device=g.device)
-        for h, part in zip(ctx.idx, got):  # a head sent to two ranks: its gradients add
-            acc.index_add_(2, torch.tensor(h, device=g.device), part.to(acc.dtype))
-        return acc.to(g.dtype), None, None
+        return heads_join(g, ctx.idx, ctx.h, ctx.ctl), None, None
 
 
 def _heads(x: Tensor, heads: tuple[int, ...]) -> Tensor:
@@ -86,28 +119,16 @@ def _heads(x: Tensor, heads: tuple[int, ...]) -> Tensor:
 
 
 class _ToSeq(torch.autograd.Function):
-    """y [B, u*L, hl, D] (this rank's heads, every member's tokens) -> [B, L, u*hl, D] (this
-    rank's tokens, all heads in member order); `dim` is the sequence dim (2 for an lse
-    [B, hl, u*L], whose heads are dim 1)."""
+    """`seq_join`, its backward `seq_split`."""
 
     @staticmethod
     def forward(ctx, y: Tensor, ctl: tuple, dim: int, step: int) -> Tensor:
-        group, me, stats, r = ctl
         ctx.ctl, ctx.dim = ctl, dim
-        u = group_size(group)
-        n = y.shape[dim] // u
-        parts = [c.contiguous() for c in y.split(n, dim=dim)]
-        got = _exchange(parts, [tuple(parts[0].shape)] * u, group, me, stats, "fwd", step)
-        return torch.cat(got, dim=3 - dim)  # the heads dim
+        return seq_join(y, ctl, dim, step)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        group, me, stats, r = ctx.ctl
-        u = group_size(group)
-        hd = 3 - ctx.dim  # the heads dim of g
-        parts = [c.contiguous() for c in g.split(g.shape[hd] // u, dim=hd)]
-        got = _exchange(parts, [tuple(parts[0].shape)] * u, group, me, stats, "bwd", -1)
-        return torch.cat(got, dim=ctx.dim), None, None, None
+        return seq_split(g, ctx.ctl, ctx.dim), None, None, None
 
 
 def group_size(group: Group) -> int:

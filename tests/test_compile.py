@@ -51,14 +51,21 @@ CASES = [  # (attention options, backend): every schedule through inductor
           heads=(4, 1)), "aot_eager"),
     (dict(schedule="kv", window=(5, 0), softcap=3.0, layout="contiguous"), "aot_eager"),
     (dict(schedule="allgather", causal=False), "aot_eager"),
+    # Ulysses over the whole group (u = world; 2 K/V heads: replicated at u = 3, their
+    # gradients summed), with sinks; then over packed documents with a window
+    (dict(schedule="kv", ulysses="world", heads=(6, 2), sinks=True), "aot_eager"),
+    (dict(schedule="q", ulysses="world", heads=(6, 2), cu_seqlens=[0, 5, 17, 24],
+          window=(6, 0)), "aot_eager"),
 ]
 
 
-def _compiled_equals_eager(rank: int, world: int) -> None:
+def _compiled_equals_eager(rank: int, world: int, cases: list = CASES) -> None:
     torch.manual_seed(0)
-    for opts, backend in CASES:
+    for opts, backend in cases:
         opts = dict(opts)
         hq, hkv = opts.pop("heads", (4, 2))
+        if opts.get("ulysses") == "world":
+            opts["ulysses"] = world
         s, dim, hd = 8 * world, 16, 8
         if "cu_seqlens" in opts:
             opts["cu_seqlens"] = [0, 5, 3 * world + 2, s]
@@ -85,6 +92,14 @@ def _compiled_equals_eager(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_compiled_equals_eager_every_schedule(world: int) -> None:
     spawn(_compiled_equals_eager, world, timeout=900)
+
+
+def test_compiled_ulysses_times_ring_at_world_4() -> None:
+    # Ulysses groups of 2 x a ring of 2, and the degree the cost model picks ("auto")
+    cases = [(dict(schedule="kv", ulysses=2, heads=(4, 2), sinks=True), "aot_eager"),
+             (dict(schedule="auto", ulysses="auto", heads=(4, 2), cu_seqlens=[0, 5, 17, 24]),
+              "aot_eager")]
+    spawn(_compiled_equals_eager, 4, cases, timeout=900)
 
 
 def _no_breaks_one_compile_per_shape(rank: int, world: int) -> None:
@@ -114,8 +129,8 @@ def test_no_graph_break_and_one_compile_per_shape(world: int) -> None:
 
 def test_what_the_op_cannot_carry_is_refused_by_name() -> None:
     q = torch.randn(1, 8, 2, 4)
-    for kw, match in ((dict(ulysses=2), "ulysses=1 only"), (dict(mesh=(None, None)), "mesh"),
-                      (dict(ulysses="auto"), "ulysses=1 only"),
+    for kw, match in ((dict(ulysses=0), "ulysses must be an int degree >= 1 or 'auto', "
+                                        "got 0"), (dict(mesh=(None, None)), "mesh"),
                       (dict(stats=ringmem.CommStats()), "stats"),
                       (dict(interconnect=INTERCONNECTS["nvlink"]), "by name")):
         f = torch.compile(lambda q, kw=kw: ringmem.ring_attention(q, q, q, **kw),
@@ -129,7 +144,7 @@ def test_opcheck_on_one_rank() -> None:
     q, k, v = (torch.randn(1, 8, h, 4, requires_grad=True) for h in (4, 2, 2))
     from ringmem.compiled import ring_attention_op
     args = (q, k, v, None, None, None, "", True, "zigzag", "kv", "auto", None, [-1, -1], None,
-            None, True)
+            None, 1, True)
     torch.library.opcheck(ring_attention_op, args)
 
 

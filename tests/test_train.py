@@ -242,17 +242,22 @@ def test_compiled_training_step_equals_eager(tmp_path, world) -> None:
     over = dict(model=TINY, seq_len=96, batch=1, max_documents=8, layout="zigzag",
                 schedule="kv")
     cfgs = {name: from_dict(TrainConfig, {**over, **extra}) for name, extra in (
-        ("eager", {}), ("eager_torch", dict(backend="torch")), ("compiled", dict(compile=True)))}
+        ("eager", {}), ("eager_torch", dict(backend="torch")), ("compiled", dict(compile=True)),
+        # Ulysses over the whole CP group where it divides the tiny model's 4 heads
+        *([("compiled_ulysses", dict(compile=True, ulysses=world))] if world == 2 else []))}
     out = str(tmp_path / "steps.pt")
     spawn(_steps, world, cfgs, out, timeout=600)
     res = torch.load(out)
-    ref, alt, got = res["eager"], res["eager_torch"], res["compiled"]
-    assert ref["graphs"] == 0 and got["graphs"] >= 1  # it did compile ...
-    assert got["breaks"] == {}  # ... every layer whole, attention included
-    assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (got["loss"], ref["loss"])
+    ref, alt = res["eager"], res["eager_torch"]
     bound = 8 * _max_err(alt["grads"], ref["grads"]) + 1e-6
-    err = _max_err(got["grads"], ref["grads"])
-    assert err <= bound, f"compiled: gradient err {err:.3e} > {bound:.3e}"
+    assert ref["graphs"] == 0
+    for name in [n for n in res if n.startswith("compiled")]:
+        got = res[name]
+        assert got["graphs"] >= 1, name  # it did compile ...
+        assert got["breaks"] == {}, (name, got["breaks"])  # ... every layer whole
+        assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (name, got["loss"])
+        err = _max_err(got["grads"], ref["grads"])
+        assert err <= bound, f"{name}: gradient err {err:.3e} > {bound:.3e}"
 
 
 def test_train_config_errors() -> None:
@@ -277,11 +282,9 @@ def test_train_config_errors() -> None:
         from_dict(TrainConfig, {"ulysses": 2, "dp": 2}).mesh(6)
     assert from_dict(TrainConfig, {"ulysses": 2, "dp": 2}).mesh(8) == (2, 4)
     assert from_dict(TrainConfig, {"ulysses": "auto", "schedule": "allgather"}).mesh(3) == (1, 3)
-    with pytest.raises(ValueError, match="compile = true needs layout = 'zigzag' and ulysses "
-                                         "= 1 .*got layout='document', ulysses=1"):
+    with pytest.raises(ValueError, match="compile = true needs layout = 'zigzag' .*got "
+                                         "layout='document'"):
         from_dict(TrainConfig, {"compile": True})
-    with pytest.raises(ValueError, match="got layout='zigzag', ulysses=2"):
-        from_dict(TrainConfig, {"compile": True, "layout": "zigzag", "ulysses": 2})
 
 
 @pytest.mark.slow

@@ -55,9 +55,9 @@ class TrainConfig:
     """Seconds any rank waits for a peer before failing; unset: RINGMEM_TIMEOUT, else 300."""
     compile: bool = False
     """torch.compile each decoder layer (inductor), as torchtitan does, ring attention a
-    custom op inside it (docs/compile.md). Needs layout "zigzag" and ulysses 1: the op reads
-    each batch's documents off the position ids, while the document layout's sharding is
-    itself a function of the packing (a compiled step would see a new constant per batch)."""
+    custom op inside it (docs/compile.md). Needs layout "zigzag": the op reads each batch's
+    documents off the position ids, while the document layout's sharding is itself a
+    function of the packing (a compiled step would see a new constant per batch)."""
 
     def __post_init__(self) -> None:
         check_timeout(self)
@@ -83,10 +83,10 @@ class TrainConfig:
         check_ulysses(self.ulysses)
         if not isinstance(self.compile, bool):
             raise TypeError(f"compile must be true or false, got {self.compile!r}")
-        if self.compile and (self.layout != "zigzag" or self.ulysses != 1):
-            raise ValueError(f"compile = true needs layout = 'zigzag' and ulysses = 1 (the "
-                             f"compiled attention reads packed documents off the position "
-                             f"ids), got layout={self.layout!r}, ulysses={self.ulysses!r}")
+        if self.compile and self.layout != "zigzag":
+            raise ValueError(f"compile = true needs layout = 'zigzag' (the compiled attention "
+                             f"reads packed documents off the position ids), got "
+                             f"layout={self.layout!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.data != "kjv":

@@ -100,9 +100,6 @@ class Cluster:
     def overlap(self) -> bool:
         return self.intra.overlap and (self.inter is None or self.inter.overlap)
 
-    def node(self, rank: int) -> int:
-        return rank // self.per_node if self.per_node else 0
-
     def edges(self, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The links messages src -> dst load (int64 tensors of ranks), all at once:
         (message index, link key) per loaded link, and each message's bandwidth and
@@ -148,6 +145,25 @@ class Cluster:
             return (torch.zeros(0, dtype=torch.long),) * 2 + (bw, lat)
         return torch.cat(idx), torch.cat(keys), bw, lat
 
+    def _loaded(self, src: Tensor, dst: Tensor, nbytes: Tensor) -> tuple:
+        """(messages that load a link, then `edges` of those: message index, link key,
+        bandwidth, latency; and each edge's bytes), or None when none does."""
+        live = (nbytes > 0) & (src != dst)
+        if not bool(live.any()):
+            return None
+        i, k, bw, lat = self.edges(src[live], dst[live])
+        return live, i, k, bw, lat, nbytes[live][i]
+
+    @staticmethod
+    def _arrivals(n: int, loaded: tuple, on: Tensor) -> Tensor:
+        """Each message's latency + the most bytes on any link of its path (`on`: per edge)
+        / its bandwidth; 0 for a message that loads no link."""
+        out = torch.zeros(n, dtype=torch.float64)
+        live, i, _, bw, lat, _ = loaded
+        most = torch.zeros(len(bw), dtype=torch.int64).scatter_reduce(0, i, on, "amax")
+        out[live] = lat + most.double() / bw
+        return out
+
     def durations_of(self, src: Tensor, dst: Tensor, nbytes: Tensor,
                      group: Tensor | None = None) -> Tensor:
         """Seconds from posting to arrival of each message of a group posted together
@@ -155,51 +171,45 @@ class Cluster:
         (links shared fairly), so a small message beside a big one on other links is not
         held back. group: a group per message (ints >= 0), for several groups at once,
         each sharing links only within itself."""
-        live = (nbytes > 0) & (src != dst)
-        out = torch.zeros(len(src), dtype=torch.float64)
-        if not bool(live.any()):
-            return out
-        i, k, bw, lat = self.edges(src[live], dst[live])
+        loaded = self._loaded(src, dst, nbytes)
+        if loaded is None:
+            return torch.zeros(len(src), dtype=torch.float64)
+        live, i, k, _, _, nb = loaded
         if group is not None:  # a link of another group is another link
             k = k * (int(group.max()) + 1) + group[live][i]
         _, at = torch.unique(k, return_inverse=True)
-        on = torch.zeros(len(k), dtype=torch.int64).index_add_(0, at, nbytes[live][i])[at]
-        most = torch.zeros(len(bw), dtype=torch.int64).scatter_reduce(0, i, on, "amax")
-        out[live] = lat + most.double() / bw
-        return out
+        on = torch.zeros(len(k), dtype=torch.int64).index_add_(0, at, nb)[at]
+        return self._arrivals(len(src), loaded, on)
 
     def queued_durations(self, src: Tensor, dst: Tensor, nbytes: Tensor, order: Tensor
                          ) -> Tensor:
         """`durations_of` for messages posted at once whose bytes queue by `order` (ints
         >= 0): a message's links carry every message of an equal or lower order (an
         all-gather's fetches: step s's data behind the earlier steps')."""
-        live = (nbytes > 0) & (src != dst)
-        out = torch.zeros(len(src), dtype=torch.float64)
-        if not bool(live.any()):
-            return out
-        i, k, bw, lat = self.edges(src[live], dst[live])
+        loaded = self._loaded(src, dst, nbytes)
+        if loaded is None:
+            return torch.zeros(len(src), dtype=torch.float64)
+        live, i, k, _, _, nb = loaded
         o = order[live][i]
         span = int(o.max()) + 1
         uniq, at = torch.unique(k * span + o, return_inverse=True)  # (link, order), sorted
-        sums = torch.zeros(len(uniq), dtype=torch.int64).index_add_(0, at, nbytes[live][i])
+        sums = torch.zeros(len(uniq), dtype=torch.int64).index_add_(0, at, nb)
         total = torch.cumsum(sums, 0)
         _, seg, counts = torch.unique_consecutive(uniq // span, return_inverse=True,
                                                   return_counts=True)
         first = torch.cumsum(counts, 0) - counts  # each link's first (link, order)
         cum = total - (total - sums)[first][seg]  # bytes on the link up to that order
-        most = torch.zeros(len(bw), dtype=torch.int64).scatter_reduce(0, i, cum[at], "amax")
-        out[live] = lat + most.double() / bw
-        return out
+        return self._arrivals(len(src), loaded, cum[at])
 
     def time_of(self, src: Tensor, dst: Tensor, nbytes: Tensor) -> float:
         """Seconds for messages (tensors) posted together to all arrive: the most loaded
         link's bytes / bandwidth + that link's latency (no bytes: 0)."""
-        live = (nbytes > 0) & (src != dst)
-        if not bool(live.any()):
+        loaded = self._loaded(src, dst, nbytes)
+        if loaded is None:
             return 0.0
-        i, k, _, _ = self.edges(src[live], dst[live])
+        _, _, k, _, _, nb = loaded
         keys, at = torch.unique(k, return_inverse=True)
-        load = torch.zeros(len(keys), dtype=torch.int64).index_add_(0, at, nbytes[live][i])
+        load = torch.zeros(len(keys), dtype=torch.int64).index_add_(0, at, nb)
         inter = (keys // (4 * self.world * self.world) > 0).long()  # `edges`' key layout
         ics = (self.intra, self.inter or self.intra)
         bw = torch.tensor([ic.bandwidth for ic in ics], dtype=torch.float64)[inter]

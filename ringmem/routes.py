@@ -111,6 +111,12 @@ def _share(p: Piece, batch: int) -> float:
     return (p.b.stop - p.b.start) / batch if p.b is not None else 1
 
 
+def _work(pieces: tuple[Piece, ...], dense: bool, batch: int) -> Work:
+    """A block's pieces as (rows, keys, scores computed per batch row)."""
+    return tuple((p.q.stop - p.q.start, p.k.stop - p.k.start,
+                  cost_pairs(p, dense) * _share(p, batch)) for p in pieces)
+
+
 def route(geo: Geometry, u: int, phases: tuple[str, ...], rows: dict, a2a_sizes: dict,
           kvn: list[int], batch: int, dense: bool) -> Routes:
     """Route one option: `geo` the ring of world/u ranks, u the Ulysses degree; rows
@@ -141,54 +147,48 @@ def route(geo: Geometry, u: int, phases: tuple[str, ...], rows: dict, a2a_sizes:
         recv_len = held[(ar.unsqueeze(1) + hop * nxt) % r, nxt]
         to = ((ar - hop) % r).unsqueeze(1).expand(r, r)
         slot = steps <= r - 2
-    ret_out, ret_recv = use, use[holder, steps]
-    routes: dict[str, Any] = {"steps": {}, "a2a": {}, "messages": {}}
-    world = r * u
+    world, shape = r * u, (r, r, u)
+    # [s, j, i] of every message: slot 0 the move or fetch, slot 1 the return
+    t = lambda x: x.t().unsqueeze(2)  # noqa: E731  [j, s] -> [s, j, 1]
+    move_ok, ret_ok = t(slot), t(steps) >= 1
+    ret_out, ret_recv = t(use), t(use[holder, steps])
+    out_len, recv_len = t(out_len), t(recv_len)
+    p = ar.unsqueeze(1) * u + torch.arange(u)  # [j, i]
+    step_c = ar.view(r, 1, 1, 1).expand(*shape, 2)
+    chan = torch.tensor([CHANNELS.index("fetch" if geo.fetch else "move"),
+                         CHANNELS.index("ret")]).expand(*shape, 2)
+    src = p.unsqueeze(0).unsqueeze(3).expand(*shape, 2)
+    dst = torch.stack([(t(to) * u + torch.arange(u)).expand(shape),
+                       (t(owner) * u + torch.arange(u)).expand(shape)], 3)
+    steps_b, a2a, messages = {}, {}, {}
     buffers = 0
     for phase in phases:
         row, rrow = (torch.tensor(x, dtype=torch.int64) for x in rows[phase])
-        # [s, j, i] of every message: slot 0 the move or fetch, slot 1 the return
-        t = lambda x: x.t().unsqueeze(2)  # noqa: E731  [j, s] -> [s, j, 1]
-        p = ar.unsqueeze(1) * u + torch.arange(u)  # [j, i]
-        sent = torch.where(t(slot), t(out_len) * row, 0) + torch.where(
-            t(steps) >= 1, t(ret_out) * rrow, 0)
-        recv = torch.where(t(slot), t(recv_len) * row, 0) + torch.where(
-            t(steps) >= 1, t(ret_recv) * rrow, 0)
+        sent = torch.where(move_ok, out_len * row, 0) + torch.where(ret_ok, ret_out * rrow, 0)
+        recv = torch.where(move_ok, recv_len * row, 0) + torch.where(ret_ok, ret_recv * rrow,
+                                                                     0)
         per = torch.stack([x.permute(1, 2, 0).reshape(world, r) for x in (sent, recv)], 2)
-        shape = (r, r, u)
-        valid = torch.stack([t(slot).expand(shape),
-                             (t(steps) >= 1).expand(shape) & (rrow != 0)], 3)
-        step_c = ar.view(r, 1, 1, 1).expand(*shape, 2)
-        chan = torch.tensor([CHANNELS.index("fetch" if geo.fetch else "move"),
-                             CHANNELS.index("ret")]).expand(*shape, 2)
-        src = p.unsqueeze(0).unsqueeze(3).expand(*shape, 2)
-        dst = torch.stack([(t(to) * u + torch.arange(u)).expand(shape),
-                           (t(owner) * u + torch.arange(u)).expand(shape)], 3)
-        nb = torch.stack([(t(out_len) * row).expand(shape),
-                          (t(ret_out) * rrow).expand(shape)], 3)
+        valid = torch.stack([move_ok.expand(shape), ret_ok.expand(shape) & (rrow != 0)], 3)
+        nb = torch.stack([(out_len * row).expand(shape), (ret_out * rrow).expand(shape)], 3)
         keep = valid.flatten()
         loop = Messages(*(x.flatten()[keep] for x in (step_c, chan, src, dst, nb)))
         pre, post = _a2a(u, r, a2a_sizes[phase], kvn)
-        routes["messages"][phase] = Messages.cat([pre, loop, post])
+        messages[phase] = Messages.cat([pre, loop, post])
         totals = torch.zeros(world, 2, dtype=torch.int64)
         for m in (pre, post):
             totals[:, 0].index_add_(0, m.src, m.nbytes)
             totals[:, 1].index_add_(0, m.dst, m.nbytes)
-        routes["steps"][phase], routes["a2a"][phase] = per, totals
+        steps_b[phase], a2a[phase] = per, totals
         buffers = max(buffers, _buffers(loop, pre, world, r))
-    work_cls = tuple(tuple((pc.q.stop - pc.q.start, pc.k.stop - pc.k.start,
-                            cost_pairs(pc, dense) * _share(pc, batch)) for pc in pcs)
-                     for pcs in classes)
     rank_ids = ids.repeat_interleave(u, 0)  # [world, step]: rank j*u+i computes j's block
-    split = {c: tuple(tuple((pc.q.stop - pc.q.start, pc.k.stop - pc.k.start,
-                             cost_pairs(pc, dense) * _share(pc, batch)) for pc in half)
+    split = {c: tuple(_work(half, dense, batch)
                       for half in split_rows(classes[c], geo.q_lens[0] // 2))
              for c in set(ids[:, 0].tolist())}
     halves = tuple(split[c] for c in rank_ids[:, 0].tolist())
     pair_cls = torch.tensor([round(sum(pairs(pc) * _share(pc, batch) for pc in pcs) * batch)
                              for pcs in classes], dtype=torch.int64)
-    return Routes(routes["steps"], routes["a2a"], routes["messages"],
-                  WorkTable(rank_ids, work_cls, halves), pair_cls[rank_ids], buffers)
+    work = WorkTable(rank_ids, tuple(_work(pcs, dense, batch) for pcs in classes), halves)
+    return Routes(steps_b, a2a, messages, work, pair_cls[rank_ids], buffers)
 
 
 def a2a_sizes(phase: str, b: int, sq: int, skv: int, hl: int, d: int, itemsize: int,

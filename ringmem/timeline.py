@@ -162,8 +162,14 @@ def _ret_fold(prof: BlockTimes, impl: Impl, nbytes: int, itemsize: int, acc: int
 
 
 def _tables(est: Routed, phase: str) -> tuple[Messages, WorkTable]:
+    """The phase's messages and work as tensors: plan()'s estimate holds them already; a
+    hand-made one (lists) is converted."""
     routes = getattr(est, "routes", None)
-    if routes is not None:  # plan()'s estimate: tensors already
+    have = routes.messages if routes is not None else est.messages
+    if phase not in have:
+        raise ValueError(f"phase {phase!r} not in this estimate (plan it with "
+                         f"backward=True for 'bwd'), has {sorted(have)}")
+    if routes is not None:
         return routes.messages[phase], routes.work
     return Messages.of(est.messages[phase]), WorkTable.of(est.work, est.halves)
 
@@ -178,11 +184,6 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
     epilogue costs (default: ringmem's for this itemsize). Each step is computed for all
     ranks at once (tensors), so a ring of 1024 ranks takes a fraction of a second."""
     impl = impl if impl is not None else Impl.ringmem(itemsize, acc)
-    routes = getattr(est, "routes", None)
-    have = routes.messages if routes is not None else est.messages
-    if phase not in have:
-        raise ValueError(f"phase {phase!r} not in this estimate (plan it with "
-                         f"backward=True for 'bwd'), has {sorted(have)}")
     msgs, table = _tables(est, phase)
     world, r = table.ids.shape
     if net.world != world:
@@ -239,8 +240,10 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
                             torch.cat([moves.nbytes, rets.nbytes]), group=group)
     d_mv, d_rt = durs[:len(moves)], durs[len(moves):]
     longest = torch.zeros(r + 1, dtype=torch.float64).scatter_reduce(0, group, durs, "amax")
-    for g in sorted(set(group.tolist())):
-        links += float(longest[g])
+    present = torch.zeros(r + 1, dtype=torch.bool)
+    present[group] = True
+    for x in longest[present].tolist():  # group by group, in step order
+        links += x
     comp_t = comp.t().contiguous()
     zero = torch.zeros(world, dtype=torch.float64)
     for s in range(r):

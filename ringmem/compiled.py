@@ -24,10 +24,9 @@ from torch import Tensor
 
 from .call import Call, _validate, agreed, backward_core, forward_core
 from .comm import Group, group_rank_world
-from .heads import kv_heads
 from .mesh import split_group
 from .sharding import packing_of_positions
-from .ulysses import _gather_rows, fold_order, heads_join, seq_split, to_heads, to_seq
+from .ulysses import fold_order, from_seq, grads_to_seq, to_heads, to_seq
 
 
 def _group(name: str) -> Group:
@@ -118,24 +117,16 @@ def ring_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
         return dq, dk, dv, ds if ds is not None else q.new_empty(0)
     sp, ctl, order = _ulysses(group, u, layout, spec, q)
     hq, hkv = q.shape[2], k.shape[2]
-    hl = hq // u
+    # everything as the loop held it: this rank's heads, the group's tokens
     qs, ks, vs, sl = to_heads(q, k, v, sinks, hq, hkv, ctl, order)
-    # out, dout and lse as the loop held them: this rank's heads, the group's tokens
-    out_h, dout_h = (seq_split(t, ctl, 1, "fwd") for t in (out, dout))
-    lse_h = seq_split(lse.contiguous(), ctl, 2, "fwd")
-    if order is not None:
-        out_h, dout_h = (_gather_rows(t, order[0]) for t in (out_h, dout_h))
-        lse_h = _gather_rows(lse_h, order[0], dim=2)
+    out_h, lse_h = from_seq(out, lse, ctl, order)
+    dout_h, _ = from_seq(dout, None, ctl, order)
     dq, dk, dv, ds = backward_core(dout_h, qs, ks, vs, out_h, lse_h, sl, spec,
                                    sp.ring_group, None, sinks is not None)
-    if order is not None:  # back to member order
-        dq, dk, dv = (_gather_rows(t, order[1]) for t in (dq, dk, dv))
-    q_idx = tuple(tuple(range(i * hl, (i + 1) * hl)) for i in range(u))
-    kv_idx = kv_heads(hq, hkv, u)
-    dq = heads_join(dq, q_idx, hq, ctl)
-    dk, dv = (heads_join(t, kv_idx, hkv, ctl) for t in (dk, dv))
+    dq, dk, dv = grads_to_seq(dq, dk, dv, hq, hkv, ctl, order)
     if ds is None:
         return dq, dk, dv, q.new_empty(0)
+    hl = hq // u
     full = torch.zeros_like(sinks)  # this rank's heads' share; the others add theirs
     full[sp.u_rank * hl:(sp.u_rank + 1) * hl] = ds
     return dq, dk, dv, full

@@ -170,16 +170,45 @@ def to_heads(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, hq: int, hkv
              ctl: tuple, order: tuple[Tensor, Tensor] | None):
     """The pre-loop all-to-all: (q, k, v, sinks) for this rank's heads, every member's
     tokens in ascending positions."""
-    group, me, stats, r = ctl
-    u = group_size(group)
-    hl = hq // u
-    qs = _ToHeads.apply(q, tuple(tuple(range(i * hl, (i + 1) * hl)) for i in range(u)), ctl)
+    u = group_size(ctl[0])
+    me, hl = ctl[1], hq // u
+    qs = _ToHeads.apply(q, _q_heads(hq, u), ctl)
     idx = kv_heads(hq, hkv, u)
     ks, vs = (_ToHeads.apply(t, idx, ctl) for t in (k, v))
     if order is not None:
         qs, ks, vs = (_gather_rows(t, order[0]) for t in (qs, ks, vs))
     sl = None if sinks is None else sinks[me * hl:(me + 1) * hl]
     return qs, ks, vs, sl
+
+
+def _q_heads(hq: int, u: int) -> tuple[tuple[int, ...], ...]:
+    """The query heads of each Ulysses rank: hq / u consecutive ones."""
+    hl = hq // u
+    return tuple(tuple(range(i * hl, (i + 1) * hl)) for i in range(u))
+
+
+def from_seq(out: Tensor, lse: Tensor | None, ctl: tuple,
+             order: tuple[Tensor, Tensor] | None):
+    """The inverse of `to_seq`: out [B, L, Hq, D] (and lse [B, Hq, L]) back to this rank's
+    heads, every member's tokens in ascending positions, as the ring loop held them."""
+    out = seq_split(out, ctl, 1, "fwd")
+    lse = None if lse is None else seq_split(lse.contiguous(), ctl, 2, "fwd")
+    if order is not None:
+        out = _gather_rows(out, order[0])
+        lse = None if lse is None else _gather_rows(lse, order[0], dim=2)
+    return out, lse
+
+
+def grads_to_seq(dq: Tensor, dk: Tensor, dv: Tensor, hq: int, hkv: int, ctl: tuple,
+                 order: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradient of `to_heads` for q, k, v: the loop's dq, dk, dv (this rank's heads)
+    back to this rank's tokens, all heads (a K/V head sent to two ranks: summed)."""
+    if order is not None:  # back to member order
+        dq, dk, dv = (_gather_rows(t, order[1]) for t in (dq, dk, dv))
+    u = group_size(ctl[0])
+    idx = kv_heads(hq, hkv, u)
+    return (heads_join(dq, _q_heads(hq, u), hq, ctl), heads_join(dk, idx, hkv, ctl),
+            heads_join(dv, idx, hkv, ctl))
 
 
 def to_seq(out: Tensor, lse: Tensor | None, ctl: tuple, order: tuple[Tensor, Tensor] | None):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU check, <= 8 minutes on one H100/H200 including Triton JIT (each step has a time
-# cap; the caps add up to 480 s): the gpu tests, an NCCL world-size-1 smoke run of the
+# One GPU check, <= 9 minutes on one H100/H200 including Triton JIT (each step has a time
+# cap; the caps add up to 520 s): the gpu tests, an NCCL world-size-1 smoke run of the
 # ring (send-to-self + the return group) and of
 # `ringmem prefill`, the kernel benchmark (D=64/128, GQA), decode at 128K-1M tokens, a
+# graphed decode captured in a CUDA graph and replayed against eager decode, a
 # CUDA calibration of the simulator's kernel model (`ringmem bench calibrate`), and
 # the int32-overflow shapes last. Everything goes under one results folder.
 #
@@ -81,6 +82,9 @@ fi
 step decode 65 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
   benchmarks/decode.py --contexts 131072,524288,1048576 --steps 5 \
   --prefill-tokens 8192 --prefill-chunks 2048,8192 --out "$RES/decode.md"
+# GraphedDecode captured and replayed (one rank), every step checked against eager decode
+step graphed_decode 40 $PY benchmarks/graphed_decode.py --context 65536 --layers 4 \
+  --steps 20 --out "$RES/graphed_decode.md"
 # block times over a grid of shapes -> the simulator's profile (ringmem/sim/calibrate.py)
 step sim_calibrate 25 $PY -m ringmem.cli bench calibrate --device cuda \
   --out "$RES/sim_profile_cuda.json"

@@ -51,15 +51,17 @@ def device_error(group: Group, device: torch.device, name: str = "q") -> ValueEr
                       f"ring)")
 
 
-def gather_rows(x: Tensor, group: Group, world: int, op: str = "all-gather") -> Tensor:
+def gather_rows(x: Tensor, group: Group, world: int, op: str = "all-gather",
+                bounded: bool = True) -> Tensor:
     """All-gather a 1-D tensor from every rank into [world, n] (one collective).
 
     On the CPU (gloo) the host wait is bounded by `timeouts.current()` and a failure names
-    `op` and the peers; a device gather is left asynchronous (its group's timeout applies).
+    `op` and the peers; a device gather is left asynchronous (its group's timeout applies),
+    and so is every gather with `bounded=False` (one plain call, which graphs can hold).
     """
     out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    if x.device.type != "cpu" or not dist.is_initialized():
+    if x.device.type != "cpu" or not dist.is_initialized() or not bounded:
         gather(out, x.contiguous(), group=group)
         return out.reshape(world, -1)
     work = gather(out, x.contiguous(), group=group, async_op=True)

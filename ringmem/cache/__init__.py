@@ -1,5 +1,6 @@
 """Sharded, paged KV cache with chunked prefill and exact distributed decode, and memory
 tiers (host, disk) that evicted entries are demoted to and recalled from."""
+from .graphed import GraphedDecode
 from .paged import PagedStore
 from .sharded import CacheConfig, ShardedKVCache
 from .tiers import (
@@ -15,6 +16,6 @@ from .tiers import (
     select_pages,
 )
 
-__all__ = ["CacheConfig", "Demote", "Page", "PageCorruptError", "PageSummaries",
+__all__ = ["CacheConfig", "Demote", "GraphedDecode", "Page", "PageCorruptError", "PageSummaries",
            "PagedStore", "ShardedKVCache", "TierPolicy", "TierStore",
            "TieredPages", "TransferEngine", "page_bounds", "select_pages"]

@@ -47,14 +47,15 @@ def digest(*ts: Tensor) -> Tensor:
 
 
 def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
-                       how: str = "allgather", check: Tensor | None = None
-                       ) -> tuple[Tensor, Tensor, Tensor | None]:
+                       how: str = "allgather", check: Tensor | None = None,
+                       bounded: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """Exact merge of per-rank partials out [B, Hq, D], lse [B, Hq] (fp32): one all-gather,
     or two all-reduces (max of lse, then the weighted sums). Nothing is read on the host.
 
     `check` (a `digest`) rides the same collective (the all-gather, or the max all-reduce as
     [d, -d]); the third result is a device flag: True where the ranks' digests differ by
-    more than rounding (1e-6 of the magnitude)."""
+    more than rounding (1e-6 of the magnitude). `bounded=False`: plain collectives, no
+    host wait on the CPU either (`gather_rows`), as a graph holds them."""
     if how not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {how!r}")
     if world == 1:
@@ -64,7 +65,7 @@ def merge_across_ranks(out: Tensor, lse: Tensor, group: Group, world: int,
     if how == "allgather":
         extra = [] if check is None else [check]
         packed = torch.cat([out.flatten().double(), lse.flatten().double(), *extra])
-        rows = gather_rows(packed, group, world, op="decode (merge)")
+        rows = gather_rows(packed, group, world, op="decode (merge)", bounded=bounded)
         outs = rows[:, :n].to(out.dtype).reshape(world, b, h, d)
         lses = rows[:, n:n + b * h].to(lse.dtype).reshape(world, b, h)
         flag = None

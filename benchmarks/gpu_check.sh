@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU check, <= 9 minutes on one H100/H200 including Triton JIT (each step has a time
-# cap; the caps add up to 520 s): the gpu tests, an NCCL world-size-1 smoke run of the
+# One GPU check, <= 8 minutes on one H100/H200 including Triton JIT (each step has a time
+# cap; the caps add up to 480 s): the gpu tests, an NCCL world-size-1 smoke run of the
 # ring (send-to-self + the return group) and of
 # `ringmem prefill`, the kernel benchmark (D=64/128, GQA), decode at 128K-1M tokens, a
 # graphed decode captured in a CUDA graph and replayed against eager decode, a
@@ -65,7 +65,7 @@ skip() { echo "| $1 | skipped: $2 |  |" >> "$SUMMARY"; echo "== $1: skipped ($2)
 
 step install 30 $PY -m pip install --no-deps --no-build-isolation --no-index -q -e .
 if have pytest; then
-  step gpu_tests 140 $PY -m pytest -q -m gpu -p no:cacheprovider --maxfail=20 tests
+  step gpu_tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider --maxfail=20 tests
 else
   skip gpu_tests "pytest missing"
 fi
@@ -74,22 +74,22 @@ step nccl_ring 40 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
 step prefill 40 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
   -m ringmem.launch.prefill --config configs/prefill_smoke.toml --backend auto
 if have triton; then
-  step kernels 100 $PY benchmarks/kernel_speed.py --dims 64,128 --seqlens 4096,16384 \
+  step kernels 95 $PY benchmarks/kernel_speed.py --dims 64,128 --seqlens 4096,16384 \
     --contexts 131072,1048576 --repeats 5 --out "$RES/kernels.md"
 else
   skip kernels "triton missing"
 fi
-step decode 65 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
+step decode 60 $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
   benchmarks/decode.py --contexts 131072,524288,1048576 --steps 5 \
   --prefill-tokens 8192 --prefill-chunks 2048,8192 --out "$RES/decode.md"
 # GraphedDecode captured and replayed (one rank), every step checked against eager decode
-step graphed_decode 40 $PY benchmarks/graphed_decode.py --context 65536 --layers 4 \
+step graphed_decode 35 $PY benchmarks/graphed_decode.py --context 65536 --layers 4 \
   --steps 20 --out "$RES/graphed_decode.md"
 # block times over a grid of shapes -> the simulator's profile (ringmem/sim/calibrate.py)
 step sim_calibrate 25 $PY -m ringmem.cli bench calibrate --device cuda \
   --out "$RES/sim_profile_cuda.json"
 if have triton; then
-  step int64_shapes 40 $PY benchmarks/gpu/int64_shapes.py
+  step int64_shapes 35 $PY benchmarks/gpu/int64_shapes.py
 else
   skip int64_shapes "triton missing"
 fi

@@ -9,7 +9,10 @@ model (`ringmem.timeline`, through `plan()`). Each count is read off by planning
 with a unit model (that term's cost 1, every other 0), so the fit is a linear least
 squares in relative error, with every cost >= 0.
 
-Fit only on a development run; judge on another seed (`auto_regret.py --seed`).
+Fit only on a development run; judge on another seed (`auto_regret.py --seed`). `--host`:
+the host's costs (per call, the agreement per world, per step, a message's latency) come
+from `ringmem bench calibrate --host` instead, and only the kernel and bandwidth terms are
+fitted.
 
 Run: python benchmarks/fit_cpu_model.py benchmarks/results/auto_regret_dev.json
          [--out benchmarks/results/cpu_model_fit]
@@ -34,6 +37,7 @@ from ringmem.plan import DEFAULT_KERNELS, KernelModel, parse_option
 BIG = 1e30  # "free": a rate no term reaches
 TERMS = ("1/flops", "pair_s", "1/mem_bw", "launch", "1/bandwidth", "latency", "1/copy_bw",
          "step_s", "call_s")
+HOST_TERMS = ("step_s", "call_s", "latency")  # measured by `ringmem bench calibrate --host`
 # the model's two non-linear inputs, chosen by the fit's own error on the development run
 BWD_RATIOS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 DENSE_BANDS = (False, True)
@@ -90,8 +94,22 @@ def nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         keep.pop(int(torch.argmin(t)))
 
 
-def fit(rows: list[dict[str, Any]], base: Interconnect, cores: int, shape: dict[str, Any]
-        ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def host_part(case: dict[str, Any], option: str, base: Interconnect, cores: int,
+              host: dict[str, Any]) -> float:
+    """The measured host terms' share of an option's time (`--host`): per call, the
+    agreement, per step, and the messages' latency (slowed by ranks / cores)."""
+    q, kv, kw = _plan_args(case)
+    u, s = parse_option(option, case["world"])
+    k = KernelModel(flops=BIG, copy_bw=BIG, cores=cores, step_s=host["step_s"],
+                    call_s=host["call_s"], agree_s=tuple(host["agree_s"]),
+                    shared_latency=True)
+    link = replace(base, bandwidth=BIG, latency=host["latency_s"])
+    return ringmem.plan(q, kv, interconnect=link, kernel=k, ulysses=u, schedule=s,
+                        **kw).schedules[option].time_s
+
+
+def fit(rows: list[dict[str, Any]], base: Interconnect, cores: int, shape: dict[str, Any],
+        host: dict[str, Any] | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     samples = []
     for c in rows:
         for option, t in c["median_s"].items():
@@ -100,20 +118,34 @@ def fit(rows: list[dict[str, Any]], base: Interconnect, cores: int, shape: dict[
     x = torch.tensor([features(c, o, base, cores, shape) for c, o, _ in samples],
                      dtype=torch.float64)
     y = torch.tensor([t for _, _, t in samples], dtype=torch.float64)
-    theta = nnls(x / y[:, None], torch.ones_like(y))  # relative error: rows scaled by 1/y
-    pred = x @ theta
+    fixed = torch.zeros_like(y)
+    free = list(range(len(TERMS)))
+    if host is not None:  # measured, not fitted: the rest fits what they leave
+        fixed = torch.tensor([host_part(c, o, base, cores, host) for c, o, _ in samples],
+                             dtype=torch.float64)
+        free = [i for i, t in enumerate(TERMS) if t not in HOST_TERMS]
+    theta = torch.zeros(len(TERMS), dtype=torch.float64)
+    # relative error: rows scaled by 1/y
+    theta[free] = nnls(x[:, free] / y[:, None], 1 - fixed / y)
+    pred = x[:, free] @ theta[free] + fixed
     out = [{"config": c["id"], "option": o, "measured_s": t, "predicted_s": p.item(),
             "error_pct": 100 * (p.item() / t - 1)} for (c, o, t), p in zip(samples, pred)]
-    return dict(zip(TERMS, theta.tolist())), out
+    found = dict(zip(TERMS, theta.tolist()))
+    if host is not None:
+        found.update(step_s=host["step_s"], call_s=host["call_s"],
+                     latency=host["latency_s"])
+    return found, out
 
 
-def model_of(theta: dict[str, float], base: Interconnect, shape: dict[str, Any]
-             ) -> tuple[KernelModel, Interconnect]:
+def model_of(theta: dict[str, float], base: Interconnect, shape: dict[str, Any],
+             host: dict[str, Any] | None = None) -> tuple[KernelModel, Interconnect]:
     inv = lambda v: 1 / v if v > 0 else math.inf  # noqa: E731
+    extra = ({} if host is None else
+             {"agree_s": tuple(host["agree_s"]), "shared_latency": True})
     k = replace(DEFAULT_KERNELS["cpu"], flops=inv(theta["1/flops"]), launch=theta["launch"],
                 half=0.0, copy_bw=inv(theta["1/copy_bw"]), step_s=theta["step_s"],
                 call_s=theta["call_s"], pair_s=theta["pair_s"], mem_bw=inv(theta["1/mem_bw"]),
-                **shape)
+                **shape, **extra)
     return k, replace(base, bandwidth=inv(theta["1/bandwidth"]), latency=theta["latency"])
 
 
@@ -122,25 +154,30 @@ def main() -> int:
     ap.add_argument("runs", help="auto_regret.py's .json (a development run)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
                                          / "cpu_model_fit"))
+    ap.add_argument("--host", default=None,
+                    help="`ringmem bench calibrate --host`'s JSON: the per-call, agreement, "
+                         "per-step and latency costs are taken from it, not fitted")
     a = ap.parse_args()
     data = json.loads(Path(a.runs).read_text())
+    host = None if a.host is None else json.loads(Path(a.host).read_text())
     base = INTERCONNECTS["loopback"]
     cores = data["meta"]["machine"]["cpu_count"]
     tried = []
     for ratio in BWD_RATIOS:
         for dense in DENSE_BANDS:
             shape = {"bwd_ratio": ratio, "dense_bands": dense}
-            theta, rows = fit(data["cases"], base, cores, shape)
+            theta, rows = fit(data["cases"], base, cores, shape, host)
             errs = [abs(r["error_pct"]) for r in rows]
             tried.append((statistics.median(errs), shape, theta, rows))
             print(f"bwd_ratio {ratio}, dense_bands {dense}: median |error| "
                   f"{statistics.median(errs):.1f}%, {sum(e <= 10 for e in errs)} of "
                   f"{len(errs)} within 10%")
     _, shape, theta, rows = min(tried, key=lambda t: t[0])
-    k, link = model_of(theta, base, shape)
+    k, link = model_of(theta, base, shape, host)
     errs = [abs(r["error_pct"]) for r in rows]
     res = {"fitted_on": {"file": a.runs, "seed": data["meta"]["seed"],
                          "commit": data["meta"]["commit"]},
+           "host_measured": a.host, "agree_s": None if host is None else host["agree_s"],
            "cores": cores, "shape": shape, "theta": theta,
            "kernel": {f: getattr(k, f) for f in ("flops", "pair_s", "mem_bw", "launch",
                                                  "copy_bw", "step_s", "call_s", "bwd_ratio",

@@ -28,6 +28,12 @@ class KernelModel:
     mem_bw: float = math.inf
     bwd_ratio: float = 2.5
     dense_bands: bool = False
+    agree_s: tuple[float, ...] = ()
+    """The cross-rank agreement's seconds per call at worlds 2, 3, ... (measured by
+    `ringmem bench calibrate --host`; beyond the table: the last two extended linearly)."""
+    shared_latency: bool = False
+    """A message's latency grows like the compute where more ranks than cores share the
+    node (the peer must get a core: measured 1.5x at 3 gloo ranks on 2 cores)."""
 
     def on_node(self, ranks: int) -> KernelModel:
         """This model for `ranks` ranks of one node sharing its `cores`: more ranks than
@@ -39,6 +45,16 @@ class KernelModel:
         return replace(self, flops=self.flops / share, launch=self.launch * share,
                        copy_bw=self.copy_bw / share, step_s=self.step_s * share,
                        pair_s=self.pair_s * share, mem_bw=self.mem_bw / share, cores=0)
+
+    def agreement(self, world: int) -> float:
+        """`agree_s` at `world` (0 alone)."""
+        a = self.agree_s
+        if world < 2 or not a:
+            return 0.0
+        if world - 2 < len(a):
+            return a[world - 2]
+        slope = a[-1] - a[-2] if len(a) > 1 else a[-1]
+        return a[-1] + slope * (world - 1 - len(a))
 
     def time(self, rows: int, keys: int, pairs: float, heads: int, dim: int, batch: float,
              backward: bool, kv_heads: int = 0, itemsize: int = 2) -> float:

@@ -242,7 +242,6 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
     ic = resolve_interconnect(interconnect, device_type)
     inter = None if inter_node is None else resolve_interconnect(inter_node, device_type,
                                                                   "inter_node")
-    cluster = Cluster(world, ic, inter, gpus_per_node)
     if kernel is None:
         kernel = DEFAULT_KERNELS.get(device_type, DEFAULT_KERNELS["cpu"])
         if flops is not None:
@@ -252,7 +251,12 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
         if device_type == "cpu":  # gloo ranks share this machine's cores
             kernel = replace(kernel, cores=os.cpu_count() or 1)
     if isinstance(kernel, KernelModel):
-        kernel = kernel.on_node(gpus_per_node or world)
+        per_node = gpus_per_node or world
+        if kernel.shared_latency and kernel.cores and per_node > kernel.cores:
+            ic = replace(ic, latency=ic.latency * per_node / kernel.cores)
+        kernel = replace(kernel.on_node(per_node), agree_s=(),
+                         call_s=kernel.call_s + kernel.agreement(world))
+    cluster = Cluster(world, ic, inter, gpus_per_node)
     itemsize = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     if mask is None:

@@ -4,6 +4,8 @@
     ringmem bench decode [args]      benchmarks/decode.py under torchrun (4 ranks)
     ringmem bench schedules [args]   benchmarks/schedules.py under torchrun (2 ranks)
     ringmem bench calibrate [--device cpu|cuda] [--out F] [--threads N]
+    ringmem bench calibrate --host [--repeats N] [--out F]
+                                     the host's per-call / per-step / message costs (gloo)
     ringmem bench validate [args]    benchmarks/sim_validation.py (published + CPU checks)
     ringmem bench sim [--profile P] [--quick] [--max-gpus N] [--out-dir D]
                                      simulator sweeps: efficiency vs GPUs and vs sequence
@@ -64,6 +66,32 @@ def write_profile(device: str, out: Path, threads: int | None = 1) -> Path:
     return out
 
 
+def write_host(out: Path, repeats: int) -> int:
+    """Measure the host's costs on gloo ranks (`host.measure_host`) and write them."""
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+
+    from .host import measure_host
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    res = measure_host(repeats=repeats)
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "load_average": _load()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, **res}, indent=1))
+    ws = res["worlds"]
+    print(f"calibrate --host: {res['call_s'] * 1e3:.2f} ms a call + agreement "
+          f"{', '.join(f'{a * 1e3:.2f}' for a in res['agree_s'])} ms at worlds 2.., "
+          f"{res['step_s'] * 1e3:.2f} ms a ring step, {res['latency_s'] * 1e3:.2f} ms a "
+          f"message; loop measured / predicted: "
+          + ", ".join(f"w{w} {m['run'] * 1e3:.2f}/{m['predicted_run'] * 1e3:.2f} ms"
+                      for w, m in ws.items()) + f" -> {out}")
+    return 0
+
+
 def _load() -> list[float]:
     try:
         return list(os.getloadavg())
@@ -83,7 +111,14 @@ def main(argv: list[str]) -> int:
             p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
             p.add_argument("--threads", type=int, default=1)
             p.add_argument("--out", default=None)
+            p.add_argument("--host", action="store_true",
+                           help="the host's per-call, per-step and message costs on gloo "
+                                "ranks instead (ringmem/sim/host.py)")
+            p.add_argument("--repeats", type=int, default=200)
             a = p.parse_args(rest)
+            if a.host:
+                return write_host(Path(a.out) if a.out else benchmarks_dir() / "results"
+                                  / "host_costs_cpu.json", a.repeats)
             out = Path(a.out) if a.out else (benchmarks_dir() / "results"
                                              / f"sim_profile_{a.device}.json")
             write_profile(a.device, out, a.threads)

@@ -154,7 +154,12 @@ def _worker(cases_file: str, out_file: str, rounds: int) -> None:
                   f"{time.perf_counter() - t_case:.1f} s", flush=True)
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
+    dist.barrier()
     dist.destroy_process_group()
+    # no interpreter finalization: a native destructor at exit intermittently aborts
+    # (SIGABRT) after the work is done, which torchrun would report as a failed run
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------ analysis

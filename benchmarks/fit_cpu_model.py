@@ -140,7 +140,7 @@ def fit(rows: list[dict[str, Any]], base: Interconnect, cores: int, shape: dict[
 def model_of(theta: dict[str, float], base: Interconnect, shape: dict[str, Any],
              host: dict[str, Any] | None = None) -> tuple[KernelModel, Interconnect]:
     inv = lambda v: 1 / v if v > 0 else math.inf  # noqa: E731
-    extra = ({} if host is None else
+    extra = ({"agree_s": (), "shared_latency": False} if host is None else
              {"agree_s": tuple(host["agree_s"]), "shared_latency": True})
     k = replace(DEFAULT_KERNELS["cpu"], flops=inv(theta["1/flops"]), launch=theta["launch"],
                 half=0.0, copy_bw=inv(theta["1/copy_bw"]), step_s=theta["step_s"],

@@ -84,14 +84,18 @@ class KernelModel:
 
 # by device type, used when none is given: H100-class flash attention (half speed at
 # 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
-# machines (the ranks of a node share its cores: `on_node`), fitted with the "loopback"
-# link by benchmarks/fit_cpu_model.py on the development run
-# benchmarks/results/auto_regret_dev.json (seed 0; the fit: results/cpu_model_fit.json)
-# and judged on another seed (benchmarks/validation_sets.md): 82.8 GFLOP/s, 1.42 ns per
-# score (softmax), 4.0 GB/s reading a block's inputs, 0.20 ms a launch, backward 1.75 x
-# forward, windows as a dense bias, copies at 2.07 GB/s, 0.22 ms of host work per ring
-# step, none per call
+# machines (the ranks of a node share its cores: `on_node`). The CPU's host costs are
+# measured by `ringmem bench calibrate --host` (results/host_costs_cpu.json): 0.03 ms of
+# checks a call, the agreement 0.64 / 2.53 / 4.51 ms at 2 / 3 / 4 ranks, 0.39 ms of host
+# work a ring step (and the "loopback" link's latency); the rest is fitted with those fixed
+# by benchmarks/fit_cpu_model.py --host on the development run
+# benchmarks/results/auto_regret_dev.json (seed 0; the fit: results/cpu_model_fit_host.json)
+# and judged on other seeds (benchmarks/validation_sets.md): 109 GFLOP/s, 1.52 ns per
+# score (softmax), 3.68 GB/s reading a block's inputs, 0.19 ms a launch, backward 2.0 x
+# forward, windows as a dense bias, copies at 1.97 GB/s
 DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(82.8e9, 0.20e-3, 0.0, 2.07e9, step_s=0.22e-3,
-                                      pair_s=1.42e-9, mem_bw=4.0e9, bwd_ratio=1.75,
-                                      dense_bands=True)}
+                   "cpu": KernelModel(109.2e9, 0.192e-3, 0.0, 1.97e9, step_s=0.395e-3,
+                                      call_s=0.031e-3, pair_s=1.52e-9, mem_bw=3.68e9,
+                                      bwd_ratio=2.0, dense_bands=True,
+                                      agree_s=(0.64e-3, 2.53e-3, 4.51e-3),
+                                      shared_latency=True)}

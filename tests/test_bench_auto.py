@@ -107,3 +107,50 @@ def test_repeat_report_counts_the_runs_own_reproducibility():
     assert "| a | b | 2/4 |" in md and data["runs"][0]["best_fixed_total_s"] == 1.0
     with pytest.raises(SystemExit, match="share one seed"):
         rep.report([a, _run(3, {}, {})], ["a", "c"])
+
+
+def test_agreement_and_shared_latency_enter_the_plan():
+    """The measured agreement is added once per call at the call's world (extended
+    linearly past the table), and with shared_latency a message waits ranks / cores
+    times longer where more ranks than cores share the node."""
+    import torch
+
+    import ringmem
+    from ringmem.plan import KernelModel
+    k = KernelModel(flops=1e30, copy_bw=1e30, agree_s=(1.0, 3.0, 4.0))
+    assert [k.agreement(w) for w in (1, 2, 3, 4, 5, 7)] == [0.0, 1.0, 3.0, 4.0, 5.0, 7.0]
+    assert KernelModel(flops=1.0, agree_s=(2.0,)).agreement(4) == 6.0
+    shape = (1, 2, 1, 8)
+    kw = dict(dtype=torch.float32, device_type="cpu", causal=True, schedule="kv")
+    free = replace(INTERCONNECTS["loopback"], bandwidth=1e30, latency=0.0)
+    for world in (2, 3, 4):
+        t = ringmem.plan(shape, shape, world=world, kernel=k, interconnect=free,
+                         **kw).schedules["kv"].time_s
+        assert t == pytest.approx(k.agreement(world), rel=1e-9)
+    link = replace(free, latency=1.0)
+    times = {}
+    for shared in (False, True):
+        m = KernelModel(flops=1e30, copy_bw=1e30, cores=2, shared_latency=shared)
+        times[shared] = [ringmem.plan(shape, shape, world=w, kernel=m, interconnect=link,
+                                      **kw).schedules["kv"].time_s for w in (2, 4)]
+    assert times[True][0] == pytest.approx(times[False][0])  # 2 ranks, 2 cores: no wait
+    assert times[True][1] == pytest.approx(2 * times[False][1])  # 4 ranks on 2 cores
+
+
+def test_host_calibration_measures_positive_costs_on_gloo():
+    """`ringmem bench calibrate --host`'s measurement at worlds 1 and 2 (a short run): the
+    unit counts are the plan's, every cost is positive and finite, and the fit world's
+    loop is what its costs add up to."""
+    import math
+
+    from ringmem.sim.host import counts, measure_host
+    assert counts(2, 2) == pytest.approx({"steps": 2.0, "blocks": 2.0, "messages": 1.0})
+    assert counts(4, 2)["steps"] == pytest.approx(8.0)  # 4 ranks on 2 cores: twice 4
+    with pytest.raises(ValueError, match="worlds must hold 1"):
+        measure_host(worlds=(2, 3))
+    r = measure_host(worlds=(1, 2), repeats=5)
+    for name in ("step_s", "call_s", "latency_s", "bandwidth"):
+        assert 0 < r[name] < math.inf, (name, r[name])
+    assert len(r["agree_s"]) == 1 and r["agree_s"][0] > 0
+    two = r["worlds"]["2"]
+    assert two["predicted_run"] == pytest.approx(two["run"])

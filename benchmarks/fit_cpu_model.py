@@ -10,7 +10,8 @@ with a unit model (that term's cost 1, every other 0), so the fit is a linear le
 squares in relative error, with every cost >= 0.
 
 Fit only on a development run; judge on another seed (`auto_regret.py --seed`). `--host`:
-the host's costs (per call, the agreement per world, per step, a message's latency) come
+the host's costs (per call, the agreement per world, per step, a message's latency, an
+all-to-all's fixed cost) come
 from `ringmem bench calibrate --host` instead, and only the kernel and bandwidth terms are
 fitted.
 
@@ -102,7 +103,7 @@ def host_part(case: dict[str, Any], option: str, base: Interconnect, cores: int,
     u, s = parse_option(option, case["world"])
     k = KernelModel(flops=BIG, copy_bw=BIG, cores=cores, step_s=host["step_s"],
                     call_s=host["call_s"], agree_s=tuple(host["agree_s"]),
-                    shared_latency=True)
+                    a2a_s=tuple(host.get("a2a_s", ())), shared_latency=True)
     link = replace(base, bandwidth=BIG, latency=host["latency_s"])
     return ringmem.plan(q, kv, interconnect=link, kernel=k, ulysses=u, schedule=s,
                         **kw).schedules[option].time_s
@@ -140,8 +141,9 @@ def fit(rows: list[dict[str, Any]], base: Interconnect, cores: int, shape: dict[
 def model_of(theta: dict[str, float], base: Interconnect, shape: dict[str, Any],
              host: dict[str, Any] | None = None) -> tuple[KernelModel, Interconnect]:
     inv = lambda v: 1 / v if v > 0 else math.inf  # noqa: E731
-    extra = ({"agree_s": (), "shared_latency": False} if host is None else
-             {"agree_s": tuple(host["agree_s"]), "shared_latency": True})
+    extra = ({"agree_s": (), "a2a_s": (), "shared_latency": False} if host is None else
+             {"agree_s": tuple(host["agree_s"]), "a2a_s": tuple(host.get("a2a_s", ())),
+              "shared_latency": True})
     k = replace(DEFAULT_KERNELS["cpu"], flops=inv(theta["1/flops"]), launch=theta["launch"],
                 half=0.0, copy_bw=inv(theta["1/copy_bw"]), step_s=theta["step_s"],
                 call_s=theta["call_s"], pair_s=theta["pair_s"], mem_bw=inv(theta["1/mem_bw"]),
@@ -178,6 +180,7 @@ def main() -> int:
     res = {"fitted_on": {"file": a.runs, "seed": data["meta"]["seed"],
                          "commit": data["meta"]["commit"]},
            "host_measured": a.host, "agree_s": None if host is None else host["agree_s"],
+           "a2a_s": None if host is None else host.get("a2a_s"),
            "cores": cores, "shape": shape, "theta": theta,
            "kernel": {f: getattr(k, f) for f in ("flops", "pair_s", "mem_bw", "launch",
                                                  "copy_bw", "step_s", "call_s", "bwd_ratio",

@@ -31,6 +31,10 @@ class KernelModel:
     agree_s: tuple[float, ...] = ()
     """The cross-rank agreement's seconds per call at worlds 2, 3, ... (measured by
     `ringmem bench calibrate --host`; beyond the table: the last two extended linearly)."""
+    a2a_s: tuple[float, ...] = ()
+    """An all-to-all's seconds beyond one message's latency, in groups of 2, 3, ... ranks
+    (measured by `ringmem bench calibrate --host`, where a group of more ranks than cores
+    waits for cores; beyond the table: extended linearly)."""
     shared_latency: bool = False
     """A message's latency grows like the compute where more ranks than cores share the
     node (the peer must get a core: measured 1.5x at 3 gloo ranks on 2 cores)."""
@@ -42,19 +46,20 @@ class KernelModel:
         share = ranks / self.cores if self.cores else 1.0
         if share <= 1.0:
             return self
-        return replace(self, flops=self.flops / share, launch=self.launch * share,
+        # a table entry of g ranks was measured with max(1, g / cores) of them per core
+        a2a = tuple(a * share / max(1.0, (g + 2) / self.cores)
+                    for g, a in enumerate(self.a2a_s))
+        return replace(self, flops=self.flops / share, launch=self.launch * share, a2a_s=a2a,
                        copy_bw=self.copy_bw / share, step_s=self.step_s * share,
                        pair_s=self.pair_s * share, mem_bw=self.mem_bw / share, cores=0)
 
     def agreement(self, world: int) -> float:
         """`agree_s` at `world` (0 alone)."""
-        a = self.agree_s
-        if world < 2 or not a:
-            return 0.0
-        if world - 2 < len(a):
-            return a[world - 2]
-        slope = a[-1] - a[-2] if len(a) > 1 else a[-1]
-        return a[-1] + slope * (world - 1 - len(a))
+        return _at(self.agree_s, world)
+
+    def all_to_all(self, ranks: int) -> float:
+        """`a2a_s` for a group of `ranks` (0 alone)."""
+        return _at(self.a2a_s, ranks)
 
     def time(self, rows: int, keys: int, pairs: float, heads: int, dim: int, batch: float,
              backward: bool, kv_heads: int = 0, itemsize: int = 2) -> float:
@@ -82,20 +87,34 @@ class KernelModel:
         return elems * per_elem / self.copy_bw
 
 
+def _at(table: tuple[float, ...], ranks: int) -> float:
+    """A per-group-size table (2, 3, ... ranks) at `ranks`: 0 below 2, the last two
+    entries extended linearly past its end."""
+    if ranks < 2 or not table:
+        return 0.0
+    if ranks - 2 < len(table):
+        return table[ranks - 2]
+    slope = table[-1] - table[-2] if len(table) > 1 else table[-1]
+    return table[-1] + slope * (ranks - 1 - len(table))
+
+
 # by device type, used when none is given: H100-class flash attention (half speed at
 # 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
 # machines (the ranks of a node share its cores: `on_node`). The CPU's host costs are
-# measured by `ringmem bench calibrate --host` (results/host_costs_cpu.json): 0.03 ms of
-# checks a call, the agreement 0.64 / 2.53 / 4.51 ms at 2 / 3 / 4 ranks, 0.39 ms of host
-# work a ring step (and the "loopback" link's latency); the rest is fitted with those fixed
-# by benchmarks/fit_cpu_model.py --host on the development run
-# benchmarks/results/auto_regret_dev.json (seed 0; the fit: results/cpu_model_fit_host.json)
-# and judged on other seeds (benchmarks/validation_sets.md): 109 GFLOP/s, 1.52 ns per
-# score (softmax), 3.68 GB/s reading a block's inputs, 0.19 ms a launch, backward 2.0 x
-# forward, windows as a dense bias, copies at 1.97 GB/s
+# measured by `ringmem bench calibrate --host` (results/host_costs_cpu_a2a.json): 0.05 ms
+# of checks a call, the agreement 0.59 / 2.46 / 4.96 ms at 2 / 3 / 4 ranks, an all-to-all
+# 0.02 / 0.12 / 0.47 ms over one message, 0.39 ms of host work a ring step (and the
+# "loopback" link's latency); the rest is fitted with those fixed by
+# benchmarks/fit_cpu_model.py --host on the development run
+# benchmarks/results/auto_regret_dev.json (seed 0; the fit:
+# results/cpu_model_fit_host_a2a.json) and judged on other seeds
+# (benchmarks/validation_sets.md): 98.8 GFLOP/s, 1.56 ns per score (softmax), 3.57 GB/s
+# reading a block's inputs, 0.19 ms a launch, backward 1.75 x forward, windows as a dense
+# bias, copies at 2.05 GB/s
 DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(109.2e9, 0.192e-3, 0.0, 1.97e9, step_s=0.395e-3,
-                                      call_s=0.031e-3, pair_s=1.52e-9, mem_bw=3.68e9,
-                                      bwd_ratio=2.0, dense_bands=True,
-                                      agree_s=(0.64e-3, 2.53e-3, 4.51e-3),
+                   "cpu": KernelModel(98.8e9, 0.187e-3, 0.0, 2.05e9, step_s=0.386e-3,
+                                      call_s=0.050e-3, pair_s=1.56e-9, mem_bw=3.57e9,
+                                      bwd_ratio=1.75, dense_bands=True,
+                                      agree_s=(0.59e-3, 2.46e-3, 4.96e-3),
+                                      a2a_s=(0.018e-3, 0.121e-3, 0.467e-3),
                                       shared_latency=True)}

@@ -56,6 +56,7 @@ class BlockTimes(Protocol):
 class Routed(Protocol):
     """What the time model reads of an option's routing (`plan.Estimate`)."""
     ring: str  # the ring schedule
+    ulysses: int  # the all-to-all group's size (1: none)
     messages: dict[str, list[Any]]  # per phase: `plan.Message`s
     work: list[list[tuple[tuple[int, int, float], ...]]]  # [rank][step]: pieces
     heads: tuple[int, int]  # (query heads, most K/V heads) per rank
@@ -212,8 +213,10 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
                                    for h in halves], dtype=torch.float64)
         last = torch.tensor([_pieces_s(prof, h[1], est, phase, itemsize) for h in halves],
                             dtype=torch.float64)
-    pre_s = net.time_of(pre.src, pre.dst, pre.nbytes)
-    post_s = net.time_of(post.src, post.dst, post.nbytes)
+    # a measured all-to-all costs more than its messages' latency (`KernelModel.a2a_s`)
+    a2a_fixed = prof.all_to_all(est.ulysses) if hasattr(prof, "all_to_all") else 0.0
+    pre_s = net.time_of(pre.src, pre.dst, pre.nbytes) + (a2a_fixed if len(pre) else 0.0)
+    post_s = net.time_of(post.src, post.dst, post.nbytes) + (a2a_fixed if len(post) else 0.0)
     t0 = prof.call_s + pre_s
     arrive = torch.full((r + 1, world), t0, dtype=torch.float64)  # [step, rank]: inputs
     links = 0.0

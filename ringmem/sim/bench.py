@@ -77,6 +77,10 @@ def write_host(out: Path, repeats: int) -> int:
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     res = measure_host(repeats=repeats)
+    if not res["step_s"] > 0:
+        raise ValueError(f"the measured ring step came out {res['step_s'] * 1e3:.3f} ms: "
+                         f"the noise exceeds it; rerun with more --repeats on a quiet "
+                         f"machine")
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "load_average": _load()}

@@ -10,13 +10,15 @@ and bytes are negligible (schedule kv, zigzag, causal, 2 tokens x 1 head x 8 per
 - `run`: its ring loop alone (`call.run`): steps + blocks + messages;
 - `block`: one such block forward of the backend alone;
 - `message`: one ring exchange of 64 bytes (isend to the next rank, irecv from the
-  previous, wait); `bandwidth`: the same with 4 MiB.
+  previous, wait); `bandwidth`: the same with 4 MiB; `all_to_all`: one all-to-all of 64
+  bytes to every rank (a Ulysses exchange's fixed cost).
 
 How many steps, blocks and messages the loop's critical path holds is read off `plan()`
 with unit models (as `benchmarks/fit_cpu_model.py` does), so at the smallest W > 1 (no rank
 waiting for a core)
     step = (run - blocks * block - messages * message) / steps,
-the call costs `agreed(1)` plus the agreement `agreed(W) - agreed(1)` at each W, and the
+the call costs `agreed(1)` plus the agreement `agreed(W) - agreed(1)` at each W, an
+all-to-all `all_to_all(W) - message(W)` more than the link model's one message, and the
 other worlds' loops are predicted from these costs (the compute and the latency slowed by
 ranks / cores, as `plan()` models ranks sharing cores) and reported beside their
 measurement.
@@ -84,6 +86,8 @@ def _worker(out: str, repeats: int) -> None:
                     w.wait()
             t = _median_s(exchange, repeats)
             res[name] = t if name == "message" else n * 4 / max(t - res["message"], 1e-9)
+        send, recv = torch.ones(16 * world), torch.empty(16 * world)
+        res["all_to_all"] = _median_s(lambda: dist.all_to_all_single(recv, send), repeats)
     if rank == 0:
         Path(out).write_text(json.dumps(res))
     dist.destroy_process_group()
@@ -138,6 +142,9 @@ def measure_host(worlds: tuple[int, ...] = (1, 2, 3, 4), repeats: int = 200,
            "bandwidth": two["bandwidth"],
            "agree_s": [measured[w]["agreed"] - one["agreed"] for w in sorted(measured)
                        if w > 1],
+           # an all-to-all's cost over one message's (the link model's share of it)
+           "a2a_s": [max(0.0, measured[w]["all_to_all"] - measured[w]["message"])
+                     for w in sorted(measured) if w > 1],
            "worlds": {str(w): m for w, m in sorted(measured.items())}}
     for w, m in measured.items():  # the loop at every world from the same costs
         share = max(1.0, w / cores)

@@ -264,6 +264,7 @@ def report(res: dict[str, Any], meta: dict[str, Any], out: Path) -> None:
         lines.append(f"| {cs['id']} | {desc.describe()} | {len(c['predicted_s'])} | "
                      f"{c['fastest']} | {c['choice']} | {c['regret']['auto']:.1%} | "
                      f"{'tie' if c['tie'] else ''} | {cells} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, **res}, indent=1))
     try:

@@ -100,21 +100,18 @@ def _at(table: tuple[float, ...], ranks: int) -> float:
 
 # by device type, used when none is given: H100-class flash attention (half speed at
 # 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
-# machines (the ranks of a node share its cores: `on_node`). The CPU's host costs are
-# measured by `ringmem bench calibrate --host` (results/host_costs_cpu_a2a.json): 0.05 ms
-# of checks a call, the agreement 0.59 / 2.46 / 4.96 ms at 2 / 3 / 4 ranks, an all-to-all
-# 0.02 / 0.12 / 0.47 ms over one message, 0.39 ms of host work a ring step (and the
-# "loopback" link's latency); the rest is fitted with those fixed by
-# benchmarks/fit_cpu_model.py --host on the development run
-# benchmarks/results/auto_regret_dev.json (seed 0; the fit:
-# results/cpu_model_fit_host_a2a.json) and judged on other seeds
-# (benchmarks/validation_sets.md): 98.8 GFLOP/s, 1.56 ns per score (softmax), 3.57 GB/s
-# reading a block's inputs, 0.19 ms a launch, backward 1.75 x forward, windows as a dense
-# bias, copies at 2.05 GB/s
+# machines (the ranks of a node share its cores: `on_node`), fitted with the "loopback"
+# link by benchmarks/fit_cpu_model.py on the development run
+# benchmarks/results/auto_regret_dev.json (seed 0; the fit: results/cpu_model_fit.json)
+# and judged on other seeds (benchmarks/validation_sets.md): 82.8 GFLOP/s, 1.42 ns per
+# score (softmax), 4.0 GB/s reading a block's inputs, 0.20 ms a launch, backward 1.75 x
+# forward, windows as a dense bias, copies at 2.07 GB/s, 0.22 ms of host work per ring
+# step, none per call. The same model with the host's costs measured instead
+# (`ringmem bench calibrate --host`: agree_s, a2a_s, shared_latency;
+# results/cpu_model_fit_host_a2a.json) predicts times better on every held-out seed but
+# picks worse at 4 ranks on 2 cores (it under-predicts pure Ulysses there), so `auto`
+# keeps this one (docs/parallelism.md).
 DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(98.8e9, 0.187e-3, 0.0, 2.05e9, step_s=0.386e-3,
-                                      call_s=0.050e-3, pair_s=1.56e-9, mem_bw=3.57e9,
-                                      bwd_ratio=1.75, dense_bands=True,
-                                      agree_s=(0.59e-3, 2.46e-3, 4.96e-3),
-                                      a2a_s=(0.018e-3, 0.121e-3, 0.467e-3),
-                                      shared_latency=True)}
+                   "cpu": KernelModel(82.8e9, 0.20e-3, 0.0, 2.07e9, step_s=0.22e-3,
+                                      pair_s=1.42e-9, mem_bw=4.0e9, bwd_ratio=1.75,
+                                      dense_bands=True)}

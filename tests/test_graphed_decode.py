@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cache import HKV, HQ, D, _bound, _cfg  # the cache tests' shapes and bound
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ringmem.cache import CacheConfig, GraphedDecode, ShardedKVCache
+from ringmem.cache import GraphedDecode, ShardedKVCache
 from ringmem.eviction import EvictionPolicy
 from ringmem.reference import masked_reference
 from ringmem.testing import spawn
 
-HQ, HKV, D, LAYERS = 4, 2, 16, 2
-
-
-def _cfg(**kw) -> CacheConfig:
-    base = dict(num_layers=LAYERS, q_heads=HQ, kv_heads=HKV, head_dim=D, capacity=64,
-                page_size=4, max_seqs=2, dtype=torch.float64)
-    base.update(kw)
-    return CacheConfig(**base)
-
-
-def _bound(ref: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float:
-    if dtype == torch.float64:
-        return 1e-12
-    return (2 * (base.double() - ref).abs().max().item()
-            + 2 * torch.finfo(dtype).eps * ref.abs().max().item())
+LAYERS = 2  # _cfg's num_layers
 
 
 def _prefill(cache: ShardedKVCache, layer: int, seq: int, k, v) -> None:

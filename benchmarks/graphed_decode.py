@@ -13,6 +13,7 @@ smoke run of the script (the graph itself is then unverified).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -104,13 +105,19 @@ def main() -> int:
     def eager() -> list[torch.Tensor]:
         return [twin.decode(lay, qs[lay], ks[lay], vs[lay]) for lay in range(a.layers)]
 
-    for i in range(3):  # warm-up, eager (NCCL and the allocator see every op once)
-        fresh()
-        t0 = time.perf_counter()
-        dec.plan()
-        times["plan"].append(time.perf_counter() - t0)
-        outs = timed_step(step, "graphed, eager")
-        check(outs, timed_step(eager, "eager decode"), i)
+    side = torch.cuda.Stream() if cuda else None  # warm-up off the capture's stream
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        for i in range(3):  # warm-up, eager (NCCL and the allocator see every op once)
+            fresh()
+            t0 = time.perf_counter()
+            dec.plan()
+            times["plan"].append(time.perf_counter() - t0)
+            outs = timed_step(step, "graphed, eager")
+            check(outs, timed_step(eager, "eager decode"), i)
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
     graph = None
     if cuda:
         graph = torch.cuda.CUDAGraph()

@@ -106,8 +106,19 @@ def test_graphed_steps_with_softcap_sinks_low_precision_at_world_3(merge, dtype)
     spawn(_graphed_matches, 3, merge, dtype, True)
 
 
+def _arg(x: object) -> object:
+    """A tensor by its shape, a number or flag by its value, anything else (a process
+    group's handle, new at each call) by its type."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if x is None or isinstance(x, (bool, int, float, str, torch.dtype, torch.device)):
+        return repr(x)
+    return type(x).__name__
+
+
 class _Trace(TorchDispatchMode):
-    """Every op the step dispatches, with its tensor arguments' shapes."""
+    """Every op the step dispatches, with its tensor arguments' shapes and its other
+    arguments' values (a slot or length baked in as a Python number would differ)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,8 +126,7 @@ class _Trace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-        self.ops.append((str(func), tuple(tuple(x.shape) for x in flat
-                                          if isinstance(x, torch.Tensor))))
+        self.ops.append((str(func), tuple(_arg(x) for x in flat)))
         return func(*args, **(kwargs or {}))
 
 
@@ -189,7 +199,8 @@ def test_refuses_what_a_graph_cannot_hold() -> None:
     cases = [(ShardedKVCache(_cfg(), eviction=EvictionPolicy(scorer=H2O(), budget=40)),
               "eviction"),
              (ShardedKVCache(_cfg(windows=(8, -1))), "sliding windows"),
-             (ShardedKVCache(_cfg(capacity=2, page_size=1)), "capacity 2 must exceed")]
+             (ShardedKVCache(_cfg(capacity=2, page_size=1)), "capacity 2 must exceed"),
+             (ShardedKVCache(_cfg(check_finite=False)), "needs config.check_finite=True")]
     for cache, what in cases:
         with pytest.raises(ValueError, match=what):
             GraphedDecode(cache)

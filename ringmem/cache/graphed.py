@@ -20,8 +20,10 @@ in two:
   every rank runs the same kernels at every step.
 
 What `decode` reads at once rides sticky device flags instead (the ranks' q/k/v digests
-differ; a non-finite k/v, which is then not stored): the next `plan()` reads them (on a GPU
-from a copy one step old) and raises on every rank; `check()` reads them now. The masks
+differ; a non-finite k/v, which is then not stored): a later `plan()` reads them (the next
+one on a CPU; on a GPU the one after, from a copy that never waits for the step in flight)
+and raises on every rank; `check()` reads them now. `plan()` and the step (or the graph's
+replay) must run on the same stream, one step per plan. The masks
 follow the stores: a plan compares each page table with what its mask row was built from
 and rebuilds a row that differs (after an eager prefill, decode, fork or reset), so graphed
 and eager calls mix.
@@ -38,7 +40,7 @@ from torch import Tensor
 
 from ..agree import CAPACITY, agree
 from ..call import check_extras
-from ..partial import Partial, acc_dtype, from_scores, merge_into, with_sink
+from ..partial import Partial, acc_dtype, merge_into, probs, with_sink
 from .checks import check_index, check_scale, check_tensor
 from .decode import digest, merge_across_ranks, own_token, room
 
@@ -69,6 +71,10 @@ class GraphedDecode:
                 raise ValueError(f"GraphedDecode: this cache has {why}, which move or drop "
                                  f"entries at every step on the host; use "
                                  f"ShardedKVCache.decode")
+            if not c.check_finite:  # freed pages could then hold NaN, which the step's
+                # whole-pool product with 0 probabilities would still spread
+                raise ValueError("GraphedDecode needs config.check_finite=True (it checks "
+                                 "on the device, with no host sync)")
             if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
                 raise ValueError(f"chunk must be a positive int, got {chunk!r}")
             self.scale = check_scale(softmax_scale, c.head_dim)
@@ -121,7 +127,7 @@ class GraphedDecode:
                     short, full = short + s, full or f
                     lengths += [*idx.seen[layer], *(idx.held(layer, q) for q in range(b))]
             except (TypeError, ValueError) as e:
-                error = e
+                error, lengths = e, [-1] * (2 * layers * b)  # the same size on every rank
         from .prefill import ROOM
         agree("decode (graphed)", cache.group, error,
               max_words=max(CAPACITY, 10 + 4 * len(lengths)),
@@ -134,9 +140,9 @@ class GraphedDecode:
         for layer in range(layers):
             self._plan_layer(layer, owners[layer])
         self.planned.copy_(self._staged, non_blocking=True)
-        if self.planned.is_cuda:
+        if self.planned.is_cuda:  # the stream replay() runs on must be this one
             self._staged_done = torch.cuda.Event()
-            self._staged_done.record()
+            self._staged_done.record(torch.cuda.current_stream(self.planned.device))
         self._due = set(range(layers))
         self.steps += 1
 
@@ -183,15 +189,16 @@ class GraphedDecode:
             m[lo:hi] = True
 
     def _read_flags(self) -> Tensor | None:
-        """The sticky flags as of the last step (CPU), or of the step before (GPU: read from
-        a copy launched by the last plan, so the host never waits on the current step)."""
+        """The sticky flags as of the last step (CPU), or as of the step before it (GPU:
+        read from the copy the last plan launched, so the host never waits for the step
+        in flight; a step's flag is raised two plans later)."""
         if not self.flags.is_cuda:
             return self.flags.clone()
         prev = self._flag_copy
         host = torch.empty(self.flags.shape, dtype=torch.bool, pin_memory=True)
         host.copy_(self.flags, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.flags.device))
         self._flag_copy = (host, event)
         if prev is None:
             return None
@@ -225,17 +232,19 @@ class GraphedDecode:
             if x.shape[0] != c.max_seqs:
                 raise ValueError(f"{name} must hold all {c.max_seqs} sequences, got "
                                  f"{tuple(x.shape)}")
-        if torch.compiler.is_compiling() or (q.is_cuda and
-                                             torch.cuda.is_current_stream_capturing()):
+        traced = torch.compiler.is_compiling() or (q.is_cuda and
+                                                   torch.cuda.is_current_stream_capturing())
+        if traced:
             self.captured = True
         elif layer in self._due:
             self._due.discard(layer)
         else:
             raise ValueError(f"GraphedDecode.attend: layer {layer} was not planned for this "
                              f"step (call plan() once per token step, then attend each layer)")
-        return self._step(layer, q, k, v)
+        # eager on the CPU a peer's failure times out (bounded waits); a graph holds plain calls
+        return self._step(layer, q, k, v, bounded=not traced)
 
-    def _step(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _step(self, layer: int, q: Tensor, k: Tensor, v: Tensor, bounded: bool) -> Tensor:
         cache, st = self.cache, self.cache.stores[layer]
         b, _, hq, d = q.shape
         hkv = k.shape[2]
@@ -251,7 +260,9 @@ class GraphedDecode:
                 s = torch.tanh(s / self.softcap) * self.softcap
             s = s.reshape(hkv, b, hq // hkv, hi - lo)
             s = s.masked_fill(~keep[None, :, None, lo:hi], float("-inf"))
-            part = from_scores(s, st.v[:, lo:hi].to(ad).unsqueeze(1))  # [Hkv, B, G, D]
+            lse = torch.logsumexp(s, -1)  # [Hkv, B, G]
+            p = probs(s, lse).reshape(hkv, -1, hi - lo)  # one V chunk for every sequence
+            part = Partial(torch.bmm(p, st.v[:, lo:hi].to(ad)).reshape(*lse.shape, d), lse)
             if acc is None:
                 acc = part
             else:
@@ -262,7 +273,7 @@ class GraphedDecode:
         if cache.world > 1:
             out, lse, differ = merge_across_ranks(out, lse, cache.group, cache.world,
                                                   cache.config.merge, digest(q, k, v),
-                                                  bounded=False)
+                                                  bounded=bounded)
             assert differ is not None
             self.flags[layer, 0].logical_or_(differ)
         total, _ = own_token(Partial(out, lse), q, k, v, self.scale, self.softcap)

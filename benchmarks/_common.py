@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
+
+from ringmem.sim.host import rank_times as timed  # noqa: F401 (the benchmarks' timer)
 
 
 def cpu_model() -> str:
@@ -34,24 +34,6 @@ def git_commit() -> str:
                               ).stdout.strip() or "unknown"
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def timed(fn: Callable[[], Any], repeats: int, warmup: bool = True,
-          over_ranks: bool = True) -> list[float]:
-    """Wall times of `repeats` calls; with over_ranks, the slowest rank's time per call."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        if over_ranks:
-            dist.barrier()  # start together so the max over ranks is the ring's wall time
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        if over_ranks:
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(dt.item())
-    return times
 
 
 def grad_leaves(ts: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

@@ -95,6 +95,16 @@ def nnls(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         keep.pop(int(torch.argmin(t)))
 
 
+def host_fields(host: dict[str, Any] | None) -> dict[str, Any]:
+    """The model's fields for measured host costs (`calibrate --host`'s JSON, or a fit made
+    with it): the agreement and all-to-all tables and the shared latency; without them
+    (None, or no "agree_s"), those of the fully fitted model."""
+    if not host or not host.get("agree_s"):
+        return {"agree_s": (), "a2a_s": (), "shared_latency": False}
+    return {"agree_s": tuple(host["agree_s"]), "a2a_s": tuple(host.get("a2a_s") or ()),
+            "shared_latency": True}
+
+
 def host_part(case: dict[str, Any], option: str, base: Interconnect, cores: int,
               host: dict[str, Any]) -> float:
     """The measured host terms' share of an option's time (`--host`): per call, the
@@ -102,8 +112,7 @@ def host_part(case: dict[str, Any], option: str, base: Interconnect, cores: int,
     q, kv, kw = _plan_args(case)
     u, s = parse_option(option, case["world"])
     k = KernelModel(flops=BIG, copy_bw=BIG, cores=cores, step_s=host["step_s"],
-                    call_s=host["call_s"], agree_s=tuple(host["agree_s"]),
-                    a2a_s=tuple(host.get("a2a_s", ())), shared_latency=True)
+                    call_s=host["call_s"], **host_fields(host))
     link = replace(base, bandwidth=BIG, latency=host["latency_s"])
     return ringmem.plan(q, kv, interconnect=link, kernel=k, ulysses=u, schedule=s,
                         **kw).schedules[option].time_s
@@ -141,13 +150,10 @@ def fit(rows: list[dict[str, Any]], base: Interconnect, cores: int, shape: dict[
 def model_of(theta: dict[str, float], base: Interconnect, shape: dict[str, Any],
              host: dict[str, Any] | None = None) -> tuple[KernelModel, Interconnect]:
     inv = lambda v: 1 / v if v > 0 else math.inf  # noqa: E731
-    extra = ({"agree_s": (), "a2a_s": (), "shared_latency": False} if host is None else
-             {"agree_s": tuple(host["agree_s"]), "a2a_s": tuple(host.get("a2a_s", ())),
-              "shared_latency": True})
     k = replace(DEFAULT_KERNELS["cpu"], flops=inv(theta["1/flops"]), launch=theta["launch"],
                 half=0.0, copy_bw=inv(theta["1/copy_bw"]), step_s=theta["step_s"],
                 call_s=theta["call_s"], pair_s=theta["pair_s"], mem_bw=inv(theta["1/mem_bw"]),
-                **shape, **extra)
+                **shape, **host_fields(host))
     return k, replace(base, bandwidth=inv(theta["1/bandwidth"]), latency=theta["latency"])
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_regret import _q
-from fit_cpu_model import _plan_args
+from fit_cpu_model import _plan_args, host_fields
 
 import ringmem
 from ringmem.links import INTERCONNECTS
@@ -29,11 +29,8 @@ from ringmem.plan import DEFAULT_KERNELS, KernelModel
 
 def load_model(path: str, cores: int) -> tuple[KernelModel, Any]:
     d = json.loads(Path(path).read_text())
-    k = {f: v for f, v in d["kernel"].items()}
-    extra = ({"agree_s": (), "a2a_s": (), "shared_latency": False} if not d.get("agree_s")
-             else {"agree_s": tuple(d["agree_s"]), "a2a_s": tuple(d.get("a2a_s") or ()),
-                   "shared_latency": True})
-    kernel = replace(DEFAULT_KERNELS["cpu"], half=0.0, cores=cores, **k, **extra)
+    kernel = replace(DEFAULT_KERNELS["cpu"], half=0.0, cores=cores, **d["kernel"],
+                     **host_fields(d))
     link = replace(INTERCONNECTS["loopback"], **d["link"])
     return kernel, link
 

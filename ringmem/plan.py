@@ -224,13 +224,13 @@ def plan(q_shape: tuple[int, ...], kv_shape: tuple[int, ...], *, world: int,
     the query heads); schedule: a ring schedule or "auto" (all of them). interconnect links
     the ranks of a node, inter_node (e.g. "ib") the nodes of `gpus_per_node` ranks each
     (0: one node). kernel: the block time model (`KernelModel`, or any object with its
-    `block_s` and `epilogue_s`, `timeline.BlockTimes`: e.g. a measured `sim.Profile`);
-    default by device type, `flops` replacing its rate (on the CPU, the ranks of a node
-    share `os.cpu_count()` cores: `KernelModel.on_node`). Returns a Plan with every option's
-    bytes per rank per step and predicted time; `str(plan)` explains the choice. Where
-    communication overlaps compute, within 1% predicted time the option with less
-    buffers (an all-gather holds every K/V span it uses at once), then the one with less
-    communication (it leaves more slack); exact ties go to the first listed.
+    `block_s`, `epilogue_s` and `all_to_all`, `timeline.BlockTimes`: e.g. a measured
+    `sim.Profile`); default by device type, `flops` replacing its rate (on the CPU, the
+    ranks of a node share `os.cpu_count()` cores: `KernelModel.on_node`). Returns a Plan
+    with every option's bytes per rank per step and predicted time; `str(plan)` explains
+    the choice. Where communication overlaps compute, within 1% predicted time the option
+    with less buffers (an all-gather holds every K/V span it uses at once), then the one
+    with less communication (it leaves more slack); exact ties go to the first listed.
     """
     if len(q_shape) != 4 or len(kv_shape) != 4:
         raise ValueError(f"q_shape and kv_shape must be [B, S, H, D], got {q_shape}, {kv_shape}")

@@ -52,6 +52,8 @@ class BlockTimes(Protocol):
 
     def epilogue_s(self, elems: float, per_elem: float) -> float: ...
 
+    def all_to_all(self, ranks: int) -> float: ...  # an all-to-all's cost over its latency
+
 
 class Routed(Protocol):
     """What the time model reads of an option's routing (`plan.Estimate`)."""
@@ -214,7 +216,7 @@ def simulate_phase(est: Routed, phase: str, prof: BlockTimes, net: Cluster, *,
         last = torch.tensor([_pieces_s(prof, h[1], est, phase, itemsize) for h in halves],
                             dtype=torch.float64)
     # a measured all-to-all costs more than its messages' latency (`KernelModel.a2a_s`)
-    a2a_fixed = prof.all_to_all(est.ulysses) if hasattr(prof, "all_to_all") else 0.0
+    a2a_fixed = prof.all_to_all(est.ulysses)
     pre_s = net.time_of(pre.src, pre.dst, pre.nbytes) + (a2a_fixed if len(pre) else 0.0)
     post_s = net.time_of(post.src, post.dst, post.nbytes) + (a2a_fixed if len(post) else 0.0)
     t0 = prof.call_s + pre_s

@@ -28,7 +28,7 @@ def prof(**kw) -> Profile:
 def est(work, msgs, heads=(1, 1), d=1, batch=1, ring="kv", phase="fwd"):
     """A hand-made plan() Estimate: work[rank][step] pieces, messages of one phase."""
     return SimpleNamespace(work=work, messages={phase: msgs}, heads=heads, head_dim=d,
-                           batch=batch, ring=ring, halves=[])
+                           batch=batch, ring=ring, halves=[], ulysses=1)
 
 
 def secs(pairs: float, rate: float = 1e12) -> float:

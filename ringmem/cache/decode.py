@@ -242,11 +242,15 @@ def cross_rank(cache: Parts, layer: int, parts: list[Partial],
     return Partial(o, l)
 
 
+def differ_error(layer: int, when: str = "this") -> ValueError:
+    return ValueError(f"decode: the ranks passed different q/k/v to layer {layer} at {when} "
+                      f"step (every rank must decode the same token: run the same model on "
+                      f"the same input on every rank)")
+
+
 def raise_if_differ(layer: int, flag: Tensor, when: str = "this") -> None:
     if bool(flag):
-        raise ValueError(f"decode: the ranks passed different q/k/v to layer {layer} at "
-                         f"{when} step (every rank must decode the same token: run the same "
-                         f"model on the same input on every rank)")
+        raise differ_error(layer, when)
 
 
 def previous_check(cache: Parts, layer: int) -> None:

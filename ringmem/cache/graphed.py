@@ -42,7 +42,7 @@ from ..agree import CAPACITY, agree
 from ..call import check_extras
 from ..partial import Partial, acc_dtype, merge_into, probs, with_sink
 from .checks import check_index, check_scale, check_tensor
-from .decode import digest, merge_across_ranks, own_token, room
+from .decode import differ_error, digest, merge_across_ranks, own_token, room
 
 if TYPE_CHECKING:
     from .sharded import ShardedKVCache
@@ -208,9 +208,7 @@ class GraphedDecode:
     def _flag_error(self, flags: Tensor | None) -> ValueError | None:
         for layer, (differ, bad) in enumerate([] if flags is None else flags.tolist()):
             if differ:
-                return ValueError(f"decode: the ranks passed different q/k/v to layer "
-                                  f"{layer} at a graphed step (every rank must decode the "
-                                  f"same token: run the same model on the same input)")
+                return differ_error(layer, "a graphed")
             if bad:
                 return ValueError(f"decode: k or v of layer {layer} held NaN or inf at a "
                                   f"graphed step; that token was not stored (reset the "

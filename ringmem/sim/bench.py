@@ -47,19 +47,10 @@ def script_command(job: str, rest: list[str]) -> list[str]:
 
 def write_profile(device: str, out: Path, threads: int | None = 1) -> Path:
     """Calibrate on `device` and write the profile JSON to `out`."""
-    import platform
-    from datetime import datetime, timezone
-
-    import torch
-
     from .calibrate import calibrate
     prof = calibrate(device, threads=threads,
                      progress=lambda xs: progress(xs, f"calibrate {device}"))
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average": _load()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "profile": prof.to_json()}, indent=1))
+    _write(out, {"profile": prof.to_json()})
     print(f"calibrate: {prof.name}: fwd {prof.fwd_flops / 1e9:.1f} GFLOP/s, bwd "
           f"{prof.bwd_flops / 1e9:.1f} GFLOP/s, causal x{prof.causal_efficiency:.2f}, "
           f"launch {prof.launch_s * 1e6:.0f} us, merge {prof.mem_bw / 1e9:.1f} GB/s -> {out}")
@@ -68,11 +59,6 @@ def write_profile(device: str, out: Path, threads: int | None = 1) -> Path:
 
 def write_host(out: Path, repeats: int) -> int:
     """Measure the host's costs on gloo ranks (`host.measure_host`) and write them."""
-    import platform
-    from datetime import datetime, timezone
-
-    import torch
-
     from .host import measure_host
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
@@ -81,11 +67,7 @@ def write_host(out: Path, repeats: int) -> int:
         raise ValueError(f"the measured ring step came out {res['step_s'] * 1e3:.3f} ms: "
                          f"the noise exceeds it; rerun with more --repeats on a quiet "
                          f"machine")
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average": _load()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, **res}, indent=1))
+    _write(out, res)
     ws = res["worlds"]
     print(f"calibrate --host: {res['call_s'] * 1e3:.2f} ms a call + agreement "
           f"{', '.join(f'{a * 1e3:.2f}' for a in res['agree_s'])} ms at worlds 2.., "
@@ -94,6 +76,19 @@ def write_host(out: Path, repeats: int) -> int:
           + ", ".join(f"w{w} {m['run'] * 1e3:.2f}/{m['predicted_run'] * 1e3:.2f} ms"
                       for w, m in ws.items()) + f" -> {out}")
     return 0
+
+
+def _write(out: Path, body: dict) -> None:
+    """`body` as JSON at `out`, after a "meta" entry: date, machine, versions, load."""
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "load_average": _load()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, **body}, indent=1))
 
 
 def _load() -> list[float]:

@@ -33,27 +33,35 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TOKENS, HEADS, DIM = 2, 1, 8  # per rank: compute and bytes far below the host's costs
 BIG = 1e30
 
 
-def _median_s(fn, repeats: int) -> float:
+def rank_times(fn: Callable[[], Any], repeats: int, warmup: bool = True,
+               over_ranks: bool = True) -> list[float]:
+    """Wall times of `repeats` calls (after a warm-up call); with over_ranks, each call
+    starts after a barrier and counts the slowest rank's time (the benchmarks' `timed`)."""
     import torch
     import torch.distributed as dist
-    fn()
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
-        if dist.is_initialized():
-            dist.barrier()
+        if over_ranks:
+            dist.barrier()  # start together so the max over ranks is the ring's wall time
         t0 = time.perf_counter()
         fn()
         dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        if dist.is_initialized():
+        if over_ranks:
             dist.all_reduce(dt, op=dist.ReduceOp.MAX)
         times.append(dt.item())
-    return statistics.median(times)
+    return times
+
+
+def _median_s(fn: Callable[[], Any], repeats: int) -> float:
+    return statistics.median(rank_times(fn, repeats))
 
 
 def _worker(out: str, repeats: int) -> None:

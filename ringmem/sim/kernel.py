@@ -121,6 +121,11 @@ class Profile:
         """Seconds of a memory-bound pass over `elems` elements at `per_elem` bytes each."""
         return elems * per_elem / self.mem_bw
 
+    def all_to_all(self, ranks: int) -> float:
+        """An all-to-all's fixed cost beyond its messages' latency: a profile measures
+        none (`kernel_model.KernelModel.a2a_s` does)."""
+        return 0.0
+
     def calibrated(self, seq: int, heads: int, d: int, fwd_s: float, fwd_bwd_s: float,
                    batch: int = 1, causal: bool = True) -> Profile:
         """This profile with fwd_flops / bwd_flops set so that one launch over `seq`

@@ -3,13 +3,17 @@ ulysses="auto" against every fixed choice, on CPU/gloo.
 
 A seeded generator draws the configs (worlds 2-4, shapes, GQA ratios, causal, sliding
 windows, packed documents, non-causal, decode-shaped; forward or forward + backward). For
-each config every option `ringmem.plan` lists is timed in interleaved rounds (each round
-runs every option once, the order rotated per round, each call timed as the slowest
-rank's wall time), and `auto` itself besides. Regret of a policy on a config: the median
-time of the option it picks over the fastest option's, minus one. A row is a tie where
-the two medians differ by less than the larger of their interquartile ranges (noise).
+each config every option `ringmem.plan` lists, and `auto` itself, is timed in interleaved
+rounds: each round runs every option once, the order rotated per round. A sample is as
+many calls back to back as last `--sample-s` seconds, its time per call the slowest
+rank's wall time over them divided by their number: single calls of 10-30 ms reproduced
+within 10% from one run to the next in under half the rows. Regret of a policy on a
+config: the median time of the option it picks over the fastest option's, minus one. A
+row is a tie where the two medians differ by less than the larger of their interquartile
+ranges (noise).
 
 Run:   python benchmarks/auto_regret.py [--seed 1] [--configs 30] [--rounds 5]
+           [--sample-s 0.2]
            [--out benchmarks/results/auto_regret]
 (it launches one torchrun per world size, `--worker` mode, and writes .md/.json/.png)
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -94,7 +99,7 @@ def generate(seed: int, n: int) -> list[Case]:
 
 # ------------------------------------------------------------------ worker (torchrun)
 
-def _worker(cases_file: str, out_file: str, rounds: int) -> None:
+def _worker(cases_file: str, out_file: str, rounds: int, sample_s: float) -> None:
     import torch
     import torch.distributed as dist
 
@@ -136,18 +141,29 @@ def _worker(cases_file: str, out_file: str, rounds: int) -> None:
             ringmem.ring_attention(*leaves, schedule=s, ulysses=u, **kw).backward(dout)
 
         names = [*options, "auto"]
+
+        def timed(n: str, reps: int) -> float:
+            """One sample: `reps` calls back to back, the slowest rank's wall time / reps."""
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                call(n)
+            dt = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64)
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            return dt.item()
+
         for n in names:  # warm-up: kernels, buffers, the plan cache
             call(n)
+        # calls per sample: enough for sample_s (one probe call each; every rank the same)
+        probe = torch.tensor([timed(n, 1) for n in names], dtype=torch.float64)
+        reps = {n: max(1, math.ceil(sample_s / max(t, 1e-6)))
+                for n, t in zip(names, probe.tolist())}
         times: dict[str, list[float]] = {n: [] for n in names}
         for r in range(rounds):
             for n in names[r % len(names):] + names[:r % len(names)]:
-                dist.barrier()
-                t0 = time.perf_counter()
-                call(n)
-                dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                times[n].append(dt.item())
+                times[n].append(timed(n, reps[n]))
         results.append({"case": asdict(c), "choice": p.choice, "times": times,
+                        "reps": reps,
                         "predicted_s": {n: e.time_s for n, e in p.schedules.items()}})
         if rank == 0:
             print(f"[w{world} {i + 1}/{len(cases)}] {c.describe()}: choice {p.choice}, "
@@ -294,14 +310,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--configs", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sample-s", type=float, default=0.2,
+                    help="seconds of calls per timed sample (calls back to back, the "
+                         "time per call recorded; 0: one call per sample, the protocol "
+                         "of runs before 2026-12-07 evening)")
     ap.add_argument("--out", default=str(HERE / "results" / "auto_regret"))
     ap.add_argument("--worker", nargs=2, metavar=("CASES", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        return _worker(a.worker[0], a.worker[1], a.rounds)
+        return _worker(a.worker[0], a.worker[1], a.rounds, a.sample_s)
     for name, n in (("--configs", a.configs), ("--rounds", a.rounds)):
         if n < 1:
             raise SystemExit(f"{name} must be >= 1, got {n}")
+    if not a.sample_s >= 0:
+        raise SystemExit(f"--sample-s must be >= 0, got {a.sample_s}")
     cases = generate(a.seed, a.configs)
     t0 = time.time()
     rows: list[dict[str, Any]] = []
@@ -312,6 +334,7 @@ def main() -> None:
             part = Path(tmp) / f"w{w}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={w}", __file__, "--rounds", str(a.rounds),
+                   "--sample-s", str(a.sample_s),
                    "--worker", str(cf), str(part)]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             subprocess.run(cmd, check=True, env=env)
@@ -326,7 +349,8 @@ def main() -> None:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "machine": machine(), "torch": torch.__version__,
             "ringmem": ringmem.__version__, "seed": a.seed, "configs": a.configs,
-            "rounds": a.rounds, "dtype": "fp32", "layout": LAYOUT, "threads per rank": 1,
+            "rounds": a.rounds, "seconds per sample": a.sample_s, "dtype": "fp32",
+            "layout": LAYOUT, "threads per rank": 1,
             "wall s": round(time.time() - t0, 1),
             "load average at the end": [round(x, 2) for x in os.getloadavg()]}
     res = analyse(rows)

@@ -3,7 +3,8 @@ the gloo link) to measured runs of `benchmarks/auto_regret.py`, and say how well
 
 On gloo the cores that compute also copy, so the loop's time is a sum: FLOPs / rate +
 launches x launch + bytes / bandwidth + messages x latency + all-to-all copies / copy rate
-+ steps x step cost + calls x call cost (the compute and host terms times ranks / cores
++ all-to-alls x their fixed cost (groups of 2 and of 4 ranks) + steps x step cost + calls
+x call cost (the compute and host terms times ranks / cores
 where more ranks than cores share the machine), each counted on the critical path by the one time
 model (`ringmem.timeline`, through `plan()`). Each count is read off by planning the option
 with a unit model (that term's cost 1, every other 0), so the fit is a linear least
@@ -15,12 +16,13 @@ all-to-all's fixed cost) come
 from `ringmem bench calibrate --host` instead, and only the kernel and bandwidth terms are
 fitted.
 
-Run: python benchmarks/fit_cpu_model.py benchmarks/results/auto_regret_dev.json
-         [--out benchmarks/results/cpu_model_fit]
+Run: python benchmarks/fit_cpu_model.py benchmarks/results/auto_regret_dev3/run1.json
+         [RUN2.json ...] [--out benchmarks/results/cpu_model_fit]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -33,26 +35,33 @@ import torch
 
 import ringmem
 from ringmem.links import INTERCONNECTS, Interconnect
-from ringmem.plan import DEFAULT_KERNELS, KernelModel, parse_option
+from ringmem.plan import KernelModel, parse_option
 
 BIG = 1e30  # "free": a rate no term reaches
 TERMS = ("1/flops", "pair_s", "1/mem_bw", "launch", "1/bandwidth", "latency", "1/copy_bw",
-         "step_s", "call_s")
-HOST_TERMS = ("step_s", "call_s", "latency")  # measured by `ringmem bench calibrate --host`
+         "step_s", "call_s", "a2a2", "a2a4")
+# an all-to-all's fixed cost in groups of 2 and of 4 ranks (`KernelModel.a2a_s`; 3: between)
+A2A_UNITS = {"a2a2": (1.0, 0.0, 0.0), "a2a4": (0.0, 0.0, 1.0)}
+# measured by `ringmem bench calibrate --host`
+HOST_TERMS = ("step_s", "call_s", "latency", "a2a2", "a2a4")
 # the model's two non-linear inputs, chosen by the fit's own error on the development run
 BWD_RATIOS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 DENSE_BANDS = (False, True)
+CPU_TILES = (False, True)  # causal pieces as pairs, or as the CPU op's whole tiles
 
 
 def _models(term: str, base: Interconnect, cores: int, shape: dict[str, Any]
             ) -> tuple[KernelModel, Interconnect]:
     """The unit model of one term: its cost 1, every other cost 0; the ranks share the
-    run's `cores` (`KernelModel.on_node`); shape: bwd_ratio and dense_bands."""
+    run's `cores` (`KernelModel.on_node`); shape: bwd_ratio, dense_bands and
+    cpu_tiles."""
     k = KernelModel(flops=BIG, copy_bw=BIG, cores=cores, **shape)
     link = replace(base, bandwidth=BIG, latency=0.0)
     field = term.removeprefix("1/")  # a rate at 1 costs 1 a unit, like a cost at 1
     if field in ("bandwidth", "latency"):
         link = replace(link, **{field: 1.0})
+    elif field in A2A_UNITS:
+        k = replace(k, a2a_s=A2A_UNITS[field])
     else:
         k = replace(k, **{field: 1.0})
     return k, link
@@ -99,8 +108,9 @@ def host_fields(host: dict[str, Any] | None) -> dict[str, Any]:
     """The model's fields for measured host costs (`calibrate --host`'s JSON, or a fit made
     with it): the agreement and all-to-all tables and the shared latency; without them
     (None, or no "agree_s"), those of the fully fitted model."""
-    if not host or not host.get("agree_s"):
-        return {"agree_s": (), "a2a_s": (), "shared_latency": False}
+    if not host or not host.get("agree_s"):  # a fit's own all-to-all table, if any
+        return {"agree_s": (), "a2a_s": tuple((host or {}).get("a2a_s") or ()),
+                "shared_latency": False}
     return {"agree_s": tuple(host["agree_s"]), "a2a_s": tuple(host.get("a2a_s") or ()),
             "shared_latency": True}
 
@@ -150,47 +160,52 @@ def fit(rows: list[dict[str, Any]], base: Interconnect, cores: int, shape: dict[
 def model_of(theta: dict[str, float], base: Interconnect, shape: dict[str, Any],
              host: dict[str, Any] | None = None) -> tuple[KernelModel, Interconnect]:
     inv = lambda v: 1 / v if v > 0 else math.inf  # noqa: E731
-    k = replace(DEFAULT_KERNELS["cpu"], flops=inv(theta["1/flops"]), launch=theta["launch"],
-                half=0.0, copy_bw=inv(theta["1/copy_bw"]), step_s=theta["step_s"],
-                call_s=theta["call_s"], pair_s=theta["pair_s"], mem_bw=inv(theta["1/mem_bw"]),
-                **shape, **host_fields(host))
+    a2, a4 = theta.get("a2a2", 0.0), theta.get("a2a4", 0.0)
+    fitted = {"a2a_s": (a2, (a2 + a4) / 2, a4) if a2 or a4 else ()}
+    # every field from the fit or `shape` (none inherited from the shipped defaults)
+    k = KernelModel(flops=inv(theta["1/flops"]), launch=theta["launch"], half=0.0,
+                    copy_bw=inv(theta["1/copy_bw"]), step_s=theta["step_s"],
+                    call_s=theta["call_s"], pair_s=theta["pair_s"],
+                    mem_bw=inv(theta["1/mem_bw"]), **shape, **host_fields(host or fitted))
     return k, replace(base, bandwidth=inv(theta["1/bandwidth"]), latency=theta["latency"])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", help="auto_regret.py's .json (a development run)")
+    ap.add_argument("runs", nargs="+",
+                    help="auto_regret.py's .json (development runs of one seed: their rows "
+                         "are fitted together)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
                                          / "cpu_model_fit"))
     ap.add_argument("--host", default=None,
                     help="`ringmem bench calibrate --host`'s JSON: the per-call, agreement, "
                          "per-step and latency costs are taken from it, not fitted")
     a = ap.parse_args()
-    data = json.loads(Path(a.runs).read_text())
+    runs = [json.loads(Path(r).read_text()) for r in a.runs]
+    data = {"meta": runs[0]["meta"], "cases": [c for r in runs for c in r["cases"]]}
     host = None if a.host is None else json.loads(Path(a.host).read_text())
     base = INTERCONNECTS["loopback"]
     cores = data["meta"]["machine"]["cpu_count"]
     tried = []
-    for ratio in BWD_RATIOS:
-        for dense in DENSE_BANDS:
-            shape = {"bwd_ratio": ratio, "dense_bands": dense}
-            theta, rows = fit(data["cases"], base, cores, shape, host)
-            errs = [abs(r["error_pct"]) for r in rows]
-            tried.append((statistics.median(errs), shape, theta, rows))
-            print(f"bwd_ratio {ratio}, dense_bands {dense}: median |error| "
-                  f"{statistics.median(errs):.1f}%, {sum(e <= 10 for e in errs)} of "
-                  f"{len(errs)} within 10%")
+    for ratio, dense, tiles in itertools.product(BWD_RATIOS, DENSE_BANDS, CPU_TILES):
+        shape = {"bwd_ratio": ratio, "dense_bands": dense, "cpu_tiles": tiles}
+        theta, rows = fit(data["cases"], base, cores, shape, host)
+        errs = [abs(r["error_pct"]) for r in rows]
+        tried.append((statistics.median(errs), shape, theta, rows))
+        print(f"bwd_ratio {ratio}, dense_bands {dense}, cpu_tiles {tiles}: median |error| "
+              f"{statistics.median(errs):.1f}%, {sum(e <= 10 for e in errs)} of "
+              f"{len(errs)} within 10%")
     _, shape, theta, rows = min(tried, key=lambda t: t[0])
     k, link = model_of(theta, base, shape, host)
     errs = [abs(r["error_pct"]) for r in rows]
-    res = {"fitted_on": {"file": a.runs, "seed": data["meta"]["seed"],
-                         "commit": data["meta"]["commit"]},
+    res = {"fitted_on": {"files": a.runs, "seeds": sorted({r["meta"]["seed"] for r in runs}),
+                         "commits": sorted({r["meta"]["commit"] for r in runs})},
            "host_measured": a.host, "agree_s": None if host is None else host["agree_s"],
-           "a2a_s": None if host is None else host.get("a2a_s"),
+           "a2a_s": list(k.a2a_s) if host is None else host.get("a2a_s"),
            "cores": cores, "shape": shape, "theta": theta,
            "kernel": {f: getattr(k, f) for f in ("flops", "pair_s", "mem_bw", "launch",
                                                  "copy_bw", "step_s", "call_s", "bwd_ratio",
-                                                 "dense_bands")},
+                                                 "dense_bands", "cpu_tiles")},
            "shapes_tried": [{"shape": sh, "median_abs_error_pct": m}
                             for m, sh, _, _ in tried],
            "link": {"bandwidth": link.bandwidth, "latency": link.latency},

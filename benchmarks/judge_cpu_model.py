@@ -29,8 +29,10 @@ from ringmem.plan import DEFAULT_KERNELS, KernelModel
 
 def load_model(path: str, cores: int) -> tuple[KernelModel, Any]:
     d = json.loads(Path(path).read_text())
-    kernel = replace(DEFAULT_KERNELS["cpu"], half=0.0, cores=cores, **d["kernel"],
-                     **host_fields(d))
+    # fits made before `cpu_tiles` costed causal pieces as their pairs
+    kernel = replace(DEFAULT_KERNELS["cpu"], half=0.0, cores=cores,
+                     **{"cpu_tiles": False, **d["kernel"]}, **host_fields(d))
+    assert kernel.a2a_s == tuple(d.get("a2a_s") or ()), path
     link = replace(INTERCONNECTS["loopback"], **d["link"])
     return kernel, link
 

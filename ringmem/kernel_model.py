@@ -28,6 +28,9 @@ class KernelModel:
     mem_bw: float = math.inf
     bwd_ratio: float = 2.5
     dense_bands: bool = False
+    cpu_tiles: bool = False
+    """A causal piece costs the scores PyTorch's CPU flash op computes, whole tiles of
+    them (`cpu_causal_scores`): at 512 keys or fewer a causal square costs a full one."""
     agree_s: tuple[float, ...] = ()
     """The cross-rank agreement's seconds per call at worlds 2, 3, ... (measured by
     `ringmem bench calibrate --host`; beyond the table: the last two extended linearly)."""
@@ -87,6 +90,22 @@ class KernelModel:
         return elems * per_elem / self.copy_bw
 
 
+def cpu_causal_scores(rows: int, keys: int) -> int:
+    """Scores PyTorch's CPU flash op (`_scaled_dot_product_flash_attention_for_cpu` and its
+    backward) computes for a causal (top-left) block: query tiles of 32, 64 or 256 rows (by
+    the rows) each score every 512-key chunk up to the tile's last row. Measured on one
+    thread (fp32, d=64, fwd and bwd alike): causal / full time 1.00 up to 512, 0.78 at
+    768, 0.75 at 1024, 0.63 at 2048, 0.59 at 3072; this count gives 1, 0.778, 0.75,
+    0.625, 0.583."""
+    if rows <= 0 or keys <= 0:
+        return 0
+    qs = 256 if rows >= 768 else 64 if rows >= 192 else 32
+    ks = min(512, keys)
+    full, rest = divmod(rows, qs)
+    ends = [qs * (t + 1) for t in range(full)] + ([rows] if rest else [])
+    return sum((e - qs * t) * min(keys, -(-e // ks) * ks) for t, e in enumerate(ends))
+
+
 def _at(table: tuple[float, ...], ranks: int) -> float:
     """A per-group-size table (2, 3, ... ranks) at `ranks`: 0 below 2, the last two
     entries extended linearly past its end."""
@@ -101,17 +120,17 @@ def _at(table: tuple[float, ...], ranks: int) -> float:
 # by device type, used when none is given: H100-class flash attention (half speed at
 # 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
 # machines (the ranks of a node share its cores: `on_node`), fitted with the "loopback"
-# link by benchmarks/fit_cpu_model.py on the development run
-# benchmarks/results/auto_regret_dev.json (seed 0; the fit: results/cpu_model_fit.json)
-# and judged on other seeds (benchmarks/validation_sets.md): 82.8 GFLOP/s, 1.42 ns per
-# score (softmax), 4.0 GB/s reading a block's inputs, 0.20 ms a launch, backward 1.75 x
-# forward, windows as a dense bias, copies at 2.07 GB/s, 0.22 ms of host work per ring
-# step, none per call. The same model with the host's costs measured instead
-# (`ringmem bench calibrate --host`: agree_s, a2a_s, shared_latency;
-# results/cpu_model_fit_host_a2a.json) predicts times better on every held-out seed but
-# picks worse at 4 ranks on 2 cores (it under-predicts pure Ulysses there), so `auto`
-# keeps this one (docs/parallelism.md).
+# link by benchmarks/fit_cpu_model.py on two development runs of seed 0
+# (benchmarks/results/auto_regret_dev3/; the fit: results/cpu_model_fit_tiles.json) and
+# judged on other seeds (benchmarks/validation_sets.md): 87.5 GFLOP/s, 0.71 ns per score
+# (softmax), 3.4 GB/s reading a block's inputs, 0.17 ms a launch, backward 2 x forward,
+# windows as a dense bias, causal pieces in the CPU op's whole tiles, copies at 3.0 GB/s,
+# an all-to-all's fixed cost 0.77 / 3.56 ms in groups of 2 / 4 ranks, 0.71 ms of host work
+# per ring step, 0.21 ms per call. The model before it (results/cpu_model_fit.json) and
+# one with the host's costs measured (`ringmem bench calibrate --host`:
+# results/cpu_model_fit_host_a2a.json) are compared with it in docs/parallelism.md.
 DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(82.8e9, 0.20e-3, 0.0, 2.07e9, step_s=0.22e-3,
-                                      pair_s=1.42e-9, mem_bw=4.0e9, bwd_ratio=1.75,
-                                      dense_bands=True)}
+                   "cpu": KernelModel(87.5e9, 0.17e-3, 0.0, 3.0e9, step_s=0.71e-3,
+                                      call_s=0.21e-3, pair_s=0.71e-9, mem_bw=3.4e9,
+                                      bwd_ratio=2.0, dense_bands=True, cpu_tiles=True,
+                                      a2a_s=(0.77e-3, 2.17e-3, 3.56e-3))}

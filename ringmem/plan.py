@@ -170,7 +170,8 @@ def _estimate(name: str, layout: str, world: int, q_shape: tuple, kv_shape: tupl
             for ph in phases}
     sizes = {ph: a2a_sizes(ph, b, sq, skv, hl, d, itemsize, acc_size, return_lse)
              for ph in phases}
-    routes = route(geo, u, phases, rows, sizes, kvn, b, getattr(kernel, "dense_bands", False))
+    routes = route(geo, u, phases, rows, sizes, kvn, b, getattr(kernel, "dense_bands", False),
+                   getattr(kernel, "cpu_tiles", False))
     # each tensor through an all-to-all is copied ~3 times on its rank (packed, joined,
     # put in position order); the busiest rank's copies add to the exchange
     copies_s = {ph: 3 * sum(z["q_in"] + z["q_out"] + (z["kv_in"] + z["kv_out"]) * n

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from .kernel_model import cpu_causal_scores
 from .masking import Piece, pairs
 from .routing import Geometry, block_classes, span_of, split_rows
 
@@ -99,11 +100,15 @@ class Routes:
     buffers: int
 
 
-def cost_pairs(p: Piece, dense: bool) -> int:
+def cost_pairs(p: Piece, dense: bool, tiles: bool = False) -> int:
     """The scores a backend computes for a piece: its pairs, or every rows x keys where a
-    band (not the plain causal triangle) runs as a dense bias (`KernelModel.dense_bands`)."""
+    band (not the plain causal triangle) runs as a dense bias (`KernelModel.dense_bands`),
+    or a causal piece's whole tiles of the CPU op (`KernelModel.cpu_tiles`)."""
+    n, m = p.q.stop - p.q.start, p.k.stop - p.k.start
     if dense and p.band != (None, None) and not p.causal:
-        return (p.q.stop - p.q.start) * (p.k.stop - p.k.start)
+        return n * m
+    if tiles and p.causal:
+        return cpu_causal_scores(n, m)
     return pairs(p)
 
 
@@ -111,17 +116,18 @@ def _share(p: Piece, batch: int) -> float:
     return (p.b.stop - p.b.start) / batch if p.b is not None else 1
 
 
-def _work(pieces: tuple[Piece, ...], dense: bool, batch: int) -> Work:
+def _work(pieces: tuple[Piece, ...], dense: bool, batch: int, tiles: bool) -> Work:
     """A block's pieces as (rows, keys, scores computed per batch row)."""
     return tuple((p.q.stop - p.q.start, p.k.stop - p.k.start,
-                  cost_pairs(p, dense) * _share(p, batch)) for p in pieces)
+                  cost_pairs(p, dense, tiles) * _share(p, batch)) for p in pieces)
 
 
 def route(geo: Geometry, u: int, phases: tuple[str, ...], rows: dict, a2a_sizes: dict,
-          kvn: list[int], batch: int, dense: bool) -> Routes:
+          kvn: list[int], batch: int, dense: bool, tiles: bool = False) -> Routes:
     """Route one option: `geo` the ring of world/u ranks, u the Ulysses degree; rows
     [phase]: (bytes per moving row or key for each Ulysses index i, bytes per returned
-    row for each i); a2a_sizes[phase]: `a2a_sizes`; kvn: K/V heads per i."""
+    row for each i); a2a_sizes[phase]: `a2a_sizes`; kvn: K/V heads per i; dense, tiles:
+    how pieces are costed (`cost_pairs`)."""
     r, hop, moving = geo.world, geo.hop, geo.moving
     ids, classes = block_classes(geo)
     spans = [span_of(pcs, moving) or (_NONE, -_NONE) for pcs in classes]
@@ -181,13 +187,14 @@ def route(geo: Geometry, u: int, phases: tuple[str, ...], rows: dict, a2a_sizes:
         steps_b[phase], a2a[phase] = per, totals
         buffers = max(buffers, _buffers(loop, pre, world, r))
     rank_ids = ids.repeat_interleave(u, 0)  # [world, step]: rank j*u+i computes j's block
-    split = {c: tuple(_work(half, dense, batch)
+    split = {c: tuple(_work(half, dense, batch, tiles)
                       for half in split_rows(classes[c], geo.q_lens[0] // 2))
              for c in set(ids[:, 0].tolist())}
     halves = tuple(split[c] for c in rank_ids[:, 0].tolist())
     pair_cls = torch.tensor([round(sum(pairs(pc) * _share(pc, batch) for pc in pcs) * batch)
                              for pcs in classes], dtype=torch.int64)
-    work = WorkTable(rank_ids, tuple(_work(pcs, dense, batch) for pcs in classes), halves)
+    work = WorkTable(rank_ids, tuple(_work(pcs, dense, batch, tiles) for pcs in classes),
+                     halves)
     return Routes(steps_b, a2a, messages, work, pair_cls[rank_ids], buffers)
 
 

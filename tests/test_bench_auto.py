@@ -70,7 +70,7 @@ def test_the_cpu_time_is_nearly_linear_in_the_fitted_costs(option):
     f = fit_cpu_model.features(case, option, base, 1, shape)
     theta = {"1/flops": 1 / 40e9, "pair_s": 1e-9, "1/mem_bw": 1 / 4e9, "launch": 2e-5,
              "1/bandwidth": 1 / 1.5e9, "latency": 6e-5, "1/copy_bw": 1 / 3e9,
-             "step_s": 3e-4, "call_s": 1e-3}
+             "step_s": 3e-4, "call_s": 1e-3, "a2a2": 2e-4, "a2a4": 5e-4}
     k, link = fit_cpu_model.model_of(theta, base, shape)
     k = replace(k, cores=1)
     q, kv, kw = fit_cpu_model._plan_args(case)

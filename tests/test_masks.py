@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import ringmem
 from ringmem.layouts import positions
-from ringmem.masking import Mask, band_mask, block_pieces, pieces_mask, run_pieces
+from ringmem.masking import Mask, band_bias, band_mask, block_pieces, pieces_mask, run_pieces
 from ringmem.packing import padded_len
 from ringmem.reference import dense_mask
 from ringmem.testing import spawn
@@ -117,6 +117,19 @@ def test_band_mask() -> None:
     assert torch.equal(band_mask((None, 0), 3, 3), torch.ones(3, 3, dtype=torch.bool).tril())
     assert torch.equal(band_mask((-1, 0), 3, 3).int(),
                        torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 9), st.integers(0, 9), st.sampled_from([None, -5, -2, -1, 0, 1, 3]),
+       st.sampled_from([None, -3, -1, 0, 2, 6]),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+def test_band_bias_is_the_band_mask(n, m, lo, hi, dtype) -> None:
+    """The Toeplitz-view bias equals -inf outside `band_mask`, 0 inside, element for
+    element (any shape, empty bands and empty blocks included), contiguous."""
+    got = band_bias((lo, hi), n, m, dtype)
+    keep = band_mask((lo, hi), n, m)
+    assert got.shape == (n, m) and got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got, torch.zeros(n, m, dtype=dtype).masked_fill(~keep, float("-inf")))
 
 
 # --- skipping is real: counted work and bytes equal plan()'s, far below dense -------------

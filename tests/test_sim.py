@@ -1,6 +1,7 @@
 """ringmem.sim against hand-computed cases, and its bytes against plan()."""
 from __future__ import annotations
 
+import itertools
 import random
 from types import SimpleNamespace
 
@@ -220,6 +221,44 @@ def test_dense_bands_cost_every_score_of_a_windowed_block():
         assert t[0].pairs == t[1].pairs  # the pairs reported are the pairs, not the cost
 
 
+
+def _kernel_loop_scores(rows: int, keys: int) -> int:
+    """The CPU flash op's causal loop, step by step (ATen FlashAttentionKernel.cpp): query
+    tiles of q_split rows; each scores kv_split-key chunks while the chunk starts before
+    the tile's end."""
+    q_split = 256 if rows >= 768 else 64 if rows >= 192 else 32
+    kv_split = min(512, keys)
+    total = 0
+    for m in range(0, rows, q_split):
+        q_block = min(q_split, rows - m)
+        for n in range(0, min(m + q_block, keys), kv_split):
+            total += q_block * min(kv_split, keys - n)
+    return total
+
+
+def test_cpu_causal_scores_follow_the_ops_tiles():
+    from ringmem.kernel_model import cpu_causal_scores
+    for rows, keys in itertools.product((1, 31, 32, 100, 191, 192, 511, 512, 513, 767,
+                                         768, 1024, 1500, 3072), repeat=2):
+        assert cpu_causal_scores(rows, keys) == _kernel_loop_scores(rows, keys), (rows, keys)
+    # causal / full time measured on one thread (fp32, d=64, forward and backward alike)
+    for n, measured in ((512, 1.0), (768, 0.78), (1024, 0.75), (2048, 0.63), (3072, 0.59)):
+        assert cpu_causal_scores(n, n) / n ** 2 == pytest.approx(measured, abs=0.01)
+    assert cpu_causal_scores(0, 5) == cpu_causal_scores(5, 0) == 0
+
+
+def test_cpu_tiles_cost_a_small_causal_square_as_a_full_one():
+    # at <= 512 rows the CPU op scores every key of a causal square: with cpu_tiles the
+    # one-rank causal block costs what the full one does; without, about half
+    q = (1, 512, 1, 8)
+    t = {(c, tiles): plan(q, q, world=1, device_type="cpu", causal=c, schedule="kv",
+                          kernel=KernelModel(1e9, cpu_tiles=tiles)).schedules["kv"]
+         for c in (False, True) for tiles in (False, True)}
+    assert t[True, True].compute_s == pytest.approx(t[False, True].compute_s)
+    assert t[True, False].compute_s == pytest.approx(t[False, False].compute_s * 513 / 1024)
+    assert t[True, True].pairs == t[True, False].pairs  # pairs reported stay the pairs
+
+
 def test_pure_compute_and_pure_bandwidth_limits():
     # no bytes: the sum of the blocks; no compute: the transfer alone
     assert two_steps(0, (3e9, 2e9)).time_s == pytest.approx(0.012 + 0.008)
@@ -416,8 +455,9 @@ def test_pieces_of_one_batch_row_count_once():
     docs = [torch.tensor([0, 300, 1024, 2048]), torch.tensor([0, 2048])]
     m = make_mask(True, (-1, -1), docs, 2, "zigzag", 2, 1024)
     assert m.per_row
+    # a model that costs pieces as their pairs (the CPU default costs the op's tiles)
     e = plan((2, 1024, 8, 64), (2, 1024, 8, 64), world=2, mask=m, schedule="kv",
-             device_type="cpu").schedules["kv"]
+             device_type="cpu", kernel=KernelModel(1e9)).schedules["kv"]
     got = [[sum(p[2] for p in w) * e.batch for w in rank] for rank in e.work]
     assert got == [[pytest.approx(x) for x in rank] for rank in e.pairs]
 

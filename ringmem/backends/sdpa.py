@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..masking import as_mask, band_mask, causal_flag
+from ..masking import as_mask, band_bias, causal_flag
 from .base import Backend, Mask, propagate_nonfinite
 
 _aten = torch.ops.aten
@@ -43,9 +43,7 @@ def _cpu_mask(mask: Mask, q: Tensor):
         return band == (None, 0), lambda k: None
 
     def bias(k: Tensor) -> Tensor:
-        keep = band_mask(band, q.shape[1], k.shape[1], q.device)
-        return torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~keep, float("-inf"))
+        return band_bias(band, q.shape[1], k.shape[1], q.dtype, q.device)
     return False, bias
 
 

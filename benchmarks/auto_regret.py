@@ -4,16 +4,18 @@ ulysses="auto" against every fixed choice, on CPU/gloo.
 A seeded generator draws the configs (worlds 2-4, shapes, GQA ratios, causal, sliding
 windows, packed documents, non-causal, decode-shaped; forward or forward + backward). For
 each config every option `ringmem.plan` lists, and `auto` itself, is timed in interleaved
-rounds: each round runs every option once, the order rotated per round. A sample is as
-many calls back to back as last `--sample-s` seconds, its time per call the slowest
-rank's wall time over them divided by their number: single calls of 10-30 ms reproduced
-within 10% from one run to the next in under half the rows. Regret of a policy on a
-config: the median time of the option it picks over the fastest option's, minus one. A
-row is a tie where the two medians differ by less than the larger of their interquartile
-ranges (noise).
+rounds: each round runs every option once, the order rotated per round, and round r runs
+for every config of a world before round r + 1 does (a slow spell of this shared machine
+then falls on every config alike; `--per-config`: one config's rounds together, as
+before). A sample is as many calls back to back as last `--sample-s` seconds, its time
+per call the slowest rank's wall time over them divided by their number: single calls of
+10-30 ms reproduced within 10% from one run to the next in under half the rows. Regret
+of a policy on a config: the median time of the option it picks over the fastest
+option's, minus one. A row is a tie where the two medians differ by less than the larger
+of their interquartile ranges (noise).
 
 Run:   python benchmarks/auto_regret.py [--seed 1] [--configs 30] [--rounds 5]
-           [--sample-s 0.2]
+           [--sample-s 0.2] [--per-config]
            [--out benchmarks/results/auto_regret]
 (it launches one torchrun per world size, `--worker` mode, and writes .md/.json/.png)
 """
@@ -99,7 +101,18 @@ def generate(seed: int, n: int) -> list[Case]:
 
 # ------------------------------------------------------------------ worker (torchrun)
 
-def _worker(cases_file: str, out_file: str, rounds: int, sample_s: float) -> None:
+def sample_order(configs: int, rounds: int, per_config: bool) -> list[tuple[int, int]]:
+    """(config, round) in the order they are timed: round r of every config (the configs'
+    order rotated per round), then round r + 1, so a slow spell of the machine falls on
+    every config alike; per_config: one config's rounds, then the next config's."""
+    if per_config:
+        return [(i, r) for i in range(configs) for r in range(rounds)]
+    return [(i, r) for r in range(rounds)
+            for i in [*range(r % configs, configs), *range(r % configs)]]
+
+
+def _worker(cases_file: str, out_file: str, rounds: int, sample_s: float,
+            per_config: bool) -> None:
     import torch
     import torch.distributed as dist
 
@@ -111,9 +124,9 @@ def _worker(cases_file: str, out_file: str, rounds: int, sample_s: float) -> Non
     rank, world = dist.get_rank(), dist.get_world_size()
     cases = [Case(**{**c, "window": tuple(c["window"]), "docs": tuple(c["docs"])})
              for c in json.loads(Path(cases_file).read_text()) if c["world"] == world]
-    results = []
-    for i, c in enumerate(cases):
-        t_case = time.perf_counter()
+
+    def setup(c: Case) -> tuple[Any, Any]:
+        """(the plan of `c`, a call running one option of it)."""
         g = torch.Generator().manual_seed(c.id)
         k, v = (torch.randn((1, c.seq, c.hkv, c.dim), generator=g) for _ in range(2))
         k, v = (ringmem.shard(t, layout=LAYOUT) for t in (k, v))
@@ -129,7 +142,6 @@ def _worker(cases_file: str, out_file: str, rounds: int, sample_s: float) -> Non
         bwd = c.phase == "fwd+bwd"
         p = ringmem.plan(tuple(q.shape), tuple(k.shape), world=world, dtype=q.dtype,
                          device_type="cpu", backward=bwd, ulysses="auto", **kw)
-        options = list(p.schedules)
 
         def call(option: str) -> None:
             u, s = ("auto", "auto") if option == "auto" else parse_option(option, world)
@@ -139,35 +151,40 @@ def _worker(cases_file: str, out_file: str, rounds: int, sample_s: float) -> Non
                 return
             leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
             ringmem.ring_attention(*leaves, schedule=s, ulysses=u, **kw).backward(dout)
+        return p, call
 
-        names = [*options, "auto"]
+    def timed(call: Any, n: str, reps: int) -> float:
+        """One sample: `reps` calls back to back, the slowest rank's wall time / reps."""
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            call(n)
+        dt = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        return dt.item()
 
-        def timed(n: str, reps: int) -> float:
-            """One sample: `reps` calls back to back, the slowest rank's wall time / reps."""
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                call(n)
-            dt = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64)
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-            return dt.item()
-
+    runs = []
+    for c in cases:
+        p, call = setup(c)
+        names = [*p.schedules, "auto"]
         for n in names:  # warm-up: kernels, buffers, the plan cache
             call(n)
         # calls per sample: enough for sample_s (one probe call each; every rank the same)
-        probe = torch.tensor([timed(n, 1) for n in names], dtype=torch.float64)
-        reps = {n: max(1, math.ceil(sample_s / max(t, 1e-6)))
-                for n, t in zip(names, probe.tolist())}
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:
-                times[n].append(timed(n, reps[n]))
-        results.append({"case": asdict(c), "choice": p.choice, "times": times,
-                        "reps": reps,
-                        "predicted_s": {n: e.time_s for n, e in p.schedules.items()}})
-        if rank == 0:
-            print(f"[w{world} {i + 1}/{len(cases)}] {c.describe()}: choice {p.choice}, "
-                  f"{time.perf_counter() - t_case:.1f} s", flush=True)
+        probe = [timed(call, n, 1) for n in names]
+        reps = {n: max(1, math.ceil(sample_s / max(t, 1e-6))) for n, t in zip(names, probe)}
+        runs.append((c, p, call, names, reps, {n: [] for n in names}))
+    order = sample_order(len(runs), rounds, per_config)
+    t_start = time.perf_counter()
+    for done, (i, r) in enumerate(order):
+        c, p, call, names, reps, times = runs[i]
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            times[n].append(timed(call, n, reps[n]))
+        if rank == 0 and (done + 1) % len(runs) == 0:
+            print(f"[w{world}] {(done + 1) // len(runs)}/{rounds} rounds' worth of samples, "
+                  f"{time.perf_counter() - t_start:.1f} s", flush=True)
+    results = [{"case": asdict(c), "choice": p.choice, "times": times, "reps": reps,
+                "predicted_s": {n: e.time_s for n, e in p.schedules.items()}}
+               for c, p, call, names, reps, times in runs]
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
     dist.barrier()
@@ -314,11 +331,15 @@ def main() -> None:
                     help="seconds of calls per timed sample (calls back to back, the "
                          "time per call recorded; 0: one call per sample, the protocol "
                          "of runs before 2026-12-07 evening)")
+    ap.add_argument("--per-config", action="store_true",
+                    help="time one config's rounds together, then the next config's (the "
+                         "protocol of seed 7 and before); default: round r of every "
+                         "config, then round r + 1")
     ap.add_argument("--out", default=str(HERE / "results" / "auto_regret"))
     ap.add_argument("--worker", nargs=2, metavar=("CASES", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        return _worker(a.worker[0], a.worker[1], a.rounds, a.sample_s)
+        return _worker(a.worker[0], a.worker[1], a.rounds, a.sample_s, a.per_config)
     for name, n in (("--configs", a.configs), ("--rounds", a.rounds)):
         if n < 1:
             raise SystemExit(f"{name} must be >= 1, got {n}")
@@ -334,7 +355,7 @@ def main() -> None:
             part = Path(tmp) / f"w{w}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={w}", __file__, "--rounds", str(a.rounds),
-                   "--sample-s", str(a.sample_s),
+                   "--sample-s", str(a.sample_s), *(["--per-config"] if a.per_config else []),
                    "--worker", str(cf), str(part)]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             subprocess.run(cmd, check=True, env=env)
@@ -349,7 +370,8 @@ def main() -> None:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "machine": machine(), "torch": torch.__version__,
             "ringmem": ringmem.__version__, "seed": a.seed, "configs": a.configs,
-            "rounds": a.rounds, "seconds per sample": a.sample_s, "dtype": "fp32",
+            "rounds": a.rounds, "seconds per sample": a.sample_s,
+            "rounds interleaved across configs": not a.per_config, "dtype": "fp32",
             "layout": LAYOUT, "threads per rank": 1,
             "wall s": round(time.time() - t0, 1),
             "load average at the end": [round(x, 2) for x in os.getloadavg()]}

@@ -121,16 +121,17 @@ def _at(table: tuple[float, ...], ranks: int) -> float:
 # 128-row blocks, ~5 us a launch, ~1.5 TB/s copies), and one CPU core of this project's
 # machines (the ranks of a node share its cores: `on_node`), fitted with the "loopback"
 # link by benchmarks/fit_cpu_model.py on two development runs of seed 0
-# (benchmarks/results/auto_regret_dev3/; the fit: results/cpu_model_fit_tiles.json) and
-# judged on other seeds (benchmarks/validation_sets.md): 87.5 GFLOP/s, 0.71 ns per score
-# (softmax), 3.4 GB/s reading a block's inputs, 0.17 ms a launch, backward 2 x forward,
-# windows as a dense bias, causal pieces in the CPU op's whole tiles, copies at 3.0 GB/s,
-# an all-to-all's fixed cost 0.77 / 3.56 ms in groups of 2 / 4 ranks, 0.71 ms of host work
-# per ring step, 0.21 ms per call. The model before it (results/cpu_model_fit.json) and
-# one with the host's costs measured (`ringmem bench calibrate --host`:
-# results/cpu_model_fit_host_a2a.json) are compared with it in docs/parallelism.md.
+# (benchmarks/results/auto_regret_dev4/; the fit: results/cpu_model_fit_tiles2.json) and
+# judged on other seeds (benchmarks/validation_sets.md): 74.3 GFLOP/s, 0.86 ns per score
+# (softmax), 3.2 GB/s reading a block's inputs, 0.17 ms a launch, backward 1.75 x
+# forward, windows as a dense bias, causal pieces in the CPU op's whole tiles, copies at
+# 2.6 GB/s, an all-to-all's fixed cost 0.97 / 4.26 ms in groups of 2 / 4 ranks, 0.88 ms
+# of host work per ring step, none per call. The models before it
+# (results/cpu_model_fit_tiles.json, results/cpu_model_fit.json) and one with the host's
+# costs measured (`ringmem bench calibrate --host`: results/cpu_model_fit_host_a2a.json)
+# are compared with it in docs/parallelism.md.
 DEFAULT_KERNELS = {"cuda": KernelModel(400e12, 5e-6, 128.0, 1.5e12),
-                   "cpu": KernelModel(87.5e9, 0.17e-3, 0.0, 3.0e9, step_s=0.71e-3,
-                                      call_s=0.21e-3, pair_s=0.71e-9, mem_bw=3.4e9,
-                                      bwd_ratio=2.0, dense_bands=True, cpu_tiles=True,
-                                      a2a_s=(0.77e-3, 2.17e-3, 3.56e-3))}
+                   "cpu": KernelModel(74.3e9, 0.17e-3, 0.0, 2.6e9, step_s=0.88e-3,
+                                      pair_s=0.86e-9, mem_bw=3.2e9, bwd_ratio=1.75,
+                                      dense_bands=True, cpu_tiles=True,
+                                      a2a_s=(0.97e-3, 2.62e-3, 4.26e-3))}

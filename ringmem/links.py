@@ -58,11 +58,11 @@ INTERCONNECTS = {
     # InfiniBand NDR, one 400 Gb/s NIC per GPU: ~45 GB/s per direction reached
     "ib": Interconnect(name="ib", topology="switch", bandwidth=45e9, latency=5e-6),
     # gloo between processes on one CPU host, fitted with the CPU kernel model
-    # (`kernel_model.DEFAULT_KERNELS`): 3.0 GB/s and 0.71 ms a message: mostly the wait for
+    # (`kernel_model.DEFAULT_KERNELS`): 2.56 GB/s and 0.69 ms a message: mostly the wait for
     # a peer process that shares a core (measured alone between 2 ranks on 2 cores: 0.24 ms,
     # `ringmem bench calibrate --host`)
-    "loopback": Interconnect(name="loopback", topology="bus", bandwidth=3.0e9,
-                             latency=0.71e-3, overlap=False),
+    "loopback": Interconnect(name="loopback", topology="bus", bandwidth=2.56e9,
+                             latency=0.69e-3, overlap=False),
 }
 
 

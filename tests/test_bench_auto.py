@@ -83,6 +83,18 @@ def test_the_cpu_time_is_nearly_linear_in_the_fitted_costs(option):
     assert linear * 0.95 <= t <= linear * (1 + 1e-9)
 
 
+def test_sample_order_times_every_round_of_every_config_once():
+    for per_config in (False, True):
+        order = auto_regret.sample_order(4, 3, per_config)
+        assert sorted(order) == [(i, r) for i in range(4) for r in range(3)]
+        # a config's rounds run in order
+        assert all([r for i2, r in order if i2 == i] == [0, 1, 2] for i in range(4))
+    spread = auto_regret.sample_order(4, 3, False)
+    assert [r for _, r in spread] == [0] * 4 + [1] * 4 + [2] * 4  # round by round
+    assert [i for i, _ in spread[4:8]] == [1, 2, 3, 0]  # the configs' order rotates
+    assert auto_regret.sample_order(4, 3, True)[:3] == [(0, 0), (0, 1), (0, 2)]
+
+
 def _run(seed: int, medians: dict, predicted: dict) -> dict:
     cases = [{"case": {"id": i}, "median_s": {**m, "auto": min(m.values())},
               "predicted_s": predicted[i]} for i, m in medians.items()]

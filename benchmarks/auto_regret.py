@@ -343,8 +343,8 @@ def main() -> None:
     for name, n in (("--configs", a.configs), ("--rounds", a.rounds)):
         if n < 1:
             raise SystemExit(f"{name} must be >= 1, got {n}")
-    if not a.sample_s >= 0:
-        raise SystemExit(f"--sample-s must be >= 0, got {a.sample_s}")
+    if not (math.isfinite(a.sample_s) and a.sample_s >= 0):
+        raise SystemExit(f"--sample-s must be a finite number >= 0, got {a.sample_s}")
     cases = generate(a.seed, a.configs)
     t0 = time.time()
     rows: list[dict[str, Any]] = []

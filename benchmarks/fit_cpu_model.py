@@ -40,8 +40,9 @@ from ringmem.plan import KernelModel, parse_option
 BIG = 1e30  # "free": a rate no term reaches
 TERMS = ("1/flops", "pair_s", "1/mem_bw", "launch", "1/bandwidth", "latency", "1/copy_bw",
          "step_s", "call_s", "a2a2", "a2a4")
-# an all-to-all's fixed cost in groups of 2 and of 4 ranks (`KernelModel.a2a_s`; 3: between)
-A2A_UNITS = {"a2a2": (1.0, 0.0, 0.0), "a2a4": (0.0, 0.0, 1.0)}
+# an all-to-all's fixed cost in groups of 2 and of 4 ranks (`KernelModel.a2a_s`; 3: the
+# mean, past 4: extended linearly), so the counts are those of the model `model_of` ships
+A2A_UNITS = {"a2a2": (1.0, 0.5, 0.0), "a2a4": (0.0, 0.5, 1.0)}
 # measured by `ringmem bench calibrate --host`
 HOST_TERMS = ("step_s", "call_s", "latency", "a2a2", "a2a4")
 # the model's two non-linear inputs, chosen by the fit's own error on the development run
@@ -182,6 +183,11 @@ def main() -> int:
                          "per-step and latency costs are taken from it, not fitted")
     a = ap.parse_args()
     runs = [json.loads(Path(r).read_text()) for r in a.runs]
+    for r, path in zip(runs, a.runs):  # one machine, one seed: the rows are comparable
+        for key in ("seed", "machine"):
+            if r["meta"][key] != runs[0]["meta"][key]:
+                raise SystemExit(f"{path}: {key} {r['meta'][key]!r} differs from "
+                                 f"{a.runs[0]}'s {runs[0]['meta'][key]!r}")
     data = {"meta": runs[0]["meta"], "cases": [c for r in runs for c in r["cases"]]}
     host = None if a.host is None else json.loads(Path(a.host).read_text())
     base = INTERCONNECTS["loopback"]

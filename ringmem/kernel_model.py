@@ -108,13 +108,13 @@ def cpu_causal_scores(rows: int, keys: int) -> int:
 
 def _at(table: tuple[float, ...], ranks: int) -> float:
     """A per-group-size table (2, 3, ... ranks) at `ranks`: 0 below 2, the last two
-    entries extended linearly past its end."""
+    entries extended linearly past its end (never below 0: a cost)."""
     if ranks < 2 or not table:
         return 0.0
     if ranks - 2 < len(table):
         return table[ranks - 2]
     slope = table[-1] - table[-2] if len(table) > 1 else table[-1]
-    return table[-1] + slope * (ranks - 1 - len(table))
+    return max(0.0, table[-1] + slope * (ranks - 1 - len(table)))
 
 
 # by device type, used when none is given: H100-class flash attention (half speed at

@@ -58,12 +58,16 @@ def test_nnls_recovers_nonnegative_costs():
     assert (got >= 0).all() and got[1] == 0
 
 
-@pytest.mark.parametrize("option", ["kv", "q", "allgather", "ulysses"])
-def test_the_cpu_time_is_nearly_linear_in_the_fitted_costs(option):
+@pytest.mark.parametrize("option,world,hq", [
+    ("kv", 2, 4), ("q", 2, 4), ("allgather", 2, 4), ("ulysses", 2, 4),
+    # all-to-alls of 3 and of 8 ranks: the table's mean and its linear extension
+    ("ulysses", 3, 12), ("ulysses", 8, 16), ("ulysses4+kv", 8, 16)])
+def test_the_cpu_time_is_nearly_linear_in_the_fitted_costs(option, world, hq):
     # on gloo (links that do not overlap compute) the time model is nearly a sum of the
     # terms: a model's time is close to the dot product of its costs with the unit counts
-    case = {"id": 0, "world": 2, "seq": 1024, "hq": 4, "hkv": 2, "dim": 32,
-            "mask": "causal", "phase": "fwd+bwd", "window": [-1, -1], "docs": []}
+    case = {"id": 0, "world": world, "seq": 1024 * world // 2, "hq": hq, "hkv": hq // 2,
+            "dim": 32, "mask": "causal", "phase": "fwd+bwd", "window": [-1, -1],
+            "docs": []}
     base = INTERCONNECTS["loopback"]
     # one core for 2 ranks: the compute terms count twice (`KernelModel.on_node`)
     shape = {"bwd_ratio": 1.5, "dense_bands": True}
@@ -74,7 +78,7 @@ def test_the_cpu_time_is_nearly_linear_in_the_fitted_costs(option):
     k, link = fit_cpu_model.model_of(theta, base, shape)
     k = replace(k, cores=1)
     q, kv, kw = fit_cpu_model._plan_args(case)
-    u, s = fit_cpu_model.parse_option(option, 2)
+    u, s = fit_cpu_model.parse_option(option, world)
     t = fit_cpu_model.ringmem.plan(q, kv, interconnect=link, kernel=k, ulysses=u,
                                    schedule=s, **kw).schedules[option].time_s
     linear = sum(theta[n] * x for n, x in zip(fit_cpu_model.TERMS, f))

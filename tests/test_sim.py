@@ -247,6 +247,28 @@ def test_cpu_causal_scores_follow_the_ops_tiles():
     assert cpu_causal_scores(0, 5) == cpu_causal_scores(5, 0) == 0
 
 
+@pytest.mark.parametrize("rows,keys,nan_key", [(100, 300, 299), (512, 512, 511),
+                                               (1024, 1024, 600), (2048, 2048, 1100)])
+def test_the_cpu_op_scores_the_tiles_cpu_causal_scores_counts(rows, keys, nan_key):
+    # the op itself: a NaN value at one key reaches every row whose tile scored that key's
+    # chunk, visible or not (0 x NaN), and no other row; cpu_causal_scores' tiles
+    # (computed keys up to min(keys, ceil(tile end / 512) * 512)) say which rows those are
+    import torch
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, rows, 8), torch.randn(1, 1, keys, 8), torch.randn(1, 1, keys, 8)
+    v[0, 0, nan_key] = float("nan")
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[0]
+    got = out[0, 0].isnan().any(-1)
+    q_split = 256 if rows >= 768 else 64 if rows >= 192 else 32
+    kv_split = min(512, keys)
+    ends = torch.clamp((torch.arange(rows) // q_split + 1) * q_split, max=rows)
+    scored = torch.clamp((ends + kv_split - 1) // kv_split * kv_split, max=keys)
+    assert torch.equal(got, scored > nan_key), (rows, keys, got.int().argmax())
+    # and the scored keys per row are what cpu_causal_scores sums
+    from ringmem.kernel_model import cpu_causal_scores
+    assert int(scored.sum()) == cpu_causal_scores(rows, keys)
+
+
 def test_cpu_tiles_cost_a_small_causal_square_as_a_full_one():
     # at <= 512 rows the CPU op scores every key of a causal square: with cpu_tiles the
     # one-rank causal block costs what the full one does; without, about half

@@ -118,6 +118,7 @@ def _worker(cases_file: str, out_file: str, rounds: int, sample_s: float,
 
     import ringmem
     from ringmem.plan import parse_option
+    from ringmem.sim.host import rank_times
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -155,13 +156,7 @@ def _worker(cases_file: str, out_file: str, rounds: int, sample_s: float,
 
     def timed(call: Any, n: str, reps: int) -> float:
         """One sample: `reps` calls back to back, the slowest rank's wall time / reps."""
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            call(n)
-        dt = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        return dt.item()
+        return rank_times(lambda: [call(n) for _ in range(reps)], 1, warmup=False)[0] / reps
 
     runs = []
     for c in cases:
